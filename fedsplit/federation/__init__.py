@@ -1,0 +1,1 @@
+"""Federation: Flower coordinator and clients, aggregation of replicas, reassembly."""

@@ -1,0 +1,227 @@
+"""The Mixture-of-Experts decoder-only transformer, all of its maths in one file.
+
+Mixtral family: RMSNorm, rotary position embeddings, grouped-query attention, a top-k softmax
+router over SwiGLU experts, optional DeepSeek-style shared experts, the Switch/Mixtral
+load-balancing loss and multiplicative router jitter.
+
+This module knows nothing about plans or networks. fedsplit partitions the model by
+*replacing* two containers with ones that have the same call signature:
+
+* ``Block.attention`` (an :class:`Attention`) by a sum of head groups, and
+* ``MoE.experts`` (an :class:`Experts`) by a dispatcher that sends rows to other organisations.
+
+So the monolithic model and every partition run the same code below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int, device: torch.device | str | None = None):
+    """cos and sin of shape (T, head_dim), in the rotate-half layout that HF checkpoints use."""
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
+    )
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, head_dim) queries or keys by their position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention over ``num_heads`` query heads.
+
+    Query head ``h`` reads KV head ``h // (num_heads / num_kv_heads)``. A head group of a
+    partition is this same module built with fewer heads: its ``o_proj`` holds the matching
+    columns of the full ``o_proj``, so it returns a partial output and the partials sum to the
+    full one.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_heads: int | None = None, num_kv_heads: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads or cfg.num_heads
+        self.num_kv_heads = num_kv_heads or cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        B, T, _ = x.shape
+        cos, sin = rope
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        repeat = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """One expert: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts(nn.ModuleList):
+    """The routed experts of one layer.
+
+    Called with the rows routed to each expert, returns each expert's output on its rows. A
+    partitioned layer swaps this container for one that computes some experts elsewhere.
+    """
+
+    def forward(self, rows: dict[int, Tensor]) -> dict[int, Tensor]:
+        return {e: self[e](x) for e, x in rows.items()}
+
+
+def route(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Token-choice top-k routing: softmax over all experts, keep the k largest, renormalise
+    them (Mixtral) unless ``normalize`` is off. Returns (probs, top-k weights, top-k experts)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return probs, weights, experts
+
+
+def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Tensor:
+    """Switch/Mixtral auxiliary loss: ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of
+    (token, slot) assignments that chose expert ``e`` summed over slots and ``P_e`` the mean
+    router probability of ``e``. Equals ``top_k`` when routing is perfectly balanced."""
+    tokens_per_expert = F.one_hot(experts, num_experts).float().mean(dim=0).sum(dim=0)
+    return num_experts * (tokens_per_expert * probs.mean(dim=0)).sum()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(SwiGLU(cfg.hidden_size, cfg.expert_ffn_size) for _ in range(cfg.num_experts))
+        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.shared_ffn_size) if cfg.num_shared_experts else None
+
+    def jitter(self, x: Tensor, noise_seed: int | None) -> Tensor:
+        """Multiplicative router-input noise ``U(1-eps, 1+eps)`` (Switch Transformer).
+
+        With a ``noise_seed`` the noise is a function of (seed, layer) alone, so a split run and
+        the monolithic run draw the same noise for the same micro-batch."""
+        eps = self.cfg.router_jitter
+        if not (self.training and eps > 0):
+            return x
+        gen = None
+        if noise_seed is not None:
+            gen = torch.Generator(device=x.device).manual_seed(noise_seed * 100_003 + self.layer_idx)
+        noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        return x * (1.0 - eps + 2.0 * eps * noise)
+
+    def forward(self, x: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs, weights, chosen = route(self.router(self.jitter(x, noise_seed)), self.cfg.top_k, self.cfg.normalize_top_k)
+        aux = load_balancing_loss(probs, chosen, self.cfg.num_experts)
+
+        # Dispatch loops over experts, never over tokens: gather each expert's rows once.
+        slots: dict[int, tuple[Tensor, Tensor]] = {}
+        for e in range(self.cfg.num_experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                slots[e] = (token, slot)
+        outputs = self.experts({e: x[token] for e, (token, _) in slots.items()})
+
+        out = torch.zeros_like(x)
+        for e, (token, slot) in slots.items():
+            out = out.index_add(0, token, outputs[e] * weights[token, slot, None].to(x.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.reshape(shape), aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.moe = MoE(cfg, layer_idx)
+
+    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+        h = h + self.attention(self.attn_norm(h), rope)
+        moe_out, aux = self.moe(self.ffn_norm(h), noise_seed)
+        return h + moe_out, aux
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def logits(self, h: Tensor) -> Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)
+
+    def forward(self, tokens: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (logits, summed auxiliary load-balancing loss of all layers)."""
+        rope = rope_tables(self.cfg, tokens.shape[1], tokens.device)
+        h = self.embed(tokens)
+        aux = h.new_zeros(())
+        for layer in self.layers:
+            h, layer_aux = layer(h, rope, noise_seed)
+            aux = aux + layer_aux
+        return self.logits(self.final_norm(h)), aux
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy; ``labels`` are already shifted, -100 is ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def training_loss(cfg: ModelConfig, logits: Tensor, labels: Tensor, aux: Tensor) -> Tensor:
+    return cross_entropy(logits, labels) + cfg.aux_loss_coef * aux
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

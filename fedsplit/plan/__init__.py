@@ -1,0 +1,24 @@
+"""Partition plans: YAML schema, loading and validation, and slicing the model by plan."""
+
+from .errors import PlanError, Problem
+from .plan import Entry, Org, Partition, Plan, load_plan
+from .slicing import ReassemblyError, TensorSlice, reassemble, select, unit_slices
+from .units import SelectorError, Unit, parse_selector
+
+__all__ = [
+    "Entry",
+    "Org",
+    "Partition",
+    "Plan",
+    "PlanError",
+    "Problem",
+    "ReassemblyError",
+    "SelectorError",
+    "TensorSlice",
+    "Unit",
+    "load_plan",
+    "parse_selector",
+    "reassemble",
+    "select",
+    "unit_slices",
+]

@@ -1,0 +1,66 @@
+"""The YAML files of a plan: one federation file and one file per organisation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+
+
+class TrainingConfig(_Strict):
+    rounds: int = Field(default=1, gt=0)
+    steps_per_round: int = Field(default=10, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    seq_len: int = Field(default=64, gt=1)
+    micro_batches: int = Field(default=1, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _micro_batches_divide_batch(self) -> "TrainingConfig":
+        if self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batches ({self.micro_batches})"
+            )
+        return self
+
+
+class AggregationConfig(_Strict):
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(default=0.0, ge=0)
+    server_lr: float = Field(default=1e-2, gt=0)
+
+
+class FederationFile(_Strict):
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="path to a model YAML, relative to this file")
+    training: TrainingConfig = TrainingConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    orgs: list[str] = Field(min_length=1, description="org files or globs, relative to this file")
+
+
+class DataConfig(_Strict):
+    train: str | list[str] | None = None
+    eval: str | list[str] | None = None
+
+
+class OrgFile(_Strict):
+    org: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    data: DataConfig | None = None
+    holds: list[str] = []
+    local: list[str] = Field(default=[], description="held selectors that are never averaged")
+    address: str | None = Field(default=None, description="data-plane host:port, for deployment")

@@ -1,0 +1,164 @@
+"""Map units onto the monolithic model's parameter names, slice them out, and put them back.
+
+A partition's state dict uses the monolithic names: a whole tensor keeps its name
+(``layers.2.moe.experts.5.w1.weight``); a head group's share of an attention projection is named
+with the rows or columns it holds (``layers.3.attention.q_proj.weight[0:32]``,
+``layers.3.attention.o_proj.weight[:, 0:32]``). Reassembly is the exact inverse.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from ..model import ModelConfig, MoETransformer
+from .units import Unit
+
+_KEY = re.compile(r"^(?P<name>[^\[]+)\[(?P<cols>:, )?(?P<start>\d+):(?P<stop>\d+)\]$")
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """A whole parameter (``dim is None``) or a range of its rows (dim 0) or columns (dim 1)."""
+
+    name: str
+    dim: int | None = None
+    start: int = 0
+    stop: int = 0
+
+    @property
+    def key(self) -> str:
+        if self.dim is None:
+            return self.name
+        cols = ":, " if self.dim == 1 else ""
+        return f"{self.name}[{cols}{self.start}:{self.stop}]"
+
+    def take(self, full: Tensor) -> Tensor:
+        if self.dim is None:
+            return full
+        return full.narrow(self.dim, self.start, self.stop - self.start)
+
+    @classmethod
+    def parse(cls, key: str) -> "TensorSlice":
+        m = _KEY.match(key)
+        if not m:
+            return cls(key)
+        return cls(m["name"], 1 if m["cols"] else 0, int(m["start"]), int(m["stop"]))
+
+
+@lru_cache(maxsize=16)
+def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Shapes of every monolithic parameter, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    return {name: p.shape for name, p in model.state_dict().items()}
+
+
+def kv_runs(groups: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive KV heads folded into half-open runs: {0, 1, 3} -> [(0, 2), (3, 4)]."""
+    runs: list[tuple[int, int]] = []
+    for g in sorted(groups):
+        if runs and runs[-1][1] == g:
+            runs[-1] = (runs[-1][0], g + 1)
+        else:
+            runs.append((g, g + 1))
+    return runs
+
+
+def head_run_slices(cfg: ModelConfig, layer: int, run: tuple[int, int]) -> dict[str, TensorSlice]:
+    """The four projection slices of KV heads ``run`` (half-open), keyed by projection name."""
+    g0, g1 = run
+    hd, per = cfg.head_dim, cfg.heads_per_kv_head
+    prefix = f"layers.{layer}.attention"
+    q = (g0 * per * hd, g1 * per * hd)
+    kv = (g0 * hd, g1 * hd)
+    return {
+        "q_proj": TensorSlice(f"{prefix}.q_proj.weight", 0, *q),
+        "k_proj": TensorSlice(f"{prefix}.k_proj.weight", 0, *kv),
+        "v_proj": TensorSlice(f"{prefix}.v_proj.weight", 0, *kv),
+        "o_proj": TensorSlice(f"{prefix}.o_proj.weight", 1, *q),
+    }
+
+
+def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
+    """The tensors (or tensor slices) that hold a set of units' parameters."""
+    out: list[TensorSlice] = []
+    kv: dict[int, list[int]] = defaultdict(list)
+    for u in sorted(units):
+        if u.kind == "embed":
+            out.append(TensorSlice("embed.weight"))
+        elif u.kind == "final_norm":
+            out.append(TensorSlice("final_norm.weight"))
+        elif u.kind == "lm_head":
+            if not cfg.tie_embeddings:
+                out.append(TensorSlice("lm_head.weight"))
+        elif u.kind == "router":
+            p = f"layers.{u.layer}"
+            out += [TensorSlice(f"{p}.attn_norm.weight"), TensorSlice(f"{p}.ffn_norm.weight"), TensorSlice(f"{p}.moe.router.weight")]
+        elif u.kind == "kv":
+            kv[u.layer].append(u.index)
+        elif u.kind == "expert":
+            out += [TensorSlice(f"layers.{u.layer}.moe.experts.{u.index}.{w}.weight") for w in ("w1", "w2", "w3")]
+        elif u.kind == "shared_experts":
+            out += [TensorSlice(f"layers.{u.layer}.moe.shared_experts.{w}.weight") for w in ("w1", "w2", "w3")]
+    for layer, groups in sorted(kv.items()):
+        for run in kv_runs(groups):
+            out += head_run_slices(cfg, layer, run).values()
+    return out
+
+
+def unit_parameter_count(cfg: ModelConfig, units: Iterable[Unit]) -> int:
+    shapes = parameter_shapes(cfg)
+    total = 0
+    for s in unit_slices(cfg, units):
+        shape = list(shapes[s.name])
+        if s.dim is not None:
+            shape[s.dim] = s.stop - s.start
+        total += int(torch.Size(shape).numel())
+    return total
+
+
+def select(state_dict: Mapping[str, Tensor], slices: Iterable[TensorSlice]) -> dict[str, Tensor]:
+    """Copy the given slices out of a monolithic state dict (contiguous, detached)."""
+    return {s.key: s.take(state_dict[s.name]).detach().clone().contiguous() for s in slices}
+
+
+class ReassemblyError(ValueError):
+    pass
+
+
+def reassemble(cfg: ModelConfig, state_dicts: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Put partition state dicts back into one monolithic state dict.
+
+    Every element of every parameter must be written exactly once, or once per replica with
+    equal values; anything else is an error (a hole or a conflicting overlap), never a silent
+    default.
+    """
+    shapes = parameter_shapes(cfg)
+    full: dict[str, Tensor] = {}
+    written: dict[str, Tensor] = {}
+    for sd in state_dicts:
+        for key, value in sd.items():
+            s = TensorSlice.parse(key)
+            if s.name not in shapes:
+                raise ReassemblyError(f"{key!r} is not a parameter of this model")
+            if s.name not in full:
+                full[s.name] = torch.empty(shapes[s.name], dtype=value.dtype)
+                written[s.name] = torch.zeros(shapes[s.name], dtype=torch.bool)
+            target, mask = s.take(full[s.name]), s.take(written[s.name])
+            if target.shape != value.shape:
+                raise ReassemblyError(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+            if mask.any() and not torch.equal(target[mask], value.to(target.dtype)[mask]):
+                raise ReassemblyError(f"{key!r} overlaps another partition with different values")
+            target.copy_(value)
+            mask.fill_(True)
+    missing = [name for name in shapes if name not in written or not bool(written[name].all())]
+    if missing:
+        raise ReassemblyError(f"no partition holds (all of) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return {name: full[name] for name in shapes}

@@ -1,0 +1,167 @@
+"""Units: the smallest pieces of the model a plan can place, and the selector grammar over them.
+
+A *unit* is one of
+
+* ``embed``, ``final_norm``, ``lm_head``;
+* ``layers.N.router``: the layer's owner part (its two RMSNorms and its router). Whoever holds
+  it runs the layer and calls the holders of the layer's heads and experts;
+* ``layers.N.attention.kv.G``: KV head ``G`` with every query head that reads it (grouped-query
+  attention never splits a KV head);
+* ``layers.N.experts.E``: routed expert ``E``;
+* ``layers.N.shared_experts``: the always-active shared experts.
+
+Selectors name sets of units:
+
+    embed | final_norm | lm_head
+    layers.A[-B]                              every unit of layers A..B (inclusive)
+    layers.A[-B].router
+    layers.A[-B].attention                    all heads
+    layers.A[-B].attention.heads.H[-K]        query heads H..K, aligned to whole KV heads
+    layers.A[-B].experts[.E[-F]]
+    layers.A[-B].shared_experts
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from ..model import ModelConfig
+
+
+class Unit(NamedTuple):
+    kind: str  # embed | final_norm | lm_head | router | kv | expert | shared_experts
+    layer: int = -1
+    index: int = -1
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """Sort key in model order: embed, then each layer (router, heads, experts, shared), then
+        final_norm and lm_head."""
+        ends = {"embed": -1, "final_norm": 1 << 30, "lm_head": 1 << 30}
+        if self.kind in ends:
+            return (ends[self.kind], int(self.kind == "lm_head"), 0)
+        rank = ("router", "kv", "expert", "shared_experts").index(self.kind)
+        return (self.layer, rank, self.index)
+
+    def __str__(self) -> str:
+        if self.layer < 0:
+            return self.kind
+        if self.kind == "router":
+            return f"layers.{self.layer}.router"
+        if self.kind == "kv":
+            return f"layers.{self.layer}.attention.kv.{self.index}"
+        if self.kind == "expert":
+            return f"layers.{self.layer}.experts.{self.index}"
+        return f"layers.{self.layer}.shared_experts"
+
+
+class SelectorError(ValueError):
+    """A selector that does not parse or does not fit the model; the message says why."""
+
+
+GRAMMAR = (
+    "expected embed, final_norm, lm_head, or layers.A-B optionally followed by .router, "
+    ".attention, .attention.heads.H-K, .experts, .experts.E-F or .shared_experts"
+)
+
+_SELECTOR = re.compile(
+    r"^layers\.(?P<l0>\d+)(?:-(?P<l1>\d+))?"
+    r"(?:\.(?P<part>router|shared_experts"
+    r"|attention(?:\.heads\.(?P<h0>\d+)(?:-(?P<h1>\d+))?)?"
+    r"|experts(?:\.(?P<e0>\d+)(?:-(?P<e1>\d+))?)?))?$"
+)
+
+
+def _range(lo: str, hi: str | None, what: str, count: int) -> range:
+    a, b = int(lo), int(hi) if hi is not None else int(lo)
+    if b < a:
+        raise SelectorError(f"{what} range {a}-{b} is empty (the first number must not exceed the second)")
+    if b >= count:
+        raise SelectorError(f"{what} {a}-{b} is outside the model: it has {count} {what}s, 0-{count - 1}")
+    return range(a, b + 1)
+
+
+def all_units(cfg: ModelConfig) -> frozenset[Unit]:
+    units = {Unit("embed"), Unit("final_norm"), Unit("lm_head")}
+    for i in range(cfg.num_layers):
+        units |= layer_units(cfg, i)
+    return frozenset(units)
+
+
+def layer_units(cfg: ModelConfig, layer: int) -> set[Unit]:
+    units = {Unit("router", layer)}
+    units |= {Unit("kv", layer, g) for g in range(cfg.num_kv_heads)}
+    units |= {Unit("expert", layer, e) for e in range(cfg.num_experts)}
+    if cfg.num_shared_experts:
+        units.add(Unit("shared_experts", layer))
+    return units
+
+
+def parse_selector(selector: str, cfg: ModelConfig) -> frozenset[Unit]:
+    """The units a selector names, or a :class:`SelectorError` saying what is wrong."""
+    text = selector.strip()
+    if text in ("embed", "final_norm", "lm_head"):
+        return frozenset({Unit(text)})
+    m = _SELECTOR.match(text)
+    if not m:
+        raise SelectorError(f"cannot parse selector: {GRAMMAR}")
+    layers = _range(m["l0"], m["l1"], "layer", cfg.num_layers)
+    part = m.group("part")
+    units: set[Unit] = set()
+    for i in layers:
+        if part is None:
+            units |= layer_units(cfg, i)
+        elif part == "router":
+            units.add(Unit("router", i))
+        elif part == "shared_experts":
+            if not cfg.num_shared_experts:
+                raise SelectorError("the model has no shared experts (num_shared_experts is 0)")
+            units.add(Unit("shared_experts", i))
+        elif part.startswith("attention"):
+            units |= {Unit("kv", i, g) for g in _kv_groups(m["h0"], m["h1"], cfg)}
+        else:
+            experts = range(cfg.num_experts) if m["e0"] is None else _range(m["e0"], m["e1"], "expert", cfg.num_experts)
+            units |= {Unit("expert", i, e) for e in experts}
+    return frozenset(units)
+
+
+def _kv_groups(lo: str | None, hi: str | None, cfg: ModelConfig) -> range:
+    if lo is None:
+        return range(cfg.num_kv_heads)
+    heads = _range(lo, hi, "head", cfg.num_heads)
+    per = cfg.heads_per_kv_head
+    if heads.start % per or heads.stop % per:
+        kv = (heads.start // per) if heads.start % per else ((heads.stop - 1) // per)
+        raise SelectorError(
+            f"heads {heads.start}-{heads.stop - 1} split KV head {kv}: with {cfg.num_heads} query heads and "
+            f"{cfg.num_kv_heads} KV heads each KV head serves {per} query heads "
+            f"({kv * per}-{kv * per + per - 1}), so a head group must start at a multiple of {per} "
+            f"and end just before one"
+        )
+    return range(heads.start // per, heads.stop // per)
+
+
+def describe(units: frozenset[Unit] | set[Unit]) -> str:
+    """A short human description of a unit set, with consecutive indices folded into ranges."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for u in units:
+        groups.setdefault((u.kind, u.layer), []).append(u.index)
+    parts = []
+    for (kind, layer), idx in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if layer < 0 or kind in ("router", "shared_experts"):
+            parts.append(str(Unit(kind, layer)))
+            continue
+        label = "attention.kv" if kind == "kv" else "experts"
+        parts.append(f"layers.{layer}.{label}.{_fold(sorted(idx))}")
+    return ", ".join(parts)
+
+
+def _fold(values: list[int]) -> str:
+    runs: list[tuple[int, int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)

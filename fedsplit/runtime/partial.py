@@ -1,0 +1,202 @@
+"""One organisation's share of the model, built by transforming the monolithic model's blocks.
+
+For every layer an organisation *owns* (holds its router) it builds the model's own
+:class:`~fedsplit.model.Block` and swaps two containers for ones with the same call signature:
+
+* ``attention`` becomes :class:`HeadGroups`: the sum of each head group's partial output,
+  computed locally or by the organisation that serves that group;
+* ``moe.experts`` becomes :class:`SplitExperts`: local experts run here, remote experts get
+  their tokens' rows in one call per serving organisation.
+
+Pieces it holds in layers it does not own (carve-outs) are served to the layer's owner.
+Every parameter is bound to its monolithic name (or slice name, see :mod:`fedsplit.plan.slicing`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..model import Attention, Block, ModelConfig, RMSNorm, SwiGLU
+from ..plan import Partition, Plan, Unit
+from ..plan.slicing import head_run_slices, kv_runs
+from .calls import Peer, current_call, remote_call
+
+# Given a partition, the peer serving it for the current call's data owner, or None when it is
+# this organisation itself.
+Resolver = Callable[[Partition], Peer | None]
+
+
+def heads_op(layer: int, run: tuple[int, int]) -> str:
+    return f"heads/{layer}/{run[0]}-{run[1]}"
+
+
+def experts_op(layer: int, counts: Mapping[int, int]) -> str:
+    return f"experts/{layer}/" + ",".join(f"{e}:{n}" for e, n in counts.items())
+
+
+def shared_op(layer: int) -> str:
+    return f"shared/{layer}"
+
+
+class HeadGroups(nn.Module):
+    """Stands in for ``Block.attention``: sums the partial outputs of the layer's head groups."""
+
+    def __init__(self, layer: int, runs: list[tuple[tuple[int, int], Partition]], local: Mapping[str, Attention], resolve: Resolver):
+        super().__init__()
+        self.layer = layer
+        self.runs = runs
+        self.local = nn.ModuleDict(local)
+        self.resolve = resolve
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        total = None
+        for run, partition in self.runs:
+            peer = self.resolve(partition)
+            if peer is None:
+                y = self.local[f"{run[0]}-{run[1]}"](x, rope)
+            else:
+                (y,) = remote_call(peer, current_call(), heads_op(self.layer, run), [x])
+            total = y if total is None else total + y
+        return total
+
+
+class SplitExperts(nn.Module):
+    """Stands in for ``MoE.experts``: one call per serving organisation, not one per expert."""
+
+    def __init__(self, layer: int, partition_of: Mapping[int, Partition], local: Mapping[int, SwiGLU], resolve: Resolver):
+        super().__init__()
+        self.layer = layer
+        self.partition_of = partition_of
+        self.local = nn.ModuleDict({str(e): m for e, m in local.items()})
+        self.resolve = resolve
+
+    def forward(self, rows: dict[int, Tensor]) -> dict[int, Tensor]:
+        out: dict[int, Tensor] = {}
+        remote: dict[str, tuple[Peer, list[int]]] = {}
+        for e in rows:
+            peer = self.resolve(self.partition_of[e])
+            if peer is None:
+                out[e] = self.local[str(e)](rows[e])
+            else:
+                remote.setdefault(peer.name, (peer, []))[1].append(e)
+        for peer, experts in remote.values():
+            counts = {e: rows[e].shape[0] for e in experts}
+            (y,) = remote_call(peer, current_call(), experts_op(self.layer, counts), [torch.cat([rows[e] for e in experts])])
+            out.update(zip(experts, y.split(list(counts.values()))))
+        return out
+
+
+class RemoteShared(nn.Module):
+    """Stands in for ``MoE.shared_experts`` when another organisation holds them."""
+
+    def __init__(self, layer: int, partition: Partition, resolve: Resolver):
+        super().__init__()
+        self.layer, self.partition, self.resolve = layer, partition, resolve
+
+    def forward(self, x: Tensor) -> Tensor:
+        (y,) = remote_call(self.resolve(self.partition), current_call(), shared_op(self.layer), [x])
+        return y
+
+
+class PartialModel(nn.Module):
+    """The modules of one organisation, with ``bindings`` from monolithic names to parameters."""
+
+    def __init__(self, plan: Plan, org: str, device: torch.device, resolve: Resolver):
+        super().__init__()
+        cfg = self.cfg = plan.model
+        self.bindings: dict[str, nn.Parameter] = {}
+        mine = [p for p in plan.partitions if org in p.holders]
+        units = {u for p in mine for u in p.units}
+        with torch.device("meta"):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if Unit("embed") in units else None
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if Unit("final_norm") in units else None
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if Unit("lm_head") in units and not cfg.tie_embeddings else None
+            self.heads = nn.ModuleDict()
+            self.experts = nn.ModuleDict()
+            self.shared = nn.ModuleDict()
+            self.blocks = nn.ModuleDict()
+            for p in mine:
+                self._build_pieces(cfg, p)
+            for i in range(cfg.num_layers):
+                if Unit("router", i) in units:
+                    self.blocks[str(i)] = self._build_block(cfg, plan, i, resolve)
+        self.to_empty(device=device)
+        if cfg.tie_embeddings and Unit("lm_head") in units:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.embed.weight
+        self._bind(units)
+
+    def _build_pieces(self, cfg: ModelConfig, partition: Partition) -> None:
+        kv: dict[int, list[int]] = {}
+        for u in partition.units:
+            if u.kind == "kv":
+                kv.setdefault(u.layer, []).append(u.index)
+            elif u.kind == "expert":
+                self.experts[f"{u.layer}_{u.index}"] = SwiGLU(cfg.hidden_size, cfg.expert_ffn_size)
+            elif u.kind == "shared_experts":
+                self.shared[str(u.layer)] = SwiGLU(cfg.hidden_size, cfg.shared_ffn_size)
+        for layer, groups in kv.items():
+            for g0, g1 in kv_runs(groups):
+                per = cfg.heads_per_kv_head
+                self.heads[f"{layer}_{g0}-{g1}"] = Attention(cfg, (g1 - g0) * per, g1 - g0)
+
+    def _build_block(self, cfg: ModelConfig, plan: Plan, i: int, resolve: Resolver) -> Block:
+        """The model's Block for layer ``i`` with its carved-out parts replaced."""
+        block = Block(cfg, i)
+        runs = []
+        for p in plan.partitions:
+            groups = [u.index for u in p.units if u.kind == "kv" and u.layer == i]
+            runs += [(run, p) for run in kv_runs(groups)]
+        runs.sort(key=lambda rp: rp[0])
+        local_heads = {f"{a}-{b}": self.heads[f"{i}_{a}-{b}"] for (a, b), _ in runs if f"{i}_{a}-{b}" in self.heads}
+        block.attention = HeadGroups(i, runs, local_heads, resolve)
+
+        partition_of = {e: plan.partition_of(Unit("expert", i, e)) for e in range(cfg.num_experts)}
+        local_experts = {e: self.experts[f"{i}_{e}"] for e in range(cfg.num_experts) if f"{i}_{e}" in self.experts}
+        block.moe.experts = SplitExperts(i, partition_of, local_experts, resolve)
+        if cfg.num_shared_experts:
+            shared = plan.partition_of(Unit("shared_experts", i))
+            block.moe.shared_experts = self.shared[str(i)] if str(i) in self.shared else RemoteShared(i, shared, resolve)
+        return block
+
+    def _bind(self, units: set[Unit]) -> None:
+        """Name every parameter by its monolithic name, in model order (this order is also the
+        optimizer's, so that two organisations' states line up)."""
+        for u in sorted(units, key=lambda u: u.position):
+            if u.kind == "embed":
+                self.bindings["embed.weight"] = self.embed.weight
+            elif u.kind == "final_norm":
+                self.bindings["final_norm.weight"] = self.final_norm.weight
+            elif u.kind == "lm_head" and not self.cfg.tie_embeddings:
+                self.bindings["lm_head.weight"] = self.lm_head.weight
+            elif u.kind == "router":
+                block = self.blocks[str(u.layer)]
+                p = f"layers.{u.layer}"
+                self.bindings[f"{p}.attn_norm.weight"] = block.attn_norm.weight
+                self.bindings[f"{p}.ffn_norm.weight"] = block.ffn_norm.weight
+                self.bindings[f"{p}.moe.router.weight"] = block.moe.router.weight
+            elif u.kind == "expert":
+                self._bind_swiglu(f"layers.{u.layer}.moe.experts.{u.index}", self.experts[f"{u.layer}_{u.index}"])
+            elif u.kind == "shared_experts":
+                self._bind_swiglu(f"layers.{u.layer}.moe.shared_experts", self.shared[str(u.layer)])
+        for name, attn in self.heads.items():
+            layer, run = name.split("_")
+            g0, g1 = map(int, run.split("-"))
+            for proj, s in head_run_slices(self.cfg, int(layer), (g0, g1)).items():
+                self.bindings[s.key] = getattr(attn, proj).weight
+
+    def _bind_swiglu(self, prefix: str, module: SwiGLU) -> None:
+        for w in ("w1", "w2", "w3"):
+            self.bindings[f"{prefix}.{w}.weight"] = getattr(module, w).weight
+
+    @torch.no_grad()
+    def load_selection(self, state: Mapping[str, Tensor]) -> None:
+        """Copy weights in by monolithic (slice) name; every bound name must be present."""
+        missing = sorted(self.bindings.keys() - state.keys())
+        if missing:
+            raise KeyError(f"weights missing for {', '.join(missing[:5])}")
+        for key, param in self.bindings.items():
+            param.copy_(state[key])

@@ -1,0 +1,51 @@
+"""The monolithic reference: the whole model in one place, trained on the same batches with the
+same step semantics as the split runtime.
+
+A step's objective is the token-weighted mean over data owners of each owner's loss, and an
+owner's loss is the mean over its micro-batches of ``cross-entropy + aux_loss_coef * aux``.
+The load-balancing statistic is per micro-batch, as in Megatron-Core, so the reference
+accumulates gradients over the same micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from ..model import MoETransformer, training_loss
+from ..plan import Plan
+from .calls import CallKey
+from .optim import make_optimizer
+
+
+class MonolithicTrainer:
+    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str = "cpu"):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.model = MoETransformer(plan.model).to(self.device)
+        self.model.load_state_dict(weights, strict=True)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model.parameters(), plan.training.optimizer)
+
+    def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        owners = self.plan.data_owners
+        micro = self.plan.training.micro_batches
+        total = 0.0
+        for index, d in enumerate(owners):
+            tokens, labels = batches[d]
+            for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro))):
+                seed = CallKey(d, step, mb).noise_seed(self.plan.training.seed, index)
+                logits, aux = self.model(tok.to(self.device), seed)
+                loss = training_loss(self.plan.model, logits, lab.to(self.device), aux) / micro
+                if len(owners) > 1:
+                    loss = loss / len(owners)
+                loss.backward()
+                total += loss.item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": total}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -1,0 +1,215 @@
+"""The partition worker of one organisation: serves its partitions and drives its own batches.
+
+A worker lives as long as its organisation's process. It answers four kinds of calls
+(``segment``, ``heads``, ``experts``, ``shared``) with a forward and a backward each, keeps each
+forward's autograd graph until its backward, accumulates parameter gradients scaled for the
+replica it is, and steps its optimizer when the step is complete.
+
+As a data owner it drives its batches: micro-batch by micro-batch through the path of segments
+its plan gives it (consecutive blocks computed by one organisation), then backward in reverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..model import cross_entropy, rope_tables
+from ..plan import Partition, Plan, Unit
+from ..plan.slicing import unit_slices
+from .calls import CallKey, Peer, calling, current_call, remote_call
+from .optim import make_optimizer
+from .partial import PartialModel
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def segments(plan: Plan, data_owner: str) -> list[tuple[str, tuple]]:
+    """The data owner's path: (organisation, blocks) for each run of consecutive blocks that one
+    organisation computes. Blocks are ``"embed"``, layer indices, ``"final_norm"``, ``"lm_head"``."""
+    route = plan.route(data_owner)
+    blocks = [("embed", route[Unit("embed")])]
+    blocks += [(i, route[Unit("router", i)]) for i in range(plan.model.num_layers)]
+    blocks += [("final_norm", route[Unit("final_norm")]), ("lm_head", route[Unit("lm_head")])]
+    path: list[tuple[str, list]] = []
+    for block, org in blocks:
+        if path and path[-1][0] == org:
+            path[-1][1].append(block)
+        else:
+            path.append((org, [block]))
+    return [(org, tuple(b)) for org, b in path]
+
+
+def segment_op(blocks: Sequence) -> str:
+    return "segment/" + ",".join(str(b) for b in blocks)
+
+
+@dataclass
+class _Record:
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+
+
+class Worker:
+    """One organisation's partitions, optimizer and saved graphs. Implements :class:`Peer`."""
+
+    def __init__(self, plan: Plan, org: str, weights: Mapping[str, Tensor], device: str | None = None):
+        self.plan, self.name, self.cfg = plan, org, plan.model
+        self.device = resolve_device(device or plan.orgs[org].device)
+        self.peers: dict[str, Peer] = {}
+        self.model = PartialModel(plan, org, self.device, self.serving)
+        self.model.load_selection(weights)
+        self.model.train()
+        self.partitions = [p for p in plan.partitions if org in p.holders]
+        self.optimizer = make_optimizer(self.model.bindings.values(), plan.training.optimizer) if self.model.bindings else None
+        self.owner_index = {d: i for i, d in enumerate(plan.data_owners)}
+        self._grad_scale = self._replica_grad_scales()
+        self._records: dict[tuple[CallKey, str], _Record] = {}
+        self._done: dict[tuple[CallKey, str], list[Tensor | None]] = {}
+
+    def connect(self, peers: Mapping[str, Peer]) -> None:
+        self.peers = dict(peers)
+
+    def serving(self, partition: Partition) -> Peer | None:
+        org = self.plan.replica_for(partition, current_call().data_owner)
+        return None if org == self.name else self.peers[org]
+
+    def _replica_grad_scales(self) -> dict[str, dict[str, float]]:
+        """Per data owner, the factor applied to its gradient on each of our parameters: a
+        replica averages the gradients of the data owners whose batches it serves."""
+        scales: dict[str, dict[str, float]] = {d: {} for d in self.plan.data_owners}
+        for p in self.partitions:
+            users = self.plan.users(p, self.name)
+            for s in unit_slices(self.cfg, p.units):
+                for d in users:
+                    scales[d][s.key] = 1.0 / len(users)
+        return scales
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
+        done = self._records.get((key, op))
+        if done is not None:  # a retried call: answer it again, compute nothing
+            return [o.detach() for o in done.outputs]
+        leaves = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
+        with calling(key), torch.enable_grad():
+            outputs = list(self._run(key, op, leaves))
+        self._records[(key, op)] = _Record(leaves, outputs)
+        return [o.detach() for o in outputs]
+
+    def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        if (key, op) in self._done:
+            return self._done[(key, op)]
+        record = self._records.pop((key, op), None)
+        if record is None:
+            raise KeyError(f"{self.name}: backward of {op} for {key} without a forward")
+        pairs = [(o, g.to(self.device)) for o, g in zip(record.outputs, grads) if o.requires_grad and g is not None]
+        wrt_inputs = [t for t in record.inputs if t.requires_grad]
+        names = list(self.model.bindings)
+        params = [self.model.bindings[n] for n in names]
+        with calling(key):
+            result = torch.autograd.grad(
+                [o for o, _ in pairs], wrt_inputs + params, [g for _, g in pairs], allow_unused=True
+            ) if pairs else [None] * (len(wrt_inputs) + len(params))
+        scale = self._grad_scale.get(key.data_owner, {})
+        for name, param, grad in zip(names, params, result[len(wrt_inputs):]):
+            if grad is None:
+                continue
+            factor = scale.get(name, 1.0)
+            grad = grad if factor == 1.0 else grad * factor
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
+        it = iter(result[: len(wrt_inputs)])
+        input_grads = [next(it) if t.requires_grad else None for t in record.inputs]
+        self._done[(key, op)] = input_grads
+        return input_grads
+
+    def step(self) -> None:
+        """Apply the optimizer after every data owner's batch of this step went through."""
+        if self._records:
+            raise RuntimeError(f"{self.name}: step with {len(self._records)} calls still waiting for their backward")
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._done.clear()
+
+    def _run(self, key: CallKey, op: str, x: list[Tensor]) -> tuple[Tensor, ...]:
+        kind, _, rest = op.partition("/")
+        m = self.model
+        if kind == "segment":
+            return self._segment(key, rest.split(","), x)
+        layer, _, arg = rest.partition("/")
+        if kind == "heads":
+            rope = rope_tables(self.cfg, x[0].shape[1], self.device)
+            return (m.heads[f"{layer}_{arg}"](x[0], rope),)
+        if kind == "experts":
+            counts = [tuple(map(int, item.split(":"))) for item in arg.split(",")]
+            rows = x[0].split([n for _, n in counts])
+            return (torch.cat([m.experts[f"{layer}_{e}"](r) for (e, _), r in zip(counts, rows)]),)
+        if kind == "shared":
+            return (m.shared[layer](x[0]),)
+        raise ValueError(f"unknown operation {op!r}")
+
+    def _segment(self, key: CallKey, blocks: list[str], x: list[Tensor]) -> tuple[Tensor, Tensor]:
+        m = self.model
+        h = m.embed(x[0]) if blocks[0] == "embed" else x[0]
+        aux = torch.zeros((), device=self.device)
+        layers = [int(b) for b in blocks if b.isdigit()]
+        if layers:
+            rope = rope_tables(self.cfg, h.shape[1], self.device)
+            seed = key.noise_seed(self.plan.training.seed, self.owner_index[key.data_owner])
+            for i in layers:
+                h, layer_aux = m.blocks[str(i)](h, rope, seed)
+                aux = aux + layer_aux
+        if "final_norm" in blocks:
+            h = m.final_norm(h)
+        if "lm_head" in blocks:
+            return cross_entropy(m.lm_head(h), x[-1]), aux
+        return h, aux
+
+    # -- driving a data owner's batch ------------------------------------------------------
+
+    def peer(self, org: str) -> Peer:
+        return self.peers[org]
+
+    def train_batch(self, step: int, tokens: Tensor, labels: Tensor) -> dict[str, float]:
+        """Forward and backward one batch of this data owner through the whole split model.
+        Gradients accumulate on every partition; :meth:`step` is called separately."""
+        micro = self.plan.training.micro_batches
+        coef = self.cfg.aux_loss_coef
+        path = segments(self.plan, self.name)
+        ce_sum = aux_sum = 0.0
+        for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro))):
+            key = CallKey(self.name, step, mb)
+            with calling(key):
+                x = [tok.to(self.device)]
+                aux = torch.zeros((), device=self.device)
+                for org, blocks in path:
+                    inputs = x + ([lab.to(self.device)] if "lm_head" in blocks else [])
+                    out, seg_aux = remote_call(self.peer(org), key, segment_op(blocks), inputs)
+                    x, aux = [out], aux + seg_aux
+                ce = x[0]
+                ((ce + coef * aux) / micro).backward()
+            ce_sum += ce.item()
+            aux_sum += aux.item()
+        return {"loss": ce_sum / micro, "aux_loss": aux_sum / micro, "tokens": float(tokens.numel())}
+
+    # -- weights -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: p.detach().clone() for k, p in self.model.bindings.items()}
+
+    def partition_state(self, partition: Partition) -> dict[str, Tensor]:
+        return {s.key: self.model.bindings[s.key].detach().clone() for s in unit_slices(self.cfg, partition.units)}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        """Overwrite some or all of this worker's weights (e.g. with the round's average)."""
+        with torch.no_grad():
+            for k, v in state.items():
+                self.model.bindings[k].copy_(v)
