@@ -1,0 +1,127 @@
+"""The ``fedsplit`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .plan import Plan, PlanError, load_plan
+from .plan.schema import OptimizerConfig
+from .plan.units import describe
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _bytes_per_parameter(plan: Plan) -> int:
+    """fp32 weights and gradients plus the optimizer's state per parameter."""
+    opt = plan.training.optimizer
+    state = 2 if opt.name in ("adam", "adamw") else (1 if opt.momentum else 0)
+    return 4 * (2 + state)
+
+
+def _load(path: str) -> Plan | None:
+    try:
+        return load_plan(path)
+    except PlanError as e:
+        err_console.print(f"[bold red]invalid plan[/] {path}:")
+        for p in e.problems:
+            err_console.print(f"  [red]✗[/] {p}", highlight=False)
+        return None
+
+
+def cmd_plan_check(args: argparse.Namespace) -> int:
+    plan = _load(args.federation)
+    if plan is None:
+        return 1
+    per = _bytes_per_parameter(plan)
+    orgs = Table(title=f"plan '{plan.name}': {len(plan.orgs)} organisations, model {plan.model_source.name}")
+    for col in ("organisation", "holds", "parameters", "memory", "data", "device"):
+        orgs.add_column(col, justify="right" if col in ("parameters", "memory") else "left")
+    total = 0
+    for name, org in plan.orgs.items():
+        n = plan.parameter_count(name)
+        total += n
+        orgs.add_row(name, "\n".join(e.selector for e in org.entries) or "-", f"{n:,}",
+                     f"{n * per / 2**20:.1f} MiB", "yes" if org.holds_data else "-", org.device)
+    console.print(orgs)
+    parts = Table(title="partitions (replicas are averaged after each round)")
+    for col in ("partition", "units", "held by", ""):
+        parts.add_column(col)
+    for p in plan.partitions:
+        mark = "local" if p.local_holders else ("replicated" if p.replicated else "")
+        parts.add_row(p.name, describe(p.units), ", ".join(p.holders), mark)
+    console.print(parts)
+    console.print(f"memory = parameters x {per} bytes (fp32 weights, gradients, {plan.training.optimizer.name} state); "
+                  f"{total:,} parameters held in all, replicas included")
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print("[green]plan is valid[/]")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .federation.verify import VerifyError, verify
+
+    plan = _load(args.federation)
+    if plan is None:
+        return 1
+    optimizer = None
+    if args.optimizer:
+        optimizer = plan.training.optimizer.model_copy(update={"name": args.optimizer, "momentum": 0.0})
+        optimizer = OptimizerConfig.model_validate(optimizer.model_dump())
+    try:
+        result = verify(plan, args.steps, device=args.device, optimizer=optimizer)
+    except VerifyError as e:
+        err_console.print(f"[red]cannot verify:[/] {e}")
+        return 2
+    ok = result.max_abs_diff <= args.tolerance
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        table = Table(title=f"split vs monolithic, {args.steps} steps, plan '{plan.name}'")
+        table.add_column("step", justify="right")
+        table.add_column("loss (split)", justify="right")
+        table.add_column("loss (monolithic)", justify="right")
+        for i, (a, b) in enumerate(zip(result.loss_split, result.loss_mono)):
+            table.add_row(str(i + 1), f"{a:.6f}", f"{b:.6f}")
+        console.print(table)
+        console.print(f"max abs parameter difference: {result.max_abs_diff:.3e} (at {result.worst_parameter})")
+        console.print(f"max rel parameter difference: {result.max_rel_diff:.3e}")
+        console.print("[green]exact within tolerance[/]" if ok else f"[red]differs by more than {args.tolerance:g}[/]")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsplit", description="Federated split training of partitioned MoE transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="check and show partition plans")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    check = plan_sub.add_parser("check", help="validate a plan and print what goes where")
+    check.add_argument("federation", help="the federation YAML file")
+    check.set_defaults(func=cmd_plan_check)
+
+    verify = sub.add_parser("verify", help="train split and monolithic side by side and compare the parameters")
+    verify.add_argument("federation")
+    verify.add_argument("--steps", type=int, default=10)
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    verify.add_argument("--device", default="cpu", help="device for every organisation and the reference (default cpu)")
+    verify.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="override the plan's optimizer")
+    verify.add_argument("--tolerance", type=float, default=1e-5, help="max abs difference that passes (exit 1 above it)")
+    verify.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
