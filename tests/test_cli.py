@@ -1,0 +1,40 @@
+"""The ``fedsplit`` command as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+from fedsplit.cli import main
+
+from .conftest import PLANS, ROOT
+
+
+def test_plan_check_prints_each_org_and_partition(capsys):
+    assert main(["plan", "check", str(PLANS / "three-orgs" / "federation.yaml")]) == 0
+    out = capsys.readouterr().out
+    for text in ("hospital-a", "compute-b", "experts-c", "layers.2-3.experts.4-7", "plan is valid", "MiB"):
+        assert text in out
+
+
+def test_plan_check_marks_replicated_partitions(capsys):
+    assert main(["plan", "check", str(PLANS / "two-hospitals" / "federation.yaml")]) == 0
+    assert "replicated" in capsys.readouterr().out
+
+
+def test_plan_check_exits_1_and_names_the_problem_on_an_invalid_plan(capsys, tmp_path):
+    (tmp_path / "orgs").mkdir()
+    (tmp_path / "federation.yaml").write_text(f"name: bad\nmodel: {ROOT}/configs/models/tiny.yaml\norgs: [orgs/*.yaml]\n")
+    (tmp_path / "orgs" / "a.yaml").write_text("org: a\ndata: {train: a.yaml}\nholds: [embed, layers.0-7, final_norm, lm_head]\n")
+    assert main(["plan", "check", str(tmp_path / "federation.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "org 'a'" in err and "layers.0-7" in err and "outside the model" in err
+
+
+def test_verify_json_reports_the_differences_and_both_loss_curves():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsplit.cli", "verify", str(PLANS / "experts" / "federation.yaml"), "--steps", "2", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    result = json.loads(proc.stdout)
+    assert set(result) >= {"max_abs_diff", "max_rel_diff", "loss_split", "loss_mono"}
+    assert result["max_abs_diff"] <= 1e-5 and len(result["loss_split"]) == len(result["loss_mono"]) == 2
