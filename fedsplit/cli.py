@@ -76,7 +76,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         optimizer = plan.training.optimizer.model_copy(update={"name": args.optimizer, "momentum": 0.0})
         optimizer = OptimizerConfig.model_validate(optimizer.model_dump())
     try:
-        result = verify(plan, args.steps, device=args.device, optimizer=optimizer)
+        result = verify(plan, args.steps, device=args.device, optimizer=optimizer, transport=args.transport)
     except VerifyError as e:
         err_console.print(f"[red]cannot verify:[/] {e}")
         return 2
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.add_argument("--device", default="cpu", help="device for every organisation and the reference (default cpu)")
     verify.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="override the plan's optimizer")
+    verify.add_argument("--transport", choices=["inprocess", "grpc"], default="inprocess",
+                        help="grpc: one worker process per organisation, activations and gradients over the data plane")
     verify.add_argument("--tolerance", type=float, default=1e-5, help="max abs difference that passes (exit 1 above it)")
     verify.set_defaults(func=cmd_verify)
     return parser

@@ -11,6 +11,7 @@ from ..model import MoETransformer
 from ..plan import Plan
 from ..plan.schema import OptimizerConfig
 from ..runtime import InProcessFederation, MonolithicTrainer, synthetic_batches
+from ..runtime.remote import ProcessFederation
 from .aggregate import average_replicas
 
 
@@ -41,7 +42,7 @@ def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
     return MoETransformer(plan.model).state_dict()
 
 
-def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConfig | None = None) -> VerifyResult:
+def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConfig | None = None, transport: str = "inprocess") -> VerifyResult:
     """Train ``steps`` steps both ways and compare.
 
     With replicated partitions the replicas see different batches between averagings, so the
@@ -59,7 +60,13 @@ def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConf
         )
     weights = initial_weights(plan)
     mono = MonolithicTrainer(plan, weights, device)
-    split = InProcessFederation(plan, weights, device)
+    if transport == "grpc":
+        with ProcessFederation(plan, weights, device) as split:
+            return _train_and_compare(plan, steps, mono, split, replicated)
+    return _train_and_compare(plan, steps, mono, InProcessFederation(plan, weights, device), replicated)
+
+
+def _train_and_compare(plan: Plan, steps: int, mono: MonolithicTrainer, split, replicated) -> VerifyResult:
     result = VerifyResult(0.0, 0.0)
     for step in range(steps):
         batches = synthetic_batches(plan, step)

@@ -79,7 +79,11 @@ class Worker:
 
     def serving(self, partition: Partition) -> Peer | None:
         org = self.plan.replica_for(partition, current_call().data_owner)
-        return None if org == self.name else self.peers[org]
+        if org == self.name:
+            return None
+        if org not in self.peers:
+            raise RuntimeError(f"{self.name} is not connected to '{org}', which serves {partition.name}")
+        return self.peers[org]
 
     def _replica_grad_scales(self) -> dict[str, dict[str, float]]:
         """Per data owner, the factor applied to its gradient on each of our parameters: a
@@ -107,9 +111,16 @@ class Worker:
     def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         if (key, op) in self._done:
             return self._done[(key, op)]
-        record = self._records.pop((key, op), None)
+        record = self._records.get((key, op))
         if record is None:
             raise KeyError(f"{self.name}: backward of {op} for {key} without a forward")
+        if len(grads) != len(record.outputs) or any(
+            g is not None and (g.shape != o.shape or g.dtype != o.dtype) for g, o in zip(grads, record.outputs)
+        ):
+            got = [None if g is None else (tuple(g.shape), str(g.dtype)) for g in grads]
+            want = [(tuple(o.shape), str(o.dtype)) for o in record.outputs]
+            raise ValueError(f"{self.name}: gradients for {op} must match its outputs {want}, got {got}")
+        del self._records[(key, op)]
         pairs = [(o, g.to(self.device)) for o, g in zip(record.outputs, grads) if o.requires_grad and g is not None]
         wrt_inputs = [t for t in record.inputs if t.requires_grad]
         names = list(self.model.bindings)
@@ -129,6 +140,81 @@ class Worker:
         input_grads = [next(it) if t.requires_grad else None for t in record.inputs]
         self._done[(key, op)] = input_grads
         return input_grads
+
+    # -- what a caller may ask -----------------------------------------------------------------
+
+    def check_call(self, caller: str, key: CallKey, op: str, inputs: Sequence[Tensor] | None = None) -> None:
+        """Refuse a call the plan does not allow (PermissionError) or whose tensors do not fit
+        the partition and the declared micro-batch (ValueError). Nothing is touched before."""
+        plan, cfg, t = self.plan, self.cfg, self.plan.training
+        if key.data_owner not in self.owner_index:
+            raise ValueError(f"{key.data_owner!r} is not a data owner of plan {plan.name!r}")
+        if not 0 <= key.micro_batch < t.micro_batches:
+            raise ValueError(f"micro-batch {key.micro_batch} outside 0-{t.micro_batches - 1}")
+        route = plan.route(key.data_owner)
+        kind, _, rest = op.partition("/")
+        if kind == "segment":
+            blocks = tuple(int(b) if b.isdigit() else b for b in rest.split(","))
+            if (self.name, blocks) not in segments(plan, key.data_owner):
+                raise PermissionError(f"{self.name} computes no segment {rest!r} for {key.data_owner}'s batches")
+            expected_caller = key.data_owner
+            units = []
+        elif kind in ("heads", "experts", "shared"):
+            layer_text, _, arg = rest.partition("/")
+            layer = int(layer_text)
+            if not 0 <= layer < cfg.num_layers:
+                raise ValueError(f"layer {layer} outside the model")
+            expected_caller = route[Unit("router", layer)]
+            if kind == "heads":
+                g0, g1 = map(int, arg.split("-"))
+                units = [Unit("kv", layer, g) for g in range(g0, g1)]
+            elif kind == "experts":
+                units = [Unit("expert", layer, int(item.split(":")[0])) for item in arg.split(",")]
+            else:
+                units = [Unit("shared_experts", layer)]
+        else:
+            raise ValueError(f"unknown operation {op!r}")
+        if caller != expected_caller:
+            raise PermissionError(f"{caller!r} may not call {op} for {key.data_owner}'s batches (only {expected_caller!r} may)")
+        not_mine = [str(u) for u in units if route.get(u) != self.name]
+        if not_mine:
+            raise PermissionError(f"{self.name} does not serve {', '.join(not_mine)} for {key.data_owner}'s batches")
+        if inputs is not None:
+            self._check_inputs(kind, rest, inputs)
+
+    def _check_inputs(self, kind: str, rest: str, inputs: Sequence[Tensor]) -> None:
+        cfg, t = self.cfg, self.plan.training
+        mb = t.batch_size // t.micro_batches
+
+        def expect(i: int, dtype: torch.dtype, shape_ok, what: str) -> Tensor:
+            x = inputs[i]
+            if x.dtype != dtype or not shape_ok(tuple(x.shape)):
+                raise ValueError(f"input {i} of {kind}: expected {what} of {dtype}, got {tuple(x.shape)} {x.dtype}")
+            return x
+
+        seq = lambda s: len(s) >= 2 and s[0] == mb and 1 <= s[1] <= t.seq_len  # noqa: E731
+        hidden = lambda s: len(s) == 3 and seq(s) and s[2] == cfg.hidden_size  # noqa: E731
+        blocks = rest.split(",") if kind == "segment" else []
+        n_inputs = 1 + ("lm_head" in blocks)
+        if len(inputs) != n_inputs:
+            raise ValueError(f"{kind} takes {n_inputs} input tensors, got {len(inputs)}")
+        if kind == "segment" and blocks[0] == "embed":
+            tok = expect(0, torch.int64, lambda s: len(s) == 2 and seq(s), f"token ids ({mb}, <= {t.seq_len})")
+            if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= cfg.vocab_size):
+                raise ValueError(f"token ids must lie in 0-{cfg.vocab_size - 1}")
+        elif kind == "experts":
+            total = sum(int(item.split(":")[1]) for item in rest.partition("/")[2].split(","))
+            expect(0, torch.float32, lambda s: s == (total, cfg.hidden_size), f"rows ({total}, {cfg.hidden_size})")
+        elif kind == "shared":
+            rows = mb * t.seq_len
+            expect(0, torch.float32, lambda s: len(s) == 2 and 1 <= s[0] <= rows and s[1] == cfg.hidden_size, f"token rows (<= {rows}, {cfg.hidden_size})")
+        else:
+            expect(0, torch.float32, hidden, f"hidden states ({mb}, <= {t.seq_len}, {cfg.hidden_size})")
+        if "lm_head" in blocks:
+            lab = expect(1, torch.int64, lambda s: s == tuple(inputs[0].shape[:2]), "labels shaped like the tokens")
+            bad = (lab != -100) & ((lab < 0) | (lab >= cfg.vocab_size))
+            if bool(bad.any()):
+                raise ValueError(f"labels must be -100 or lie in 0-{cfg.vocab_size - 1}")
 
     def step(self) -> None:
         """Apply the optimizer after every data owner's batch of this step went through."""

@@ -1,0 +1,207 @@
+"""Workers over the gRPC data plane: a :class:`Peer` that calls another organisation's worker,
+the handler that serves a worker, and a federation of worker processes on this host.
+
+The control operations (``train``, ``step``, ``state``, ``load``, ``connect``) are what the
+coordinator sends; per micro-batch traffic (``segment``, ``heads``, ``experts``, ``shared``)
+flows directly between organisations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import grpc
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..plan import Partition, Plan, load_plan, reassemble, select, unit_slices
+from ..transport.proto import dataplane_pb2 as pb
+from ..transport.service import CallRejected, DataPlaneChannel, DataPlaneServer, Named
+from .calls import CallKey
+from .worker import Worker
+
+COORDINATOR = "coordinator"
+
+
+def _header(key: CallKey, op: str, phase: int) -> pb.CallHeader:
+    return pb.CallHeader(data_owner=key.data_owner, step=key.step, micro_batch=key.micro_batch, op=op, phase=phase)
+
+
+def _positional(tensors: Sequence[Tensor | None]) -> Named:
+    return [(str(i), t) for i, t in enumerate(tensors)]
+
+
+class GrpcPeer:
+    """Another organisation's worker, reached over the data plane."""
+
+    def __init__(self, channel: DataPlaneChannel):
+        self.channel = channel
+        self.name = channel.org
+
+    def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return [t for _, t in self.channel.call(_header(key, op, pb.FORWARD), _positional(inputs))]
+
+    def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        return [t for _, t in self.channel.call(_header(key, op, pb.BACKWARD), _positional(grads))]
+
+
+class WorkerHandler:
+    """Serves one worker: checks every call against the plan before the worker sees it."""
+
+    def __init__(self, worker: Worker, token: str | None = None, timeout: float = 60.0):
+        self.worker, self.token, self.timeout = worker, token, timeout
+
+    def handle(self, header: pb.CallHeader, tensors: Named) -> Named:
+        if header.phase == pb.CONTROL:
+            if header.caller != COORDINATOR:
+                raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"{header.caller!r} may not send control operations")
+            return self._control(header, tensors)
+        key = CallKey(header.data_owner, header.step, header.micro_batch)
+        values = [t for _, t in tensors]
+        try:
+            if header.phase == pb.FORWARD:
+                if any(v is None for v in values):
+                    raise ValueError("forward inputs cannot be absent")
+                self.worker.check_call(header.caller, key, header.op, values)
+                return _positional(self.worker.forward(key, header.op, values))
+            if header.phase == pb.BACKWARD:
+                self.worker.check_call(header.caller, key, header.op)
+                return _positional(self.worker.backward(key, header.op, values))
+        except PermissionError as e:
+            raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, str(e)) from None
+        raise ValueError(f"unknown phase {header.phase}")
+
+    def _control(self, header: pb.CallHeader, tensors: Named) -> Named:
+        op, _, arg = header.op.partition("/")
+        w = self.worker
+        if op == "connect":
+            addresses = json.loads(arg)
+            peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, token=self.token, timeout=self.timeout))
+                     for org, addr in addresses.items() if org != w.name}
+            w.connect({**peers, w.name: w})
+            return []
+        if op == "train":
+            metrics = w.train_batch(int(arg), tensors[0][1], tensors[1][1])
+            return [(k, torch.tensor(v, dtype=torch.float32)) for k, v in metrics.items()]
+        if op == "step":
+            w.step()
+            return []
+        if op == "state":
+            return list(w.state_dict().items())
+        if op == "load":
+            w.load_state({k: v for k, v in tensors})
+            return []
+        raise ValueError(f"unknown control operation {op!r}")
+
+
+def serve_worker(plan_path: str, org: str, weights_path: str, port: str, ready_file: str, device: str | None) -> None:
+    """Entry point of one organisation's worker process (``python -m fedsplit.runtime.remote``)."""
+    torch.set_num_threads(1)
+    plan = load_plan(plan_path)
+    weights = load_file(weights_path)
+    worker = Worker(plan, org, select(weights, [s for p in plan.partitions if org in p.holders for s in unit_slices(plan.model, p.units)]), device)
+    server = DataPlaneServer(WorkerHandler(worker), port=int(port)).start()
+    tmp = ready_file + ".tmp"
+    Path(tmp).write_text(server.address)
+    os.replace(tmp, ready_file)
+    server.wait()
+
+
+class ProcessFederation:
+    """One worker process per organisation on loopback, driven over gRPC like the in-process
+    :class:`~fedsplit.runtime.InProcessFederation`."""
+
+    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, timeout: float = 60.0, start_timeout: float = 120.0):
+        self.plan = plan
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
+        tmp = Path(self._tmp.name)
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "init.safetensors")
+        self.procs: dict[str, subprocess.Popen] = {}
+        for org in plan.orgs:
+            cmd = [sys.executable, "-m", "fedsplit.runtime.remote", str(plan.file), org, str(tmp / "init.safetensors"), "0", str(tmp / f"{org}.addr")]
+            if device:
+                cmd.append(device)
+            self.procs[org] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{org}.log", "wb"))
+        self.addresses = self._wait_ready(tmp, start_timeout)
+        self.channels = {org: DataPlaneChannel(org, addr, caller=COORDINATOR, timeout=timeout) for org, addr in self.addresses.items()}
+        for org in plan.orgs:
+            self._control(org, "connect/" + json.dumps(self.addresses))
+
+    def _wait_ready(self, tmp: Path, timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        addresses: dict[str, str] = {}
+        while len(addresses) < len(self.procs):
+            for org, proc in self.procs.items():
+                if proc.poll() is not None:
+                    log = (tmp / f"{org}.log").read_text(errors="replace")[-2000:]
+                    self.close()
+                    raise RuntimeError(f"worker of '{org}' exited with code {proc.returncode} while starting:\n{log}")
+                f = tmp / f"{org}.addr"
+                if org not in addresses and f.exists():
+                    addresses[org] = f.read_text()
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"workers not ready after {timeout:.0f} s: {sorted(set(self.procs) - set(addresses))}")
+            time.sleep(0.05)
+        return addresses
+
+    def _control(self, org: str, op: str, tensors: Named = ()) -> Named:
+        return self.channels[org].call(pb.CallHeader(op=op, phase=pb.CONTROL), list(tensors))
+
+    def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
+        metrics = {}
+        for d in self.plan.data_owners:
+            tokens, labels = batches[d]
+            reply = self._control(d, f"train/{step}", [("tokens", tokens), ("labels", labels)])
+            metrics[d] = {k: float(v) for k, v in reply}
+        for org in self.plan.orgs:
+            self._control(org, "step")
+        return metrics
+
+    def state(self, org: str) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self._control(org, "state")}
+
+    def replicas(self, partition: Partition) -> dict[str, dict[str, Tensor]]:
+        keys = [s.key for s in unit_slices(self.plan.model, partition.units)]
+        return {org: {k: v for k, v in self.state(org).items() if k in keys} for org in partition.holders}
+
+    def load_partition(self, partition: Partition, state: Mapping[str, Tensor]) -> None:
+        for org in partition.holders:
+            self._control(org, "load", list(state.items()))
+
+    def reassembled(self) -> dict[str, Tensor]:
+        states = {org: self.state(org) for org in self.plan.orgs}
+        return reassemble(self.plan.model, [
+            {s.key: states[p.holders[0]][s.key] for s in unit_slices(self.plan.model, p.units)} for p in self.plan.partitions
+        ])
+
+    def close(self) -> None:
+        for ch in getattr(self, "channels", {}).values():
+            ch.close()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "ProcessFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    serve_worker(*sys.argv[1:6], device=sys.argv[6] if len(sys.argv) > 6 else None)

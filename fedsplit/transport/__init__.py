@@ -1,0 +1,1 @@
+"""The gRPC data plane: wire format, validation, server and client channel."""

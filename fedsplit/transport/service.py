@@ -1,0 +1,148 @@
+"""The gRPC data plane: a server that hands validated calls to a handler, and a client channel.
+
+The method is registered without (de)serializers: frames are bytes that :mod:`.wire` builds and
+parses, so tensor bytes are never copied by protobuf. Every failure reaches the caller as a
+gRPC status with a reason (``INVALID_ARGUMENT`` for a malformed or inconsistent message,
+``UNAUTHENTICATED``/``PERMISSION_DENIED`` for credentials, ``DEADLINE_EXCEEDED`` and
+``UNAVAILABLE`` for a slow or dead peer); the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+import grpc
+from torch import Tensor
+
+from .proto import dataplane_pb2 as pb
+from .wire import Limits, WireError, call_frame, decode_tensors, encode_tensors, parse_frame
+
+log = logging.getLogger(__name__)
+
+METHOD = "/fedsplit.v1.DataPlane/Call"
+_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+Named = list[tuple[str, Tensor | None]]
+
+
+class CallRejected(Exception):
+    """Raised by a handler to refuse a call with a specific status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class PeerError(RuntimeError):
+    """A call to another organisation failed; the message names it, its address and why."""
+
+    def __init__(self, org: str, address: str, code: grpc.StatusCode | None, details: str):
+        self.org, self.address, self.code, self.details = org, address, code, details
+        status = code.name if code else "ERROR"
+        super().__init__(f"call to organisation '{org}' at {address} failed: {status}: {details}")
+
+
+class Handler(Protocol):
+    def handle(self, header: pb.CallHeader, tensors: Named) -> Named: ...
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Per-organisation bearer tokens. A server checks the caller's; a client sends its own."""
+
+    tokens: Mapping[str, str]
+
+    def check(self, org: str, token: str) -> bool:
+        expected = self.tokens.get(org)
+        return expected is not None and hmac.compare_digest(expected, token)
+
+
+class DataPlaneServer:
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
+                 credentials: Credentials | None = None, limits: Limits = Limits(), max_workers: int = 32):
+        self.handler, self.credentials, self.limits = handler, credentials, limits
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+        rpc = grpc.stream_stream_rpc_method_handler(self._call)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsplit.v1.DataPlane", {"Call": rpc}),))
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> "DataPlaneServer":
+        self._server.start()
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        self._server.stop(grace)
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def _authenticate(self, context: grpc.ServicerContext, header: pb.CallHeader) -> None:
+        if self.credentials is None:
+            return
+        meta = dict(context.invocation_metadata())
+        org, token = meta.get("x-fedsplit-org", ""), meta.get("authorization", "").removeprefix("Bearer ")
+        if not self.credentials.check(org, token):
+            raise CallRejected(grpc.StatusCode.UNAUTHENTICATED, f"no valid credential for organisation {org!r}")
+        if header.caller != org:
+            raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"organisation {org!r} cannot call on behalf of {header.caller!r}")
+
+    def _call(self, frames, context: grpc.ServicerContext):
+        try:
+            first = next(frames, None)
+            header = parse_frame(first) if first is not None else None
+            if header is None or isinstance(header, memoryview) or header.WhichOneof("kind") != "call":
+                raise WireError("a call must start with a call header frame")
+            header = header.call
+            self._authenticate(context, header)
+            tensors = decode_tensors(frames, header.num_tensors, self.limits)
+            outputs = self.handler.handle(header, tensors)
+        except WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except CallRejected as e:
+            context.abort(e.code, str(e))
+        except (ValueError, KeyError, TypeError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e).strip("'\""))
+        except PeerError as e:  # a nested call to a third organisation failed
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except Exception as e:  # never take the server down; report and keep serving
+            log.exception("call %s failed", getattr(header, "op", "?"))
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        try:
+            yield call_frame(pb.CallHeader(num_tensors=len(outputs)))
+            yield from encode_tensors(outputs)
+        except Exception as e:
+            log.exception("reply to %s failed", header.op)
+            context.abort(grpc.StatusCode.INTERNAL, f"cannot send the reply: {type(e).__name__}: {e}")
+
+
+class DataPlaneChannel:
+    """A client of one organisation's data-plane server."""
+
+    def __init__(self, org: str, address: str, *, caller: str, token: str | None = None,
+                 limits: Limits = Limits(), timeout: float = 60.0):
+        self.org, self.address, self.caller, self.limits, self.timeout = org, address, caller, limits, timeout
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._rpc = self._channel.stream_stream(METHOD)
+        self._metadata = [("x-fedsplit-org", caller)] + ([("authorization", f"Bearer {token}")] if token else [])
+
+    def call(self, header: pb.CallHeader, tensors: Sequence[tuple[str, Tensor | None]], timeout: float | None = None) -> Named:
+        header.caller = self.caller
+        header.num_tensors = len(tensors)
+        frames = itertools.chain([call_frame(header)], encode_tensors(tensors))
+        try:
+            replies = self._rpc(frames, timeout=timeout or self.timeout, metadata=self._metadata)
+            first = parse_frame(next(replies))
+            return decode_tensors(replies, first.call.num_tensors, self.limits)
+        except grpc.RpcError as e:
+            raise PeerError(self.org, self.address, e.code(), e.details() or "") from None
+        except (WireError, StopIteration) as e:
+            raise PeerError(self.org, self.address, None, f"malformed reply: {e}") from None
+
+    def close(self) -> None:
+        self._channel.close()

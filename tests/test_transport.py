@@ -1,0 +1,192 @@
+"""The gRPC data plane: wire format, validation of every incoming message, credentials,
+permissions, failures, and exact split training across processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedsplit.federation.verify import initial_weights, verify
+from fedsplit.plan import load_plan, select, unit_slices
+from fedsplit.runtime import Worker, synthetic_batches
+from fedsplit.runtime.remote import ProcessFederation, WorkerHandler
+from fedsplit.transport.proto import dataplane_pb2 as pb
+from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError
+from fedsplit.transport.wire import Limits, WireError, chunk_frame, decode_tensors, encode_tensors
+
+from .conftest import PLANS, ROOT
+
+
+# -- wire format ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_tensors_round_trip_bit_exact_in_their_own_dtype(dtype):
+    t = (torch.randn(3, 5, 7) * 100).to(dtype)
+    frames = list(encode_tensors([("x", t), ("none", None), ("scalar", torch.tensor(2.5))]))
+    out = decode_tensors(frames, 3, Limits())
+    assert out[0][0] == "x" and out[0][1].dtype == dtype and torch.equal(out[0][1], t)
+    assert out[1] == ("none", None) and float(out[2][1]) == 2.5
+    if dtype == torch.bfloat16:  # no fp32 inflation: 2 bytes per element on the wire
+        assert t.numel() * 2 < len(frames[1]) <= t.numel() * 2 + 4
+
+
+def test_large_tensor_streams_in_one_mib_chunks_past_grpc_message_limits():
+    t = torch.randn(5 << 20 // 4 * 4)  # 20 MiB of fp32
+    frames = list(encode_tensors([("big", t)]))
+    assert len(frames) == 1 + 20 and max(len(f) for f in frames) < (1 << 20) + 8
+    assert torch.equal(decode_tensors(frames, 1, Limits())[0][1], t)
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda f: [pb.Frame(tensor=pb.TensorHeader(name="x", dtype="complex64", shape=[2], nbytes=16)).SerializeToString()], "not allowed"),
+        (lambda f: [pb.Frame(tensor=pb.TensorHeader(name="x", dtype="float32", shape=[2, 2], nbytes=12)).SerializeToString()], "needs 16"),
+        (lambda f: f[:-1], "stream ended"),
+        (lambda f: f + [chunk_frame(memoryview(b"xxxx"))], None),
+        (lambda f: f[:1] + [chunk_frame(memoryview(b"\0" * 64))], "more than"),
+        (lambda f: [b"\x1a\x05ab"], "declares 5 bytes"),
+        (lambda f: [b"\xff\xff\xff"], "undecodable"),
+    ],
+)
+def test_malformed_frames_are_rejected_with_a_reason(mutate, reason):
+    frames = mutate(list(encode_tensors([("x", torch.ones(2, 2))])))
+    if reason is None:  # trailing garbage after the declared tensors is never read as data
+        assert torch.equal(decode_tensors(frames, 1, Limits())[0][1], torch.ones(2, 2))
+        return
+    with pytest.raises(WireError, match=reason):
+        decode_tensors(frames, 1, Limits())
+
+
+def test_non_finite_and_oversized_tensors_are_rejected():
+    with pytest.raises(WireError, match="NaN or infinite"):
+        decode_tensors(list(encode_tensors([("g", torch.tensor([1.0, float("nan")]))])), 1, Limits())
+    with pytest.raises(WireError, match="exceeds the limit"):
+        decode_tensors(list(encode_tensors([("a", torch.ones(1000))])), 1, Limits(max_tensor_bytes=1000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=6), st.integers(0, 4))
+def test_decoder_fuzz_raises_only_wire_errors(frames, count):
+    try:
+        decode_tensors(frames, count, Limits(max_tensor_bytes=1 << 16))
+    except WireError:
+        pass
+
+
+def test_generated_protobuf_code_matches_the_proto(tmp_path):
+    subprocess.run(["bash", str(ROOT / "scripts" / "gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT)
+    for name in ("dataplane_pb2.py", "dataplane_pb2.pyi"):
+        assert (tmp_path / name).read_text() == (ROOT / "fedsplit" / "transport" / "proto" / name).read_text(), (
+            f"{name} is stale: run scripts/gen_protos.sh"
+        )
+
+
+# -- a real server on loopback ----------------------------------------------------------
+
+
+@pytest.fixture
+def served():
+    """compute-b of the layers plan (layers 1-2), served over gRPC with per-organisation credentials."""
+    plan = load_plan(PLANS / "layers" / "federation.yaml")
+    weights = initial_weights(plan)
+    slices = [s for p in plan.partitions if "compute-b" in p.holders for s in unit_slices(plan.model, p.units)]
+    worker = Worker(plan, "compute-b", select(weights, slices), "cpu")
+    creds = Credentials({"hospital-a": "secret-a", "compute-c": "secret-c"})
+    server = DataPlaneServer(WorkerHandler(worker), credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
+    yield plan, worker, server
+    server.stop(None)
+
+
+def _forward(server, caller, token, op="segment/1,2", x=None, mb=4):
+    channel = DataPlaneChannel("compute-b", server.address, caller=caller, token=token, timeout=10)
+    x = torch.randn(mb, 16, 64) if x is None else x
+    header = pb.CallHeader(data_owner="hospital-a", step=0, micro_batch=0, op=op, phase=pb.FORWARD)
+    try:
+        return channel.call(header, [("0", x)])
+    finally:
+        channel.close()
+
+
+def _assert_rejected(worker, call, code, text):
+    before = {k: v.clone() for k, v in worker.state_dict().items()}
+    with pytest.raises(PeerError) as err:
+        call()
+    assert err.value.code == code and text in err.value.details
+    assert all(torch.equal(before[k], v) for k, v in worker.state_dict().items())
+    assert not worker._records  # nothing half-done is left behind
+
+
+def test_valid_call_is_served(served):
+    plan, worker, server = served
+    out = _forward(server, "hospital-a", "secret-a")
+    assert out[0][1].shape == (4, 16, 64) and out[1][1].shape == ()
+
+
+def test_wrong_credential_is_unauthenticated_and_changes_nothing(served):
+    _, worker, server = served
+    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "guess"), grpc.StatusCode.UNAUTHENTICATED, "no valid credential")
+
+
+def test_calling_a_partition_the_plan_does_not_allow_is_permission_denied(served):
+    _, worker, server = served
+    # compute-c is a real organisation with a valid credential, but only hospital-a drives its
+    # own batch through compute-b's layers.
+    _assert_rejected(worker, lambda: _forward(server, "compute-c", "secret-c"), grpc.StatusCode.PERMISSION_DENIED, "may not call")
+    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "secret-a", op="segment/0,1"), grpc.StatusCode.PERMISSION_DENIED, "computes no segment")
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [
+        (torch.randn(4, 16, 32), "expected hidden states"),
+        (torch.randn(3, 16, 64), "expected hidden states"),
+        (torch.randn(4, 16, 64).bfloat16(), "expected hidden states"),
+        (torch.full((4, 16, 64), float("inf")), "NaN or infinite"),
+        (torch.randn(4, 2048, 64), "exceeds the limit"),
+    ],
+)
+def test_inconsistent_tensors_are_invalid_argument_and_the_server_keeps_serving(served, x, text):
+    _, worker, server = served
+    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "secret-a", x=x, mb=x.shape[0]), grpc.StatusCode.INVALID_ARGUMENT, text)
+    assert _forward(server, "hospital-a", "secret-a")[0][1].shape == (4, 16, 64)
+
+
+def test_backward_without_forward_is_rejected(served):
+    _, worker, server = served
+    channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", token="secret-a")
+    header = pb.CallHeader(data_owner="hospital-a", step=5, micro_batch=0, op="segment/1,2", phase=pb.BACKWARD)
+    with pytest.raises(PeerError) as err:
+        channel.call(header, [("0", torch.randn(4, 16, 64)), ("1", torch.tensor(1.0))])
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "without a forward" in err.value.details
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["layers", "heads", "experts", "shared-experts", "three-orgs"])
+def test_split_training_over_grpc_matches_monolithic(name):
+    result = verify(load_plan(PLANS / name / "federation.yaml"), steps=10, transport="grpc")
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+
+
+def test_killed_worker_gives_a_clear_error_within_the_deadline():
+    plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
+    with ProcessFederation(plan, initial_weights(plan), timeout=20) as fed:
+        fed.train_step(0, synthetic_batches(plan, 0))
+        os.kill(fed.procs["compute-b"].pid, signal.SIGKILL)
+        fed.procs["compute-b"].wait()
+        start = time.monotonic()
+        with pytest.raises(PeerError) as err:
+            fed.train_step(1, synthetic_batches(plan, 1))
+        assert time.monotonic() - start < 20
+        assert "compute-b" in str(err.value) and "UNAVAILABLE" in str(err.value)
