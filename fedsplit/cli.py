@@ -65,6 +65,24 @@ def cmd_plan_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_insecure() -> None:
+    err_console.print("[bold red]WARNING: --insecure: the data plane runs WITHOUT TLS and WITHOUT credentials. "
+                      "Activations, gradients and weights cross the network in plaintext and anyone who can "
+                      "reach a worker can call it. Use this only on loopback for tests.[/]")
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .transport.security import generate_credentials
+
+    plan = _load(args.federation)
+    if plan is None:
+        return 1
+    out = generate_credentials([*plan.orgs, "coordinator"], args.out, hosts=args.hosts)
+    console.print(f"wrote a CA, a certificate and key per organisation and the coordinator, and tokens.yaml to {out}")
+    console.print("give each organisation ca.pem, its own NAME.pem/NAME.key and its token; keep ca.key offline")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .federation.verify import VerifyError, verify
 
@@ -75,8 +93,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.optimizer:
         optimizer = plan.training.optimizer.model_copy(update={"name": args.optimizer, "momentum": 0.0})
         optimizer = OptimizerConfig.model_validate(optimizer.model_dump())
+    if args.insecure:
+        warn_insecure()
     try:
-        result = verify(plan, args.steps, device=args.device, optimizer=optimizer, transport=args.transport)
+        result = verify(plan, args.steps, device=args.device, optimizer=optimizer, transport=args.transport, insecure=args.insecure)
     except VerifyError as e:
         err_console.print(f"[red]cannot verify:[/] {e}")
         return 2
@@ -115,8 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="override the plan's optimizer")
     verify.add_argument("--transport", choices=["inprocess", "grpc"], default="inprocess",
                         help="grpc: one worker process per organisation, activations and gradients over the data plane")
+    verify.add_argument("--insecure", action="store_true", help="with --transport grpc: no TLS, no tokens (loopback tests only)")
     verify.add_argument("--tolerance", type=float, default=1e-5, help="max abs difference that passes (exit 1 above it)")
     verify.set_defaults(func=cmd_verify)
+    certs = sub.add_parser("certs", help="make a self-signed CA, per-organisation certificates and tokens for a plan")
+    certs.add_argument("federation")
+    certs.add_argument("--out", required=True, help="directory to write them to")
+    certs.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"],
+                       help="host names and IP addresses the certificates are valid for")
+    certs.set_defaults(func=cmd_certs)
     return parser
 
 

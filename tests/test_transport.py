@@ -18,6 +18,7 @@ from fedsplit.plan import load_plan, select, unit_slices
 from fedsplit.runtime import Worker, synthetic_batches
 from fedsplit.runtime.remote import ProcessFederation, WorkerHandler
 from fedsplit.transport.proto import dataplane_pb2 as pb
+from fedsplit.transport.security import TLSConfig, generate_credentials
 from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError
 from fedsplit.transport.wire import Limits, WireError, chunk_frame, decode_tensors, encode_tensors
 
@@ -101,13 +102,13 @@ def served():
     slices = [s for p in plan.partitions if "compute-b" in p.holders for s in unit_slices(plan.model, p.units)]
     worker = Worker(plan, "compute-b", select(weights, slices), "cpu")
     creds = Credentials({"hospital-a": "secret-a", "compute-c": "secret-c"})
-    server = DataPlaneServer(WorkerHandler(worker), credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
+    server = DataPlaneServer(WorkerHandler(worker, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
     yield plan, worker, server
     server.stop(None)
 
 
 def _forward(server, caller, token, op="segment/1,2", x=None, mb=4):
-    channel = DataPlaneChannel("compute-b", server.address, caller=caller, token=token, timeout=10)
+    channel = DataPlaneChannel("compute-b", server.address, caller=caller, tls=None, token=token, timeout=10)
     x = torch.randn(mb, 16, 64) if x is None else x
     header = pb.CallHeader(data_owner="hospital-a", step=0, micro_batch=0, op=op, phase=pb.FORWARD)
     try:
@@ -162,11 +163,39 @@ def test_inconsistent_tensors_are_invalid_argument_and_the_server_keeps_serving(
 
 def test_backward_without_forward_is_rejected(served):
     _, worker, server = served
-    channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", token="secret-a")
+    channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", tls=None, token="secret-a")
     header = pb.CallHeader(data_owner="hospital-a", step=5, micro_batch=0, op="segment/1,2", phase=pb.BACKWARD)
     with pytest.raises(PeerError) as err:
         channel.call(header, [("0", torch.randn(4, 16, 64)), ("1", torch.tensor(1.0))])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "without a forward" in err.value.details
+
+
+class _Echo:
+    def handle(self, header, tensors):
+        return tensors
+
+
+def test_mutual_tls_admits_only_certificates_of_the_federation_ca(tmp_path):
+    ours = generate_credentials(["a", "b"], tmp_path / "ours")
+    theirs = generate_credentials(["a"], tmp_path / "theirs")
+    server = DataPlaneServer(_Echo(), tls=TLSConfig.load(ours, "b"), port=0).start()
+    x = [("x", torch.arange(4.0))]
+    try:
+        good = DataPlaneChannel("b", f"localhost:{server.port}", caller="a", tls=TLSConfig.load(ours, "a"), timeout=10)
+        assert torch.equal(good.call(pb.CallHeader(op="echo"), x)[0][1], x[0][1])
+        for tls in (TLSConfig.load(theirs, "a"), None):  # a foreign CA, and plaintext
+            bad = DataPlaneChannel("b", f"localhost:{server.port}", caller="a", tls=tls, timeout=5)
+            with pytest.raises(PeerError) as err:
+                bad.call(pb.CallHeader(op="echo"), x)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None)
+
+
+def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecure(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.remote", str(PLANS / "layers" / "federation.yaml"), "compute-b",
+                           "--weights", "w.safetensors", "--ready-file", str(tmp_path / "r")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--insecure explicitly" in proc.stderr
 
 
 # -- processes -------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
     return MoETransformer(plan.model).state_dict()
 
 
-def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConfig | None = None, transport: str = "inprocess") -> VerifyResult:
+def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConfig | None = None, transport: str = "inprocess", insecure: bool = False) -> VerifyResult:
     """Train ``steps`` steps both ways and compare.
 
     With replicated partitions the replicas see different batches between averagings, so the
@@ -61,7 +61,7 @@ def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConf
     weights = initial_weights(plan)
     mono = MonolithicTrainer(plan, weights, device)
     if transport == "grpc":
-        with ProcessFederation(plan, weights, device) as split:
+        with ProcessFederation(plan, weights, device, insecure=insecure) as split:
             return _train_and_compare(plan, steps, mono, split, replicated)
     return _train_and_compare(plan, steps, mono, InProcessFederation(plan, weights, device), replicated)
 

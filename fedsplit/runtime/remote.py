@@ -8,6 +8,7 @@ flows directly between organisations.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -24,7 +25,8 @@ from torch import Tensor
 
 from ..plan import Partition, Plan, load_plan, reassemble, select, unit_slices
 from ..transport.proto import dataplane_pb2 as pb
-from ..transport.service import CallRejected, DataPlaneChannel, DataPlaneServer, Named
+from ..transport.security import TLSConfig, generate_credentials, load_tokens
+from ..transport.service import CallRejected, Credentials, DataPlaneChannel, DataPlaneServer, Named
 from .calls import CallKey
 from .worker import Worker
 
@@ -56,8 +58,8 @@ class GrpcPeer:
 class WorkerHandler:
     """Serves one worker: checks every call against the plan before the worker sees it."""
 
-    def __init__(self, worker: Worker, token: str | None = None, timeout: float = 60.0):
-        self.worker, self.token, self.timeout = worker, token, timeout
+    def __init__(self, worker: Worker, tls: TLSConfig | None, token: str | None = None, timeout: float = 60.0):
+        self.worker, self.tls, self.token, self.timeout = worker, tls, token, timeout
 
     def handle(self, header: pb.CallHeader, tensors: Named) -> Named:
         if header.phase == pb.CONTROL:
@@ -84,7 +86,7 @@ class WorkerHandler:
         w = self.worker
         if op == "connect":
             addresses = json.loads(arg)
-            peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, token=self.token, timeout=self.timeout))
+            peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, tls=self.tls, token=self.token, timeout=self.timeout))
                      for org, addr in addresses.items() if org != w.name}
             w.connect({**peers, w.name: w})
             return []
@@ -102,16 +104,33 @@ class WorkerHandler:
         raise ValueError(f"unknown control operation {op!r}")
 
 
-def serve_worker(plan_path: str, org: str, weights_path: str, port: str, ready_file: str, device: str | None) -> None:
+def serve_worker(argv: Sequence[str] | None = None) -> None:
     """Entry point of one organisation's worker process (``python -m fedsplit.runtime.remote``)."""
+    parser = argparse.ArgumentParser(prog="python -m fedsplit.runtime.remote")
+    parser.add_argument("plan")
+    parser.add_argument("org")
+    parser.add_argument("--weights", required=True, help="safetensors file of the full initial model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ready-file", required=True, help="where to write host:port once serving")
+    parser.add_argument("--device")
+    parser.add_argument("--credentials", help="directory of `fedsplit certs` output (TLS and tokens)")
+    parser.add_argument("--insecure", action="store_true", help="plaintext and no tokens (tests on loopback only)")
+    args = parser.parse_args(argv)
+    if not args.credentials and not args.insecure:
+        parser.error("give --credentials DIR, or --insecure explicitly")
     torch.set_num_threads(1)
-    plan = load_plan(plan_path)
-    weights = load_file(weights_path)
-    worker = Worker(plan, org, select(weights, [s for p in plan.partitions if org in p.holders for s in unit_slices(plan.model, p.units)]), device)
-    server = DataPlaneServer(WorkerHandler(worker), port=int(port)).start()
-    tmp = ready_file + ".tmp"
+    plan = load_plan(args.plan)
+    weights = load_file(args.weights)
+    mine = [s for p in plan.partitions if args.org in p.holders for s in unit_slices(plan.model, p.units)]
+    worker = Worker(plan, args.org, select(weights, mine), args.device)
+    tls = TLSConfig.load(args.credentials, args.org) if args.credentials else None
+    tokens = load_tokens(args.credentials) if args.credentials else None
+    handler = WorkerHandler(worker, tls, tokens[args.org] if tokens else None)
+    server = DataPlaneServer(handler, args.host, args.port, tls=tls, credentials=Credentials(tokens) if tokens else None).start()
+    tmp = args.ready_file + ".tmp"
     Path(tmp).write_text(server.address)
-    os.replace(tmp, ready_file)
+    os.replace(tmp, args.ready_file)
     server.wait()
 
 
@@ -119,19 +138,28 @@ class ProcessFederation:
     """One worker process per organisation on loopback, driven over gRPC like the in-process
     :class:`~fedsplit.runtime.InProcessFederation`."""
 
-    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, timeout: float = 60.0, start_timeout: float = 120.0):
+    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, timeout: float = 60.0,
+                 start_timeout: float = 120.0, insecure: bool = False):
+        """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
         self.plan = plan
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
         tmp = Path(self._tmp.name)
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "init.safetensors")
+        tls, token, security = None, None, ["--insecure"]
+        if not insecure:
+            creds = generate_credentials([*plan.orgs, COORDINATOR], tmp / "credentials")
+            tls, token = TLSConfig.load(creds, COORDINATOR), load_tokens(creds)[COORDINATOR]
+            security = ["--credentials", str(creds)]
         self.procs: dict[str, subprocess.Popen] = {}
         for org in plan.orgs:
-            cmd = [sys.executable, "-m", "fedsplit.runtime.remote", str(plan.file), org, str(tmp / "init.safetensors"), "0", str(tmp / f"{org}.addr")]
+            cmd = [sys.executable, "-m", "fedsplit.runtime.remote", str(plan.file), org, "--weights", str(tmp / "init.safetensors"),
+                   "--ready-file", str(tmp / f"{org}.addr"), *security]
             if device:
-                cmd.append(device)
+                cmd += ["--device", device]
             self.procs[org] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{org}.log", "wb"))
         self.addresses = self._wait_ready(tmp, start_timeout)
-        self.channels = {org: DataPlaneChannel(org, addr, caller=COORDINATOR, timeout=timeout) for org, addr in self.addresses.items()}
+        self.channels = {org: DataPlaneChannel(org, addr, caller=COORDINATOR, tls=tls, token=token, timeout=timeout)
+                         for org, addr in self.addresses.items()}
         for org in plan.orgs:
             self._control(org, "connect/" + json.dumps(self.addresses))
 
@@ -204,4 +232,4 @@ class ProcessFederation:
 
 
 if __name__ == "__main__":
-    serve_worker(*sys.argv[1:6], device=sys.argv[6] if len(sys.argv) > 6 else None)
+    serve_worker()

@@ -20,6 +20,7 @@ import grpc
 from torch import Tensor
 
 from .proto import dataplane_pb2 as pb
+from .security import TLSConfig
 from .wire import Limits, WireError, call_frame, decode_tensors, encode_tensors, parse_frame
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,15 @@ class Credentials:
 
 
 class DataPlaneServer:
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, *, tls: TLSConfig | None,
                  credentials: Credentials | None = None, limits: Limits = Limits(), max_workers: int = 32):
+        """``tls=None`` serves in plaintext: callers must ask for it explicitly."""
         self.handler, self.credentials, self.limits = handler, credentials, limits
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
         rpc = grpc.stream_stream_rpc_method_handler(self._call)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsplit.v1.DataPlane", {"Call": rpc}),))
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        bind = f"{host}:{port}"
+        self.port = self._server.add_secure_port(bind, tls.server_credentials()) if tls else self._server.add_insecure_port(bind)
         self.address = f"{host}:{self.port}"
 
     def start(self) -> "DataPlaneServer":
@@ -124,10 +127,14 @@ class DataPlaneServer:
 class DataPlaneChannel:
     """A client of one organisation's data-plane server."""
 
-    def __init__(self, org: str, address: str, *, caller: str, token: str | None = None,
+    def __init__(self, org: str, address: str, *, caller: str, tls: TLSConfig | None, token: str | None = None,
                  limits: Limits = Limits(), timeout: float = 60.0):
+        """``tls=None`` connects in plaintext: callers must ask for it explicitly."""
         self.org, self.address, self.caller, self.limits, self.timeout = org, address, caller, limits, timeout
-        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        if tls:
+            self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._rpc = self._channel.stream_stream(METHOD)
         self._metadata = [("x-fedsplit-org", caller)] + ([("authorization", f"Bearer {token}")] if token else [])
 
