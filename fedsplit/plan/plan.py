@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..model import ModelConfig
 from .errors import PlanError, Problem
-from .schema import AggregationConfig, FederationFile, OrgFile, TrainingConfig
+from .schema import AggregationConfig, FederationFile, OrgFile, TrainingConfig, TransportConfig
 from .slicing import unit_parameter_count
 from .units import SelectorError, Unit, all_units, describe, parse_selector
 from .yaml_io import line_of, load_yaml
@@ -73,6 +73,7 @@ class Plan:
     aggregation: AggregationConfig
     orgs: dict[str, Org]
     partitions: list[Partition]
+    transport: TransportConfig = field(default_factory=TransportConfig)
     warnings: list[Problem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -125,11 +126,17 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError([where, *model_problems])
 
     orgs: dict[str, Org] = {}
+    loaded: set[Path] = set()
     for i, pattern in enumerate(fed.orgs):
         files = sorted(glob.glob(str(path.parent / pattern)))
         if not files:
             problems.append(Problem(f"no organisation file matches {pattern!r}", file=path, line=line_of(fed_lines, ("orgs", i)), field="orgs"))
         for f in files:
+            # Overlapping globs (``orgs/*.yaml`` and ``orgs/a.yaml``) name a file once, not twice:
+            # loading it again would report the org as a duplicate of itself.
+            if Path(f).resolve() in loaded:
+                continue
+            loaded.add(Path(f).resolve())
             org = _load_org(Path(f), model, problems)
             if org is None:
                 continue
@@ -144,7 +151,7 @@ def load_plan(path: str | Path) -> Plan:
     _check_data_owners(path, orgs, problems)
     if problems:
         raise PlanError(problems)
-    plan = Plan(fed.name, path, model, model_path, fed.training, fed.aggregation, orgs, partitions)
+    plan = Plan(fed.name, path, model, model_path, fed.training, fed.aggregation, orgs, partitions, fed.transport)
     plan.warnings = _privacy_warnings(plan)
     return plan
 

@@ -44,11 +44,29 @@ class AggregationConfig(_Strict):
     server_lr: float = Field(default=1e-2, gt=0)
 
 
+Codec = Literal["none", "bf16", "fp16", "int8"]
+
+
+class CompressionConfig(_Strict):
+    """Wire codec per tensor role. Lossy codecs change the maths: split training then no longer
+    equals monolithic training exactly, and ``fedsplit verify`` shows by how much."""
+
+    activations: Codec = "none"
+    gradients: Codec = "none"
+
+
+class TransportConfig(_Strict):
+    compression: CompressionConfig = CompressionConfig()
+    timeout_s: float = Field(default=60.0, gt=0, description="deadline of one data-plane call")
+    max_tensor_mib: int = Field(default=1024, gt=0, description="largest tensor a worker accepts")
+
+
 class FederationFile(_Strict):
     name: str = Field(min_length=1)
     model: str = Field(min_length=1, description="path to a model YAML, relative to this file")
     training: TrainingConfig = TrainingConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    transport: TransportConfig = TransportConfig()
     orgs: list[str] = Field(min_length=1, description="org files or globs, relative to this file")
 
 

@@ -24,7 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..plan import Partition, Plan, load_plan, reassemble, select, unit_slices
+from ..plan.schema import CompressionConfig
 from ..transport.proto import dataplane_pb2 as pb
+from ..transport.wire import Limits
 from ..transport.security import TLSConfig, generate_credentials, load_tokens
 from ..transport.service import CallRejected, Credentials, DataPlaneChannel, DataPlaneServer, Named
 from .calls import CallKey
@@ -42,41 +44,45 @@ def _positional(tensors: Sequence[Tensor | None]) -> Named:
 
 
 class GrpcPeer:
-    """Another organisation's worker, reached over the data plane."""
+    """Another organisation's worker, reached over the data plane. Activations (forward) and
+    gradients (backward) are sent with the plan's codec for their role."""
 
-    def __init__(self, channel: DataPlaneChannel):
-        self.channel = channel
+    def __init__(self, channel: DataPlaneChannel, compression: CompressionConfig = CompressionConfig()):
+        self.channel, self.compression = channel, compression
         self.name = channel.org
 
     def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        return [t for _, t in self.channel.call(_header(key, op, pb.FORWARD), _positional(inputs))]
+        reply = self.channel.call(_header(key, op, pb.FORWARD), _positional(inputs), codec=self.compression.activations)
+        return [t for _, t in reply]
 
     def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        return [t for _, t in self.channel.call(_header(key, op, pb.BACKWARD), _positional(grads))]
+        reply = self.channel.call(_header(key, op, pb.BACKWARD), _positional(grads), codec=self.compression.gradients)
+        return [t for _, t in reply]
 
 
 class WorkerHandler:
     """Serves one worker: checks every call against the plan before the worker sees it."""
 
-    def __init__(self, worker: Worker, tls: TLSConfig | None, token: str | None = None, timeout: float = 60.0):
-        self.worker, self.tls, self.token, self.timeout = worker, tls, token, timeout
+    def __init__(self, worker: Worker, tls: TLSConfig | None, token: str | None = None):
+        self.worker, self.tls, self.token = worker, tls, token
 
-    def handle(self, header: pb.CallHeader, tensors: Named) -> Named:
+    def handle(self, header: pb.CallHeader, tensors: Named) -> tuple[Named, str]:
         if header.phase == pb.CONTROL:
             if header.caller != COORDINATOR:
                 raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"{header.caller!r} may not send control operations")
-            return self._control(header, tensors)
+            return self._control(header, tensors), "none"
         key = CallKey(header.data_owner, header.step, header.micro_batch)
         values = [t for _, t in tensors]
+        codecs = self.worker.plan.transport.compression
         try:
             if header.phase == pb.FORWARD:
                 if any(v is None for v in values):
                     raise ValueError("forward inputs cannot be absent")
                 self.worker.check_call(header.caller, key, header.op, values)
-                return _positional(self.worker.forward(key, header.op, values))
+                return _positional(self.worker.forward(key, header.op, values)), codecs.activations
             if header.phase == pb.BACKWARD:
                 self.worker.check_call(header.caller, key, header.op)
-                return _positional(self.worker.backward(key, header.op, values))
+                return _positional(self.worker.backward(key, header.op, values)), codecs.gradients
         except PermissionError as e:
             raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, str(e)) from None
         raise ValueError(f"unknown phase {header.phase}")
@@ -86,7 +92,10 @@ class WorkerHandler:
         w = self.worker
         if op == "connect":
             addresses = json.loads(arg)
-            peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, tls=self.tls, token=self.token, timeout=self.timeout))
+            t = w.plan.transport
+            limits = Limits(max_tensor_bytes=t.max_tensor_mib << 20)
+            peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, tls=self.tls, token=self.token, timeout=t.timeout_s, limits=limits),
+                                   t.compression)
                      for org, addr in addresses.items() if org != w.name}
             w.connect({**peers, w.name: w})
             return []
@@ -101,6 +110,10 @@ class WorkerHandler:
         if op == "load":
             w.load_state({k: v for k, v in tensors})
             return []
+        if op == "stats":
+            channels = [p.channel for p in w.peers.values() if isinstance(p, GrpcPeer)]
+            return [("wire_bytes", torch.tensor(sum(c.wire_bytes for c in channels), dtype=torch.int64)),
+                    ("tensor_bytes", torch.tensor(sum(c.tensor_bytes for c in channels), dtype=torch.int64))]
         raise ValueError(f"unknown control operation {op!r}")
 
 
@@ -127,7 +140,8 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
     tls = TLSConfig.load(args.credentials, args.org) if args.credentials else None
     tokens = load_tokens(args.credentials) if args.credentials else None
     handler = WorkerHandler(worker, tls, tokens[args.org] if tokens else None)
-    server = DataPlaneServer(handler, args.host, args.port, tls=tls, credentials=Credentials(tokens) if tokens else None).start()
+    limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
+    server = DataPlaneServer(handler, args.host, args.port, tls=tls, credentials=Credentials(tokens) if tokens else None, limits=limits).start()
     tmp = args.ready_file + ".tmp"
     Path(tmp).write_text(server.address)
     os.replace(tmp, args.ready_file)
@@ -193,6 +207,15 @@ class ProcessFederation:
         for org in self.plan.orgs:
             self._control(org, "step")
         return metrics
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes that crossed the data plane between organisations so far (control excluded),
+        as sent and as the uncompressed tensors they carry."""
+        total = {"wire_bytes": 0, "tensor_bytes": 0}
+        for org in self.plan.orgs:
+            for k, v in self._control(org, "stats"):
+                total[k] += int(v)
+        return total
 
     def state(self, org: str) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self._control(org, "state")}

@@ -49,7 +49,9 @@ class PeerError(RuntimeError):
 
 
 class Handler(Protocol):
-    def handle(self, header: pb.CallHeader, tensors: Named) -> Named: ...
+    def handle(self, header: pb.CallHeader, tensors: Named) -> tuple[Named, str]:
+        """The reply tensors and the codec to send them with."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class DataPlaneServer:
             header = header.call
             self._authenticate(context, header)
             tensors = decode_tensors(frames, header.num_tensors, self.limits)
-            outputs = self.handler.handle(header, tensors)
+            outputs, codec = self.handler.handle(header, tensors)
         except WireError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except CallRejected as e:
@@ -118,7 +120,7 @@ class DataPlaneServer:
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         try:
             yield call_frame(pb.CallHeader(num_tensors=len(outputs)))
-            yield from encode_tensors(outputs)
+            yield from encode_tensors(outputs, codec)
         except Exception as e:
             log.exception("reply to %s failed", header.op)
             context.abort(grpc.StatusCode.INTERNAL, f"cannot send the reply: {type(e).__name__}: {e}")
@@ -137,15 +139,29 @@ class DataPlaneChannel:
             self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._rpc = self._channel.stream_stream(METHOD)
         self._metadata = [("x-fedsplit-org", caller)] + ([("authorization", f"Bearer {token}")] if token else [])
+        self.wire_bytes = 0  # frames sent and received, as they cross the network
+        self.tensor_bytes = 0  # the same tensors uncompressed: what activations and gradients occupy
 
-    def call(self, header: pb.CallHeader, tensors: Sequence[tuple[str, Tensor | None]], timeout: float | None = None) -> Named:
+    def _counted(self, frames):
+        for f in frames:
+            self.wire_bytes += len(f)
+            yield f
+
+    def _count_tensors(self, tensors: Sequence[tuple[str, Tensor | None]]) -> None:
+        self.tensor_bytes += sum(t.numel() * t.element_size() for _, t in tensors if t is not None)
+
+    def call(self, header: pb.CallHeader, tensors: Sequence[tuple[str, Tensor | None]], timeout: float | None = None,
+             codec: str = "none") -> Named:
         header.caller = self.caller
         header.num_tensors = len(tensors)
-        frames = itertools.chain([call_frame(header)], encode_tensors(tensors))
+        self._count_tensors(tensors)
+        frames = self._counted(itertools.chain([call_frame(header)], encode_tensors(tensors, codec)))
         try:
-            replies = self._rpc(frames, timeout=timeout or self.timeout, metadata=self._metadata)
+            replies = self._counted(self._rpc(frames, timeout=timeout or self.timeout, metadata=self._metadata))
             first = parse_frame(next(replies))
-            return decode_tensors(replies, first.call.num_tensors, self.limits)
+            out = decode_tensors(replies, first.call.num_tensors, self.limits)
+            self._count_tensors(out)
+            return out
         except grpc.RpcError as e:
             raise PeerError(self.org, self.address, e.code(), e.details() or "") from None
         except (WireError, StopIteration) as e:

@@ -24,6 +24,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHUNK_BYTES = 1 << 20  # the fastest chunk size measured on loopback (transport-probe.md)
+CODECS = ("none", "bf16", "fp16", "int8")
 _CHUNK_TAG = 0x1A  # field 3 (chunk), wire type 2 (length-delimited)
 
 
@@ -82,8 +83,51 @@ def call_frame(header: pb.CallHeader) -> bytes:
     return pb.Frame(call=header).SerializeToString()
 
 
-def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Frames for named tensors (``None`` for an absent gradient)."""
+def _bytes(t: Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+def compress(t: Tensor, codec: str) -> tuple[str, list[Tensor]]:
+    """The codec actually used and the tensors that carry ``t`` on the wire. Only fp32 tensors
+    of two or more dimensions (activations, gradients, expert rows) are compressed; scalars such
+    as losses always travel exactly."""
+    if codec == "none" or t.dtype != torch.float32 or t.dim() < 2 or not t.numel():
+        return "", [t]
+    if codec == "bf16":
+        return codec, [t.to(torch.bfloat16)]
+    if codec == "fp16":
+        return codec, [t.to(torch.float16)]
+    if codec == "int8":
+        rows = t.reshape(-1, t.shape[-1])
+        scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+        return codec, [torch.round(rows / scale[:, None]).to(torch.int8), scale.contiguous()]
+    raise WireError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+
+
+def _wire_bytes(codec: str, shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = math.prod(shape)
+    if codec == "":
+        return n * dtype.itemsize
+    if codec in ("bf16", "fp16"):
+        return n * 2
+    rows = n // shape[-1] if len(shape) and shape[-1] else 0
+    return n + 4 * rows
+
+
+def _decompress(codec: str, buf: bytearray, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    if codec == "":
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if len(buf) else torch.empty(shape, dtype=dtype)
+    if codec in ("bf16", "fp16"):
+        wire = torch.bfloat16 if codec == "bf16" else torch.float16
+        return torch.frombuffer(buf, dtype=wire).reshape(shape).to(dtype)
+    n = math.prod(shape)
+    values = torch.frombuffer(buf, dtype=torch.int8, count=n).reshape(-1, shape[-1])
+    scale = torch.frombuffer(buf, dtype=torch.float32, offset=n)
+    return (values.to(torch.float32) * scale[:, None]).reshape(shape).to(dtype)
+
+
+def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "none", chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Frames for named tensors (``None`` for an absent gradient), compressed with ``codec``."""
     for name, t in tensors:
         if t is None:
             yield pb.Frame(tensor=pb.TensorHeader(name=name, absent=True)).SerializeToString()
@@ -91,11 +135,13 @@ def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], chunk_bytes: in
         if t.dtype not in DTYPE_NAMES:
             raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot be sent (allowed: {', '.join(DTYPES)})")
         t = t.detach().to("cpu").contiguous()
-        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
-        header = pb.TensorHeader(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=len(data))
+        used, parts = compress(t, codec)
+        views = [_bytes(p) for p in parts]
+        header = pb.TensorHeader(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=sum(len(v) for v in views), codec=used)
         yield pb.Frame(tensor=header).SerializeToString()
-        for start in range(0, len(data), chunk_bytes):
-            yield chunk_frame(data[start : start + chunk_bytes])
+        for data in views:
+            for start in range(0, len(data), chunk_bytes):
+                yield chunk_frame(data[start : start + chunk_bytes])
 
 
 def decode_tensors(frames: Iterable[bytes], count: int, limits: Limits) -> list[tuple[str, Tensor | None]]:
@@ -126,7 +172,11 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limit
         raise WireError(f"tensor {name!r}: dtype {header.dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
     if any(d < 0 for d in header.shape):
         raise WireError(f"tensor {name!r}: negative dimension in shape {list(header.shape)}")
-    expected = math.prod(header.shape) * dtype.itemsize
+    if header.codec not in ("", *CODECS[1:]) or (header.codec and dtype != torch.float32):
+        raise WireError(f"tensor {name!r}: codec {header.codec!r} is not allowed for {header.dtype}")
+    if header.codec == "int8" and (not header.shape or header.shape[-1] == 0):
+        raise WireError(f"tensor {name!r}: int8 needs a non-empty last dimension")
+    expected = _wire_bytes(header.codec, header.shape, dtype)
     if header.nbytes != expected:
         raise WireError(f"tensor {name!r}: {header.nbytes} bytes declared but shape {list(header.shape)} of {header.dtype} needs {expected}")
     if expected > limits.max_tensor_bytes:
@@ -144,7 +194,7 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limit
             raise WireError(f"tensor {name!r}: chunks carry more than the {expected} bytes declared")
         buf[filled : filled + len(chunk)] = chunk
         filled += len(chunk)
-    t = torch.frombuffer(buf, dtype=dtype).reshape(tuple(header.shape)) if expected else torch.empty(tuple(header.shape), dtype=dtype)
+    t = _decompress(header.codec, buf, tuple(header.shape), dtype)
     if limits.require_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise WireError(f"tensor {name!r}: contains NaN or infinite values")
     return t

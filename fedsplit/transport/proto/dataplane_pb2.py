@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64split/v1/dataplane.proto\x12\x0b\x66\x65\x64split.v1\"\xa4\x01\n\nCallHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x12\n\ndata_owner\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\x05\x12\n\n\x02op\x18\x06 \x01(\t\x12!\n\x05phase\x18\x07 \x01(\x0e\x32\x12.fedsplit.v1.Phase\x12\x13\n\x0bnum_tensors\x18\x08 \x01(\x05\"Z\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x61\x62sent\x18\x05 \x01(\x08\"v\n\x05\x46rame\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x17.fedsplit.v1.CallHeaderH\x00\x12+\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.fedsplit.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind*F\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORWARD\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x0b\n\x07\x43ONTROL\x10\x03\x32?\n\tDataPlane\x12\x32\n\x04\x43\x61ll\x12\x12.fedsplit.v1.Frame\x1a\x12.fedsplit.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64split/v1/dataplane.proto\x12\x0b\x66\x65\x64split.v1\"\xa4\x01\n\nCallHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x12\n\ndata_owner\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\x05\x12\n\n\x02op\x18\x06 \x01(\t\x12!\n\x05phase\x18\x07 \x01(\x0e\x32\x12.fedsplit.v1.Phase\x12\x13\n\x0bnum_tensors\x18\x08 \x01(\x05\"i\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x61\x62sent\x18\x05 \x01(\x08\x12\r\n\x05\x63odec\x18\x06 \x01(\t\"v\n\x05\x46rame\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x17.fedsplit.v1.CallHeaderH\x00\x12+\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.fedsplit.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind*F\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORWARD\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x0b\n\x07\x43ONTROL\x10\x03\x32?\n\tDataPlane\x12\x32\n\x04\x43\x61ll\x12\x12.fedsplit.v1.Frame\x1a\x12.fedsplit.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsplit.v1.dataplane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=423
-  _globals['_PHASE']._serialized_end=493
+  _globals['_PHASE']._serialized_start=438
+  _globals['_PHASE']._serialized_end=508
   _globals['_CALLHEADER']._serialized_start=45
   _globals['_CALLHEADER']._serialized_end=209
   _globals['_TENSORHEADER']._serialized_start=211
-  _globals['_TENSORHEADER']._serialized_end=301
-  _globals['_FRAME']._serialized_start=303
-  _globals['_FRAME']._serialized_end=421
-  _globals['_DATAPLANE']._serialized_start=495
-  _globals['_DATAPLANE']._serialized_end=558
+  _globals['_TENSORHEADER']._serialized_end=316
+  _globals['_FRAME']._serialized_start=318
+  _globals['_FRAME']._serialized_end=436
+  _globals['_DATAPLANE']._serialized_start=510
+  _globals['_DATAPLANE']._serialized_end=573
 # @@protoc_insertion_point(module_scope)

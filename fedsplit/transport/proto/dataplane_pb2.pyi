@@ -39,18 +39,20 @@ class CallHeader(_message.Message):
     def __init__(self, run: _Optional[str] = ..., caller: _Optional[str] = ..., data_owner: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., op: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "nbytes", "absent")
+    __slots__ = ("name", "dtype", "shape", "nbytes", "absent", "codec")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     ABSENT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     nbytes: int
     absent: bool
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., absent: _Optional[bool] = ...) -> None: ...
+    codec: str
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., absent: _Optional[bool] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("call", "tensor", "chunk")
