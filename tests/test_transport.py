@@ -208,6 +208,15 @@ def test_split_training_over_grpc_matches_monolithic(name):
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelined_schedules_over_grpc_keep_layer_plans_bitwise_and_mixed_plans_within_bound(schedule):
+    for name, bound in (("layers", 0.0), ("three-orgs", 1e-5)):
+        plan = load_plan(PLANS / name / "federation.yaml")
+        plan.training = plan.training.model_copy(update={"schedule": schedule, "micro_batches": 4, "max_in_flight": 2})
+        assert verify(plan, steps=5, transport="grpc").max_abs_diff <= bound
+
+
 def test_killed_worker_gives_a_clear_error_within_the_deadline():
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
     with ProcessFederation(plan, initial_weights(plan), timeout=20) as fed:

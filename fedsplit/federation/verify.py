@@ -11,7 +11,7 @@ from ..model import MoETransformer
 from ..plan import Plan
 from ..plan.schema import OptimizerConfig
 from ..runtime import InProcessFederation, MonolithicTrainer, synthetic_batches
-from ..runtime.remote import ProcessFederation
+from ..runtime.remote import WORKER_THREADS, ProcessFederation
 from .aggregate import average_replicas
 
 
@@ -61,8 +61,15 @@ def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConf
     weights = initial_weights(plan)
     mono = MonolithicTrainer(plan, weights, device)
     if transport == "grpc":
-        with ProcessFederation(plan, weights, device, insecure=insecure) as split:
-            return _train_and_compare(plan, steps, mono, split, replicated)
+        # Worker processes compute with one intra-op thread (WORKER_THREADS); the reference
+        # uses the same, so that both run the same matmul kernels and blocking.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(WORKER_THREADS)
+        try:
+            with ProcessFederation(plan, weights, device, insecure=insecure) as split:
+                return _train_and_compare(plan, steps, mono, split, replicated)
+        finally:
+            torch.set_num_threads(threads)
     return _train_and_compare(plan, steps, mono, InProcessFederation(plan, weights, device), replicated)
 
 

@@ -26,6 +26,9 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(default=8, gt=0)
     seq_len: int = Field(default=64, gt=1)
     micro_batches: int = Field(default=1, gt=0)
+    schedule: Literal["gpipe", "1f1b", "sequential"] = Field(
+        default="1f1b", description="how a data owner's micro-batches are in flight across organisations")
+    max_in_flight: int = Field(default=0, ge=0, description="micro-batches in flight at once; 0 = one per stage of the path")
     optimizer: OptimizerConfig = OptimizerConfig()
     seed: int = 0
 

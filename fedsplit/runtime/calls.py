@@ -8,6 +8,7 @@ the matching backward call, so a retried call can be recognised and is never app
 from __future__ import annotations
 
 import contextvars
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
@@ -81,3 +82,19 @@ def remote_call(peer: Peer, key: CallKey, op: str, inputs: Sequence[Tensor]) -> 
     device = inputs[0].device
     anchor = torch.empty(0, device=device, requires_grad=True)
     return _RemoteCall.apply(peer, key, op, anchor, *inputs)
+
+
+# Calls of one layer to several organisations (head groups, experts) go out together. Threads,
+# not asyncio: grpcio's sync stubs were as fast as aio here and release the GIL while waiting.
+_fan_out = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fedsplit-fanout")
+
+
+def remote_calls(calls: Sequence[tuple[Peer, CallKey, str, Sequence[Tensor]]]) -> list[Future]:
+    """Start several remote calls at once; each future yields that call's outputs."""
+    grad = torch.is_grad_enabled()
+
+    def run(call):
+        with torch.set_grad_enabled(grad):
+            return remote_call(*call)
+
+    return [_fan_out.submit(run, c) for c in calls]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..model import Attention, Block, ModelConfig, RMSNorm, SwiGLU
 from ..plan import Partition, Plan, Unit
 from ..plan.slicing import head_run_slices, kv_runs
-from .calls import Peer, current_call, remote_call
+from .calls import Peer, current_call, remote_call, remote_calls
 
 # Given a partition, the peer serving it for the current call's data owner, or None when it is
 # this organisation itself.
@@ -52,13 +52,13 @@ class HeadGroups(nn.Module):
         self.resolve = resolve
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        peers = [(run, self.resolve(partition)) for run, partition in self.runs]
+        key = current_call()
+        remote = [(run, peer) for run, peer in peers if peer is not None]
+        pending = dict(zip([run for run, _ in remote], remote_calls([(peer, key, heads_op(self.layer, run), [x]) for run, peer in remote])))
         total = None
-        for run, partition in self.runs:
-            peer = self.resolve(partition)
-            if peer is None:
-                y = self.local[f"{run[0]}-{run[1]}"](x, rope)
-            else:
-                (y,) = remote_call(peer, current_call(), heads_op(self.layer, run), [x])
+        for run, peer in peers:  # local groups compute while the remote ones are in flight
+            y = self.local[f"{run[0]}-{run[1]}"](x, rope) if peer is None else pending[run].result()[0]
             total = y if total is None else total + y
         return total
 
@@ -74,18 +74,22 @@ class SplitExperts(nn.Module):
         self.resolve = resolve
 
     def forward(self, rows: dict[int, Tensor]) -> dict[int, Tensor]:
-        out: dict[int, Tensor] = {}
+        local: list[int] = []
         remote: dict[str, tuple[Peer, list[int]]] = {}
         for e in rows:
             peer = self.resolve(self.partition_of[e])
             if peer is None:
-                out[e] = self.local[str(e)](rows[e])
+                local.append(e)
             else:
                 remote.setdefault(peer.name, (peer, []))[1].append(e)
-        for peer, experts in remote.values():
-            counts = {e: rows[e].shape[0] for e in experts}
-            (y,) = remote_call(peer, current_call(), experts_op(self.layer, counts), [torch.cat([rows[e] for e in experts])])
-            out.update(zip(experts, y.split(list(counts.values()))))
+        key = current_call()
+        counts = [{e: rows[e].shape[0] for e in experts} for _, experts in remote.values()]
+        pending = remote_calls([(peer, key, experts_op(self.layer, c), [torch.cat([rows[e] for e in c])])
+                                for (peer, _), c in zip(remote.values(), counts)])
+        out = {e: self.local[str(e)](rows[e]) for e in local}  # while the remote experts work
+        for c, future in zip(counts, pending):
+            (y,) = future.result()
+            out.update(zip(c, y.split(list(c.values()))))
         return out
 
 

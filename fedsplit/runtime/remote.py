@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..plan import Partition, Plan, load_plan, reassemble, select, unit_slices
-from ..plan.schema import CompressionConfig
+from ..plan.schema import CompressionConfig, TrainingConfig, TransportConfig
 from ..transport.proto import dataplane_pb2 as pb
 from ..transport.wire import Limits
 from ..transport.security import TLSConfig, generate_credentials, load_tokens
@@ -33,6 +33,9 @@ from .calls import CallKey
 from .worker import Worker
 
 COORDINATOR = "coordinator"
+# Intra-op threads of a worker process: several workers share a small host, and 1 thread per
+# process avoided the slowdowns of oversubscribed copies measured in transport-probe.md.
+WORKER_THREADS = 1
 
 
 def _header(key: CallKey, op: str, phase: int) -> pb.CallHeader:
@@ -129,11 +132,16 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device")
     parser.add_argument("--credentials", help="directory of `fedsplit certs` output (TLS and tokens)")
     parser.add_argument("--insecure", action="store_true", help="plaintext and no tokens (tests on loopback only)")
+    parser.add_argument("--settings", help="JSON of the coordinator's training and transport settings, overriding the file's")
     args = parser.parse_args(argv)
     if not args.credentials and not args.insecure:
         parser.error("give --credentials DIR, or --insecure explicitly")
-    torch.set_num_threads(1)
+    torch.set_num_threads(WORKER_THREADS)
     plan = load_plan(args.plan)
+    if args.settings:
+        settings = json.loads(args.settings)
+        plan.training = TrainingConfig.model_validate(settings["training"])
+        plan.transport = TransportConfig.model_validate(settings["transport"])
     weights = load_file(args.weights)
     mine = [s for p in plan.partitions if args.org in p.holders for s in unit_slices(plan.model, p.units)]
     worker = Worker(plan, args.org, select(weights, mine), args.device)
@@ -166,8 +174,9 @@ class ProcessFederation:
             security = ["--credentials", str(creds)]
         self.procs: dict[str, subprocess.Popen] = {}
         for org in plan.orgs:
+            settings = json.dumps({"training": plan.training.model_dump(mode="json"), "transport": plan.transport.model_dump(mode="json")})
             cmd = [sys.executable, "-m", "fedsplit.runtime.remote", str(plan.file), org, "--weights", str(tmp / "init.safetensors"),
-                   "--ready-file", str(tmp / f"{org}.addr"), *security]
+                   "--ready-file", str(tmp / f"{org}.addr"), "--settings", settings, *security]
             if device:
                 cmd += ["--device", device]
             self.procs[org] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{org}.log", "wb"))

@@ -11,6 +11,8 @@ its plan gives it (consecutive blocks computed by one organisation), then backwa
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -47,6 +49,40 @@ def segments(plan: Plan, data_owner: str) -> list[tuple[str, tuple]]:
     return [(org, tuple(b)) for org, b in path]
 
 
+def run_schedule(schedule: str, n: int, max_in_flight: int, forward, backward) -> None:
+    """Run ``forward(i)`` and ``backward(i)`` for micro-batches ``0..n-1`` on threads.
+
+    ``gpipe``: every forward in flight at once, then the backwards. ``1f1b``: at most
+    ``max_in_flight`` micro-batches hold activations; a micro-batch's backward starts as soon as
+    its forward is done, while later forwards run. Backwards run one at a time in micro-batch
+    order, so every partition adds up its gradients in the same order as the monolithic model
+    (no reassociation: layer and expert partitions stay bitwise exact). The first exception
+    propagates."""
+    if schedule not in ("gpipe", "1f1b"):
+        raise ValueError(f"unknown schedule {schedule!r}")
+    limit = n if schedule == "gpipe" else max(1, min(n, max_in_flight))
+    with ThreadPoolExecutor(max_workers=limit + 1, thread_name_prefix="fedsplit-mb") as pool:
+        forwards: dict[Future, int] = {}
+        forwarded: set[int] = set()
+        running_backward: Future | None = None
+        started = finished = 0
+        while finished < n:
+            while started < n and started - finished < limit:
+                forwards[pool.submit(forward, started)] = started
+                started += 1
+            ready = finished in forwarded and (schedule == "1f1b" or len(forwarded) == n)
+            if running_backward is None and ready:
+                running_backward = pool.submit(backward, finished)
+            pending = [*forwards, *([running_backward] if running_backward else [])]
+            for future in wait(pending, return_when=FIRST_COMPLETED).done:
+                future.result()
+                if future is running_backward:
+                    running_backward = None
+                    finished += 1
+                else:
+                    forwarded.add(forwards.pop(future))
+
+
 def segment_op(blocks: Sequence) -> str:
     return "segment/" + ",".join(str(b) for b in blocks)
 
@@ -73,6 +109,7 @@ class Worker:
         self._grad_scale = self._replica_grad_scales()
         self._records: dict[tuple[CallKey, str], _Record] = {}
         self._done: dict[tuple[CallKey, str], list[Tensor | None]] = {}
+        self._grad_lock = threading.Lock()  # micro-batches' backwards may arrive concurrently
 
     def connect(self, peers: Mapping[str, Peer]) -> None:
         self.peers = dict(peers)
@@ -130,12 +167,13 @@ class Worker:
                 [o for o, _ in pairs], wrt_inputs + params, [g for _, g in pairs], allow_unused=True
             ) if pairs else [None] * (len(wrt_inputs) + len(params))
         scale = self._grad_scale.get(key.data_owner, {})
-        for name, param, grad in zip(names, params, result[len(wrt_inputs):]):
-            if grad is None:
-                continue
-            factor = scale.get(name, 1.0)
-            grad = grad if factor == 1.0 else grad * factor
-            param.grad = grad if param.grad is None else param.grad.add_(grad)
+        with self._grad_lock:
+            for name, param, grad in zip(names, params, result[len(wrt_inputs):]):
+                if grad is None:
+                    continue
+                factor = scale.get(name, 1.0)
+                grad = grad if factor == 1.0 else grad * factor
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
         it = iter(result[: len(wrt_inputs)])
         input_grads = [next(it) if t.requires_grad else None for t in record.inputs]
         self._done[(key, op)] = input_grads
@@ -264,27 +302,50 @@ class Worker:
     def peer(self, org: str) -> Peer:
         return self.peers[org]
 
-    def train_batch(self, step: int, tokens: Tensor, labels: Tensor) -> dict[str, float]:
+    def train_batch(self, step: int, tokens: Tensor, labels: Tensor, schedule: str | None = None) -> dict[str, float]:
         """Forward and backward one batch of this data owner through the whole split model.
-        Gradients accumulate on every partition; :meth:`step` is called separately."""
-        micro = self.plan.training.micro_batches
-        coef = self.cfg.aux_loss_coef
+        Gradients accumulate on every partition; :meth:`step` is called separately.
+
+        Schedules: ``sequential`` runs micro-batches one after another (the deterministic
+        reference); ``gpipe`` runs every forward, then every backward, with micro-batches in
+        flight across organisations; ``1f1b`` starts a micro-batch's backward as soon as its
+        forward is done and keeps at most ``max_in_flight`` micro-batches' activations alive."""
+        t = self.plan.training
+        schedule = schedule or t.schedule
         path = segments(self.plan, self.name)
-        ce_sum = aux_sum = 0.0
-        for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro))):
-            key = CallKey(self.name, step, mb)
-            with calling(key):
-                x = [tok.to(self.device)]
-                aux = torch.zeros((), device=self.device)
-                for org, blocks in path:
-                    inputs = x + ([lab.to(self.device)] if "lm_head" in blocks else [])
-                    out, seg_aux = remote_call(self.peer(org), key, segment_op(blocks), inputs)
-                    x, aux = [out], aux + seg_aux
-                ce = x[0]
-                ((ce + coef * aux) / micro).backward()
-            ce_sum += ce.item()
-            aux_sum += aux.item()
-        return {"loss": ce_sum / micro, "aux_loss": aux_sum / micro, "tokens": float(tokens.numel())}
+        mbs = list(zip(tokens.chunk(t.micro_batches), labels.chunk(t.micro_batches)))
+        losses: list = [None] * len(mbs)
+
+        def forward(mb: int) -> None:
+            losses[mb] = self._forward_micro_batch(step, mb, *mbs[mb], path)
+
+        def backward(mb: int) -> None:
+            with calling(CallKey(self.name, step, mb)):
+                losses[mb][0].backward()
+
+        if schedule == "sequential" or len(mbs) == 1:
+            for mb in range(len(mbs)):
+                forward(mb)
+                backward(mb)
+        else:
+            run_schedule(schedule, len(mbs), t.max_in_flight or len(path), forward, backward)
+        ce = sum(loss[1] for loss in losses) / len(mbs)
+        aux = sum(loss[2] for loss in losses) / len(mbs)
+        return {"loss": ce, "aux_loss": aux, "tokens": float(tokens.numel())}
+
+    def _forward_micro_batch(self, step: int, mb: int, tok: Tensor, lab: Tensor, path) -> tuple[Tensor, float, float]:
+        """(objective of this micro-batch / micro_batches, its cross-entropy, its aux loss)."""
+        key = CallKey(self.name, step, mb)
+        with calling(key):
+            x = [tok.to(self.device)]
+            aux = torch.zeros((), device=self.device)
+            for org, blocks in path:
+                inputs = x + ([lab.to(self.device)] if "lm_head" in blocks else [])
+                out, seg_aux = remote_call(self.peer(org), key, segment_op(blocks), inputs)
+                x, aux = [out], aux + seg_aux
+            ce = x[0]
+            objective = (ce + self.cfg.aux_loss_coef * aux) / self.plan.training.micro_batches
+        return objective, ce.item(), aux.item()
 
     # -- weights -----------------------------------------------------------------------------
 

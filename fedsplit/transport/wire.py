@@ -195,6 +195,8 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limit
         buf[filled : filled + len(chunk)] = chunk
         filled += len(chunk)
     t = _decompress(header.codec, buf, tuple(header.shape), dtype)
-    if limits.require_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # A NaN or inf anywhere makes the sum non-finite; the sum is ~25x cheaper than isfinite().
+    # Only a non-finite sum (a bad value, or an overflow of large finite ones) needs the full check.
+    if limits.require_finite and t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise WireError(f"tensor {name!r}: contains NaN or infinite values")
     return t
