@@ -12,8 +12,13 @@ from .worker import Worker
 
 
 class InProcessFederation:
-    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None):
-        self.plan = plan
+    """Every organisation in this process. Micro-batches run one after another by default
+    (``schedule="sequential"``): with all organisations sharing one process, a pipelined schedule
+    gains nothing, and torch's intra-op thread pools in concurrent threads would make rounding
+    depend on timing. Pass ``schedule`` to exercise another one."""
+
+    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, schedule: str = "sequential"):
+        self.plan, self.schedule = plan, schedule
         self.workers = {
             org: Worker(plan, org, select(weights, [s for p in plan.partitions if org in p.holders for s in unit_slices(plan.model, p.units)]), device)
             for org in plan.orgs
@@ -24,7 +29,7 @@ class InProcessFederation:
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
         """One optimizer step: every data owner's batch forward and backward, then every
         organisation steps its partitions."""
-        metrics = {d: self.workers[d].train_batch(step, *batches[d]) for d in self.plan.data_owners}
+        metrics = {d: self.workers[d].train_batch(step, *batches[d], schedule=self.schedule) for d in self.plan.data_owners}
         for w in self.workers.values():
             w.step()
         return metrics
