@@ -161,6 +161,37 @@ def test_inconsistent_tensors_are_invalid_argument_and_the_server_keeps_serving(
     assert _forward(server, "hospital-a", "secret-a")[0][1].shape == (4, 16, 64)
 
 
+@pytest.mark.parametrize(
+    "mutate, text",
+    [
+        (lambda h, t: setattr(t, "in_shm", True), "has no segment"),
+        (lambda h, t: (setattr(t, "in_shm", True), setattr(h, "shm_request", "../../etc/passwd")), "not a fedsplit shared-memory segment"),
+        (lambda h, t: (setattr(t, "in_shm", True), setattr(t, "shm_offset", 1 << 40), setattr(h, "shm_request", "SEG")), "outside segment"),
+    ],
+)
+def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text):
+    from fedsplit.transport.shm import Segment
+    from fedsplit.transport.wire import call_frame, prepare
+
+    _, worker, server = served
+    seg = Segment.create(1 << 20)
+    try:
+        header = pb.CallHeader(caller="hospital-a", data_owner="hospital-a", op="segment/1,2", phase=pb.FORWARD, num_tensors=1)
+        (enc,) = prepare([("0", torch.randn(4, 16, 64))])
+        mutate(header, enc.header)
+        if header.shm_request == "SEG":
+            header.shm_request = seg.name
+        frames = [call_frame(header), pb.Frame(tensor=enc.header).SerializeToString()]
+        channel = grpc.insecure_channel(server.address)
+        rpc = channel.stream_stream("/fedsplit.v1.DataPlane/Call")
+        with pytest.raises(grpc.RpcError) as err:
+            list(rpc(iter(frames), metadata=[("x-fedsplit-org", "hospital-a"), ("authorization", "Bearer secret-a")], timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()
+        assert not worker._records
+    finally:
+        seg.unlink()
+
+
 def test_backward_without_forward_is_rejected(served):
     _, worker, server = served
     channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", tls=None, token="secret-a")
@@ -206,6 +237,19 @@ def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecur
 def test_split_training_over_grpc_matches_monolithic(name):
     result = verify(load_plan(PLANS / name / "federation.yaml"), steps=10, transport="grpc")
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+
+
+@pytest.mark.slow
+def test_shared_memory_path_is_bitwise_and_keeps_tensors_off_the_wire():
+    plan = load_plan(PLANS / "layers" / "federation.yaml")
+    plan.transport = plan.transport.model_copy(update={"shared_memory": True})
+    assert verify(plan, steps=3, transport="grpc").max_abs_diff == 0.0
+    with ProcessFederation(plan, initial_weights(plan)) as fed:
+        fed.train_step(0, synthetic_batches(plan, 0))
+        traffic = fed.traffic()
+        pids = [p.pid for p in fed.procs.values()]
+    assert traffic["wire_bytes"] < 0.01 * traffic["tensor_bytes"]
+    assert not [f for f in os.listdir("/dev/shm") if any(f.startswith(f"fedsplit-{pid}-") for pid in pids)]
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ class TransportConfig(_Strict):
     compression: CompressionConfig = CompressionConfig()
     timeout_s: float = Field(default=60.0, gt=0, description="deadline of one data-plane call")
     max_tensor_mib: int = Field(default=1024, gt=0, description="largest tensor a worker accepts")
+    shared_memory: bool = Field(default=False, description="move tensors through /dev/shm between workers on one host")
 
 
 class FederationFile(_Strict):

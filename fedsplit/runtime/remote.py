@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from torch import Tensor
 from ..plan import Partition, Plan, load_plan, reassemble, select, unit_slices
 from ..plan.schema import CompressionConfig, TrainingConfig, TransportConfig
 from ..transport.proto import dataplane_pb2 as pb
+from ..transport.shm import remove_segments_of
 from ..transport.wire import Limits
 from ..transport.security import TLSConfig, generate_credentials, load_tokens
 from ..transport.service import CallRejected, Credentials, DataPlaneChannel, DataPlaneServer, Named
@@ -36,6 +38,12 @@ COORDINATOR = "coordinator"
 # Intra-op threads of a worker process: several workers share a small host, and 1 thread per
 # process avoided the slowdowns of oversubscribed copies measured in transport-probe.md.
 WORKER_THREADS = 1
+
+
+def is_local(address: str) -> bool:
+    """Whether a data-plane address is on this host (where shared memory can replace the wire)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _header(key: CallKey, op: str, phase: int) -> pb.CallHeader:
@@ -97,7 +105,8 @@ class WorkerHandler:
             addresses = json.loads(arg)
             t = w.plan.transport
             limits = Limits(max_tensor_bytes=t.max_tensor_mib << 20)
-            peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, tls=self.tls, token=self.token, timeout=t.timeout_s, limits=limits),
+            peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, tls=self.tls, token=self.token, timeout=t.timeout_s,
+                                                    limits=limits, shared_memory=t.shared_memory and is_local(addr)),
                                    t.compression)
                      for org, addr in addresses.items() if org != w.name}
             w.connect({**peers, w.name: w})
@@ -150,6 +159,13 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
     handler = WorkerHandler(worker, tls, tokens[args.org] if tokens else None)
     limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
     server = DataPlaneServer(handler, args.host, args.port, tls=tls, credentials=Credentials(tokens) if tokens else None, limits=limits).start()
+    def shut_down(signum, frame) -> None:  # close channels so their shared-memory segments go
+        server.stop(None)
+        for peer in worker.peers.values():
+            if isinstance(peer, GrpcPeer):
+                peer.channel.close()
+
+    signal.signal(signal.SIGTERM, shut_down)
     tmp = args.ready_file + ".tmp"
     Path(tmp).write_text(server.address)
     os.replace(tmp, args.ready_file)
@@ -254,6 +270,8 @@ class ProcessFederation:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            remove_segments_of(proc.pid)  # a worker that was killed could not remove its own
         self._tmp.cleanup()
 
     def __enter__(self) -> "ProcessFederation":

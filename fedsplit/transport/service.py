@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .proto import dataplane_pb2 as pb
 from .security import TLSConfig
-from .wire import Limits, WireError, call_frame, decode_tensors, encode_tensors, parse_frame
+from .shm import AttachedSegments, SegmentPool
+from .wire import Limits, WireError, call_frame, decode_tensors, parse_frame, payload_size, prepare, to_frames, to_segment
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class DataPlaneServer:
                  credentials: Credentials | None = None, limits: Limits = Limits(), max_workers: int = 32):
         """``tls=None`` serves in plaintext: callers must ask for it explicitly."""
         self.handler, self.credentials, self.limits = handler, credentials, limits
+        self._segments = AttachedSegments()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
         rpc = grpc.stream_stream_rpc_method_handler(self._call)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsplit.v1.DataPlane", {"Call": rpc}),))
@@ -105,8 +107,13 @@ class DataPlaneServer:
                 raise WireError("a call must start with a call header frame")
             header = header.call
             self._authenticate(context, header)
-            tensors = decode_tensors(frames, header.num_tensors, self.limits)
+            request_segment = self._segments.get(header.shm_request) if header.shm_request else None
+            tensors = decode_tensors(frames, header.num_tensors, self.limits, request_segment)
             outputs, codec = self.handler.handle(header, tensors)
+            encoded = prepare(outputs, codec)
+            reply_segment = None
+            if header.shm_reply and payload_size(encoded) <= header.shm_reply_capacity:
+                reply_segment = self._segments.get(header.shm_reply, header.shm_reply_capacity)
         except WireError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except CallRejected as e:
@@ -120,7 +127,7 @@ class DataPlaneServer:
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         try:
             yield call_frame(pb.CallHeader(num_tensors=len(outputs)))
-            yield from encode_tensors(outputs, codec)
+            yield from (to_segment(encoded, reply_segment) if reply_segment else to_frames(encoded))
         except Exception as e:
             log.exception("reply to %s failed", header.op)
             context.abort(grpc.StatusCode.INTERNAL, f"cannot send the reply: {type(e).__name__}: {e}")
@@ -130,8 +137,11 @@ class DataPlaneChannel:
     """A client of one organisation's data-plane server."""
 
     def __init__(self, org: str, address: str, *, caller: str, tls: TLSConfig | None, token: str | None = None,
-                 limits: Limits = Limits(), timeout: float = 60.0):
-        """``tls=None`` connects in plaintext: callers must ask for it explicitly."""
+                 limits: Limits = Limits(), timeout: float = 60.0, shared_memory: bool = False):
+        """``tls=None`` connects in plaintext: callers must ask for it explicitly.
+        ``shared_memory``: the callee is on this host; tensors go through /dev/shm segments."""
+        self._pool = SegmentPool() if shared_memory else None
+        self._reply_bytes: dict[str, int] = {}
         self.org, self.address, self.caller, self.limits, self.timeout = org, address, caller, limits, timeout
         if tls:
             self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=_OPTIONS)
@@ -155,17 +165,36 @@ class DataPlaneChannel:
         header.caller = self.caller
         header.num_tensors = len(tensors)
         self._count_tensors(tensors)
-        frames = self._counted(itertools.chain([call_frame(header)], encode_tensors(tensors, codec)))
+        encoded = prepare(tensors, codec)
+        segments = []
+        if self._pool is not None:
+            kind = header.op.partition("/")[0]
+            request = self._pool.acquire(payload_size(encoded))
+            reply = self._pool.acquire(self._reply_bytes.get(kind, payload_size(encoded)))
+            segments = [request, reply]
+            header.shm_request, header.shm_reply, header.shm_reply_capacity = request.name, reply.name, reply.size
+            body = list(to_segment(encoded, request))
+        else:
+            body = to_frames(encoded)
+        frames = self._counted(itertools.chain([call_frame(header)], body))
         try:
             replies = self._counted(self._rpc(frames, timeout=timeout or self.timeout, metadata=self._metadata))
             first = parse_frame(next(replies))
-            out = decode_tensors(replies, first.call.num_tensors, self.limits)
+            out = decode_tensors(replies, first.call.num_tensors, self.limits, segments[1] if segments else None)
             self._count_tensors(out)
+            if segments:
+                size = sum(t.numel() * t.element_size() for _, t in out if t is not None)
+                self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
             return out
         except grpc.RpcError as e:
             raise PeerError(self.org, self.address, e.code(), e.details() or "") from None
         except (WireError, StopIteration) as e:
             raise PeerError(self.org, self.address, None, f"malformed reply: {e}") from None
+        finally:
+            for seg in segments:
+                self._pool.release(seg)
 
     def close(self) -> None:
         self._channel.close()
+        if self._pool is not None:
+            self._pool.close()

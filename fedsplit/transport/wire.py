@@ -126,11 +126,20 @@ def _decompress(codec: str, buf: bytearray, shape: tuple[int, ...], dtype: torch
     return (values.to(torch.float32) * scale[:, None]).reshape(shape).to(dtype)
 
 
-def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "none", chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Frames for named tensors (``None`` for an absent gradient), compressed with ``codec``."""
+@dataclass
+class Encoded:
+    """A tensor ready to send: its header and the byte views that carry it."""
+
+    header: pb.TensorHeader
+    parts: list[memoryview]
+
+
+def prepare(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "none") -> list[Encoded]:
+    """Headers and bytes of named tensors (``None`` for an absent gradient), with ``codec``."""
+    out = []
     for name, t in tensors:
         if t is None:
-            yield pb.Frame(tensor=pb.TensorHeader(name=name, absent=True)).SerializeToString()
+            out.append(Encoded(pb.TensorHeader(name=name, absent=True), []))
             continue
         if t.dtype not in DTYPE_NAMES:
             raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot be sent (allowed: {', '.join(DTYPES)})")
@@ -138,14 +147,45 @@ def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "n
         used, parts = compress(t, codec)
         views = [_bytes(p) for p in parts]
         header = pb.TensorHeader(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=sum(len(v) for v in views), codec=used)
-        yield pb.Frame(tensor=header).SerializeToString()
-        for data in views:
+        out.append(Encoded(header, views))
+    return out
+
+
+def payload_size(encoded: Sequence[Encoded]) -> int:
+    return sum(e.header.nbytes for e in encoded)
+
+
+def to_frames(encoded: Sequence[Encoded], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Each tensor's header frame followed by its bytes in chunk frames."""
+    for e in encoded:
+        yield pb.Frame(tensor=e.header).SerializeToString()
+        for data in e.parts:
             for start in range(0, len(data), chunk_bytes):
                 yield chunk_frame(data[start : start + chunk_bytes])
 
 
-def decode_tensors(frames: Iterable[bytes], count: int, limits: Limits) -> list[tuple[str, Tensor | None]]:
-    """Read exactly ``count`` tensors from ``frames``, validating each before it is used."""
+def to_segment(encoded: Sequence[Encoded], segment) -> Iterator[bytes]:
+    """Copy every tensor's bytes into a shared-memory segment; only header frames remain."""
+    offset = 0
+    for e in encoded:
+        header = pb.TensorHeader()
+        header.CopyFrom(e.header)
+        if not header.absent:
+            header.in_shm, header.shm_offset = True, offset
+            for data in e.parts:
+                segment.view(offset, len(data))[:] = data
+                offset += len(data)
+        yield pb.Frame(tensor=header).SerializeToString()
+
+
+def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "none", chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Frames for named tensors (``None`` for an absent gradient), compressed with ``codec``."""
+    return to_frames(prepare(tensors, codec), chunk_bytes)
+
+
+def decode_tensors(frames: Iterable[bytes], count: int, limits: Limits, segment=None) -> list[tuple[str, Tensor | None]]:
+    """Read exactly ``count`` tensors from ``frames`` (and the call's shared-memory ``segment``
+    for tensors sent that way), validating each before it is used."""
     if not 0 <= count <= limits.max_tensors:
         raise WireError(f"{count} tensors declared; at most {limits.max_tensors} are accepted")
     it = iter(frames)
@@ -161,11 +201,11 @@ def decode_tensors(frames: Iterable[bytes], count: int, limits: Limits) -> list[
         if header.absent:
             out.append((header.name, None))
             continue
-        out.append((header.name, _read_tensor(header, it, limits)))
+        out.append((header.name, _read_tensor(header, it, limits, segment)))
     return out
 
 
-def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limits) -> Tensor:
+def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limits, segment) -> Tensor:
     name = header.name or "<unnamed>"
     dtype = DTYPES.get(header.dtype)
     if dtype is None:
@@ -183,6 +223,14 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limit
         raise WireError(f"tensor {name!r}: {expected} bytes exceeds the limit of {limits.max_tensor_bytes}")
     buf = bytearray(expected)
     filled = 0
+    if header.in_shm:
+        if segment is None:
+            raise WireError(f"tensor {name!r}: marked as in shared memory but the call has no segment")
+        try:
+            buf[:] = segment.view(header.shm_offset, expected)
+        except ValueError as e:
+            raise WireError(f"tensor {name!r}: {e}") from None
+        filled = expected
     while filled < expected:
         frame = next(frames, None)
         if frame is None:

@@ -19,7 +19,7 @@ BACKWARD: Phase
 CONTROL: Phase
 
 class CallHeader(_message.Message):
-    __slots__ = ("run", "caller", "data_owner", "step", "micro_batch", "op", "phase", "num_tensors")
+    __slots__ = ("run", "caller", "data_owner", "step", "micro_batch", "op", "phase", "num_tensors", "shm_request", "shm_reply", "shm_reply_capacity")
     RUN_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     DATA_OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,9 @@ class CallHeader(_message.Message):
     OP_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHM_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SHM_REPLY_FIELD_NUMBER: _ClassVar[int]
+    SHM_REPLY_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     run: str
     caller: str
     data_owner: str
@@ -36,23 +39,30 @@ class CallHeader(_message.Message):
     op: str
     phase: Phase
     num_tensors: int
-    def __init__(self, run: _Optional[str] = ..., caller: _Optional[str] = ..., data_owner: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., op: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+    shm_request: str
+    shm_reply: str
+    shm_reply_capacity: int
+    def __init__(self, run: _Optional[str] = ..., caller: _Optional[str] = ..., data_owner: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., op: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., shm_request: _Optional[str] = ..., shm_reply: _Optional[str] = ..., shm_reply_capacity: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "nbytes", "absent", "codec")
+    __slots__ = ("name", "dtype", "shape", "nbytes", "absent", "codec", "in_shm", "shm_offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     ABSENT_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    IN_SHM_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     nbytes: int
     absent: bool
     codec: str
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., absent: _Optional[bool] = ..., codec: _Optional[str] = ...) -> None: ...
+    in_shm: bool
+    shm_offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., absent: _Optional[bool] = ..., codec: _Optional[str] = ..., in_shm: _Optional[bool] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("call", "tensor", "chunk")

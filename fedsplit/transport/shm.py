@@ -1,0 +1,112 @@
+"""Shared-memory segments for organisations whose workers share a host.
+
+The caller owns every segment (one for the request, one for the reply), reuses them across
+calls and unlinks them when its channel closes, so a callee never creates or frees anything.
+Only control frames cross gRPC; the tensor bytes are copied once into the segment and once out.
+Plain ``/dev/shm`` files with ``mmap`` (not ``multiprocessing.shared_memory``, whose resource
+tracker unlinks segments it merely attached to on Python 3.11).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import threading
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+_NAME = re.compile(r"^fedsplit-\d+-[0-9a-f]{16}$")
+
+
+class Segment:
+    def __init__(self, name: str, size: int, create: bool):
+        if not _NAME.match(name):
+            raise ValueError(f"not a fedsplit shared-memory segment name: {name!r}")
+        self.name = name
+        path = SHM_DIR / name
+        fd = os.open(path, (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self.size = os.fstat(fd).st_size
+            self.buf = mmap.mmap(fd, self.size) if self.size else None
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def create(cls, size: int) -> "Segment":
+        return cls(f"fedsplit-{os.getpid()}-{secrets.token_hex(8)}", size, create=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "Segment":
+        return cls(name, 0, create=False)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise ValueError(f"bytes {offset}-{offset + nbytes} lie outside segment {self.name} of {self.size} bytes")
+        return memoryview(self.buf)[offset : offset + nbytes] if nbytes else memoryview(b"")
+
+    def close(self) -> None:
+        if self.buf is not None:
+            self.buf.close()
+
+    def unlink(self) -> None:
+        self.close()
+        (SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+class SegmentPool:
+    """Reusable segments of a caller, handed out one per in-flight call and direction."""
+
+    def __init__(self) -> None:
+        self._free: list[Segment] = []
+        self._all: list[Segment] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> Segment:
+        with self._lock:
+            fitting = [s for s in self._free if s.size >= nbytes]
+            if fitting:
+                seg = min(fitting, key=lambda s: s.size)
+                self._free.remove(seg)
+                return seg
+        seg = Segment.create(max(nbytes, 1 << 20))
+        with self._lock:
+            self._all.append(seg)
+        return seg
+
+    def release(self, seg: Segment) -> None:
+        with self._lock:
+            self._free.append(seg)
+
+    def close(self) -> None:
+        with self._lock:
+            for seg in self._all:
+                seg.unlink()
+            self._all.clear()
+            self._free.clear()
+
+
+class AttachedSegments:
+    """A callee's cache of the caller segments it has mapped, by name."""
+
+    def __init__(self) -> None:
+        self._segments: dict[str, Segment] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, min_size: int = 0) -> Segment:
+        with self._lock:
+            seg = self._segments.get(name)
+            if seg is None or seg.size < min_size:
+                if seg is not None:
+                    seg.close()
+                seg = self._segments[name] = Segment.attach(name)
+            return seg
+
+
+def remove_segments_of(pid: int) -> None:
+    """Unlink the segments a (dead) process created."""
+    for path in SHM_DIR.glob(f"fedsplit-{pid}-*"):
+        path.unlink(missing_ok=True)
