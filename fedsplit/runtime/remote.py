@@ -172,6 +172,14 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
     server.wait()
 
 
+def _worker_env() -> dict[str, str]:
+    """Keep multi-MiB tensor buffers in malloc's heap instead of fresh mmaps that page-fault on
+    every message (1.4-2.7x on gRPC paths in transport-probe.md); a user's setting wins."""
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824")
+    return env
+
+
 class ProcessFederation:
     """One worker process per organisation on loopback, driven over gRPC like the in-process
     :class:`~fedsplit.runtime.InProcessFederation`."""
@@ -195,7 +203,7 @@ class ProcessFederation:
                    "--ready-file", str(tmp / f"{org}.addr"), "--settings", settings, *security]
             if device:
                 cmd += ["--device", device]
-            self.procs[org] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{org}.log", "wb"))
+            self.procs[org] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{org}.log", "wb"), env=_worker_env())
         self.addresses = self._wait_ready(tmp, start_timeout)
         self.channels = {org: DataPlaneChannel(org, addr, caller=COORDINATOR, tls=tls, token=token, timeout=timeout)
                          for org, addr in self.addresses.items()}
