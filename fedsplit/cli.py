@@ -55,7 +55,7 @@ def cmd_plan_check(args: argparse.Namespace) -> int:
         parts.add_column(col)
     for p in plan.partitions:
         mark = "local" if p.local_holders else ("replicated" if p.replicated else "")
-        parts.add_row(p.name, describe(p.units), ", ".join(p.holders), mark)
+        parts.add_row(p.name, describe(p.units, plan.model), ", ".join(p.holders), mark)
     console.print(parts)
     console.print(f"memory = parameters x {per} bytes (fp32 weights, gradients, {plan.training.optimizer.name} state); "
                   f"{total:,} parameters held in all, replicas included")

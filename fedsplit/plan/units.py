@@ -142,19 +142,27 @@ def _kv_groups(lo: str | None, hi: str | None, cfg: ModelConfig) -> range:
     return range(heads.start // per, heads.stop // per)
 
 
-def describe(units: frozenset[Unit] | set[Unit]) -> str:
-    """A short human description of a unit set, with consecutive indices folded into ranges."""
+def describe(units: frozenset[Unit] | set[Unit], cfg: ModelConfig | None = None) -> str:
+    """A short description of a unit set in model order: consecutive indices fold into ranges
+    and, given the model, whole layers into ``layers.A-B``."""
+    whole: list[int] = []
+    if cfg is not None:
+        whole = [i for i in range(cfg.num_layers) if layer_units(cfg, i) <= set(units)]
+    rest = [u for u in units if u.layer not in whole]
     groups: dict[tuple[str, int], list[int]] = {}
-    for u in units:
+    for u in sorted(rest, key=lambda u: u.position):
         groups.setdefault((u.kind, u.layer), []).append(u.index)
-    parts = []
-    for (kind, layer), idx in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    parts: list[tuple[tuple, str]] = []
+    for run in _fold(whole).split(",") if whole else []:
+        parts.append(((int(run.split("-")[0]), -1, 0), f"layers.{run}"))
+    for (kind, layer), idx in groups.items():
+        position = Unit(kind, layer, idx[0]).position
         if layer < 0 or kind in ("router", "shared_experts"):
-            parts.append(str(Unit(kind, layer)))
-            continue
-        label = "attention.kv" if kind == "kv" else "experts"
-        parts.append(f"layers.{layer}.{label}.{_fold(sorted(idx))}")
-    return ", ".join(parts)
+            parts.append((position, str(Unit(kind, layer))))
+        else:
+            label = "attention.kv" if kind == "kv" else "experts"
+            parts.append((position, f"layers.{layer}.{label}.{_fold(idx)}"))
+    return ", ".join(text for _, text in sorted(parts))
 
 
 def _fold(values: list[int]) -> str:
