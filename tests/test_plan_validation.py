@@ -464,26 +464,22 @@ def test_org_that_holds_nothing_and_has_no_data(write_plan, tmp_path):
 # -- privacy warnings ---------------------------------------------------------------------------
 
 
-def test_data_owner_without_embed_is_warned_that_raw_tokens_leave(write_plan, tmp_path):
+@pytest.mark.parametrize(
+    "owner_holds, other_holds, text",
+    [
+        ("layers.0-3, final_norm, lm_head", "embed", "raw tokens leave the organisation"),
+        ("embed, layers.0-3, final_norm", "lm_head", "labels leave the organisation"),
+    ],
+)
+def test_data_owner_is_warned_when_its_tokens_or_labels_leave(write_plan, tmp_path, owner_holds, other_holds, text):
     plan = load_plan(write_plan({
-        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [layers.0-3, final_norm, lm_head]\n",
-        "compute-b": "org: compute-b\nholds: [embed]\n",
+        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [{owner_holds}]\n",
+        "compute-b": f"org: compute-b\nholds: [{other_holds}]\n",
     }))
     assert len(plan.warnings) == 1, plan.warnings
     (w,) = plan.warnings
     assert (w.file, w.org) == (tmp_path / "orgs" / "hospital-a.yaml", "hospital-a")
-    assert "raw tokens leave the organisation" in w.message and "'compute-b'" in w.message
-
-
-def test_data_owner_without_lm_head_is_warned_that_labels_leave(write_plan, tmp_path):
-    plan = load_plan(write_plan({
-        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-3, final_norm]\n",
-        "compute-b": "org: compute-b\nholds: [lm_head]\n",
-    }))
-    assert len(plan.warnings) == 1, plan.warnings
-    (w,) = plan.warnings
-    assert (w.file, w.org) == (tmp_path / "orgs" / "hospital-a.yaml", "hospital-a")
-    assert "labels leave the organisation" in w.message and "'compute-b'" in w.message
+    assert text in w.message and "'compute-b'" in w.message
 
 
 def test_each_data_owner_is_warned_about_the_replica_it_is_routed_to(write_plan):
