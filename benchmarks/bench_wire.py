@@ -459,9 +459,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="payload MiB per variant per trial; calls/trial = max(1, this / size) (default 128)")
     ap.add_argument("--transports", nargs="+", default=list(DEFAULT_TRANSPORTS), choices=list(TRANSPORTS),
                     help=f"default: {' '.join(DEFAULT_TRANSPORTS)}")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default malloc settings instead of the ones fedsplit's worker processes use")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--opts", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+
+    if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ and args.serve is None:
+        # Measure what fedsplit's worker processes run with (both benchmark processes inherit it).
+        from fedsplit.runtime.remote import _worker_env
+
+        os.execve(sys.executable, [sys.executable, *sys.argv], _worker_env())
 
     if args.serve is not None:
         serve(args.serve.split(","), json.loads(args.opts))
