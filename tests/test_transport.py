@@ -94,6 +94,9 @@ def test_generated_protobuf_code_matches_the_proto(tmp_path):
 # -- a real server on loopback ----------------------------------------------------------
 
 
+RUN = "test-run"
+
+
 @pytest.fixture
 def served():
     """compute-b of the layers plan (layers 1-2), served over gRPC with per-organisation credentials."""
@@ -102,15 +105,15 @@ def served():
     slices = [s for p in plan.partitions if "compute-b" in p.holders for s in unit_slices(plan.model, p.units)]
     worker = Worker(plan, "compute-b", select(weights, slices), "cpu")
     creds = Credentials({"hospital-a": "secret-a", "compute-c": "secret-c"})
-    server = DataPlaneServer(WorkerHandler(worker, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
+    server = DataPlaneServer(WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
     yield plan, worker, server
     server.stop(None)
 
 
-def _forward(server, caller, token, op="segment/1,2", x=None, mb=4):
+def _forward(server, caller, token, op="segment/1,2", x=None, mb=4, run=None, step=0):
     channel = DataPlaneChannel("compute-b", server.address, caller=caller, tls=None, token=token, timeout=10)
     x = torch.randn(mb, 16, 64) if x is None else x
-    header = pb.CallHeader(data_owner="hospital-a", step=0, micro_batch=0, op=op, phase=pb.FORWARD)
+    header = pb.CallHeader(run=run or RUN, data_owner="hospital-a", step=step, micro_batch=0, op=op, phase=pb.FORWARD)
     try:
         return channel.call(header, [("0", x)])
     finally:
@@ -176,7 +179,7 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
     _, worker, server = served
     seg = Segment.create(1 << 20)
     try:
-        header = pb.CallHeader(caller="hospital-a", data_owner="hospital-a", op="segment/1,2", phase=pb.FORWARD, num_tensors=1)
+        header = pb.CallHeader(run=RUN, caller="hospital-a", data_owner="hospital-a", op="segment/1,2", phase=pb.FORWARD, num_tensors=1)
         (enc,) = prepare([("0", torch.randn(4, 16, 64))])
         mutate(header, enc.header)
         if header.shm_request == "SEG":
@@ -192,10 +195,31 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
         seg.unlink()
 
 
+def test_calls_of_another_run_are_refused(served):
+    _, worker, server = served
+    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "secret-a", run="old-run"), grpc.StatusCode.FAILED_PRECONDITION, "run 'old-run'")
+
+
+def test_a_repeated_call_is_recognised_and_never_applied_twice(served):
+    _, worker, server = served
+    x = torch.randn(4, 16, 64)
+    first = _forward(server, "hospital-a", "secret-a", x=x, step=7)
+    again = _forward(server, "hospital-a", "secret-a", x=torch.randn(4, 16, 64), step=7)  # same identity
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", tls=None, token="secret-a")
+    header = pb.CallHeader(run=RUN, data_owner="hospital-a", step=7, micro_batch=0, op="segment/1,2", phase=pb.BACKWARD)
+    grads = [("0", torch.ones(4, 16, 64)), ("1", torch.tensor(0.5))]
+    g1 = channel.call(header, grads)
+    once = {k: p.grad.clone() for k, p in worker.model.bindings.items() if p.grad is not None}
+    g2 = channel.call(header, grads)
+    assert once and all(torch.equal(p.grad, once[k]) for k, p in worker.model.bindings.items() if k in once)
+    assert torch.equal(g1[0][1], g2[0][1])
+
+
 def test_backward_without_forward_is_rejected(served):
     _, worker, server = served
     channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", tls=None, token="secret-a")
-    header = pb.CallHeader(data_owner="hospital-a", step=5, micro_batch=0, op="segment/1,2", phase=pb.BACKWARD)
+    header = pb.CallHeader(run=RUN, data_owner="hospital-a", step=5, micro_batch=0, op="segment/1,2", phase=pb.BACKWARD)
     with pytest.raises(PeerError) as err:
         channel.call(header, [("0", torch.randn(4, 16, 64)), ("1", torch.tensor(1.0))])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "without a forward" in err.value.details
@@ -224,7 +248,7 @@ def test_mutual_tls_admits_only_certificates_of_the_federation_ca(tmp_path):
 
 
 def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecure(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.remote", str(PLANS / "layers" / "federation.yaml"), "compute-b",
+    proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.remote", str(PLANS / "layers" / "federation.yaml"), "compute-b", "--run", "r",
                            "--weights", "w.safetensors", "--ready-file", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode != 0 and "--insecure explicitly" in proc.stderr
 

@@ -61,6 +61,7 @@ class CompressionConfig(_Strict):
 class TransportConfig(_Strict):
     compression: CompressionConfig = CompressionConfig()
     timeout_s: float = Field(default=60.0, gt=0, description="deadline of one data-plane call")
+    retries: int = Field(default=2, ge=0, description="retries of a call whose peer was unreachable (UNAVAILABLE)")
     max_tensor_mib: int = Field(default=1024, gt=0, description="largest tensor a worker accepts")
     shared_memory: bool = Field(default=False, description="move tensors through /dev/shm between workers on one host")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import signal
 import os
 import subprocess
@@ -46,8 +47,8 @@ def is_local(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _header(key: CallKey, op: str, phase: int) -> pb.CallHeader:
-    return pb.CallHeader(data_owner=key.data_owner, step=key.step, micro_batch=key.micro_batch, op=op, phase=phase)
+def _header(run: str, key: CallKey, op: str, phase: int) -> pb.CallHeader:
+    return pb.CallHeader(run=run, data_owner=key.data_owner, step=key.step, micro_batch=key.micro_batch, op=op, phase=phase)
 
 
 def _positional(tensors: Sequence[Tensor | None]) -> Named:
@@ -58,26 +59,28 @@ class GrpcPeer:
     """Another organisation's worker, reached over the data plane. Activations (forward) and
     gradients (backward) are sent with the plan's codec for their role."""
 
-    def __init__(self, channel: DataPlaneChannel, compression: CompressionConfig = CompressionConfig()):
-        self.channel, self.compression = channel, compression
+    def __init__(self, channel: DataPlaneChannel, run: str, compression: CompressionConfig = CompressionConfig()):
+        self.channel, self.run, self.compression = channel, run, compression
         self.name = channel.org
 
     def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        reply = self.channel.call(_header(key, op, pb.FORWARD), _positional(inputs), codec=self.compression.activations)
+        reply = self.channel.call(_header(self.run, key, op, pb.FORWARD), _positional(inputs), codec=self.compression.activations)
         return [t for _, t in reply]
 
     def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        reply = self.channel.call(_header(key, op, pb.BACKWARD), _positional(grads), codec=self.compression.gradients)
+        reply = self.channel.call(_header(self.run, key, op, pb.BACKWARD), _positional(grads), codec=self.compression.gradients)
         return [t for _, t in reply]
 
 
 class WorkerHandler:
     """Serves one worker: checks every call against the plan before the worker sees it."""
 
-    def __init__(self, worker: Worker, tls: TLSConfig | None, token: str | None = None):
-        self.worker, self.tls, self.token = worker, tls, token
+    def __init__(self, worker: Worker, run: str, tls: TLSConfig | None, token: str | None = None):
+        self.worker, self.run, self.tls, self.token = worker, run, tls, token
 
     def handle(self, header: pb.CallHeader, tensors: Named) -> tuple[Named, str]:
+        if header.run != self.run:
+            raise CallRejected(grpc.StatusCode.FAILED_PRECONDITION, f"a call of run {header.run!r} reached a worker of run {self.run!r}")
         if header.phase == pb.CONTROL:
             if header.caller != COORDINATOR:
                 raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"{header.caller!r} may not send control operations")
@@ -106,8 +109,8 @@ class WorkerHandler:
             t = w.plan.transport
             limits = Limits(max_tensor_bytes=t.max_tensor_mib << 20)
             peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, tls=self.tls, token=self.token, timeout=t.timeout_s,
-                                                    limits=limits, shared_memory=t.shared_memory and is_local(addr)),
-                                   t.compression)
+                                                    limits=limits, retries=t.retries, shared_memory=t.shared_memory and is_local(addr)),
+                                   self.run, t.compression)
                      for org, addr in addresses.items() if org != w.name}
             w.connect({**peers, w.name: w})
             return []
@@ -135,6 +138,7 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("plan")
     parser.add_argument("org")
     parser.add_argument("--weights", required=True, help="safetensors file of the full initial model")
+    parser.add_argument("--run", required=True, help="run id; calls of any other run are refused")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file", required=True, help="where to write host:port once serving")
@@ -156,7 +160,7 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
     worker = Worker(plan, args.org, select(weights, mine), args.device)
     tls = TLSConfig.load(args.credentials, args.org) if args.credentials else None
     tokens = load_tokens(args.credentials) if args.credentials else None
-    handler = WorkerHandler(worker, tls, tokens[args.org] if tokens else None)
+    handler = WorkerHandler(worker, args.run, tls, tokens[args.org] if tokens else None)
     limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
     server = DataPlaneServer(handler, args.host, args.port, tls=tls, credentials=Credentials(tokens) if tokens else None, limits=limits).start()
     def shut_down(signum, frame) -> None:  # close channels so their shared-memory segments go
@@ -188,6 +192,7 @@ class ProcessFederation:
                  start_timeout: float = 120.0, insecure: bool = False):
         """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
         self.plan = plan
+        self.run = f"{plan.name}-{secrets.token_hex(4)}"
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
         tmp = Path(self._tmp.name)
         save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "init.safetensors")
@@ -199,7 +204,7 @@ class ProcessFederation:
         self.procs: dict[str, subprocess.Popen] = {}
         for org in plan.orgs:
             settings = json.dumps({"training": plan.training.model_dump(mode="json"), "transport": plan.transport.model_dump(mode="json")})
-            cmd = [sys.executable, "-m", "fedsplit.runtime.remote", str(plan.file), org, "--weights", str(tmp / "init.safetensors"),
+            cmd = [sys.executable, "-m", "fedsplit.runtime.remote", str(plan.file), org, "--run", self.run, "--weights", str(tmp / "init.safetensors"),
                    "--ready-file", str(tmp / f"{org}.addr"), "--settings", settings, *security]
             if device:
                 cmd += ["--device", device]
@@ -229,7 +234,7 @@ class ProcessFederation:
         return addresses
 
     def _control(self, org: str, op: str, tensors: Named = ()) -> Named:
-        return self.channels[org].call(pb.CallHeader(op=op, phase=pb.CONTROL), list(tensors))
+        return self.channels[org].call(pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL), list(tensors))
 
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
         metrics = {}

@@ -4,13 +4,15 @@ The method is registered without (de)serializers: frames are bytes that :mod:`.w
 parses, so tensor bytes are never copied by protobuf. Every failure reaches the caller as a
 gRPC status with a reason (``INVALID_ARGUMENT`` for a malformed or inconsistent message,
 ``UNAUTHENTICATED``/``PERMISSION_DENIED`` for credentials, ``DEADLINE_EXCEEDED`` and
-``UNAVAILABLE`` for a slow or dead peer); the server keeps serving.
+``UNAVAILABLE`` for a slow or dead peer, ``ABORTED`` when a nested call to a third organisation
+failed); the server keeps serving.
 """
 
 from __future__ import annotations
 
 import hmac
 import itertools
+import time
 import logging
 from concurrent import futures
 from dataclasses import dataclass
@@ -120,8 +122,8 @@ class DataPlaneServer:
             context.abort(e.code, str(e))
         except (ValueError, KeyError, TypeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e).strip("'\""))
-        except PeerError as e:  # a nested call to a third organisation failed
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except PeerError as e:  # a nested call to a third organisation failed: not worth a retry here
+            context.abort(grpc.StatusCode.ABORTED, str(e))
         except Exception as e:  # never take the server down; report and keep serving
             log.exception("call %s failed", getattr(header, "op", "?"))
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
@@ -137,12 +139,12 @@ class DataPlaneChannel:
     """A client of one organisation's data-plane server."""
 
     def __init__(self, org: str, address: str, *, caller: str, tls: TLSConfig | None, token: str | None = None,
-                 limits: Limits = Limits(), timeout: float = 60.0, shared_memory: bool = False):
+                 limits: Limits = Limits(), timeout: float = 60.0, retries: int = 0, shared_memory: bool = False):
         """``tls=None`` connects in plaintext: callers must ask for it explicitly.
         ``shared_memory``: the callee is on this host; tensors go through /dev/shm segments."""
         self._pool = SegmentPool() if shared_memory else None
         self._reply_bytes: dict[str, int] = {}
-        self.org, self.address, self.caller, self.limits, self.timeout = org, address, caller, limits, timeout
+        self.org, self.address, self.caller, self.limits, self.timeout, self.retries = org, address, caller, limits, timeout, retries
         if tls:
             self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=_OPTIONS)
         else:
@@ -174,12 +176,21 @@ class DataPlaneChannel:
             segments = [request, reply]
             header.shm_request, header.shm_reply, header.shm_reply_capacity = request.name, reply.name, reply.size
             body = list(to_segment(encoded, request))
-        else:
-            body = to_frames(encoded)
-        frames = self._counted(itertools.chain([call_frame(header)], body))
+        deadline = time.monotonic() + (timeout or self.timeout)
         try:
-            replies = self._counted(self._rpc(frames, timeout=timeout or self.timeout, metadata=self._metadata))
-            first = parse_frame(next(replies))
+            for attempt in itertools.count():
+                frames = self._counted(itertools.chain([call_frame(header)], body if segments else to_frames(encoded)))
+                try:
+                    replies = self._counted(self._rpc(frames, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata))
+                    first = parse_frame(next(replies))
+                    break
+                except grpc.RpcError as e:
+                    # Unreachable: try again (the callee recognises a call it already did by its
+                    # identity and never applies it twice) while the deadline allows.
+                    pause = 0.2 * 2**attempt
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+                        raise
+                    time.sleep(pause)
             out = decode_tensors(replies, first.call.num_tensors, self.limits, segments[1] if segments else None)
             self._count_tensors(out)
             if segments:
