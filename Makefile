@@ -1,5 +1,5 @@
 # The two commands of the README. Each sets up ./.venv first (a no-op when it is up to date).
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -13,3 +13,13 @@ test: setup
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"
+
+# The data-plane benchmarks of the README's performance section, one after another (about 20 min
+# on 2 cores). bench-quick runs each in its quick mode (a few minutes).
+BENCHES = bench_wire bench_split bench_torch_pipelining bench_compression
+
+bench: setup
+	@for b in $(BENCHES); do echo "== $$b"; .venv/bin/python benchmarks/$$b.py || exit 1; done
+
+bench-quick: setup
+	@for b in $(BENCHES); do echo "== $$b"; .venv/bin/python benchmarks/$$b.py --quick || exit 1; done

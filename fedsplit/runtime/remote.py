@@ -12,6 +12,7 @@ import argparse
 import json
 import secrets
 import signal
+import threading
 import os
 import subprocess
 import sys
@@ -145,6 +146,7 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device")
     parser.add_argument("--credentials", help="directory of `fedsplit certs` output (TLS and tokens)")
     parser.add_argument("--insecure", action="store_true", help="plaintext and no tokens (tests on loopback only)")
+    parser.add_argument("--exit-with-parent", action="store_true", help="stop when standard input closes")
     parser.add_argument("--settings", help="JSON of the coordinator's training and transport settings, overriding the file's")
     args = parser.parse_args(argv)
     if not args.credentials and not args.insecure:
@@ -170,6 +172,8 @@ def serve_worker(argv: Sequence[str] | None = None) -> None:
                 peer.channel.close()
 
     signal.signal(signal.SIGTERM, shut_down)
+    if args.exit_with_parent:  # the parent holds our stdin: its end (even a SIGKILL) ends us too
+        threading.Thread(target=lambda: (sys.stdin.read(), os.kill(os.getpid(), signal.SIGTERM)), daemon=True).start()
     tmp = args.ready_file + ".tmp"
     Path(tmp).write_text(server.address)
     os.replace(tmp, args.ready_file)
@@ -205,10 +209,11 @@ class ProcessFederation:
         for org in plan.orgs:
             settings = json.dumps({"training": plan.training.model_dump(mode="json"), "transport": plan.transport.model_dump(mode="json")})
             cmd = [sys.executable, "-m", "fedsplit.runtime.remote", str(plan.file), org, "--run", self.run, "--weights", str(tmp / "init.safetensors"),
-                   "--ready-file", str(tmp / f"{org}.addr"), "--settings", settings, *security]
+                   "--ready-file", str(tmp / f"{org}.addr"), "--settings", settings, "--exit-with-parent", *security]
             if device:
                 cmd += ["--device", device]
-            self.procs[org] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{org}.log", "wb"), env=_worker_env())
+            self.procs[org] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                               stderr=open(tmp / f"{org}.log", "wb"), env=_worker_env())
         self.addresses = self._wait_ready(tmp, start_timeout)
         self.channels = {org: DataPlaneChannel(org, addr, caller=COORDINATOR, tls=tls, token=token, timeout=timeout)
                          for org, addr in self.addresses.items()}
