@@ -52,6 +52,9 @@ class Peer(Protocol):
     """One organisation's partitions, as another organisation sees them (in process or gRPC)."""
 
     name: str
+    # True when calls cross the network (worth overlapping); an in-process peer computes on the
+    # caller's thread, where torch's intra-op threads give the same rounding as the monolith.
+    remote: bool
 
     def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]: ...
 
@@ -90,11 +93,20 @@ _fan_out = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fedsplit-fanou
 
 
 def remote_calls(calls: Sequence[tuple[Peer, CallKey, str, Sequence[Tensor]]]) -> list[Future]:
-    """Start several remote calls at once; each future yields that call's outputs."""
+    """Start several calls at once (those to network peers on threads); each future yields
+    that call's outputs."""
     grad = torch.is_grad_enabled()
 
     def run(call):
         with torch.set_grad_enabled(grad):
             return remote_call(*call)
 
-    return [_fan_out.submit(run, c) for c in calls]
+    futures = []
+    for call in calls:
+        if call[0].remote:
+            futures.append(_fan_out.submit(run, call))
+        else:
+            done: Future = Future()
+            done.set_result(remote_call(*call))
+            futures.append(done)
+    return futures

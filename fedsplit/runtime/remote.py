@@ -60,6 +60,8 @@ class GrpcPeer:
     """Another organisation's worker, reached over the data plane. Activations (forward) and
     gradients (backward) are sent with the plan's codec for their role."""
 
+    remote = True
+
     def __init__(self, channel: DataPlaneChannel, run: str, compression: CompressionConfig = CompressionConfig()):
         self.channel, self.run, self.compression = channel, run, compression
         self.name = channel.org

@@ -96,6 +96,8 @@ class _Record:
 class Worker:
     """One organisation's partitions, optimizer and saved graphs. Implements :class:`Peer`."""
 
+    remote = False
+
     def __init__(self, plan: Plan, org: str, weights: Mapping[str, Tensor], device: str | None = None):
         self.plan, self.name, self.cfg = plan, org, plan.model
         self.device = resolve_device(device or plan.orgs[org].device)
