@@ -29,10 +29,8 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +38,8 @@ from pathlib import Path
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import torch  # noqa: E402
+
+from report import fmt_stats, loadavg, provenance, short_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = Path(__file__).resolve().parent / "plans"
@@ -119,25 +118,10 @@ def parse_codec(spec: str) -> tuple[str, str]:
     return act, grad
 
 
-def _loadavg() -> str:
-    """1/5/15-minute load averages, and the share of the last 60 s in which some runnable task
-    waited for a CPU (Linux PSI), when the kernel reports it."""
-    try:
-        out = " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "?"
-    try:
-        some = open("/proc/pressure/cpu").readline().split()
-        out += f" (cpu pressure {float(dict(f.split('=') for f in some[1:])['avg60']):.0f}%)"
-    except (OSError, KeyError, ValueError, IndexError):
-        pass
-    return out
 
 
-def fmt_stats(xs: list[float], digits: int = 2) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
+
+
 
 
 def fmt_int_stats(xs: list[float]) -> str:
@@ -152,31 +136,15 @@ def table(cols: list[str], rows: list[list[str]]) -> list[str]:
     return [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
 
 
-def _short(path: str) -> str:
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
 
 
-def header_lines(args: argparse.Namespace) -> list[str]:
-    import grpc
 
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return "?"
-
-    dirty = git("status", "--porcelain", "--", "fedsplit")
+def header_lines(args) -> list[str]:
     return [
-        f"command: (cd {shlex.quote(os.getcwd())} && {shlex.join([_short(sys.executable), *sys.argv])})",
-        f"python {platform.python_version()}  torch {torch.__version__}  grpcio {grpc.__version__}  "
-        f"cpus {os.cpu_count()}  {platform.machine()}",
-        f"git {git('rev-parse', '--short', 'HEAD')}" + ("  (fedsplit/ has uncommitted changes: "
-                                                         + " ".join(dirty.split()) + ")" if dirty else ""),
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
-        f"plan {_short(str(args.plan))}  steps {args.steps}  warm-up steps excluded from tokens/s {args.warmup}  "
+        *provenance('fedsplit'),
+        f"plan {short_path(str(args.plan))}  steps {args.steps}  warm-up steps excluded from tokens/s {args.warmup}  "
         f"codecs {args.codecs}  TLS on; workers and mono reference 1 intra-op thread each",
-        f"load average at start: {_loadavg()}",
+        f"load average at start: {loadavg()}",
     ]
 
 
@@ -230,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = t.batch_size * t.seq_len * len(plan.data_owners)
         results.append((f"{act}" if act == grad else f"{act}/{grad}", plan, res, rec, tokens))
         print(f"  {results[-1][0]}: {args.steps} steps (workers started in {rec.start_s:.1f} s), max abs diff "
-              f"{res.max_abs_diff:.3g}, at {time.perf_counter() - t_start:.1f} s, load {_loadavg()}")
+              f"{res.max_abs_diff:.3g}, at {time.perf_counter() - t_start:.1f} s, load {loadavg()}")
         sys.stdout.flush()
     elapsed = time.perf_counter() - t_start
 
@@ -271,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
           f"~{plan.training.optimizer.lr * args.steps:.1e}.)")
     print("update rel. error: ||(split - init) - (mono - init)|| / ||mono - init||, L2 over all parameters.")
     print(f"ln(256) = {math.log(256):.3f}: the floor for these uniform random tokens.")
-    print(f"total {elapsed:.1f} s; load average at end: {_loadavg()} ({os.cpu_count()} cpus)")
+    print(f"total {elapsed:.1f} s; load average at end: {loadavg()} ({os.cpu_count()} cpus)")
 
     print()
     print("---- summary (paste into README) ----")
@@ -288,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rec.update_error:.1e}"])
     print(*table(["compression", "MB/step", "wire/tensor", "tokens/s x mono", f"loss after {args.steps} steps",
                   "max abs param diff", "update rel. error"], srows), sep="\n")
-    print(f"(load average at end {_loadavg()})")
+    print(f"(load average at end {loadavg()})")
     return 0
 
 

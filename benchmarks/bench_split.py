@@ -53,10 +53,8 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -66,6 +64,8 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep gRPC's informational lines off the table
 
 import torch  # noqa: E402
+
+from report import fmt_stats, loadavg, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = Path(__file__).resolve().parent / "plans"
@@ -150,19 +150,7 @@ def _proc_cpu(pid: int | None) -> float | None:
         return None
 
 
-def _loadavg() -> str:
-    """1/5/15-minute load averages, and the share of the last 60 s in which some runnable task
-    waited for a CPU (Linux PSI), when the kernel reports it."""
-    try:
-        out = " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "?"
-    try:
-        some = open("/proc/pressure/cpu").readline().split()
-        out += f" (cpu pressure {float(dict(f.split('=') for f in some[1:])['avg60']):.0f}%)"
-    except (OSError, KeyError, ValueError, IndexError):
-        pass
-    return out
+
 
 
 def _load1() -> float:
@@ -278,10 +266,7 @@ class Run:
 # --------------------------------------------------------------------------------------------
 
 
-def fmt_stats(xs: list[float], digits: int = 2) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
+
 
 
 def fmt_int_stats(xs: list[float]) -> str:
@@ -296,33 +281,17 @@ def table(cols: list[str], rows: list[list[str]]) -> list[str]:
     return [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
 
 
-def _short(path: str) -> str:
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
 
 
-def header_lines(args: argparse.Namespace) -> list[str]:
-    import grpc
 
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return "?"
-
-    dirty = git("status", "--porcelain", "--", "fedsplit")
+def header_lines(args) -> list[str]:
     return [
-        f"command: (cd {shlex.quote(os.getcwd())} && {shlex.join([_short(sys.executable), *sys.argv])})",
-        f"python {platform.python_version()}  torch {torch.__version__}  grpcio {grpc.__version__}  "
-        f"cpus {os.cpu_count()}  {platform.machine()}  {platform.processor() or ''}".rstrip(),
-        f"git {git('rev-parse', '--short', 'HEAD')}" + ("  (fedsplit/ has uncommitted changes: "
-                                                         + " ".join(dirty.split()) + ")" if dirty else ""),
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')!r}",
+        *provenance('fedsplit'),
         f"threads: worker processes 1 (WORKER_THREADS); mono reference paired with each split trial 1 "
         f"(torch.set_num_threads(1)); second mono reference {DEFAULT_THREADS} (this process's default)",
         f"trials {args.trials}  steps/trial {args.steps}  warm-up steps {args.warmup}  TLS on (mutual TLS + tokens)"
         f"  variants {args.variants}",
-        f"load average at start: {_loadavg()}" + (f"; busy (load >= {os.cpu_count()} cpus): expect noisy wall-clock numbers"
+        f"load average at start: {loadavg()}" + (f"; busy (load >= {os.cpu_count()} cpus): expect noisy wall-clock numbers"
                                                    if _load1() >= (os.cpu_count() or 1) else ""),
     ]
 
@@ -381,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             run = Run(v, plan, fed, Mono(plan, weights, 1), t.batch_size * t.seq_len * len(plan.data_owners),
                       start_s=time.perf_counter() - t0)
             runs.append(run)
-            print(f"  started {name}: {len(plan.orgs)} worker processes in {run.start_s:.1f} s, load {_loadavg()}")
+            print(f"  started {name}: {len(plan.orgs)} worker processes in {run.start_s:.1f} s, load {loadavg()}")
             sys.stdout.flush()
         ref_plan = runs[0].plan
         mono_default = None if args.no_default_threads else Mono(ref_plan, initial_weights(ref_plan), DEFAULT_THREADS)
@@ -396,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if mono_default:
             mono_default.run(1)  # one step: on a busy machine a step of it can take half a minute
         budget = 3 * args.steps * statistics.median(r.warm_mono_step_s for r in runs)
-        print(f"  warm-up done in {time.perf_counter() - t_warm:.1f} s, load {_loadavg()}"
+        print(f"  warm-up done in {time.perf_counter() - t_warm:.1f} s, load {loadavg()}"
               + (f"; mono {DEFAULT_THREADS} threads: at most {budget:.1f} s a trial" if mono_default else ""))
         sys.stdout.flush()
 
@@ -417,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs[k:] + runs[:k]:
                 run.trial(args.steps)
             LOAD_SAMPLES.append(_load1())
-            print(f"  trial {trial + 1}/{args.trials} done at {time.perf_counter() - t_start:.1f} s, load {_loadavg()}"
+            print(f"  trial {trial + 1}/{args.trials} done at {time.perf_counter() - t_start:.1f} s, load {loadavg()}"
                   + (f"; mono {DEFAULT_THREADS} threads {default_tps[-1]:,.0f} tokens/s over {default_steps[-1]} steps"
                      if default_tps and len(default_tps) == trial + 1 else ""))
             sys.stdout.flush()
@@ -499,7 +468,7 @@ def report(args, runs: list[Run], default_tps: list[float], default_cpu: list[fl
     print("MB/step = 1e6 B of data-plane frames (sent + received by callers, between organisations) per training")
     print("step; HTTP/2 and TLS framing not included. CPU-s/step: all worker processes + this one, user+system.")
     print("max |dloss|: largest difference between the split and the mono step objective seen (same batches).")
-    print(f"total {elapsed:.1f} s; 1-minute load average over the run {fmt_stats(LOAD_SAMPLES)}, at end: {_loadavg()} "
+    print(f"total {elapsed:.1f} s; 1-minute load average over the run {fmt_stats(LOAD_SAMPLES)}, at end: {loadavg()} "
           f"({os.cpu_count()} cpus)")
 
     print()

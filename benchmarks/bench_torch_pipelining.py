@@ -49,13 +49,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import queue
-import shlex
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -68,6 +65,8 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no INFO lines (e.g. GOAWAY when a federation closes)
 
 import torch  # noqa: E402
+
+from report import loadavg, provenance  # noqa: E402
 from torch import nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -317,11 +316,7 @@ def _proc_cpu(pid: int) -> float:
         return float("nan")
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "?"
+
 
 
 @dataclass
@@ -372,27 +367,12 @@ def fmt(xs: list[float], digits: int = 0) -> str:
 
 
 def header_lines(args) -> list[str]:
-    import grpc
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return "?"
-
-    dirty = git("status", "--porcelain", "--", "fedsplit")
-    rel = os.path.relpath(sys.executable)
-    exe = rel if not rel.startswith("..") else sys.executable
     return [
-        f"command: (cd {shlex.quote(os.getcwd())} && {shlex.join([exe, *sys.argv])})",
-        f"python {platform.python_version()}  torch {torch.__version__}  grpcio {grpc.__version__}  "
-        f"intra-op threads 1 per process  cpus {os.cpu_count()}  {platform.machine()}",
-        f"git {git('rev-parse', '--short', 'HEAD')}" + ("  (fedsplit/ has uncommitted changes)" if dirty else ""),
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (torch-pp ranks and fedsplit workers alike)",
+        *provenance('fedsplit'),
         f"model small.yaml, split after layer {SPLIT - 1}; batch {TRAINING['batch_size']}, seq_len {TRAINING['seq_len']}, "
         f"micro-batches {TRAINING['micro_batches']}, AdamW; schedules {args.schedules}",
         f"rows: {BASELINE} + {' '.join(args.variants)}; warm-up {args.warmup} steps, {args.trials} trials x {args.steps} steps",
-        f"load average at start: {_loadavg()}",
+        f"load average at start: {loadavg()}",
     ]
 
 
@@ -482,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                     for r in block[k:] + block[:k]:
                         r.run(args.steps, record=True)
                     print(f"  [{schedule}] trial {trial + 1}/{args.trials} at {time.perf_counter() - t_start:.0f} s, "
-                          f"load {_loadavg()}: "
+                          f"load {loadavg()}: "
                           + ", ".join(f"{r.name} {r.tok_s[-1]:.0f}" for r in block) + " tok/s")
                     sys.stdout.flush()
                 rows += block
@@ -531,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  step-0 objective: CE + aux_loss_coef*aux of the first step (same weights and batch); differs only by")
     print("  router-jitter noise (fedsplit seeds it per micro-batch, the torch-pp wrappers draw it unseeded).")
     print("  CPU-s/step: both compute processes together (fedsplit coordinator not counted).")
-    print(f"total {elapsed:.1f} s; load average at end: {_loadavg()}")
+    print(f"total {elapsed:.1f} s; load average at end: {loadavg()}")
     return 0
 
 

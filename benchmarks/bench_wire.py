@@ -31,9 +31,7 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import select
-import shlex
 import socket
 import statistics
 import struct
@@ -51,6 +49,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+
+from report import fmt_stats, loadavg, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -403,11 +403,7 @@ def _proc_cpu(pid: int | None) -> float | None:
         return None
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "?"
+
 
 
 def activation_shape(size_mib: int) -> tuple[int, ...]:
@@ -416,37 +412,19 @@ def activation_shape(size_mib: int) -> tuple[int, ...]:
     return (8, 256, numel // 2048) if numel % 2048 == 0 else (numel,)
 
 
-def fmt_stats(xs: list[float], digits: int = 2) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
 
 
-def _short(path: str) -> str:
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
 
 
-def header_lines(args: argparse.Namespace) -> list[str]:
-    import grpc
 
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return "?"
 
-    dirty = git("status", "--porcelain", "--", "fedsplit/transport")
+def header_lines(args) -> list[str]:
     return [
-        f"command: (cd {shlex.quote(os.getcwd())} && {shlex.join([_short(sys.executable), *sys.argv])})",
-        f"python {platform.python_version()}  torch {torch.__version__}  grpcio {grpc.__version__}  "
-        f"torch threads {torch.get_num_threads()}  cpus {os.cpu_count()}  {platform.machine()}",
-        f"git {git('rev-parse', '--short', 'HEAD')}" + ("  (fedsplit/transport has uncommitted changes: "
-                                                         + " ".join(dirty.split()) + ")" if dirty else ""),
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}  THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')!r}",
+        *provenance('fedsplit/transport'),
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')!r}",
         f"sizes MiB {args.sizes}  trials {args.trials}  bytes/trial >= {args.bytes_per_trial} MiB  "
         f"transports {args.transports}  baseline {BASELINE}",
-        f"load average at start: {_loadavg()}",
+        f"load average at start: {loadavg()}",
     ]
 
 
@@ -524,7 +502,7 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
                 for trial in range(args.trials):
                     for v in variants:
                         v.run(t, calls)
-                print(f"  {size} MiB done ({calls} calls/variant/trial) at {time.perf_counter() - t0:.1f} s, load {_loadavg()}")
+                print(f"  {size} MiB done ({calls} calls/variant/trial) at {time.perf_counter() - t0:.1f} s, load {loadavg()}")
                 sys.stdout.flush()
                 del t
         finally:
@@ -573,7 +551,7 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
     print("CPU-s/GB: medians; client = this process (time.process_time), server = the server process")
     print("(/proc/PID/stat, 10 ms ticks); per GB of payload moved (x2 for round trip). Less sensitive to a busy")
     print("machine than GB/s, which includes time spent waiting for a core.")
-    print(f"total {elapsed:.1f} s; load average at end: {_loadavg()}")
+    print(f"total {elapsed:.1f} s; load average at end: {loadavg()}")
     return 0
 
 
