@@ -30,7 +30,6 @@ import contextlib
 import math
 import os
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
-from report import fmt_stats, loadavg, provenance, short_path  # noqa: E402
+from report import fmt_int_stats, fmt_stats, loadavg, provenance, short_path, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = Path(__file__).resolve().parent / "plans"
@@ -116,27 +115,6 @@ def parse_codec(spec: str) -> tuple[str, str]:
         if c not in CODECS:
             raise argparse.ArgumentTypeError(f"unknown codec {c!r} in {spec!r}; choose from {', '.join(CODECS)}")
     return act, grad
-
-
-
-
-
-
-
-
-def fmt_int_stats(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
-
-
-def table(cols: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"
-    return [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
-
-
-
 
 
 def header_lines(args) -> list[str]:

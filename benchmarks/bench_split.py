@@ -65,7 +65,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep gRPC's informational li
 
 import torch  # noqa: E402
 
-from report import fmt_stats, loadavg, provenance  # noqa: E402
+from report import fmt_int_stats, fmt_stats, loadavg, proc_cpu, provenance, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PLANS = Path(__file__).resolve().parent / "plans"
@@ -137,20 +137,6 @@ def load_variant_plan(v: Variant):
 # --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
-
-
-def _proc_cpu(pid: int | None) -> float | None:
-    """User+system CPU seconds of another local process (Linux /proc; 10 ms resolution)."""
-    if pid is None:
-        return None
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-
 
 
 def _load1() -> float:
@@ -237,13 +223,13 @@ class Run:
 
         before = self.fed.traffic()
         pids = self.pids()
-        w0 = [_proc_cpu(p) for p in pids]
+        w0 = [proc_cpu(p) for p in pids]
         cpu0, t0 = time.process_time(), time.perf_counter()
         s_losses = []
         for i in range(steps):
             s_losses.append(_objective(self.plan, self.fed.train_step(self.step + i, batches[i])))
         wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0 + sum(_proc_cpu(p) - c for p, c in zip(pids, w0))
+        cpu = time.process_time() - cpu0 + sum(proc_cpu(p) - c for p, c in zip(pids, w0))
         after = self.fed.traffic()
         self.step += steps
 
@@ -264,24 +250,6 @@ class Run:
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
-
-
-
-
-
-def fmt_int_stats(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    return f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
-
-
-def table(cols: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"
-    return [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
-
-
-
 
 
 def header_lines(args) -> list[str]:

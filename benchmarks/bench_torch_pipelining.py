@@ -66,7 +66,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no INFO lines (e.g. GOAWAY w
 
 import torch  # noqa: E402
 
-from report import loadavg, provenance  # noqa: E402
+from report import loadavg, proc_cpu, provenance  # noqa: E402
 from torch import nn  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -307,18 +307,6 @@ class TorchPipeline:
 # --------------------------------------------------------------------------------------------
 
 
-def _proc_cpu(pid: int) -> float:
-    """User+system CPU seconds of a local process (Linux /proc; 10 ms ticks)."""
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-
-
-
 @dataclass
 class Row:
     name: str
@@ -332,9 +320,9 @@ class Row:
     startup_s: float = 0.0
 
     def run(self, steps: int, record: bool) -> None:
-        cpu0 = sum(_proc_cpu(p) for p in self.pids)
+        cpu0 = sum(proc_cpu(p) for p in self.pids)
         seconds, objectives = self.run_steps(self.next_step, steps)
-        cpu1 = sum(_proc_cpu(p) for p in self.pids)
+        cpu1 = sum(proc_cpu(p) for p in self.pids)
         if self.next_step == 0 and objectives:
             self.first_objective = objectives[0]
         self.next_step += steps

@@ -50,7 +50,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from report import fmt_stats, loadavg, provenance  # noqa: E402
+from report import fmt_stats, loadavg, proc_cpu, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -381,41 +381,21 @@ class Variant:
         """``calls`` back-to-back calls; records GB/s of payload (x2 for a round trip) and CPU-s/GB."""
         fn = self.client.oneway if self.pattern == ONEWAY else self.client.roundtrip
         size = t.numel() * t.element_size() // MiB
-        srv0, cpu0 = _proc_cpu(self.server_pid), time.process_time()
+        srv0, cpu0 = proc_cpu(self.server_pid), time.process_time()
         start = time.perf_counter()
         for _ in range(calls):
             fn(t)
         elapsed = time.perf_counter() - start
-        cpu1, srv1 = time.process_time(), _proc_cpu(self.server_pid)
+        cpu1, srv1 = time.process_time(), proc_cpu(self.server_pid)
         gb = t.numel() * t.element_size() * calls * (2 if self.pattern == ROUNDTRIP else 1) / 1e9
         self.results.setdefault(size, []).append(gb / elapsed)
         self.cpu.setdefault(size, []).append(((cpu1 - cpu0) / gb, (srv1 - srv0) / gb if srv0 is not None else float("nan")))
-
-
-def _proc_cpu(pid: int | None) -> float | None:
-    """User+system CPU seconds of another local process (Linux /proc; 10 ms resolution)."""
-    if pid is None:
-        return None
-    try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-
 
 
 def activation_shape(size_mib: int) -> tuple[int, ...]:
     """An fp32 activation of ``size_mib`` MiB shaped (8, 256, h) like the transport notes (4 MiB: h=512)."""
     numel = size_mib * MiB // 4
     return (8, 256, numel // 2048) if numel % 2048 == 0 else (numel,)
-
-
-
-
-
-
 
 
 def header_lines(args) -> list[str]:

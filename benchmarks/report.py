@@ -34,6 +34,33 @@ def fmt_stats(xs: list[float], digits: int = 2) -> str:
     return f"{statistics.median(xs):.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
 
 
+def fmt_int_stats(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
+
+
+def table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, columns padded to their widest cell."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths)) + " |"
+
+    return [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
+
+
+def proc_cpu(pid: int | None) -> float | None:
+    """User+system CPU seconds of another local process (Linux /proc; 10 ms resolution)."""
+    if pid is None:
+        return None
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def short_path(path: str) -> str:
     rel = os.path.relpath(path)
     return rel if not rel.startswith("..") else path
