@@ -90,8 +90,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     optimizer = None
     if args.optimizer:
-        optimizer = plan.training.optimizer.model_copy(update={"name": args.optimizer, "momentum": 0.0})
-        optimizer = OptimizerConfig.model_validate(optimizer.model_dump())
+        optimizer = OptimizerConfig(**{**plan.training.optimizer.model_dump(), "name": args.optimizer, "momentum": 0.0})
     if args.insecure:
         warn_insecure()
     try:

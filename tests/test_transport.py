@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsplit.federation.verify import initial_weights, verify
-from fedsplit.plan import load_plan, select, unit_slices
+from fedsplit.plan import load_plan, select
 from fedsplit.runtime import InProcessFederation, Worker, synthetic_batches
 from fedsplit.runtime.remote import ProcessFederation, WorkerHandler
 from fedsplit.transport.proto import dataplane_pb2 as pb
@@ -102,8 +102,7 @@ def served():
     """compute-b of the layers plan (layers 1-2), served over gRPC with per-organisation credentials."""
     plan = load_plan(PLANS / "layers" / "federation.yaml")
     weights = initial_weights(plan)
-    slices = [s for p in plan.partitions if "compute-b" in p.holders for s in unit_slices(plan.model, p.units)]
-    worker = Worker(plan, "compute-b", select(weights, slices), "cpu")
+    worker = Worker(plan, "compute-b", select(weights, plan.slices_of("compute-b")), "cpu")
     creds = Credentials({"hospital-a": "secret-a", "compute-c": "secret-c"})
     server = DataPlaneServer(WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
     yield plan, worker, server

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..model import ModelConfig
 from .errors import PlanError, Problem
 from .schema import AggregationConfig, FederationFile, OrgFile, TrainingConfig, TransportConfig
-from .slicing import unit_parameter_count
+from .slicing import TensorSlice, unit_parameter_count, unit_slices
 from .units import SelectorError, Unit, all_units, describe, parse_selector
 from .yaml_io import line_of, load_yaml
 
@@ -78,6 +78,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         self._partition_of = {u: p for p in self.partitions for u in p.units}
+        self._routes: dict[str, dict[Unit, str]] = {}
 
     @property
     def data_owners(self) -> list[str]:
@@ -95,12 +96,19 @@ class Plan:
         return partition.holders[others.index(data_owner) % len(partition.holders)]
 
     def route(self, data_owner: str) -> dict[Unit, str]:
-        """The organisation that computes each unit for ``data_owner``'s batches."""
-        return {u: self.replica_for(p, data_owner) for p in self.partitions for u in p.units}
+        """The organisation that computes each unit for ``data_owner``'s batches. Asked on every
+        data-plane call, so it is worked out once per data owner (placement never changes)."""
+        if data_owner not in self._routes:
+            self._routes[data_owner] = {u: self.replica_for(p, data_owner) for p in self.partitions for u in p.units}
+        return self._routes[data_owner]
 
     def users(self, partition: Partition, org: str) -> list[str]:
         """Data owners whose batches go through ``org``'s replica of ``partition``."""
         return [d for d in self.data_owners if self.replica_for(partition, d) == org]
+
+    def slices_of(self, org: str) -> list[TensorSlice]:
+        """The tensors (or slices) ``org`` holds, partition by partition."""
+        return [s for p in self.partitions if org in p.holders for s in unit_slices(self.model, p.units)]
 
     def units_of(self, org: str) -> frozenset[Unit]:
         return frozenset(u for p in self.partitions if org in p.holders for u in p.units)

@@ -7,7 +7,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from ..plan import Partition, Plan, reassemble, select, unit_slices
+from ..plan import Partition, Plan, reassemble, select
 from .worker import Worker
 
 
@@ -20,7 +20,7 @@ class InProcessFederation:
     def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, schedule: str = "sequential"):
         self.plan, self.schedule = plan, schedule
         self.workers = {
-            org: Worker(plan, org, select(weights, [s for p in plan.partitions if org in p.holders for s in unit_slices(plan.model, p.units)]), device)
+            org: Worker(plan, org, select(weights, plan.slices_of(org)), device)
             for org in plan.orgs
         }
         for w in self.workers.values():

@@ -117,7 +117,7 @@ class Worker:
         self.peers = dict(peers)
 
     def serving(self, partition: Partition) -> Peer | None:
-        org = self.plan.replica_for(partition, current_call().data_owner)
+        org = self.plan.route(current_call().data_owner)[next(iter(partition.units))]
         if org == self.name:
             return None
         if org not in self.peers:

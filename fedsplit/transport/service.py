@@ -159,8 +159,10 @@ class DataPlaneChannel:
             self.wire_bytes += len(f)
             yield f
 
-    def _count_tensors(self, tensors: Sequence[tuple[str, Tensor | None]]) -> None:
-        self.tensor_bytes += sum(t.numel() * t.element_size() for _, t in tensors if t is not None)
+    def _count_tensors(self, tensors: Sequence[tuple[str, Tensor | None]]) -> int:
+        n = sum(t.numel() * t.element_size() for _, t in tensors if t is not None)
+        self.tensor_bytes += n
+        return n
 
     def call(self, header: pb.CallHeader, tensors: Sequence[tuple[str, Tensor | None]], timeout: float | None = None,
              codec: str = "none") -> Named:
@@ -192,9 +194,8 @@ class DataPlaneChannel:
                         raise
                     time.sleep(pause)
             out = decode_tensors(replies, first.call.num_tensors, self.limits, segments[1] if segments else None)
-            self._count_tensors(out)
-            if segments:
-                size = sum(t.numel() * t.element_size() for _, t in out if t is not None)
+            size = self._count_tensors(out)
+            if segments:  # size the next reply segment for this kind of call
                 self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
             return out
         except grpc.RpcError as e:
