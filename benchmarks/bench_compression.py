@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     codecs = [parse_codec(c) for c in args.codecs]
 
     if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ:
-        from fedsplit.runtime.remote import _worker_env
+        from fedsplit.runtime.processes import _worker_env
 
         os.execve(sys.executable, [sys.executable, *sys.argv], _worker_env())
 

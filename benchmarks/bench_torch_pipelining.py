@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ:
         # fedsplit's worker processes get these malloc settings (ProcessFederation); give the torch-pp
         # ranks the same by re-executing with them (the spawned ranks inherit the environment).
-        from fedsplit.runtime.remote import _worker_env
+        from fedsplit.runtime.processes import _worker_env
 
         os.execve(sys.executable, [sys.executable, *sys.argv], _worker_env())
 
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
 
     from fedsplit.federation.verify import initial_weights
-    from fedsplit.runtime.remote import ProcessFederation
+    from fedsplit.runtime.processes import ProcessFederation
 
     t_start = time.perf_counter()
     rows: list[Row] = []

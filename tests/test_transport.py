@@ -2,7 +2,6 @@
 permissions, failures, and exact split training across processes."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,8 @@ from hypothesis import strategies as st
 from fedsplit.federation.verify import initial_weights, verify
 from fedsplit.plan import load_plan, select
 from fedsplit.runtime import InProcessFederation, Worker, synthetic_batches
-from fedsplit.runtime.remote import ProcessFederation, WorkerHandler
+from fedsplit.runtime.processes import ProcessFederation
+from fedsplit.runtime.remote import WorkerHandler
 from fedsplit.transport.proto import dataplane_pb2 as pb
 from fedsplit.transport.security import TLSConfig, generate_credentials
 from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError
@@ -247,8 +247,8 @@ def test_mutual_tls_admits_only_certificates_of_the_federation_ca(tmp_path):
 
 
 def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecure(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.remote", str(PLANS / "layers" / "federation.yaml"), "compute-b", "--run", "r",
-                           "--weights", "w.safetensors", "--ready-file", str(tmp_path / "r")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.host", str(PLANS / "layers" / "federation.yaml"), "--orgs", "compute-b",
+                           "--run", "r", "--ready-file", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode != 0 and "--insecure explicitly" in proc.stderr
 
 
@@ -270,7 +270,7 @@ def test_shared_memory_path_is_bitwise_and_keeps_tensors_off_the_wire():
     with ProcessFederation(plan, initial_weights(plan)) as fed:
         fed.train_step(0, synthetic_batches(plan, 0))
         traffic = fed.traffic()
-        pids = [p.pid for p in fed.procs.values()]
+        pids = [p.pid for p in fed.hosts.procs.values()]
     assert traffic["wire_bytes"] < 0.01 * traffic["tensor_bytes"]
     assert not [f for f in os.listdir("/dev/shm") if any(f.startswith(f"fedsplit-{pid}-") for pid in pids)]
 
@@ -288,8 +288,8 @@ def test_killed_worker_gives_a_clear_error_within_the_deadline():
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
     with ProcessFederation(plan, initial_weights(plan), timeout=20) as fed:
         fed.train_step(0, synthetic_batches(plan, 0))
-        os.kill(fed.procs["compute-b"].pid, signal.SIGKILL)
-        fed.procs["compute-b"].wait()
+        fed.hosts.kill("compute-b")
+        fed.hosts.procs[fed.hosts.group_of["compute-b"]].wait()
         start = time.monotonic()
         with pytest.raises(PeerError) as err:
             fed.train_step(1, synthetic_batches(plan, 1))

@@ -11,7 +11,8 @@ from ..model import MoETransformer
 from ..plan import Plan
 from ..plan.schema import OptimizerConfig
 from ..runtime import InProcessFederation, MonolithicTrainer, synthetic_batches
-from ..runtime.remote import WORKER_THREADS, ProcessFederation
+from ..runtime.processes import ProcessFederation
+from ..runtime.remote import WORKER_THREADS
 from .aggregate import average_replicas
 
 

@@ -64,6 +64,8 @@ class TransportConfig(_Strict):
     retries: int = Field(default=2, ge=0, description="retries of a call whose peer was unreachable (UNAVAILABLE)")
     max_tensor_mib: int = Field(default=1024, gt=0, description="largest tensor a worker accepts")
     shared_memory: bool = Field(default=False, description="move tensors through /dev/shm between workers on one host")
+    step_timeout_s: float = Field(default=300.0, gt=0, description=(
+        "longest a worker waits for the other data owners to finish a step, or for an organisation to begin a round"))
 
 
 class FederationFile(_Strict):

@@ -98,12 +98,18 @@ class Worker:
 
     remote = False
 
-    def __init__(self, plan: Plan, org: str, weights: Mapping[str, Tensor], device: str | None = None):
+    def __init__(self, plan: Plan, org: str, weights: Mapping[str, Tensor] | None, device: str | None = None):
+        """``weights=None``: zeros until :meth:`load_state` (a round's weights) fills them."""
         self.plan, self.name, self.cfg = plan, org, plan.model
         self.device = resolve_device(device or plan.orgs[org].device)
         self.peers: dict[str, Peer] = {}
         self.model = PartialModel(plan, org, self.device, self.serving)
-        self.model.load_selection(weights)
+        if weights is not None:
+            self.model.load_selection(weights)
+        else:
+            with torch.no_grad():
+                for p in self.model.bindings.values():
+                    p.zero_()
         self.model.train()
         self.partitions = [p for p in plan.partitions if org in p.holders]
         self.optimizer = make_optimizer(self.model.bindings.values(), plan.training.optimizer) if self.model.bindings else None
@@ -112,6 +118,7 @@ class Worker:
         self._records: dict[tuple[CallKey, str], _Record] = {}
         self._done: dict[tuple[CallKey, str], list[Tensor | None]] = {}
         self._grad_lock = threading.Lock()  # micro-batches' backwards may arrive concurrently
+        self.rounds = None  # a Rounds, when this worker runs rounds on its own
 
     def connect(self, peers: Mapping[str, Peer]) -> None:
         self.peers = dict(peers)
@@ -264,6 +271,20 @@ class Worker:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._done.clear()
+
+    def reset_pending(self) -> None:
+        """Drop what a failed step left behind: saved graphs, answered calls, gradients."""
+        with self._grad_lock:
+            self._records.clear()
+            self._done.clear()
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+
+    def traffic(self) -> dict[str, float]:
+        """Data-plane bytes this worker's calls to other organisations sent and received."""
+        channels = [p.channel for p in self.peers.values() if getattr(p, "remote", False)]
+        return {"bytes_sent": float(sum(c.sent_bytes for c in channels)),
+                "bytes_received": float(sum(c.received_bytes for c in channels))}
 
     def _run(self, key: CallKey, op: str, x: list[Tensor]) -> tuple[Tensor, ...]:
         kind, _, rest = op.partition("/")

@@ -151,12 +151,22 @@ class DataPlaneChannel:
             self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._rpc = self._channel.stream_stream(METHOD)
         self._metadata = [("x-fedsplit-org", caller)] + ([("authorization", f"Bearer {token}")] if token else [])
-        self.wire_bytes = 0  # frames sent and received, as they cross the network
+        self.sent_bytes = 0  # frames sent, as they cross the network
+        self.received_bytes = 0
         self.tensor_bytes = 0  # the same tensors uncompressed: what activations and gradients occupy
 
-    def _counted(self, frames):
+    @property
+    def wire_bytes(self) -> int:
+        return self.sent_bytes + self.received_bytes
+
+    def _sent(self, frames):
         for f in frames:
-            self.wire_bytes += len(f)
+            self.sent_bytes += len(f)
+            yield f
+
+    def _received(self, frames):
+        for f in frames:
+            self.received_bytes += len(f)
             yield f
 
     def _count_tensors(self, tensors: Sequence[tuple[str, Tensor | None]]) -> int:
@@ -181,9 +191,9 @@ class DataPlaneChannel:
         deadline = time.monotonic() + (timeout or self.timeout)
         try:
             for attempt in itertools.count():
-                frames = self._counted(itertools.chain([call_frame(header)], body if segments else to_frames(encoded)))
+                frames = self._sent(itertools.chain([call_frame(header)], body if segments else to_frames(encoded)))
                 try:
-                    replies = self._counted(self._rpc(frames, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata))
+                    replies = self._received(self._rpc(frames, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata))
                     first = parse_frame(next(replies))
                     break
                 except grpc.RpcError as e:

@@ -1,0 +1,115 @@
+"""The process that holds organisations' workers for as long as their clients live.
+
+``python -m fedsplit.runtime.host PLAN --orgs A [B ...]`` builds each organisation's worker (its
+partitions, optimizer, step barrier and, for a data owner, its batches) and serves it on its own
+data-plane port. A deployed organisation runs one of these beside its Flower client; a simulation
+runs one for all organisations (one process, one CUDA context) or one per organisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..data import batches_for
+from ..plan import Plan, load_plan, select
+from ..plan.schema import TrainingConfig, TransportConfig
+from ..transport.security import TLSConfig, load_tokens
+from ..transport.service import Credentials, DataPlaneServer
+from ..transport.wire import Limits
+from .remote import WORKER_THREADS, WorkerHandler
+from .rounds import Rounds
+from .worker import Worker
+
+
+class WorkerHost:
+    """Organisations' workers, each behind its own data-plane server."""
+
+    def __init__(self, plan: Plan, orgs: Sequence[str], *, run: str | None, credentials: Path | None,
+                 weights: Mapping[str, Tensor] | None = None, host: str = "127.0.0.1", ports: Mapping[str, int] | None = None,
+                 device: str | None = None, state_dir: Path | None = None):
+        """``credentials=None`` serves in plaintext without tokens (ask for it explicitly).
+        Without ``weights`` the partitions hold zeros until a round's weights arrive."""
+        unknown = sorted(set(orgs) - set(plan.orgs))
+        if unknown:
+            raise ValueError(f"plan {plan.name!r} has no organisation {', '.join(map(repr, unknown))}")
+        tokens = load_tokens(credentials) if credentials else None
+        limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
+        # Step-barrier calls block a server thread each: room for every data owner, twice over.
+        threads = 32 + 2 * len(plan.data_owners)
+        self.handlers: dict[str, WorkerHandler] = {}
+        self.servers: dict[str, DataPlaneServer] = {}
+        for org in orgs:
+            worker = Worker(plan, org, select(weights, plan.slices_of(org)) if weights is not None else None, device)
+            batches = batches_for(plan, org) if org in plan.data_owners else None
+            Rounds(worker, batches, state_dir / org if state_dir else None)
+            tls = TLSConfig.load(credentials, org) if credentials else None
+            self.handlers[org] = WorkerHandler(worker, run, tls, tokens[org] if tokens else None)
+            self.servers[org] = DataPlaneServer(self.handlers[org], host, (ports or {}).get(org, 0), tls=tls,
+                                                credentials=Credentials(tokens) if tokens else None,
+                                                limits=limits, max_workers=threads).start()
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {org: s.address for org, s in self.servers.items()}
+
+    def stop(self) -> None:
+        for org, server in self.servers.items():
+            server.stop(None)
+            self.handlers[org].close()
+
+    def wait(self) -> None:
+        for server in self.servers.values():
+            server.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedsplit.runtime.host", description=__doc__)
+    parser.add_argument("plan", help="the federation YAML file")
+    parser.add_argument("--orgs", nargs="+", required=True, help="the organisations to host")
+    parser.add_argument("--run", help="run id; calls of any other run are refused (default: the first round's)")
+    parser.add_argument("--weights", help="safetensors file of the full initial model (default: zeros until a round begins)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="data-plane port (one organisation only; default: any free one)")
+    parser.add_argument("--ready-file", required=True, help="where to write {org: host:port} as JSON once serving")
+    parser.add_argument("--device")
+    parser.add_argument("--state-dir", type=Path, help="where each organisation keeps its optimizer state per round")
+    parser.add_argument("--credentials", type=Path, help="directory of `fedsplit certs` output (TLS and tokens)")
+    parser.add_argument("--insecure", action="store_true", help="plaintext and no tokens (tests on loopback only)")
+    parser.add_argument("--exit-with-parent", action="store_true", help="stop when standard input closes")
+    parser.add_argument("--settings", help="JSON of the coordinator's training and transport settings, overriding the file's")
+    args = parser.parse_args(argv)
+    if not args.credentials and not args.insecure:
+        parser.error("give --credentials DIR, or --insecure explicitly")
+    if args.port and len(args.orgs) > 1:
+        parser.error("--port needs exactly one organisation")
+    torch.set_num_threads(WORKER_THREADS)
+    plan = load_plan(args.plan)
+    if args.settings:
+        settings = json.loads(args.settings)
+        plan.training = TrainingConfig.model_validate(settings["training"])
+        plan.transport = TransportConfig.model_validate(settings["transport"])
+    weights = load_file(args.weights) if args.weights else None
+    host = WorkerHost(plan, args.orgs, run=args.run, credentials=args.credentials, weights=weights, host=args.host,
+                      ports={args.orgs[0]: args.port}, device=args.device, state_dir=args.state_dir)
+    signal.signal(signal.SIGTERM, lambda signum, frame: host.stop())
+    if args.exit_with_parent:  # the parent holds our stdin: its end (even a SIGKILL) ends us too
+        threading.Thread(target=lambda: (sys.stdin.read(), os.kill(os.getpid(), signal.SIGTERM)), daemon=True).start()
+    tmp = args.ready_file + ".tmp"
+    Path(tmp).write_text(json.dumps(host.addresses))
+    os.replace(tmp, args.ready_file)
+    host.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Worker host processes on this machine: started, awaited, stopped (and killed, in tests).
+
+Used by ``fedsplit verify --transport grpc`` (one process per organisation, driven step by
+step) and by ``fedsplit simulate`` (organisations grouped into processes, running rounds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..plan import Partition, Plan, reassemble, unit_slices
+from ..transport.proto import dataplane_pb2 as pb
+from ..transport.security import TLSConfig, generate_credentials, load_tokens
+from ..transport.service import DataPlaneChannel, Named
+from ..transport.shm import remove_segments_of
+from .remote import COORDINATOR
+
+
+def _worker_env() -> dict[str, str]:
+    """Keep multi-MiB tensor buffers in malloc's heap instead of fresh mmaps that page-fault on
+    every message (1.4-2.7x on gRPC paths in transport-probe.md); a user's setting wins."""
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824")
+    return env
+
+
+class HostProcesses:
+    """Worker host processes (``python -m fedsplit.runtime.host``), one per group of organisations.
+
+    Security material for the run is made under ``work_dir`` unless ``insecure``; processes
+    end with this object (and with the parent process, even if it is killed)."""
+
+    def __init__(self, plan: Plan, groups: Sequence[Sequence[str]], work_dir: Path, *, run: str | None = None,
+                 weights: Mapping[str, Tensor] | None = None, device: str | None = None, insecure: bool = False,
+                 state_dir: Path | None = None, start_timeout: float = 120.0):
+        self.plan, self.work_dir = plan, Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.credentials: Path | None = None
+        if not insecure:
+            self.credentials = generate_credentials([*plan.orgs, COORDINATOR], self.work_dir / "credentials")
+        common = ["--settings", json.dumps({"training": plan.training.model_dump(mode="json"),
+                                            "transport": plan.transport.model_dump(mode="json")}), "--exit-with-parent",
+                  *(["--credentials", str(self.credentials)] if self.credentials else ["--insecure"])]
+        if run:
+            common += ["--run", run]
+        if weights is not None:
+            save_file({k: v.contiguous() for k, v in weights.items()}, self.work_dir / "init.safetensors")
+            common += ["--weights", str(self.work_dir / "init.safetensors")]
+        if device:
+            common += ["--device", device]
+        if state_dir:
+            common += ["--state-dir", str(state_dir)]
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.group_of: dict[str, int] = {}
+        for i, orgs in enumerate(groups):
+            cmd = [sys.executable, "-m", "fedsplit.runtime.host", str(plan.file), "--orgs", *orgs,
+                   "--ready-file", str(self._ready(i)), *common]
+            self.procs[i] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                             stderr=open(self.log(i), "wb"), env=_worker_env())
+            self.group_of.update({org: i for org in orgs})
+        self.addresses = self._wait_ready(start_timeout)
+
+    def _ready(self, i: int) -> Path:
+        return self.work_dir / f"host-{i}.json"
+
+    def log(self, i: int) -> Path:
+        return self.work_dir / f"host-{i}.log"
+
+    def tls_for(self, org: str) -> TLSConfig | None:
+        return TLSConfig.load(self.credentials, org) if self.credentials else None
+
+    def token_for(self, org: str) -> str | None:
+        return load_tokens(self.credentials)[org] if self.credentials else None
+
+    def _wait_ready(self, timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        addresses: dict[str, str] = {}
+        while len(addresses) < len(self.group_of):
+            for i, proc in self.procs.items():
+                if proc.poll() is not None:
+                    log = self.log(i).read_text(errors="replace")[-2000:]
+                    self.close()
+                    raise RuntimeError(f"worker host {i} exited with code {proc.returncode} while starting:\n{log}")
+                if self._ready(i).exists():
+                    addresses.update(json.loads(self._ready(i).read_text()))
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"workers not ready after {timeout:.0f} s: {sorted(set(self.group_of) - set(addresses))}")
+            time.sleep(0.05)
+        return addresses
+
+    def kill(self, org: str) -> None:
+        """SIGKILL the process that hosts ``org`` (and whatever else it hosts)."""
+        self.procs[self.group_of[org]].kill()
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            remove_segments_of(proc.pid)  # a worker that was killed could not remove its own
+
+
+class ProcessFederation:
+    """One worker process per organisation on loopback, driven over gRPC like the in-process
+    :class:`~fedsplit.runtime.InProcessFederation`."""
+
+    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, timeout: float = 60.0,
+                 start_timeout: float = 120.0, insecure: bool = False):
+        """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
+        self.plan = plan
+        self.run = f"{plan.name}-{secrets.token_hex(4)}"
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
+        self.hosts = HostProcesses(plan, [[org] for org in plan.orgs], Path(self._tmp.name), run=self.run, weights=weights,
+                                   device=device, insecure=insecure, start_timeout=start_timeout)
+        self.addresses = self.hosts.addresses
+        tls, token = self.hosts.tls_for(COORDINATOR), self.hosts.token_for(COORDINATOR)
+        self.channels = {org: DataPlaneChannel(org, addr, caller=COORDINATOR, tls=tls, token=token, timeout=timeout)
+                         for org, addr in self.addresses.items()}
+        for org in plan.orgs:
+            self._control(org, "connect/" + json.dumps(self.addresses))
+
+    def _control(self, org: str, op: str, tensors: Named = ()) -> Named:
+        return self.channels[org].call(pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL), list(tensors))
+
+    def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
+        metrics = {}
+        for d in self.plan.data_owners:
+            tokens, labels = batches[d]
+            reply = self._control(d, f"train/{step}", [("tokens", tokens), ("labels", labels)])
+            metrics[d] = {k: float(v) for k, v in reply}
+        for org in self.plan.orgs:
+            self._control(org, "step")
+        return metrics
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes that crossed the data plane between organisations so far (control excluded),
+        as sent and as the uncompressed tensors they carry."""
+        total = {"wire_bytes": 0, "tensor_bytes": 0}
+        for org in self.plan.orgs:
+            for k, v in self._control(org, "stats"):
+                total[k] += int(v)
+        return total
+
+    def state(self, org: str) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self._control(org, "state")}
+
+    def replicas(self, partition: Partition) -> dict[str, dict[str, Tensor]]:
+        keys = [s.key for s in unit_slices(self.plan.model, partition.units)]
+        return {org: {k: v for k, v in self.state(org).items() if k in keys} for org in partition.holders}
+
+    def load_partition(self, partition: Partition, state: Mapping[str, Tensor]) -> None:
+        for org in partition.holders:
+            self._control(org, "load", list(state.items()))
+
+    def reassembled(self) -> dict[str, Tensor]:
+        states = {org: self.state(org) for org in self.plan.orgs}
+        return reassemble(self.plan.model, [
+            {s.key: states[p.holders[0]][s.key] for s in unit_slices(self.plan.model, p.units)} for p in self.plan.partitions
+        ])
+
+    def close(self) -> None:
+        for ch in getattr(self, "channels", {}).values():
+            ch.close()
+        if hasattr(self, "hosts"):
+            self.hosts.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "ProcessFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

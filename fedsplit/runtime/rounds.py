@@ -1,0 +1,250 @@
+"""Rounds that the workers run among themselves, in step with one another.
+
+The coordinator only starts a round and later collects it (two messages per organisation per
+round), so the order in which Flower delivers those messages cannot deadlock training: a data
+owner's worker drives its steps on its own thread, and every worker applies its optimizer for
+step ``s`` once each data owner whose batches pass through it has reported step ``s`` finished
+(the step barrier). A data owner starts only when every organisation on its path has begun the
+round, i.e. holds the round's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..plan import Plan
+from .optim import load_optimizer_state, make_optimizer, optimizer_state
+from .worker import Worker
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    round: int
+    first_step: int
+    steps: int
+    data_owners: tuple[str, ...]  # those training this round (live ones)
+    restore_round: int  # last complete round: the optimizer state every worker must start from
+
+    @property
+    def last_step(self) -> int:
+        return self.first_step + self.steps - 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RoundSpec":
+        d = json.loads(text)
+        return cls(**{**d, "data_owners": tuple(d["data_owners"])})
+
+
+def path_orgs(plan: Plan, data_owner: str) -> frozenset[str]:
+    """Every organisation that computes something for ``data_owner``'s batches, itself included."""
+    return frozenset(plan.route(data_owner).values()) | {data_owner}
+
+
+class RoundControl(Protocol):
+    """What a data owner asks of each organisation on its path (in process or over gRPC)."""
+
+    def await_round(self, round: int) -> None: ...
+
+    def finish_step(self, data_owner: str, step: int) -> None: ...
+
+    def abort(self, round: int, reason: str) -> None: ...
+
+
+class RoundFailed(RuntimeError):
+    pass
+
+
+class Rounds:
+    """One organisation's side of the rounds: its step barrier and, for a data owner, the thread
+    that drives its batches. ``state_dir`` keeps the optimizer state of each complete round, so
+    that a restarted worker resumes exactly."""
+
+    def __init__(self, worker: Worker, batches: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+                 state_dir: Path | None = None):
+        self.worker, self.batches, self.state_dir = worker, batches, state_dir
+        self.timeout = worker.plan.transport.step_timeout_s
+        self.spec: RoundSpec | None = None
+        self.last_finished = 0
+        self._cond = threading.Condition()
+        self._arrived: dict[int, set[str]] = {}
+        self._expected: frozenset[str] = frozenset()
+        self._completed = -1
+        self._error: str | None = None
+        self._driver: threading.Thread | None = None
+        self._metrics: dict[str, float] = {}
+        self._anchor: dict[str, Tensor] = {}
+        worker.rounds = self
+
+    # -- the coordinator's side (through this organisation's client) ---------------------------
+
+    def begin(self, spec: RoundSpec, weights: Mapping[str, Tensor]) -> None:
+        """Load the round's weights and start it; returns at once (a data owner trains on)."""
+        w = self.worker
+        missing = sorted(set(w.model.bindings) - set(weights))
+        if missing:
+            raise ValueError(f"{w.name}: the weights of round {spec.round} lack {', '.join(missing[:5])}")
+        if self._driver is not None and self._driver.is_alive():
+            raise RuntimeError(f"{w.name}: round {self.spec.round} is still running")
+        with self._cond:
+            w.reset_pending()
+            w.load_state(weights)
+            self._restore_optimizer(spec.restore_round)
+            mu = w.plan.aggregation.proximal_mu
+            self._anchor = {k: p.detach().clone() for k, p in w.model.bindings.items()} if mu > 0 else {}
+            self.spec, self._error, self._metrics, self._arrived = spec, None, {}, {}
+            self._expected = frozenset(d for d in spec.data_owners if w.name in path_orgs(w.plan, d))
+            self._completed = spec.first_step - 1 if self._expected else spec.last_step
+            self._cond.notify_all()
+        if w.name in spec.data_owners:
+            self._driver = threading.Thread(target=self._drive, args=(spec,), name=f"fedsplit-round-{w.name}", daemon=True)
+            self._driver.start()
+
+    def wait(self, timeout: float) -> dict[str, float]:
+        """Block until this organisation's part of the round is done; its metrics."""
+        spec = self.spec
+        if spec is None:
+            raise RuntimeError(f"{self.worker.name}: no round was begun")
+        deadline = time.monotonic() + timeout
+        if self._driver is not None:
+            self._driver.join(timeout)
+            if self._driver.is_alive():
+                raise TimeoutError(f"{self.worker.name}: round {spec.round} still training after {timeout:.0f} s")
+        with self._cond:
+            done = self._cond.wait_for(lambda: self._completed >= spec.last_step or self._error,
+                                       max(deadline - time.monotonic(), 0))
+            if self._error:
+                raise RoundFailed(self._error)
+            if not done:
+                raise TimeoutError(f"{self.worker.name}: round {spec.round} reached step {self._completed} of "
+                                   f"{spec.last_step} in {timeout:.0f} s")
+        self._save_optimizer(spec.round)
+        self.last_finished = spec.round
+        return dict(self._metrics)
+
+    # -- what data owners ask (RoundControl) -----------------------------------------------------
+
+    def await_round(self, round: int) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.spec is not None and self.spec.round >= round, self.timeout):
+                raise TimeoutError(f"{self.worker.name} has not begun round {round} after {self.timeout:.0f} s")
+            if self.spec.round != round:
+                raise RoundFailed(f"{self.worker.name} is in round {self.spec.round}, not {round}")
+
+    def finish_step(self, data_owner: str, step: int) -> None:
+        """``data_owner`` finished ``step`` here; returns once this worker has applied the step."""
+        with self._cond:
+            spec = self.spec
+            if spec is None or not spec.first_step <= step <= spec.last_step:
+                raise ValueError(f"{self.worker.name}: step {step} is not part of the current round")
+            if data_owner not in self._expected:
+                raise PermissionError(f"{self.worker.name} does not expect steps from {data_owner!r} this round")
+            if step > self._completed:  # a retried report of a step already applied changes nothing
+                self._arrived.setdefault(step, set()).add(data_owner)
+                if step == self._completed + 1 and self._arrived[step] >= self._expected:
+                    self._apply_step()
+                    self._completed = step
+                    self._cond.notify_all()
+            done = self._cond.wait_for(lambda: self._completed >= step or self._error, self.timeout)
+            if self._error:
+                raise RoundFailed(self._error)
+            if not done:
+                missing = sorted(self._expected - self._arrived.get(step, set()))
+                raise TimeoutError(f"{self.worker.name}: step {step} still waits for {', '.join(missing)} after {self.timeout:.0f} s")
+
+    def abort(self, round: int, reason: str) -> None:
+        with self._cond:
+            if self.spec is not None and self.spec.round == round and self._error is None:
+                self._error = reason
+                self._cond.notify_all()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _apply_step(self) -> None:
+        w = self.worker
+        mu = w.plan.aggregation.proximal_mu
+        if self._anchor:  # FedProx: the gradient of mu/2 * |w - w_round|^2
+            for name, p in w.model.bindings.items():
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - self._anchor[name], alpha=mu)
+        w.step()
+
+    def _drive(self, spec: RoundSpec) -> None:
+        w = self.worker
+        controls = {org: _control_of(w, org) for org in sorted(path_orgs(w.plan, w.name))}
+        totals = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0.0, "step_s": 0.0}
+        traffic_before = w.traffic()
+        try:
+            for c in controls.values():
+                c.await_round(spec.round)
+            with ThreadPoolExecutor(max_workers=len(controls)) as pool:
+                for step in range(spec.first_step, spec.last_step + 1):
+                    start = time.perf_counter()
+                    m = w.train_batch(step, *self.batches(step))
+                    for f in [pool.submit(c.finish_step, w.name, step) for c in controls.values()]:
+                        f.result()
+                    totals["step_s"] += time.perf_counter() - start
+                    for k in ("loss", "aux_loss", "tokens"):
+                        totals[k] += m[k]
+                    totals["last_loss"] = m["loss"]
+        except Exception as e:
+            reason = f"{w.name}: round {spec.round} failed: {e}"
+            for c in controls.values():
+                try:
+                    c.abort(spec.round, reason)
+                except Exception:
+                    pass  # that organisation may be the one that is gone
+            with self._cond:
+                self._error = self._error or reason
+                self._cond.notify_all()
+            return
+        traffic = {k: v - traffic_before[k] for k, v in w.traffic().items()}
+        n = spec.steps
+        self._metrics = {"loss": totals["loss"] / n, "aux_loss": totals["aux_loss"] / n, "last_loss": totals["last_loss"],
+                         "tokens": totals["tokens"], "step_s": totals["step_s"] / n, **traffic}
+
+    def _optimizer_file(self, round: int) -> Path:
+        return self.state_dir / f"optimizer-round-{round:04d}.safetensors"
+
+    def _save_optimizer(self, round: int) -> None:
+        w = self.worker
+        if self.state_dir is None or w.optimizer is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._optimizer_file(round).with_suffix(".tmp")
+        save_file(optimizer_state(w.optimizer, list(w.model.bindings)), tmp)
+        tmp.replace(self._optimizer_file(round))
+        for old in self.state_dir.glob("optimizer-round-*.safetensors"):
+            if old.name < self._optimizer_file(round - 1).name:
+                old.unlink()
+
+    def _restore_optimizer(self, round: int) -> None:
+        """Make the optimizer state that of the end of ``round`` (0: fresh), unless it is already."""
+        w = self.worker
+        if round == self.last_finished or w.optimizer is None:
+            return
+        w.optimizer = make_optimizer(w.model.bindings.values(), w.plan.training.optimizer)
+        if round > 0:
+            path = self._optimizer_file(round) if self.state_dir else None
+            if path is None or not path.exists():
+                raise RuntimeError(f"{w.name}: cannot resume after round {round}: its optimizer state "
+                                   f"{path or '(no state directory)'} is missing")
+            load_optimizer_state(w.optimizer, list(w.model.bindings), load_file(path))
+        self.last_finished = round
+
+
+def _control_of(worker: Worker, org: str) -> RoundControl:
+    peer = worker.peers[org]
+    return peer.rounds if isinstance(peer, Worker) else peer
