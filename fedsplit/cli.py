@@ -64,6 +64,26 @@ def cmd_plan_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_generate(args: argparse.Namespace) -> int:
+    from .plan.generate import generate_plan
+
+    given = {k: getattr(args, k) for k in ("model", "seed", "rounds", "steps_per_round", "batch_size", "seq_len")}
+    try:
+        path = generate_plan(args.orgs, args.out, data_owners=args.data_owners, name=args.name,
+                             **{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        err_console.print(f"[red]cannot generate:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    plan = _load(str(path))
+    if plan is None:
+        return 1
+    replicated = sum(p.replicated for p in plan.partitions)
+    console.print(f"wrote {path}: plan '{plan.name}' is valid: {len(plan.orgs)} organisations, "
+                  f"{len(plan.data_owners)} data owners, {len(plan.partitions)} partitions ({replicated} replicated)",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
 def warn_insecure() -> None:
     err_console.print("[bold red]WARNING: --insecure: the data plane runs WITHOUT TLS and WITHOUT credentials. "
                       "Activations, gradients and weights cross the network in plaintext and anyone who can "
@@ -124,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = plan_sub.add_parser("check", help="validate a plan and print what goes where")
     check.add_argument("federation", help="the federation YAML file")
     check.set_defaults(func=cmd_plan_check)
+    generate = plan_sub.add_parser("generate", help="write a U-shaped plan for many organisations (data owners hold both ends)")
+    generate.add_argument("--orgs", type=int, required=True, help="number of organisations")
+    generate.add_argument("--out", required=True, help="directory for federation.yaml and orgs/")
+    generate.add_argument("--data-owners", type=int, help="organisations with data (default: a quarter of --orgs, at least 1)")
+    generate.add_argument("--model", help="model YAML (default: configs/models/tiny.yaml)")
+    generate.add_argument("--name", help="plan name (default: generated-ORGS)")
+    training = generate.add_argument_group("training", "defaults: seed 0, 1 round of 2 steps, batch 2 per data owner, "
+                                                       "seq_len 32 (small enough for a CPU)")
+    for flag in ("--seed", "--rounds", "--steps-per-round", "--batch-size", "--seq-len"):
+        training.add_argument(flag, type=int)
+    generate.set_defaults(func=cmd_plan_generate)
 
     verify = sub.add_parser("verify", help="train split and monolithic side by side and compare the parameters")
     verify.add_argument("federation")
