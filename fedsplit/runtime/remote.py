@@ -82,8 +82,8 @@ class GrpcPeer:
 class WorkerHandler:
     """Serves one worker: checks every call against the plan before the worker sees it.
 
-    ``run=None``: the worker joins the run of the first round its own organisation (or the
-    coordinator) begins, and a later round of another run starts it afresh."""
+    ``run=None``: the worker joins the run its own organisation (or the coordinator) first
+    connects it for, and connecting it for another run later starts it afresh."""
 
     # Control operations of the worker's own organisation (its Flower client) or the coordinator.
     OWNER_OPS = {"connect", "begin", "wait", "train", "step", "state", "load", "stats"}
@@ -95,7 +95,7 @@ class WorkerHandler:
         self._addresses: dict[str, str] = {}
 
     def handle(self, header: pb.CallHeader, tensors: Named) -> tuple[Named, str]:
-        if header.phase == pb.CONTROL and header.op.startswith("begin/") and header.run != self.run:
+        if header.phase == pb.CONTROL and header.op.partition("/")[0] in ("connect", "begin") and header.run != self.run:
             self._check_owner(header)
             self.run = header.run  # a new run: channels to peers and optimizer state start afresh
             self._addresses = {}

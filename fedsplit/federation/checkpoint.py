@@ -1,0 +1,72 @@
+"""Round checkpoints: the reassembled model (safetensors), the pieces each organisation keeps
+local, and a manifest. A checkpoint directory appears whole or not at all (written aside, then
+renamed), so a crash mid-write never leaves a round that looks complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..plan import Plan
+
+MODEL_FILE = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def plan_hash(plan: Plan) -> str:
+    """What the weights depend on: model, partitions and training settings."""
+    spec = {"model": plan.model.model_dump(mode="json"), "training": plan.training.model_dump(mode="json"),
+            "partitions": [[p.name, sorted(map(str, p.units)), list(p.holders), sorted(p.local_holders)] for p in plan.partitions]}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    path: Path
+    weights: dict[str, Tensor]
+    local: dict[str, dict[str, Tensor]]  # organisation -> its own version of its local pieces
+    manifest: dict
+
+
+def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def write_checkpoint(directory: Path, round: int, weights: Mapping[str, Tensor], local: Mapping[str, Mapping[str, Tensor]],
+                     manifest: dict) -> Path:
+    final = Path(directory) / f"round-{round:04d}"
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_contiguous(weights), tmp / MODEL_FILE, metadata={"format": "pt", "round": str(round)})
+    for org, state in local.items():
+        if state:
+            save_file(_contiguous(state), tmp / f"local-{org}.safetensors")
+    (tmp / MANIFEST).write_text(json.dumps({"round": round, **manifest}, indent=2))
+    with open(tmp / MANIFEST) as f:
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Checkpoint | None:
+    """The last complete round's checkpoint under ``directory``, if any."""
+    done = sorted(p for p in Path(directory).glob("round-[0-9][0-9][0-9][0-9]") if (p / MANIFEST).exists())
+    return load_checkpoint(done[-1]) if done else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    local = {f.name[len("local-"):-len(".safetensors")]: load_file(f) for f in path.glob("local-*.safetensors")}
+    return Checkpoint(int(manifest["round"]), path, load_file(path / MODEL_FILE), local, manifest)

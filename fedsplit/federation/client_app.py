@@ -1,0 +1,79 @@
+"""The client: a Flower ClientApp that drives its organisation's long-lived worker.
+
+The worker (``fedsplit.runtime.host``) holds the partitions, optimizer state and data-plane
+server for as long as the organisation takes part; this app only hands it each round's weights
+and settings, and later returns what it trained. Two messages per round:
+
+* ``train.begin``: load the round's weights, connect to the other organisations, start
+  (a data owner starts training on its own and the message returns at once);
+* ``train``: wait for the round to end and reply with the trained weights and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..runtime.remote import WorkerControl
+from ..runtime.rounds import RoundSpec
+from ..transport.service import PeerError
+from .settings import ClientSite
+
+app = ClientApp()
+
+# Replies carry a status: the coordinator treats "worker-down" as this organisation gone and
+# "round-failed" as a round that failed elsewhere (the message names where).
+OK, ROUND_FAILED, WORKER_DOWN = "ok", "round-failed", "worker-down"
+
+
+def _control(site: ClientSite, run: str) -> WorkerControl:
+    return WorkerControl(site.org, site.worker, caller=site.org, run=run, tls=site.tls, token=site.token)
+
+
+def _reply(msg: Message, status: str, reason: str = "", **records) -> Message:
+    return Message(RecordDict({**records, "status": ConfigRecord({"status": status, "reason": reason})}), reply_to=msg)
+
+
+def _failure(msg: Message, site: ClientSite, e: PeerError) -> Message:
+    own_worker_gone = e.org == site.org and e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return _reply(msg, WORKER_DOWN if own_worker_gone else ROUND_FAILED, str(e))
+
+
+@app.query("register")
+def register(msg: Message, context: Context) -> Message:
+    site = ClientSite.of(context.node_config)
+    return _reply(msg, OK, info=ConfigRecord({"org": site.org, "address": site.address}))
+
+
+@app.train("begin")
+def begin(msg: Message, context: Context) -> Message:
+    site = ClientSite.of(context.node_config)
+    config = msg.content["config"]
+    control = _control(site, str(config["run"]))
+    try:
+        control.connect(json.loads(str(config["addresses"])))
+        control.begin(RoundSpec.from_json(str(config["round"])), msg.content["arrays"].to_torch_state_dict())
+    except PeerError as e:
+        return _failure(msg, site, e)
+    finally:
+        control.close()
+    return _reply(msg, OK)
+
+
+@app.train()
+def collect(msg: Message, context: Context) -> Message:
+    site = ClientSite.of(context.node_config)
+    config = msg.content["config"]
+    control = _control(site, str(config["run"]))
+    try:
+        metrics = control.wait(float(config["wait_s"]))
+        state = control.state()
+    except PeerError as e:
+        return _failure(msg, site, e)
+    finally:
+        control.close()
+    return _reply(msg, OK, arrays=ArrayRecord(torch_state_dict=state),
+                  metrics=MetricRecord({"num-examples": int(metrics.get("tokens", 0)), **metrics}))

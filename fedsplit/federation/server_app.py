@@ -1,0 +1,227 @@
+"""The coordinator: a Flower ServerApp that runs a federation's rounds.
+
+    register every organisation's node          query.register
+    for each round:
+        send each organisation its weights      train.begin   (its partitions only)
+        collect what each one trained           train
+        average replicas within their groups, keep local pieces apart
+        reassemble the full model, checkpoint it, log the round
+
+An organisation that fails is reported by name with the reason; the round is rerun from the
+last good weights without it when every partition still has a holder, and the run stops with
+a clear error otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from ..plan import Plan, select, unit_slices
+from ..plan.slicing import TensorSlice
+from ..runtime.rounds import RoundSpec, path_orgs
+from .aggregate import aggregate_round
+from .checkpoint import latest_checkpoint, plan_hash, write_checkpoint
+from .client_app import OK, WORKER_DOWN
+from .rundir import MetricsLog
+from .settings import CoordinatorSettings
+from .verify import initial_weights
+
+app = ServerApp()
+RESULT_FILE = "result.json"
+
+
+class FederationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Outcome:
+    """Replies of one wave of messages: per organisation, the reply or why there is none."""
+
+    replies: dict[str, Message] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)  # organisations whose node or worker is gone
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = CoordinatorSettings.find(context.run_config)
+    result = Path(settings.run_dir) / RESULT_FILE
+    try:
+        Coordinator(grid, settings).run()
+    except Exception as e:
+        result.write_text(json.dumps({"status": "failed", "error": str(e)}))
+        log(WARNING, "fedsplit: the run stopped: %s", e)
+        raise
+    result.write_text(json.dumps({"status": "finished"}))
+
+
+class Coordinator:
+    def __init__(self, grid: Grid, settings: CoordinatorSettings):
+        self.grid, self.settings = grid, settings
+        self.plan: Plan = settings.load_plan()
+        self.run_dir = Path(settings.run_dir)
+        self.run_id = self.run_dir.name
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.hash = plan_hash(self.plan)
+        last = latest_checkpoint(self.checkpoints) if settings.resume else None
+        if last is not None:
+            if last.manifest.get("plan_hash") != self.hash:
+                raise FederationError(f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
+                                      f"this plan is {self.hash}); resume with the plan it was started with")
+            self.weights, self.local, self.first_round = last.weights, last.local, last.round + 1
+            log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
+        else:
+            self.weights = initial_weights(self.plan)
+            self.local = {org: select(self.weights, self._local_slices(org)) for org in self.plan.orgs}
+            self.first_round = 1
+        self.node_of: dict[str, int] = {}
+        self.addresses: dict[str, str] = {}
+        self.alive: set[str] = set()
+
+    def _local_slices(self, org: str) -> list[TensorSlice]:
+        return [s for p in self.plan.partitions if org in p.local_holders for s in unit_slices(self.plan.model, p.units)]
+
+    # -- the algorithm ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.register()
+        for r in range(self.first_round, self.plan.training.rounds + 1):
+            self.train_round(r)
+
+    def register(self) -> None:
+        """Learn which node is which organisation and where its data plane listens."""
+        expected = len(self.plan.orgs)
+        deadline = time.monotonic() + self.settings.node_timeout_s
+        while len(nodes := list(self.grid.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                raise FederationError(f"{len(nodes)} of {expected} organisations connected within {self.settings.node_timeout_s:.0f} s")
+            time.sleep(0.5)
+        msgs = {nid: Message(RecordDict(), dst_node_id=nid, message_type="query.register") for nid in nodes}
+        outcome = self._exchange(msgs, self.settings.message_timeout_s, {nid: str(nid) for nid in nodes})
+        if outcome.failed:
+            raise FederationError("nodes failed to register: " + "; ".join(f"node {n}: {r}" for n, r in outcome.failed.items()))
+        for nid_text, reply in outcome.replies.items():
+            info = reply.content["info"]
+            org = str(info["org"])
+            if org not in self.plan.orgs:
+                raise FederationError(f"node {nid_text} says it is organisation {org!r}, which plan {self.plan.name!r} does not have")
+            if org in self.node_of:
+                raise FederationError(f"two nodes say they are organisation {org!r}")
+            self.node_of[org], self.addresses[org] = int(nid_text), str(info["address"])
+        missing = sorted(set(self.plan.orgs) - set(self.node_of))
+        if missing:
+            raise FederationError(f"organisations {', '.join(missing)} of the plan did not connect")
+        self.alive = set(self.plan.orgs)
+        log(INFO, "fedsplit: %d organisations registered: %s", len(self.alive), ", ".join(sorted(self.alive)))
+
+    def train_round(self, r: int) -> None:
+        t = self.plan.training
+        while True:
+            spec = self._round_spec(r)
+            started = time.monotonic()
+            outcome = self._begin(spec)
+            if not outcome.failed:
+                outcome = self._collect(spec)
+            if not outcome.failed:
+                break
+            for org, reason in sorted(outcome.failed.items()):
+                log(WARNING, "fedsplit: round %d: organisation %s failed: %s", r, org, reason)
+            self.metrics.write({"round": r, "event": "round-failed", "failed": outcome.failed, "gone": sorted(outcome.gone)})
+            if not outcome.gone:
+                raise FederationError(f"round {r} failed and no organisation is gone to exclude: {outcome.failed}")
+            self.alive -= outcome.gone
+            log(WARNING, "fedsplit: round %d: rerunning from the last good weights without %s", r, ", ".join(sorted(outcome.gone)))
+        trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
+        org_metrics = {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in outcome.replies.items()}
+        self.weights, self.local = aggregate_round(self.plan, self.weights, self.local, trained, org_metrics, self.alive)
+        seconds = time.monotonic() - started
+        owners = spec.data_owners
+        loss = sum(org_metrics[d]["loss"] * org_metrics[d]["tokens"] for d in owners) / max(sum(org_metrics[d]["tokens"] for d in owners), 1)
+        record = {"round": r, "event": "round", "steps": t.steps_per_round, "seconds": seconds, "loss": loss,
+                  "tokens": sum(org_metrics[d]["tokens"] for d in owners), "orgs": org_metrics, "alive": sorted(self.alive)}
+        path = write_checkpoint(self.checkpoints, r, self.weights, self.local,
+                                {"plan": self.plan.name, "plan_hash": self.hash, "run": self.run_id, "next_step": spec.last_step + 1,
+                                 "metrics": record, "optimizer_state": "kept by each organisation's worker (state dir), per round"})
+        self.metrics.write({**record, "checkpoint": str(path)})
+        log(INFO, "fedsplit: round %d/%d: loss %.4f, %d tokens, %.1f s -> %s", r, t.rounds, loss, record["tokens"], seconds, path)
+
+    # -- the messages ------------------------------------------------------------------------
+
+    def _round_spec(self, r: int) -> RoundSpec:
+        plan = self.plan
+        orphaned = [p.name for p in plan.partitions if not set(p.holders) & self.alive]
+        if orphaned:
+            raise FederationError(f"no organisation left that holds {', '.join(orphaned)}: cannot go on")
+        owners = tuple(d for d in plan.data_owners if path_orgs(plan, d) <= self.alive)
+        if not owners:
+            raise FederationError("no data owner left whose whole path of organisations is alive")
+        steps = plan.training.steps_per_round
+        return RoundSpec(r, (r - 1) * steps, steps, owners, r - 1)
+
+    def _weights_of(self, org: str) -> dict:
+        """Its partitions' current weights: its own version of the pieces it keeps local."""
+        return {**select(self.weights, self.plan.slices_of(org)), **self.local.get(org, {})}
+
+    def _config(self, spec: RoundSpec) -> dict:
+        return {"run": self.run_id, "round": spec.to_json(), "wait_s": self.settings.round_timeout_s,
+                "addresses": json.dumps({o: a for o, a in self.addresses.items() if o in self.alive})}
+
+    def _begin(self, spec: RoundSpec) -> Outcome:
+        config = self._config(spec)
+        msgs = {org: Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": ConfigRecord(config)}),
+                             dst_node_id=self.node_of[org], message_type="train.begin", group_id=str(spec.round))
+                for org in sorted(self.alive)}
+        return self._exchange(msgs, self.settings.message_timeout_s)
+
+    def _collect(self, spec: RoundSpec) -> Outcome:
+        config = self._config(spec)
+        msgs = {org: Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=self.node_of[org],
+                             message_type="train", group_id=str(spec.round))
+                for org in sorted(self.alive)}
+        return self._exchange(msgs, self.settings.round_timeout_s + self.settings.message_timeout_s)
+
+    def _exchange(self, msgs: dict, timeout: float, names: dict | None = None) -> Outcome:
+        """Send one message per organisation and wait for every reply (matched by message id),
+        or for the deadline: an organisation that does not answer in time counts as gone."""
+        ids = list(self.grid.push_messages(list(msgs.values())))
+        org_of = dict(zip(ids, msgs))
+        outcome, pending = Outcome(), set(ids)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                pending.discard(mid)
+                self._judge(org_of[mid], reply, outcome)
+            if pending:
+                time.sleep(0.2)
+        for mid in pending:
+            outcome.failed[org_of[mid]] = f"no reply within {timeout:.0f} s"
+            outcome.gone.add(org_of[mid])
+        if names:
+            outcome.replies = {names[k]: v for k, v in outcome.replies.items()}
+            outcome.failed = {names[k]: v for k, v in outcome.failed.items()}
+        return outcome
+
+    @staticmethod
+    def _judge(org, reply: Message, outcome: Outcome) -> None:
+        if reply.has_error():
+            outcome.failed[org] = f"Flower error {reply.error.code}: {reply.error.reason}"
+            outcome.gone.add(org)  # its node, or its client app, is gone
+            return
+        status = reply.content["status"]
+        if status["status"] == OK:
+            outcome.replies[org] = reply
+        else:
+            outcome.failed[org] = str(status["reason"])
+            if status["status"] == WORKER_DOWN:
+                outcome.gone.add(org)

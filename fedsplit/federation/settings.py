@@ -1,0 +1,87 @@
+"""What the coordinator and the clients need to know besides the plan, and where they find it.
+
+Flower starts the ServerApp and the ClientApps itself (in simulation inside Ray actors, in
+deployment as fresh processes per message), so their settings travel as a JSON file named by an
+environment variable or by the run config (``flwr run ... -c "fedsplit-settings='PATH'"``), and
+as the SuperNode's node config."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..plan import Plan, load_plan
+from ..plan.schema import TrainingConfig, TransportConfig
+from ..transport.security import TLSConfig, load_tokens
+
+COORDINATOR_ENV = "FEDSPLIT_COORDINATOR_SETTINGS"
+SIMULATION_ENV = "FEDSPLIT_SIMULATION"
+
+
+class CoordinatorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: str = Field(description="the federation YAML file")
+    run_dir: str
+    resume: bool = False
+    node_timeout_s: float = Field(default=300.0, gt=0, description="how long to wait for every organisation to connect")
+    message_timeout_s: float = Field(default=600.0, gt=0, description="deadline of a round's begin messages")
+    round_timeout_s: float = Field(default=3600.0, gt=0, description="deadline of a round's training")
+    training: TrainingConfig | None = Field(default=None, description="replaces the plan's training settings")
+    transport: TransportConfig | None = None
+
+    def load_plan(self) -> Plan:
+        plan = load_plan(self.plan)
+        plan.training = self.training or plan.training
+        plan.transport = self.transport or plan.transport
+        return plan
+
+    def write(self, path: Path) -> Path:
+        Path(path).write_text(self.model_dump_json(indent=2))
+        return Path(path)
+
+    @classmethod
+    def find(cls, run_config: Mapping) -> "CoordinatorSettings":
+        path = run_config.get("fedsplit-settings") or os.environ.get(COORDINATOR_ENV)
+        if not path:
+            raise RuntimeError(f"no coordinator settings: pass -c \"fedsplit-settings='PATH'\" to flwr run or set {COORDINATOR_ENV}")
+        return cls.model_validate_json(Path(str(path)).read_text())
+
+
+@dataclass(frozen=True)
+class ClientSite:
+    """One organisation as its client sees it: its worker and the address others reach it at."""
+
+    org: str
+    worker: str  # where this client reaches its own worker
+    address: str  # where the other organisations reach it
+    credentials: Path | None  # None: plaintext without tokens (explicitly insecure)
+
+    @property
+    def tls(self) -> TLSConfig | None:
+        return TLSConfig.load(self.credentials, self.org) if self.credentials else None
+
+    @property
+    def token(self) -> str | None:
+        return load_tokens(self.credentials)[self.org] if self.credentials else None
+
+    @classmethod
+    def of(cls, node_config: Mapping) -> "ClientSite":
+        """From the SuperNode's node config (deployment: ``org``, ``worker``, ``address``,
+        ``credentials`` or ``insecure``), or in simulation from the registry that ``fedsplit
+        simulate`` wrote, by partition id."""
+        if "org" in node_config:
+            if not node_config.get("credentials") and not node_config.get("insecure"):
+                raise RuntimeError("the node config needs credentials=DIR, or insecure=true explicitly")
+            creds = node_config.get("credentials")
+            worker = str(node_config["worker"])
+            return cls(str(node_config["org"]), worker, str(node_config.get("address") or worker), Path(str(creds)) if creds else None)
+        registry = json.loads(Path(os.environ[SIMULATION_ENV]).read_text())
+        org = registry["orgs"][int(node_config["partition-id"])]
+        creds = registry.get("credentials")
+        return cls(org, registry["workers"][org], registry["workers"][org], Path(creds) if creds else None)
