@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -135,6 +136,67 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _training_overrides(plan: Plan, args: argparse.Namespace) -> None:
+    update = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps)) if v is not None}
+    if update:
+        plan.training = plan.training.model_copy(update=update)
+
+
+def print_rounds(run_dir: Path) -> None:
+    from .federation.rundir import MetricsLog
+
+    table = Table(title=f"rounds of {run_dir.name}")
+    for col in ("round", "loss", "tokens", "seconds", "organisations"):
+        table.add_column(col, justify="right")
+    for r in MetricsLog(run_dir / "metrics.jsonl").read():
+        if r["event"] == "round":
+            table.add_row(str(r["round"]), f"{r['loss']:.4f}", f"{int(r['tokens']):,}", f"{r['seconds']:.1f}", str(len(r["alive"])))
+        elif r["event"] == "round-failed":
+            table.add_row(str(r["round"]), "[red]failed[/]", "", "", "gone: " + ", ".join(r["gone"]))
+    console.print(table)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .federation.simulate import SimulationFailed, SimulationOptions, simulate
+
+    plan = _load(args.federation)
+    if plan is None:
+        return 1
+    _training_overrides(plan, args)
+    if args.insecure:
+        warn_insecure()
+    options = SimulationOptions(runs_root=Path(args.runs_dir), resume=Path(args.resume) if args.resume else None, device=args.device,
+                                insecure=args.insecure, process_per_org=args.process_per_org, actors=args.actors)
+    try:
+        run_dir = simulate(plan, options)
+    except SimulationFailed as e:
+        err_console.print(f"[red]simulation failed:[/] {e}", highlight=False, soft_wrap=True)
+        return 1
+    print_rounds(run_dir)
+    console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, plan.json, workers/)", highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .federation.checkpoint import latest_checkpoint, load_checkpoint
+
+    source = Path(args.checkpoint)
+    if (source / "manifest.json").exists():
+        ckpt = load_checkpoint(source)
+    else:
+        ckpt = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source)
+    if ckpt is None:
+        err_console.print(f"[red]no complete checkpoint in {source}[/] (give a run directory or a checkpoints/round-NNNN directory)")
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ckpt.weights.items()}, out, metadata={"format": "pt", "round": str(ckpt.round)})
+    console.print(f"wrote the full model of round {ckpt.round} ({len(ckpt.weights)} tensors) to {out}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsplit", description="Federated split training of partitioned MoE transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"],
                        help="host names and IP addresses the certificates are valid for")
     certs.set_defaults(func=cmd_certs)
+    sim = sub.add_parser("simulate", help="run the whole federation on this host through Flower's simulation engine")
+    sim.add_argument("federation")
+    sim.add_argument("--rounds", type=int, help="override training.rounds")
+    sim.add_argument("--steps", type=int, help="override training.steps_per_round")
+    sim.add_argument("--device", help="device of every organisation (default: each organisation's own, cuda when present)")
+    sim.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
+    sim.add_argument("--process-per-org", action="store_true", help="one worker process per organisation instead of one for all")
+    sim.add_argument("--actors", type=int, default=2, help="Ray actors running client messages (clients never block each other)")
+    sim.add_argument("--insecure", action="store_true", help="data plane without TLS and tokens (it stays on loopback)")
+    sim.set_defaults(func=cmd_simulate)
+
+    export = sub.add_parser("export", help="write the full model of a checkpoint as one safetensors file")
+    export.add_argument("checkpoint", help="a run directory (its last complete round) or a checkpoints/round-NNNN directory")
+    export.add_argument("out", help="the .safetensors file to write")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

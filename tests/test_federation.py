@@ -4,6 +4,12 @@ rounds, aggregation, reassembly, checkpoints, resume and failing organisations."
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +17,11 @@ import torch
 
 from fedsplit.data import batches_for
 from fedsplit.federation.checkpoint import latest_checkpoint
-from fedsplit.federation.simulate import SimulationOptions, simulate
+from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
 from fedsplit.federation.verify import initial_weights
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
+from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.runtime import MonolithicTrainer
 
 PLANS = Path(__file__).resolve().parents[1] / "configs" / "plans"
@@ -51,3 +58,81 @@ def test_simulated_rounds_without_replicas_equal_monolithic_training(tmp_path):
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["orgs"]["hospital-a"]["bytes_sent"] > 0
     assert json.loads((run_dir / "plan.json").read_text())["name"] == "three-orgs"
+
+
+def test_three_org_plan_with_every_partition_kind_averages_replicas_exactly(tmp_path):
+    """Layer, expert and head partitions, ends replicated on two data owners. With one SGD step
+    per round, averaging the replicas by tokens is exactly the monolithic step on both batches."""
+    plan = small_plan("u-shape-3", rounds=2, steps=1, optimizer=OptimizerConfig(name="sgd", lr=0.05))
+    run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path))
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    MoETransformer(plan.model).load_state_dict(ckpt.weights, strict=True)
+    assert max_diff(ckpt.weights, monolithic(plan, 2)) <= 1e-5
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedsplit.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def wait_for(path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_a_killed_and_resumed_coordinator_reaches_the_weights_of_a_clean_run(tmp_path):
+    fed = str(PLANS / "three-orgs" / "federation.yaml")
+    common = ["--rounds", "3", "--steps", "2", "--insecure"]
+    clean = run_cli("simulate", fed, "--runs-dir", str(tmp_path / "clean"), *common)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "fedsplit.cli", "simulate", fed, "--runs-dir", str(tmp_path / "killed"), *common],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "killed").glob("*/checkpoints/round-0001/manifest.json")):
+            assert time.monotonic() < deadline and proc.poll() is None, "round 1 never completed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the coordinator, Ray and the workers all at once
+        proc.wait()
+    run_dir = next((tmp_path / "killed").iterdir())
+    assert latest_checkpoint(run_dir / "checkpoints").round < 3
+    resumed = run_cli("simulate", fed, "--resume", str(run_dir), *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = latest_checkpoint(run_dir / "checkpoints")
+    assert final.round == 3
+    assert max_diff(final.weights, latest_checkpoint(next((tmp_path / "clean").iterdir()) / "checkpoints").weights) == 0.0
+
+
+def kill_after_round_one(org: str):
+    def on_started(hosts, run_dir):
+        def watch():
+            wait_for(run_dir / "checkpoints" / "round-0001" / "manifest.json")
+            hosts.kill(org)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return on_started
+
+
+def test_a_dead_data_owner_is_reported_and_the_others_go_on_with_its_replicas(tmp_path):
+    plan = small_plan("two-hospitals", rounds=3, steps=20)
+    run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),
+                       on_started=kill_after_round_one("hospital-b"))
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    failed = [e for e in events if e["event"] == "round-failed"]
+    assert failed and failed[0]["gone"] == ["hospital-b"] and "hospital-b" in failed[0]["failed"]
+    rounds = [e for e in events if e["event"] == "round"]
+    assert [e["round"] for e in rounds] == [1, 2, 3]
+    assert "hospital-b" in rounds[0]["alive"] and "hospital-b" not in rounds[-1]["alive"]
+    assert rounds[-1]["orgs"].keys() == {"hospital-a", "compute-c", "experts-d"}
+
+
+def test_a_dead_organisation_without_replicas_stops_the_run_with_a_clear_error(tmp_path):
+    plan = small_plan("u-shape-3", rounds=3, steps=20)
+    with pytest.raises(SimulationFailed) as err:
+        simulate(plan, SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),
+                 on_started=kill_after_round_one("hospital-b"))
+    assert "layers.2.experts.4-7" in str(err.value) and "no organisation left" in str(err.value)
+    assert latest_checkpoint(next(tmp_path.iterdir()) / "checkpoints").round >= 1  # the last good weights stay

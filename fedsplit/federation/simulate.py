@@ -57,7 +57,7 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
     run_dir = Path(options.resume) if options.resume else new_run_dir(plan, options.runs_root)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     groups = [[org] for org in plan.orgs] if options.process_per_org else [list(plan.orgs)]
-    hosts = HostProcesses(plan, groups, run_dir / "workers", device=options.device, insecure=options.insecure,
+    hosts = HostProcesses(plan, groups, run_dir / "workers", run=run_dir.name, device=options.device, insecure=options.insecure,
                           state_dir=run_dir / "workers" / "state")
     try:
         registry = run_dir / "simulation.json"

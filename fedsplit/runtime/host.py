@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -93,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("give --credentials DIR, or --insecure explicitly")
     if args.port and len(args.orgs) > 1:
         parser.error("--port needs exactly one organisation")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(WORKER_THREADS)
     plan = load_plan(args.plan)
     if args.settings:

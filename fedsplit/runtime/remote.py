@@ -101,7 +101,10 @@ class WorkerHandler:
             self._addresses = {}
             if self.worker.rounds is not None:
                 self.worker.rounds.last_finished = -1
-        if header.run != self.run:
+        # A data owner may ask whether this worker has begun the round before this worker's own
+        # client connected it to the run: let it wait for the round like any other.
+        waiting_for_run = self.run is None and header.phase == pb.CONTROL and header.op.startswith("ready/")
+        if header.run != self.run and not waiting_for_run:
             raise CallRejected(grpc.StatusCode.FAILED_PRECONDITION, f"a call of run {header.run!r} reached a worker of run {self.run!r}")
         try:
             if header.phase == pb.CONTROL:

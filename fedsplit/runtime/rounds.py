@@ -11,6 +11,7 @@ round, i.e. holds the round's weights.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,12 @@ from torch import Tensor
 from ..plan import Plan
 from .optim import load_optimizer_state, make_optimizer, optimizer_state
 from .worker import Worker
+
+
+log = logging.getLogger(__name__)
+
+# How often a step barrier that is still waiting checks that the data owners it waits for are alive.
+PROBE_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class Rounds:
         self._driver: threading.Thread | None = None
         self._metrics: dict[str, float] = {}
         self._anchor: dict[str, Tensor] = {}
+        self._early_aborts: dict[int, str] = {}  # aborts of a round that reached us before it began
         worker.rounds = self
 
     # -- the coordinator's side (through this organisation's client) ---------------------------
@@ -104,11 +112,11 @@ class Rounds:
             self._restore_optimizer(spec.restore_round)
             mu = w.plan.aggregation.proximal_mu
             self._anchor = {k: p.detach().clone() for k, p in w.model.bindings.items()} if mu > 0 else {}
-            self.spec, self._error, self._metrics, self._arrived = spec, None, {}, {}
+            self.spec, self._error, self._metrics, self._arrived = spec, self._early_aborts.pop(spec.round, None), {}, {}
             self._expected = frozenset(d for d in spec.data_owners if w.name in path_orgs(w.plan, d))
             self._completed = spec.first_step - 1 if self._expected else spec.last_step
             self._cond.notify_all()
-        if w.name in spec.data_owners:
+        if w.name in spec.data_owners and self._error is None:
             self._driver = threading.Thread(target=self._drive, args=(spec,), name=f"fedsplit-round-{w.name}", daemon=True)
             self._driver.start()
 
@@ -123,13 +131,19 @@ class Rounds:
             if self._driver.is_alive():
                 raise TimeoutError(f"{self.worker.name}: round {spec.round} still training after {timeout:.0f} s")
         with self._cond:
-            done = self._cond.wait_for(lambda: self._completed >= spec.last_step or self._error,
-                                       max(deadline - time.monotonic(), 0))
+            progress, last_progress = self._completed, time.monotonic()
+            while not (self._completed >= spec.last_step or self._error):
+                now = time.monotonic()
+                if self._completed != progress:
+                    progress, last_progress = self._completed, now
+                waiting = sorted(self._expected - self._arrived.get(self._completed + 1, set()))
+                if now > deadline or now - last_progress > self.timeout:
+                    raise TimeoutError(f"{self.worker.name}: round {spec.round} stuck after step {self._completed} "
+                                       f"of {spec.last_step}, waiting for {', '.join(waiting)}")
+                if not self._cond.wait(PROBE_INTERVAL_S):
+                    self._fail_if_unreachable(waiting)
             if self._error:
                 raise RoundFailed(self._error)
-            if not done:
-                raise TimeoutError(f"{self.worker.name}: round {spec.round} reached step {self._completed} of "
-                                   f"{spec.last_step} in {timeout:.0f} s")
         self._save_optimizer(spec.round)
         self.last_finished = spec.round
         return dict(self._metrics)
@@ -157,18 +171,34 @@ class Rounds:
                     self._apply_step()
                     self._completed = step
                     self._cond.notify_all()
-            done = self._cond.wait_for(lambda: self._completed >= step or self._error, self.timeout)
+            deadline = time.monotonic() + self.timeout
+            while not (self._completed >= step or self._error):
+                left = deadline - time.monotonic()
+                missing = sorted(self._expected - self._arrived.get(step, set()))
+                if left <= 0:
+                    raise TimeoutError(f"{self.worker.name}: step {step} still waits for {', '.join(missing)} after {self.timeout:.0f} s")
+                if not self._cond.wait(min(left, PROBE_INTERVAL_S)):
+                    self._fail_if_unreachable(missing)
             if self._error:
                 raise RoundFailed(self._error)
-            if not done:
-                missing = sorted(self._expected - self._arrived.get(step, set()))
-                raise TimeoutError(f"{self.worker.name}: step {step} still waits for {', '.join(missing)} after {self.timeout:.0f} s")
+
+    def _fail_if_unreachable(self, data_owners: list[str]) -> None:
+        """A data owner whose worker cannot be reached will never finish the step: fail the
+        round now rather than at the step timeout. Called with the lock held."""
+        for d in data_owners:
+            peer = self.worker.peers.get(d)
+            if getattr(peer, "remote", False) and not peer.channel.reachable(timeout=1.0):
+                self._error = f"{self.worker.name}: data owner '{d}' at {peer.channel.address} is unreachable mid-round"
+                self._cond.notify_all()
+                return
 
     def abort(self, round: int, reason: str) -> None:
         with self._cond:
-            if self.spec is not None and self.spec.round == round and self._error is None:
-                self._error = reason
+            if self.spec is not None and self.spec.round == round:
+                self._error = self._error or reason
                 self._cond.notify_all()
+            elif self.spec is None or self.spec.round < round:
+                self._early_aborts[round] = reason
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -201,6 +231,7 @@ class Rounds:
                     totals["last_loss"] = m["loss"]
         except Exception as e:
             reason = f"{w.name}: round {spec.round} failed: {e}"
+            log.warning("%s", reason)
             for c in controls.values():
                 try:
                     c.abort(spec.round, reason)

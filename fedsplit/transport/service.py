@@ -216,6 +216,16 @@ class DataPlaneChannel:
             for seg in segments:
                 self._pool.release(seg)
 
+    def reachable(self, timeout: float = 1.0) -> bool:
+        """Whether a connection to the peer can be (or is) established within ``timeout``."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        except ValueError:  # closed here (replaced by a new connection): says nothing about the peer
+            return True
+
     def close(self) -> None:
         self._channel.close()
         if self._pool is not None:
