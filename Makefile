@@ -7,6 +7,7 @@ setup:
 demo: setup
 	.venv/bin/fedsplit plan check configs/plans/three-orgs/federation.yaml
 	.venv/bin/fedsplit verify configs/plans/three-orgs/federation.yaml --steps 10
+	.venv/bin/fedsplit simulate configs/plans/u-shape-3/federation.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q

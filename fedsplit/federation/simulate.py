@@ -70,14 +70,19 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
         if on_started:
             on_started(hosts, run_dir)
         logging.getLogger("flwr").setLevel(logging.INFO)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(plan.orgs),
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": max(1, options.actors), "include_dashboard": False}})
+        try:
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(plan.orgs),
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                           "init_args": {"num_cpus": max(1, options.actors), "include_dashboard": False}})
+        except Exception as e:  # the ServerApp's own exception, re-raised by Flower; result.json says why
+            crash = e
+        else:
+            crash = None
     finally:
         hosts.close()
     result = run_dir / RESULT_FILE
     if not result.exists():
-        raise SimulationFailed(f"the coordinator did not finish; see the log above and {run_dir}")
+        raise SimulationFailed(f"the coordinator did not finish ({crash!r}); see the log above and {run_dir}")
     outcome = json.loads(result.read_text())
     if outcome["status"] != "finished":
         raise SimulationFailed(outcome.get("error", "the coordinator failed"))

@@ -63,6 +63,7 @@ class HostProcesses:
         self.procs: dict[int, subprocess.Popen] = {}
         self.group_of: dict[str, int] = {}
         for i, orgs in enumerate(groups):
+            self._ready(i).unlink(missing_ok=True)  # a previous run's (resume in the same directory)
             cmd = [sys.executable, "-m", "fedsplit.runtime.host", str(plan.file), "--orgs", *orgs,
                    "--ready-file", str(self._ready(i)), *common]
             self.procs[i] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # How often a step barrier that is still waiting checks that the data owners it waits for are alive.
 PROBE_INTERVAL_S = 5.0
+PROBE_TIMEOUT_S = 5.0
+PROBES_BEFORE_GIVING_UP = 3
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Rounds:
         self._driver: threading.Thread | None = None
         self._metrics: dict[str, float] = {}
         self._anchor: dict[str, Tensor] = {}
+        self._unreachable: dict[str, int] = {}  # failed probes in a row, per data owner
         self._early_aborts: dict[int, str] = {}  # aborts of a round that reached us before it began
         worker.rounds = self
 
@@ -187,7 +190,13 @@ class Rounds:
         round now rather than at the step timeout. Called with the lock held."""
         for d in data_owners:
             peer = self.worker.peers.get(d)
-            if getattr(peer, "remote", False) and not peer.channel.reachable(timeout=1.0):
+            if not getattr(peer, "remote", False):
+                continue
+            if peer.channel.reachable(timeout=PROBE_TIMEOUT_S):
+                self._unreachable.pop(d, None)
+                continue
+            self._unreachable[d] = self._unreachable.get(d, 0) + 1
+            if self._unreachable[d] >= PROBES_BEFORE_GIVING_UP:  # a busy host can miss one probe
                 self._error = f"{self.worker.name}: data owner '{d}' at {peer.channel.address} is unreachable mid-round"
                 self._cond.notify_all()
                 return
