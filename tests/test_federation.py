@@ -13,16 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from fedsplit.data import batches_for
 from fedsplit.federation.checkpoint import latest_checkpoint
 from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
-from fedsplit.federation.verify import initial_weights
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
 from fedsplit.plan.schema import OptimizerConfig
-from fedsplit.runtime import MonolithicTrainer
+
+from .reference_training import max_diff, monolithic
 
 PLANS = Path(__file__).resolve().parents[1] / "configs" / "plans"
 
@@ -33,18 +31,6 @@ def small_plan(name: str, rounds: int, steps: int, **training):
     plan = load_plan(PLANS / name / "federation.yaml")
     plan.training = plan.training.model_copy(update={"rounds": rounds, "steps_per_round": steps, **training})
     return plan
-
-
-def monolithic(plan, total_steps: int) -> dict[str, torch.Tensor]:
-    mono = MonolithicTrainer(plan, initial_weights(plan))
-    sources = {d: batches_for(plan, d) for d in plan.data_owners}
-    for step in range(total_steps):
-        mono.train_step(step, {d: sources[d](step) for d in plan.data_owners})
-    return mono.state_dict()
-
-
-def max_diff(a, b) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in b)
 
 
 def test_simulated_rounds_without_replicas_equal_monolithic_training(tmp_path):

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
-
-from fedsplit.data import batches_for
 from fedsplit.federation.aggregate import average_replicas
 from fedsplit.federation.verify import initial_weights
 from fedsplit.plan import load_plan, reassemble, select, unit_slices
 from fedsplit.plan.schema import OptimizerConfig
-from fedsplit.runtime import MonolithicTrainer
 from fedsplit.runtime.host import WorkerHost
 from fedsplit.runtime.remote import COORDINATOR, WorkerControl
 from fedsplit.runtime.rounds import RoundSpec
+
+from .reference_training import max_diff, monolithic
 
 PLANS = Path(__file__).resolve().parents[1] / "configs" / "plans"
 
@@ -49,18 +46,6 @@ def run_rounds(plan, rounds: int, order: list[str], state_dir: Path | None = Non
         for c in controls.values():
             c.close()
         host.stop()
-
-
-def monolithic(plan, total_steps: int) -> dict[str, torch.Tensor]:
-    mono = MonolithicTrainer(plan, initial_weights(plan))
-    sources = {d: batches_for(plan, d) for d in plan.data_owners}
-    for step in range(total_steps):
-        mono.train_step(step, {d: sources[d](step) for d in plan.data_owners})
-    return mono.state_dict()
-
-
-def max_diff(a, b) -> float:
-    return max(float((a[k] - b[k]).abs().max()) for k in b)
 
 
 def test_rounds_without_replicas_equal_monolithic_training_whatever_the_begin_order():

@@ -46,27 +46,16 @@ def default_data_owners(orgs: int) -> int:
     return max(1, orgs // 4)
 
 
-def generate_plan(
-    orgs: int,
-    out_dir: str | Path,
-    model: str | Path = DEFAULT_MODEL,
-    data_owners: int | None = None,
-    name: str | None = None,
-    seed: int = 0,
-    rounds: int = 1,
-    steps_per_round: int = 2,
-    batch_size: int = 2,
-    seq_len: int = 32,
-) -> Path:
+def generate_plan(orgs: int, out_dir: str | Path, **options) -> Path:
     """Write ``out_dir/federation.yaml`` and ``out_dir/orgs/<org>.yaml``; return the former.
 
-    ``model`` is a model YAML (relative to the working directory or absolute). ``data_owners``
+    ``options`` are those of :func:`render_plan`. ``model`` is a model YAML (relative to the working directory or absolute). ``data_owners``
     defaults to a quarter of ``orgs`` (at least one), ``name`` to ``generated-<orgs>``, and
     ``seed`` is the training seed. Raises :class:`ValueError` on arguments no valid plan fits,
     or when ``out_dir/orgs`` holds other organisation files (the plan would pick them up).
     """
     out_dir = Path(out_dir)
-    files = render_plan(orgs, out_dir, model, data_owners, name, seed, rounds, steps_per_round, batch_size, seq_len)
+    files = render_plan(orgs, out_dir, **options)
     stale = sorted(p.name for p in (out_dir / "orgs").glob("*.yaml") if f"orgs/{p.name}" not in files)
     if stale:
         raise ValueError(f"{out_dir / 'orgs'} holds organisation files this plan does not write ({', '.join(stale)}); "

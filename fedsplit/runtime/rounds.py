@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Protocol
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
