@@ -24,8 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from ..plan import Plan, select, unit_slices
-from ..plan.slicing import TensorSlice
+from ..plan import Plan, select
 from ..runtime.rounds import RoundSpec, path_orgs
 from .aggregate import aggregate_round
 from .checkpoint import latest_checkpoint, plan_hash, write_checkpoint
@@ -82,14 +81,11 @@ class Coordinator:
             log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
         else:
             self.weights = initial_weights(self.plan)
-            self.local = {org: select(self.weights, self._local_slices(org)) for org in self.plan.orgs}
+            self.local = {org: select(self.weights, self.plan.slices_of(org, local_only=True)) for org in self.plan.orgs}
             self.first_round = 1
         self.node_of: dict[str, int] = {}
         self.addresses: dict[str, str] = {}
         self.alive: set[str] = set()
-
-    def _local_slices(self, org: str) -> list[TensorSlice]:
-        return [s for p in self.plan.partitions if org in p.local_holders for s in unit_slices(self.plan.model, p.units)]
 
     # -- the algorithm ---------------------------------------------------------------------------
 
@@ -106,8 +102,8 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise FederationError(f"{len(nodes)} of {expected} organisations connected within {self.settings.node_timeout_s:.0f} s")
             time.sleep(0.5)
-        msgs = {nid: Message(RecordDict(), dst_node_id=nid, message_type="query.register") for nid in nodes}
-        outcome = self._exchange(msgs, self.settings.message_timeout_s, {nid: str(nid) for nid in nodes})
+        msgs = {str(nid): Message(RecordDict(), dst_node_id=nid, message_type="query.register") for nid in nodes}
+        outcome = self._exchange(msgs, self.settings.message_timeout_s)
         if outcome.failed:
             raise FederationError("nodes failed to register: " + "; ".join(f"node {n}: {r}" for n, r in outcome.failed.items()))
         for nid_text, reply in outcome.replies.items():
@@ -146,9 +142,10 @@ class Coordinator:
         self.weights, self.local = aggregate_round(self.plan, self.weights, self.local, trained, org_metrics, self.alive)
         seconds = time.monotonic() - started
         owners = spec.data_owners
-        loss = sum(org_metrics[d]["loss"] * org_metrics[d]["tokens"] for d in owners) / max(sum(org_metrics[d]["tokens"] for d in owners), 1)
+        tokens = sum(org_metrics[d]["tokens"] for d in owners)
+        loss = sum(org_metrics[d]["loss"] * org_metrics[d]["tokens"] for d in owners) / max(tokens, 1)
         record = {"round": r, "event": "round", "steps": t.steps_per_round, "seconds": seconds, "loss": loss,
-                  "tokens": sum(org_metrics[d]["tokens"] for d in owners), "orgs": org_metrics, "alive": sorted(self.alive)}
+                  "tokens": tokens, "orgs": org_metrics, "alive": sorted(self.alive)}
         path = write_checkpoint(self.checkpoints, r, self.weights, self.local,
                                 {"plan": self.plan.name, "plan_hash": self.hash, "run": self.run_id, "next_step": spec.last_step + 1,
                                  "metrics": record, "optimizer_state": "kept by each organisation's worker (state dir), per round"})
@@ -190,8 +187,8 @@ class Coordinator:
                 for org in sorted(self.alive)}
         return self._exchange(msgs, self.settings.round_timeout_s + self.settings.message_timeout_s)
 
-    def _exchange(self, msgs: dict, timeout: float, names: dict | None = None) -> Outcome:
-        """Send one message per organisation and wait for every reply (matched by message id),
+    def _exchange(self, msgs: dict[str, Message], timeout: float) -> Outcome:
+        """Send one message per organisation (or node, keyed by name) and wait for every reply (matched by message id),
         or for the deadline: an organisation that does not answer in time counts as gone."""
         ids = list(self.grid.push_messages(list(msgs.values())))
         org_of = dict(zip(ids, msgs))
@@ -207,9 +204,6 @@ class Coordinator:
         for mid in pending:
             outcome.failed[org_of[mid]] = f"no reply within {timeout:.0f} s"
             outcome.gone.add(org_of[mid])
-        if names:
-            outcome.replies = {names[k]: v for k, v in outcome.replies.items()}
-            outcome.failed = {names[k]: v for k, v in outcome.failed.items()}
         return outcome
 
     @staticmethod

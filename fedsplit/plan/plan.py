@@ -106,9 +106,11 @@ class Plan:
         """Data owners whose batches go through ``org``'s replica of ``partition``."""
         return [d for d in self.data_owners if self.replica_for(partition, d) == org]
 
-    def slices_of(self, org: str) -> list[TensorSlice]:
-        """The tensors (or slices) ``org`` holds, partition by partition."""
-        return [s for p in self.partitions if org in p.holders for s in unit_slices(self.model, p.units)]
+    def slices_of(self, org: str, local_only: bool = False) -> list[TensorSlice]:
+        """The tensors (or slices) ``org`` holds, partition by partition (only those it keeps
+        local, never averaged, with ``local_only``)."""
+        held = [p for p in self.partitions if org in (p.local_holders if local_only else p.holders)]
+        return [s for p in held for s in unit_slices(self.model, p.units)]
 
     def units_of(self, org: str) -> frozenset[Unit]:
         return frozenset(u for p in self.partitions if org in p.holders for u in p.units)

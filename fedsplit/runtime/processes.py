@@ -19,11 +19,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..plan import Partition, Plan, reassemble, unit_slices
-from ..transport.proto import dataplane_pb2 as pb
 from ..transport.security import TLSConfig, generate_credentials, load_tokens
-from ..transport.service import DataPlaneChannel, Named
+from ..transport.service import Named
 from ..transport.shm import remove_segments_of
-from .remote import COORDINATOR
+from .remote import COORDINATOR, WorkerControl
 
 
 def _worker_env() -> dict[str, str]:
@@ -131,13 +130,13 @@ class ProcessFederation:
                                    device=device, insecure=insecure, start_timeout=start_timeout)
         self.addresses = self.hosts.addresses
         tls, token = self.hosts.tls_for(COORDINATOR), self.hosts.token_for(COORDINATOR)
-        self.channels = {org: DataPlaneChannel(org, addr, caller=COORDINATOR, tls=tls, token=token, timeout=timeout)
+        self.controls = {org: WorkerControl(org, addr, caller=COORDINATOR, run=self.run, tls=tls, token=token, timeout=timeout)
                          for org, addr in self.addresses.items()}
-        for org in plan.orgs:
-            self._control(org, "connect/" + json.dumps(self.addresses))
+        for control in self.controls.values():
+            control.connect(self.addresses)
 
     def _control(self, org: str, op: str, tensors: Named = ()) -> Named:
-        return self.channels[org].call(pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL), list(tensors))
+        return self.controls[org].call(op, tensors)
 
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
         metrics = {}
@@ -159,7 +158,7 @@ class ProcessFederation:
         return total
 
     def state(self, org: str) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self._control(org, "state")}
+        return self.controls[org].state()
 
     def replicas(self, partition: Partition) -> dict[str, dict[str, Tensor]]:
         keys = [s.key for s in unit_slices(self.plan.model, partition.units)]
@@ -176,8 +175,8 @@ class ProcessFederation:
         ])
 
     def close(self) -> None:
-        for ch in getattr(self, "channels", {}).values():
-            ch.close()
+        for control in getattr(self, "controls", {}).values():
+            control.close()
         if hasattr(self, "hosts"):
             self.hosts.close()
         self._tmp.cleanup()

@@ -213,20 +213,21 @@ class WorkerControl:
         self.org, self.run = org, run
         self.channel = DataPlaneChannel(org, address, caller=caller, tls=tls, token=token, timeout=timeout)
 
-    def _call(self, op: str, tensors: Named = (), timeout: float | None = None) -> Named:
+    def call(self, op: str, tensors: Named = (), timeout: float | None = None) -> Named:
+        """One control operation (``op`` with its argument) and its reply tensors."""
         return self.channel.call(pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL), list(tensors), timeout=timeout)
 
     def connect(self, addresses: Mapping[str, str]) -> None:
-        self._call("connect/" + json.dumps(dict(addresses)))
+        self.call("connect/" + json.dumps(dict(addresses)))
 
     def begin(self, spec: RoundSpec, weights: Mapping[str, Tensor]) -> None:
-        self._call("begin/" + spec.to_json(), list(weights.items()))
+        self.call("begin/" + spec.to_json(), list(weights.items()))
 
     def wait(self, timeout: float) -> dict[str, float]:
-        return {k: float(v) for k, v in self._call(f"wait/{timeout}", timeout=timeout + self.channel.timeout)}
+        return {k: float(v) for k, v in self.call(f"wait/{timeout}", timeout=timeout + self.channel.timeout)}
 
     def state(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self._call("state")}
+        return {k: v.clone() for k, v in self.call("state")}
 
     def close(self) -> None:
         self.channel.close()
