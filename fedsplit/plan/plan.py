@@ -74,6 +74,7 @@ class Plan:
     orgs: dict[str, Org]
     partitions: list[Partition]
     transport: TransportConfig = field(default_factory=TransportConfig)
+    tokenizer: Path | None = None  # a tokenizer file; None: UTF-8 bytes
     warnings: list[Problem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -159,9 +160,10 @@ def load_plan(path: str | Path) -> Plan:
 
     partitions = _partitions(model, path, orgs, problems)
     _check_data_owners(path, orgs, problems)
+    tokenizer = _checked_tokenizer(path, fed, fed_lines, model, problems)
     if problems:
         raise PlanError(problems)
-    plan = Plan(fed.name, path, model, model_path, fed.training, fed.aggregation, orgs, partitions, fed.transport)
+    plan = Plan(fed.name, path, model, model_path, fed.training, fed.aggregation, orgs, partitions, fed.transport, tokenizer)
     plan.warnings = _privacy_warnings(plan)
     return plan
 
@@ -198,7 +200,7 @@ def _data_paths(file: Path, lines: dict, spec: OrgFile, split: str, problems: li
         matches = sorted(glob.glob(str(file.parent / pattern)))
         if not matches:
             problems.append(Problem(f"data file {pattern!r} does not exist (paths are relative to {file.parent})", file=file, line=line_of(lines, ("data", split)), org=spec.org, field=f"data.{split}"))
-        paths += [Path(m) for m in matches]
+        paths += [Path(m).resolve() for m in matches]
     return paths
 
 
@@ -248,6 +250,24 @@ def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], proble
 def _check_data_owners(fed_file: Path, orgs: dict[str, Org], problems: list[Problem]) -> None:
     if orgs and not any(o.holds_data for o in orgs.values()):
         problems.append(Problem("no organisation has training data (give at least one org a 'data: {train: ...}')", file=fed_file))
+
+
+def _checked_tokenizer(fed_file: Path, fed: FederationFile, lines: dict, model: ModelConfig, problems: list[Problem]) -> Path | None:
+    """The plan's tokenizer file (None: bytes), whose vocabulary must fit the model's."""
+    from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer  # fedsplit.data imports the plan
+
+    path = (fed_file.parent / fed.tokenizer).resolve() if fed.tokenizer else None
+    where = {"file": fed_file, "line": line_of(lines, ("tokenizer",) if path else ("model",)), "field": "tokenizer" if path else "model"}
+    try:
+        vocab = load_tokenizer(path).vocab_size if path else ByteTokenizer.vocab_size
+    except TokenizerError as e:
+        problems.append(Problem(str(e), **where))
+        return path
+    if model.vocab_size < vocab:
+        name = f"the tokenizer {fed.tokenizer}" if path else "the byte-level tokenizer (the default: no 'tokenizer' given)"
+        problems.append(Problem(f"{name} has {vocab} tokens but the model's vocab_size is {model.vocab_size}: raise vocab_size "
+                                f"in {fed.model} to at least {vocab}, or train a smaller tokenizer", **where))
+    return path
 
 
 def _privacy_warnings(plan: Plan) -> list[Problem]:
