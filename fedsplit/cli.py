@@ -6,13 +6,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from .plan import Plan, PlanError, load_plan
 from .plan.schema import OptimizerConfig
 from .plan.units import describe
+
+if TYPE_CHECKING:
+    from .data import Tokenizer
+    from .data.split import CorpusSplit
 
 console = Console()
 err_console = Console(stderr=True)
@@ -70,7 +76,8 @@ def cmd_plan_generate(args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k) for k in ("model", "seed", "rounds", "steps_per_round", "batch_size", "seq_len")}
     try:
-        path = generate_plan(args.orgs, args.out, data_owners=args.data_owners, name=args.name,
+        split = _split_for_generated_plan(args)
+        path = generate_plan(args.orgs, args.out, data_owners=args.data_owners, name=args.name, split=split,
                              **{k: v for k, v in given.items() if v is not None})
     except ValueError as e:
         err_console.print(f"[red]cannot generate:[/] {e}", highlight=False, soft_wrap=True)
@@ -82,7 +89,34 @@ def cmd_plan_generate(args: argparse.Namespace) -> int:
     console.print(f"wrote {path}: plan '{plan.name}' is valid: {len(plan.orgs)} organisations, "
                   f"{len(plan.data_owners)} data owners, {len(plan.partitions)} partitions ({replicated} replicated)",
                   highlight=False, soft_wrap=True)
+    if split is not None:
+        print_split(split)
     return 0
+
+
+def _split_for_generated_plan(args: argparse.Namespace) -> CorpusSplit | None:
+    """The ``--split`` of ``plan generate``: the shipped corpora across the plan's data owners,
+    by the plan's seed."""
+    if args.split is None:
+        return None
+    from .data.split import split_corpora
+    from .plan.generate import data_owner_names, default_data_owners
+
+    owners = args.data_owners if args.data_owners is not None else default_data_owners(args.orgs)
+    return split_corpora(data_owner_names(owners), args.split, alpha=args.alpha, seed=args.seed or 0)
+
+
+def print_split(split: CorpusSplit, tokenizer: Tokenizer | None = None) -> None:
+    """Tokens per organisation and domain (train), and held-out tokens, of a corpus split."""
+    counts = split.token_counts(*([tokenizer] if tokenizer else []))
+    alpha = f", alpha {split.alpha:g}" if split.by == "dirichlet" else ""
+    table = Table(title=f"{split.by} split{alpha}, seed {split.seed}: train tokens per domain", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ["org", *split.domains, "train", "held-out"]:
+        table.add_column(col, justify="left" if col == "org" else "right", no_wrap=True)
+    for org, roles in counts.items():
+        table.add_row(org, *(f"{roles['train'][d]:,}" for d in split.domains), f"{sum(roles['train'].values()):,}",
+                      f"{sum(roles['eval'].values()):,}")
+    console.print(table)
 
 
 def warn_insecure() -> None:
@@ -197,6 +231,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import glob
+
+    from .data import DataError, read_documents, train_bpe
+
+    paths = [Path(m) for pattern in args.files for m in (sorted(glob.glob(pattern)) or [pattern])]
+    try:
+        tokenizer = train_bpe(read_documents(paths, role="tokenizer training"), args.vocab_size, args.min_frequency)
+    except (DataError, ValueError) as e:
+        err_console.print(f"[red]cannot train:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    console.print(f"wrote {out}: byte-level BPE of {tokenizer.vocab_size:,} tokens from {len(paths)} file(s); name it in a "
+                  f"federation file as `tokenizer: <path relative to it>` (the model's vocab_size must be >= {tokenizer.vocab_size})",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from .data import TokenizerError, load_tokenizer
+    from .data.split import SplitError, split_corpora
+    from .plan.generate import data_owner_names
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        split = split_corpora(data_owner_names(args.orgs), args.by, alpha=args.alpha, seed=args.seed, heldout=args.heldout,
+                              corpora=[Path(p) for p in args.corpora] if args.corpora else None)
+    except (SplitError, TokenizerError) as e:
+        err_console.print(f"[red]cannot split:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    out = split.write(args.out)
+    print_split(split, tokenizer)
+    console.print(f"wrote {out}/<org>/train.jsonl and eval.jsonl for {len(split.train)} organisations, and {out}/split.json; "
+                  f"point each organisation's data: {{train: ..., eval: ...}} at its own", highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsplit", description="Federated split training of partitioned MoE transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,7 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "seq_len 32 (small enough for a CPU)")
     for flag in ("--seed", "--rounds", "--steps-per-round", "--batch-size", "--seq-len"):
         training.add_argument(flag, type=int)
+    generate.add_argument("--split", choices=["iid", "domain", "dirichlet"],
+                          help="give each data owner its own train/held-out files cut from the shipped corpora (under OUT/data/)")
+    generate.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --split dirichlet (default 0.5)")
     generate.set_defaults(func=cmd_plan_generate)
+
+    tokenizer = sub.add_parser("tokenizer", help="train a BPE tokenizer locally")
+    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    train = tokenizer_sub.add_parser("train", help="learn a byte-level BPE from text or .jsonl files (globs allowed)")
+    train.add_argument("files", nargs="+")
+    train.add_argument("--vocab-size", type=int, required=True, help="at most this many tokens (>= 256)")
+    train.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a pair to merge it (default 2)")
+    train.add_argument("--out", required=True, help="the tokenizer JSON file to write")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare organisations' data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    split = data_sub.add_parser("split", help="cut corpora into per-organisation train and held-out files (IID or non-IID)")
+    split.add_argument("--orgs", type=int, required=True, help="number of organisations (named data-00, data-01, ...)")
+    split.add_argument("--by", choices=["iid", "domain", "dirichlet"], default="iid",
+                       help="iid: shuffled equal shares; domain: whole domains per organisation; dirichlet: Dirichlet(alpha) mixtures")
+    split.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skewed; default 0.5)")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--heldout", type=float, default=0.1, help="fraction of each organisation's chunks held out (default 0.1)")
+    split.add_argument("--corpora", nargs="+", metavar="FILE", help="text files, one domain each (default: the shipped data/*.txt)")
+    split.add_argument("--tokenizer", metavar="FILE", help="count tokens with this tokenizer (default: UTF-8 bytes)")
+    split.add_argument("--out", required=True, help="directory for <org>/train.jsonl, <org>/eval.jsonl and split.json")
+    split.set_defaults(func=cmd_data_split)
 
     verify = sub.add_parser("verify", help="train split and monolithic side by side and compare the parameters")
     verify.add_argument("federation")
