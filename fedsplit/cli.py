@@ -214,13 +214,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from .federation.checkpoint import latest_checkpoint, load_checkpoint
+    from .federation.checkpoint import find_checkpoint
 
     source = Path(args.checkpoint)
-    if (source / "manifest.json").exists():
-        ckpt = load_checkpoint(source)
-    else:
-        ckpt = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source)
+    ckpt = find_checkpoint(source)
     if ckpt is None:
         err_console.print(f"[red]no complete checkpoint in {source}[/] (give a run directory or a checkpoints/round-NNNN directory)")
         return 1
@@ -228,6 +225,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ckpt.weights.items()}, out, metadata={"format": "pt", "round": str(ckpt.round)})
     console.print(f"wrote the full model of round {ckpt.round} ({len(ckpt.weights)} tensors) to {out}", highlight=False)
+    return 0
+
+
+def cmd_plan_show(args: argparse.Namespace) -> int:
+    from .plan.partition_map import draw_partition_map, partition_map
+
+    plan = _load(args.federation)
+    if plan is None:
+        return 1
+    if args.png:
+        console.print(f"wrote the partition map of plan '{plan.name}' to {draw_partition_map(plan, args.png)}", highlight=False)
+        return 0
+    table = Table(title=f"partition map of plan '{plan.name}', layer by layer", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("row", "pieces", "held by"):
+        table.add_column(col)
+    for row in partition_map(plan)[1]:
+        for i, (holders, units) in enumerate(row.pieces()):
+            mark = " [dim](replicated)[/]" if len(holders) > 1 else ""
+            table.add_row(row.label if i == 0 else "", describe(units, plan.model), ", ".join(holders) + mark)
+    console.print(table)
     return 0
 
 
@@ -270,6 +287,36 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateError, generate_text, load_model
+
+    try:
+        loaded = load_model(args.checkpoint, plan_file=args.plan, tokenizer_file=args.tokenizer, device=args.device)
+        text = generate_text(loaded, args.prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
+    except (GenerateError, ValueError) as e:
+        err_console.print(f"[red]cannot generate:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    err_console.print(f"[dim]{loaded.description}, {loaded.tokenizer.vocab_size}-token vocabulary[/]", highlight=False, soft_wrap=True)
+    print(text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import ReportError, write_report
+
+    try:
+        report = write_report(args.run_dir, baseline=args.baseline, out=args.out)
+    except ReportError as e:
+        err_console.print(f"[red]cannot report:[/] {e}", highlight=False, soft_wrap=True)
+        return 1
+    console.print(f"wrote {report.summary}", highlight=False, soft_wrap=True)
+    for path in report.plots:
+        console.print(f"  {path}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"  [yellow]skipped:[/] {note}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsplit", description="Federated split training of partitioned MoE transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="give each data owner its own train/held-out files cut from the shipped corpora (under OUT/data/)")
     generate.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --split dirichlet (default 0.5)")
     generate.set_defaults(func=cmd_plan_generate)
+    show = plan_sub.add_parser("show", help="the partition map: layers x (head groups, experts, other pieces) by organisation")
+    show.add_argument("federation", help="the federation YAML file")
+    show.add_argument("--png", metavar="FILE", help="draw it into a PNG (default: print it as text)")
+    show.set_defaults(func=cmd_plan_show)
 
     tokenizer = sub.add_parser("tokenizer", help="train a BPE tokenizer locally")
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
@@ -350,6 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a run directory (its last complete round) or a checkpoints/round-NNNN directory")
     export.add_argument("out", help="the .safetensors file to write")
     export.set_defaults(func=cmd_export)
+    gen = sub.add_parser("generate", help="sample text from a checkpoint")
+    gen.add_argument("checkpoint", help="a run directory (its last complete round), a checkpoints/round-NNNN directory or a model.safetensors")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50; 0: all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--plan", metavar="PLAN_JSON", help="the run's plan.json (default: found beside or above the checkpoint)")
+    gen.add_argument("--tokenizer", metavar="FILE", help="tokenizer file (default: the run's tokenizer.json, else UTF-8 bytes)")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=cmd_generate)
+
+    report = sub.add_parser("report", help="plots (PNG) and a Markdown summary of a run's metrics")
+    report.add_argument("run_dir")
+    report.add_argument("--baseline", metavar="RUN_DIR", help="a `fedsplit baseline` run to compare with, round by round")
+    report.add_argument("--out", metavar="DIR", help="where to write them (default RUN_DIR/report)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

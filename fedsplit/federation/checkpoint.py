@@ -65,6 +65,15 @@ def latest_checkpoint(directory: Path) -> Checkpoint | None:
     return load_checkpoint(done[-1]) if done else None
 
 
+def find_checkpoint(source: Path) -> Checkpoint | None:
+    """The checkpoint a user names: a ``round-NNNN`` directory itself, else the last complete
+    round of a run directory (its ``checkpoints/``) or of a checkpoints directory."""
+    source = Path(source)
+    if (source / MANIFEST).exists():
+        return load_checkpoint(source)
+    return latest_checkpoint(source / "checkpoints") or latest_checkpoint(source)
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())

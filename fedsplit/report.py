@@ -1,0 +1,243 @@
+"""``fedsplit report RUN_DIR``: plots and a Markdown summary of a run's ``metrics.jsonl``.
+
+Reads the ``"event": "round"`` records (other events are skipped) of a federated run or of a
+``fedsplit baseline`` run and writes into ``RUN_DIR/report/``:
+
+* ``loss.png``: train loss and held-out perplexity per round, per data owner and overall;
+* ``baseline.png`` (with a baseline run): overall held-out perplexity and train loss, federated
+  vs centralised, round by round;
+* ``wire.png``: megabytes each organisation sent per round, stacked;
+* ``expert_load.png``: fraction of routed tokens per expert and layer in the last round;
+* ``summary.md``: a table per round and links to the plots.
+
+Older runs lack some keys (``eval``, ``expert_load``, bytes): their plots are skipped and the
+summary says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+REPORT_DIR = "report"
+
+
+class ReportError(ValueError):
+    """A run directory with nothing to report; the message says what is missing."""
+
+
+@dataclass
+class Report:
+    directory: Path
+    summary: Path
+    plots: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def read_rounds(run_dir: str | Path) -> list[dict]:
+    """The run's round records in round order (the last record of a round wins, as after a resume)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ReportError(f"{path} does not exist: give the run directory that `fedsplit simulate` or `fedsplit baseline` printed")
+    rounds: dict[int, dict] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path}:{number}: not JSON ({e.msg})") from None
+        if record.get("event") == "round" and "round" in record:
+            rounds[int(record["round"])] = record
+    return [rounds[r] for r in sorted(rounds)]
+
+
+def write_report(run_dir: str | Path, baseline: str | Path | None = None, out: str | Path | None = None) -> Report:
+    """Plots and ``summary.md`` of ``run_dir`` into ``out`` (default ``run_dir/report``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    run_dir = Path(run_dir)
+    rounds = read_rounds(run_dir)
+    if not rounds:
+        raise ReportError(f"{run_dir / 'metrics.jsonl'} has no completed round yet: nothing to plot")
+    base = read_rounds(baseline) if baseline is not None else []
+    if baseline is not None and not base:
+        raise ReportError(f"the baseline {Path(baseline) / 'metrics.jsonl'} has no completed round")
+    directory = Path(out) if out is not None else run_dir / REPORT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    report = Report(directory, directory / "summary.md")
+    for plot in (_plot_loss, _plot_baseline, _plot_wire, _plot_expert_load):
+        path, note = plot(rounds, base, directory)
+        if path is not None:
+            report.plots.append(path)
+        if note:
+            report.notes.append(note)
+    report.summary.write_text(_summary(run_dir, rounds, base, baseline, report), encoding="utf-8")
+    return report
+
+
+def _data_owners(rounds: Sequence[dict]) -> list[str]:
+    owners: dict[str, None] = {}
+    for r in rounds:
+        owners.update((org, None) for org, m in (r.get("orgs") or {}).items() if m.get("tokens", 0) > 0)
+        owners.update((org, None) for org in ((r.get("eval") or {}).get("orgs") or {}))
+    return list(owners)
+
+
+def _eval(record: dict, org: str | None = None, key: str = "ppl") -> float:
+    """A held-out metric of a round (overall, or of ``org``); NaN where the record has none."""
+    ev = record.get("eval") or {}
+    if org is not None:
+        ev = (ev.get("orgs") or {}).get(org) or {}
+    if key in ev:
+        return float(ev[key])
+    if key == "ppl" and "loss" in ev:
+        return math.exp(float(ev["loss"]))
+    return math.nan
+
+
+def _has_eval(rounds: Sequence[dict]) -> bool:
+    return any(r.get("eval") for r in rounds)
+
+
+def _mb_sent(record: dict) -> float:
+    return sum(float(m.get("bytes_sent", 0)) for m in (record.get("orgs") or {}).values()) / 1e6
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_loss(rounds: list[dict], base: list[dict], directory: Path) -> tuple[Path | None, str | None]:
+    import matplotlib.pyplot as plt
+
+    with_eval = _has_eval(rounds)
+    fig, axes = plt.subplots(1, 2 if with_eval else 1, figsize=(12 if with_eval else 6.5, 4.2), squeeze=False)
+    xs = [r["round"] for r in rounds]
+    train = axes[0][0]
+    for org in _data_owners(rounds):
+        train.plot(xs, [float(((r.get("orgs") or {}).get(org) or {}).get("loss", math.nan)) for r in rounds], marker="o", label=org)
+    train.plot(xs, [float(r.get("loss", math.nan)) for r in rounds], color="black", linewidth=2.5, marker="o", label="overall")
+    _style(train, "train loss (token-weighted)", "loss")
+    if with_eval:
+        ppl = axes[0][1]
+        for org in _data_owners(rounds):
+            ppl.plot(xs, [_eval(r, org) for r in rounds], marker="o", label=org)
+        ppl.plot(xs, [_eval(r) for r in rounds], color="black", linewidth=2.5, marker="o", label="overall")
+        _style(ppl, "held-out perplexity", "perplexity")
+    _save(fig, directory / "loss.png")
+    return directory / "loss.png", None if with_eval else "no held-out evaluation in the metrics (a run from before evaluation existed): perplexity not plotted"
+
+
+def _plot_baseline(rounds: list[dict], base: list[dict], directory: Path) -> tuple[Path | None, str | None]:
+    if not base:
+        return None, None
+    import matplotlib.pyplot as plt
+
+    with_eval = _has_eval(rounds) and _has_eval(base)
+    fig, axes = plt.subplots(1, 2 if with_eval else 1, figsize=(12 if with_eval else 6.5, 4.2), squeeze=False)
+    series = (("federated", rounds, "-"), ("centralised baseline", base, "--"))
+    for name, records, style in series:
+        axes[0][0].plot([r["round"] for r in records], [float(r.get("loss", math.nan)) for r in records], style, marker="o", label=name)
+    _style(axes[0][0], "train loss, federated vs centralised", "loss")
+    if with_eval:
+        for name, records, style in series:
+            axes[0][1].plot([r["round"] for r in records], [_eval(r) for r in records], style, marker="o", label=name)
+        _style(axes[0][1], "held-out perplexity, federated vs centralised", "perplexity")
+    _save(fig, directory / "baseline.png")
+    return directory / "baseline.png", None if with_eval else "the run or the baseline has no held-out evaluation: only train loss compared"
+
+
+def _plot_wire(rounds: list[dict], base: list[dict], directory: Path) -> tuple[Path | None, str | None]:
+    orgs = [org for org in dict.fromkeys(o for r in rounds for o in (r.get("orgs") or {}))
+            if any("bytes_sent" in ((r.get("orgs") or {}).get(org) or {}) for r in rounds)]
+    if not orgs:
+        return None, "no bytes_sent per organisation in the metrics: traffic not plotted"
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    xs = [r["round"] for r in rounds]
+    bottom = [0.0] * len(rounds)
+    for org in orgs:
+        mb = [float(((r.get("orgs") or {}).get(org) or {}).get("bytes_sent", 0)) / 1e6 for r in rounds]
+        ax.bar(xs, mb, bottom=bottom, label=org)
+        bottom = [b + m for b, m in zip(bottom, mb)]
+    _style(ax, "data-plane traffic per round (sent, stacked by organisation)", "MB")
+    _save(fig, directory / "wire.png")
+    return directory / "wire.png", None
+
+
+def _plot_expert_load(rounds: list[dict], base: list[dict], directory: Path) -> tuple[Path | None, str | None]:
+    last = next((r for r in reversed(rounds) if r.get("expert_load")), None)
+    if last is None:
+        return None, "no expert_load in the metrics: expert load not plotted"
+    import matplotlib.pyplot as plt
+
+    layers = sorted(last["expert_load"], key=int)
+    load = [last["expert_load"][layer] for layer in layers]
+    experts = max(len(row) for row in load)
+    grid = [[float(row[e]) if e < len(row) else math.nan for e in range(experts)] for row in load]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * experts, 1.2 + 0.45 * len(layers)))
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for y, row in enumerate(grid):
+        for x, value in enumerate(row):
+            if not math.isnan(value):
+                ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < max(map(max, grid)) * 0.6 else "black")
+    ax.set_xticks(range(experts), [str(e) for e in range(experts)])
+    ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    ax.set_xlabel("expert")
+    ax.set_title(f"fraction of routed tokens per expert, round {last['round']} (uniform = {1 / experts:.3g})", fontsize=10)
+    fig.colorbar(image, ax=ax)
+    _save(fig, directory / "expert_load.png")
+    return directory / "expert_load.png", None
+
+
+def _style(ax, title: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+
+
+def _num(value: float, fmt: str) -> str:
+    return "–" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def _summary(run_dir: Path, rounds: list[dict], base: list[dict], baseline: str | Path | None, report: Report) -> str:
+    by_round = {r["round"]: r for r in base}
+    lines = [f"# Report: {run_dir.name}", ""]
+    if baseline is not None:
+        lines += [f"Baseline (centralised, same token budget): `{baseline}`", ""]
+    header = ["round", "train loss", "eval loss", "eval ppl"] + (["baseline eval ppl", "gap"] if base else []) + ["tokens", "seconds", "MB sent"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rounds:
+        ppl = _eval(r)
+        row = [str(r["round"]), _num(float(r.get("loss", math.nan)), ".4f"), _num(_eval(r, key="loss"), ".4f"), _num(ppl, ".2f")]
+        if base:
+            b = _eval(by_round[r["round"]]) if r["round"] in by_round else math.nan
+            row += [_num(b, ".2f"), _num(100 * (ppl / b - 1), "+.1f") + ("%" if not math.isnan(ppl / b) else "")]
+        row += [f"{int(r.get('tokens', 0)):,}", _num(float(r.get("seconds", math.nan)), ".1f"), _num(_mb_sent(r), ".2f")]
+        lines.append("| " + " | ".join(row) + " |")
+    owners = [o for o in _data_owners(rounds) if not math.isnan(_eval(rounds[-1], o))]
+    if owners:
+        lines += ["", f"Held-out perplexity per data owner, round {rounds[-1]['round']}:", "",
+                  "| data owner | eval ppl | eval tokens |", "|---|---|---|"]
+        for org in owners:
+            tokens = (((rounds[-1].get("eval") or {}).get("orgs") or {}).get(org) or {}).get("tokens")
+            lines.append(f"| {org} | {_num(_eval(rounds[-1], org), '.2f')} | {'–' if tokens is None else f'{int(tokens):,}'} |")
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in report.plots]
+    if report.notes:
+        lines += ["", "## Not plotted", ""] + [f"* {n}" for n in report.notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,76 @@
+"""``fedsplit report``: PNG plots and a Markdown summary from a run's metrics.jsonl, with or
+without a baseline, and with older metrics that lack evaluation or expert load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fedsplit.cli import main
+from fedsplit.report import ReportError, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _round(r: int, loss: float, full: bool = True) -> dict:
+    org = {"aux_loss": 0.02, "step_s": 0.1, "bytes_sent": 1_500_000 * r, "bytes_received": 900_000}
+    record = {"event": "round", "round": r, "seconds": 2.0 + r, "loss": loss, "tokens": 1024,
+              "orgs": {"hospital-a": {**org, "loss": loss + 0.1, "tokens": 512}, "hospital-b": {**org, "loss": loss - 0.1, "tokens": 512},
+                       "compute-c": {**org, "loss": 0.0, "tokens": 0}}}
+    if full:
+        record["eval"] = {"loss": loss, "ppl": math.exp(loss),
+                          "orgs": {o: {"loss": loss + d, "ppl": math.exp(loss + d), "tokens": 4096} for o, d in (("hospital-a", 0.05), ("hospital-b", -0.05))}}
+        record["expert_load"] = {str(layer): [0.1, 0.15, 0.125, 0.125, 0.1, 0.15, 0.125, 0.125] for layer in range(4)}
+    return record
+
+
+def _run(path, losses, full=True, extra=()):
+    path.mkdir(parents=True)
+    lines = [json.dumps(_round(r, loss, full)) for r, loss in enumerate(losses, start=1)]
+    lines += [json.dumps(e) for e in extra]
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_report_writes_plots_and_summary(tmp_path):
+    run = _run(tmp_path / "run", [5.0, 4.2, 3.6], extra=[{"event": "round-failed", "round": 4, "failed": [], "gone": ["compute-c"]}])
+    report = write_report(run)
+    assert report.directory == run / "report"
+    assert {p.name for p in report.plots} == {"loss.png", "wire.png", "expert_load.png"}
+    for plot in report.plots:
+        assert plot.read_bytes()[:8] == PNG and plot.stat().st_size > 5_000
+    summary = report.summary.read_text()
+    assert "| 3 | 3.6000 | 3.6000 | 36.60 | 1,024 | 5.0 | 13.50 |" in summary  # 3 orgs x 4.5 MB sent in round 3
+    assert "![loss](loss.png)" in summary and "hospital-b" in summary and not report.notes
+
+
+def test_report_compares_with_a_baseline(tmp_path):
+    run = _run(tmp_path / "run", [5.0, 4.2])
+    base = _run(tmp_path / "base", [4.9, 4.0])
+    report = write_report(run, baseline=base, out=tmp_path / "out")
+    assert (tmp_path / "out" / "baseline.png").read_bytes()[:8] == PNG
+    summary = report.summary.read_text()
+    assert "baseline eval ppl" in summary and f"{math.exp(4.0):.2f}" in summary and f"{100 * (math.exp(0.2) - 1):+.1f}%" in summary
+
+
+def test_older_metrics_skip_their_plots_and_say_so(tmp_path):
+    run = _run(tmp_path / "run", [5.0, 4.2], full=False)
+    report = write_report(run)
+    assert [p.name for p in report.plots] == ["loss.png", "wire.png"]
+    summary = report.summary.read_text()
+    assert "no held-out evaluation" in summary and "no expert_load" in summary
+
+
+def test_a_run_without_rounds_is_an_error(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ReportError, match="metrics.jsonl does not exist"):
+        write_report(tmp_path / "run")
+
+
+def test_cli_report(tmp_path, capsys):
+    run = _run(tmp_path / "run", [5.0, 4.2])
+    assert main(["report", str(run)]) == 0
+    assert "summary.md" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nowhere")]) == 1
