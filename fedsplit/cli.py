@@ -12,6 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .model import ModelConfig
 from .plan import Plan, PlanError, load_plan
 from .plan.schema import OptimizerConfig
 from .plan.units import describe
@@ -211,21 +212,147 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _credentials(args: argparse.Namespace) -> Path | None:
+    if args.insecure:
+        warn_insecure()
+        return None
+    return Path(args.credentials)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from .federation.deploy import CoordinatorOptions, DeploymentError, run_coordinator
+
+    plan = _load(args.federation)
+    if plan is None:
+        return 1
+    _training_overrides(plan, args)
+    options = CoordinatorOptions(runs_root=Path(args.runs_dir), resume=Path(args.resume) if args.resume else None,
+                                 superlink=args.superlink, listen=args.listen, credentials=_credentials(args),
+                                 insecure=args.insecure, node_timeout_s=args.node_timeout)
+    try:
+        run_dir = run_coordinator(plan, options)
+    except DeploymentError as e:
+        err_console.print(f"[red]coordinator failed:[/] {e}", highlight=False, soft_wrap=True)
+        return 1
+    print_rounds(run_dir)
+    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from .federation.deploy import ClientOptions, DeploymentError, run_client
+
+    plan = _load(args.plan)
+    if plan is None:
+        return 1
+    options = ClientOptions(org=args.org, superlink=args.superlink, data_plane_address=args.data_plane_address, bind=args.bind,
+                            credentials=_credentials(args), insecure=args.insecure, device=args.device,
+                            state_dir=Path(args.state_dir), supernode_port=args.supernode_port)
+    try:
+        return run_client(plan, options)
+    except DeploymentError as e:
+        err_console.print(f"[red]client failed:[/] {e}", highlight=False, soft_wrap=True)
+        return 1
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .interop import CheckpointError, open_checkpoint, save_fedsplit
+
+    try:
+        ckpt = open_checkpoint(args.hf_dir)
+        if ckpt.format != "hf":
+            raise CheckpointError("is a fedsplit model directory already: a plan can use it as its model", file=args.hf_dir)
+        out = save_fedsplit(ckpt.config, ckpt.reader.read_all(), args.out)
+    except CheckpointError as e:
+        err_console.print(f"[red]cannot import:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    cfg = ckpt.config
+    console.print(f"imported {ckpt.architecture} ({cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k}) to {out}; "
+                  f"name it as a plan's model: (or name {args.hf_dir} itself)", highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from .interop import CheckpointError, open_checkpoint, save_fedsplit
+    from .interop.upcycle import check_dense, check_upcycle, upcycle
+
+    try:
+        dense = open_checkpoint(args.dense)
+        check_dense(dense.config)
+        weights = dense.reader.read_all()
+        cfg, moe = upcycle(dense.config, weights, args.experts, args.method, top_k=args.top_k,
+                           shared_neurons=args.shared_neurons, seed=args.seed)
+    except (CheckpointError, ValueError) as e:
+        err_console.print(f"[red]cannot upcycle:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    report = check_upcycle(dense.config, weights, cfg, moe, seed=args.seed)
+    out = save_fedsplit(cfg, moe, args.out)
+    (out / "upcycle.json").write_text(json.dumps({"source": str(args.dense), "method": args.method, "experts": args.experts,
+                                                  "top_k": args.top_k, "seed": args.seed, **report.as_dict()}, indent=2))
+    shared = f" + a shared expert of {cfg.shared_expert_ffn_size}" if cfg.num_shared_experts else ""
+    console.print(f"{dense.config.expert_ffn_size} neurons per FFN -> {args.experts} experts of {cfg.expert_ffn_size}{shared} "
+                  f"({args.method}), top-{cfg.top_k}; wrote {out}", highlight=False, soft_wrap=True)
+    console.print(f"every expert active, unit gates: max |FFN - dense FFN| = {report.all_experts_max_abs_diff:.2e}", highlight=False)
+    console.print(f"top-{cfg.top_k} with the initial router: FFN relative error {report.top_k_ffn_rel_error:.3f} (worst layer), "
+                  f"logits max abs diff {report.top_k_logits_max_abs_diff:.3e}, relative {report.top_k_logits_rel_error:.3f}",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
+def _export_config(source: Path, args: argparse.Namespace) -> ModelConfig:
+    """The model config of a run's checkpoint: ``--model`` (a model YAML or directory), else the
+    run's plan.json beside or above the checkpoint."""
+    from .interop import CheckpointError, open_checkpoint
+
+    if args.model:
+        model = Path(args.model)
+        return open_checkpoint(model).config if model.is_dir() else ModelConfig.from_yaml(model)
+    plans = [d / "plan.json" for d in (source, *source.parents[:3]) if (d / "plan.json").exists()]
+    if not plans:
+        raise CheckpointError("no plan.json beside or above it to take the model config from: give --model MODEL_YAML", file=source)
+    return ModelConfig.model_validate(json.loads(plans[0].read_text())["model"])
+
+
+def _export_hf(weights: dict, source: Path, args: argparse.Namespace, cfg: ModelConfig | None = None) -> int:
+    """Write ``weights`` as a HF directory, for ``cfg`` or the config :func:`_export_config` finds."""
+    from .interop import CheckpointError, save_hf
+
+    try:
+        out = save_hf(cfg or _export_config(source, args), weights, args.out)
+    except (CheckpointError, ValueError, OSError) as e:
+        err_console.print(f"[red]cannot export:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    console.print(f"wrote a Hugging Face checkpoint to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r})", highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from .federation.checkpoint import find_checkpoint
+    from .interop import is_model_directory, open_checkpoint
 
     source = Path(args.checkpoint)
+    if args.format == "hf" and is_model_directory(source):
+        model = open_checkpoint(source)
+        return _export_hf(model.reader.read_all(), source, args, model.config)
     ckpt = find_checkpoint(source)
     if ckpt is None:
         err_console.print(f"[red]no complete checkpoint in {source}[/] (give a run directory or a checkpoints/round-NNNN directory)")
         return 1
+    if args.format == "hf":
+        return _export_hf(ckpt.weights, ckpt.path, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ckpt.weights.items()}, out, metadata={"format": "pt", "round": str(ckpt.round)})
     console.print(f"wrote the full model of round {ckpt.round} ({len(ckpt.weights)} tensors) to {out}", highlight=False)
     return 0
+
+
+def _security_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--credentials", metavar="DIR", help=f"`fedsplit certs` output: {what}")
+    group.add_argument("--insecure", action="store_true", help="no TLS and no tokens on either plane (trusted networks only)")
 
 
 def cmd_plan_show(args: argparse.Namespace) -> int:
@@ -397,10 +524,53 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--insecure", action="store_true", help="data plane without TLS and tokens (it stays on loopback)")
     sim.set_defaults(func=cmd_simulate)
 
-    export = sub.add_parser("export", help="write the full model of a checkpoint as one safetensors file")
-    export.add_argument("checkpoint", help="a run directory (its last complete round) or a checkpoints/round-NNNN directory")
-    export.add_argument("out", help="the .safetensors file to write")
+    coord = sub.add_parser("coordinator", help="run a federation's rounds through a SuperLink that the organisations' clients join")
+    coord.add_argument("federation")
+    coord.add_argument("--rounds", type=int, help="override training.rounds")
+    coord.add_argument("--steps", type=int, help="override training.steps_per_round")
+    coord.add_argument("--listen", default="0.0.0.0:9093", help="where the SuperLink started here listens (default 0.0.0.0:9093)")
+    coord.add_argument("--superlink", metavar="HOST:PORT", help="use a running SuperLink (its control API) instead of starting one")
+    coord.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
+    coord.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
+    coord.add_argument("--node-timeout", type=float, default=300.0, help="seconds to wait for every organisation to join")
+    _security_arguments(coord, "the coordinator's certificate (coordinator.pem) and every organisation's token")
+    coord.set_defaults(func=cmd_coordinator)
+
+    client = sub.add_parser("client", help="serve one organisation: its worker (data plane) and its SuperNode (Flower)")
+    client.add_argument("--org", required=True, help="this organisation's name in the plan")
+    client.add_argument("--plan", required=True, help="the federation YAML file (the same plan as the coordinator's)")
+    client.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
+    client.add_argument("--data-plane-address", required=True, metavar="HOST:PORT",
+                        help="where the other organisations reach this worker (it listens on --bind at that port)")
+    client.add_argument("--bind", default="0.0.0.0", help="interface the worker listens on (default all)")
+    client.add_argument("--device", help="this organisation's device (default: the plan's, cuda when present)")
+    client.add_argument("--state-dir", default="fedsplit-state", help="optimizer state per round and Flower's home")
+    client.add_argument("--supernode-port", type=int, default=0, help="the SuperNode's local API port (default: any free one)")
+    _security_arguments(client, "ca.pem, this organisation's NAME.pem/NAME.key and tokens.yaml")
+    client.set_defaults(func=cmd_client)
+
+    export = sub.add_parser("export", help="write the full model of a checkpoint as one safetensors file, or as a Hugging Face directory")
+    export.add_argument("checkpoint", help="a run directory (its last complete round) or a checkpoints/round-NNNN directory "
+                                           "(with --format hf also a fedsplit model directory)")
+    export.add_argument("out", help="the .safetensors file to write (--format hf: the directory)")
+    export.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                        help="hf: config.json and safetensors that transformers loads (Mixtral, or Qwen2-MoE with shared experts)")
+    export.add_argument("--model", help="with --format hf: the model YAML or directory (default: the run's plan.json)")
     export.set_defaults(func=cmd_export)
+    imp = sub.add_parser("import", help="convert a Hugging Face Mixtral, Qwen2-MoE or Llama directory to a fedsplit model directory")
+    imp.add_argument("hf_dir", help="a directory with config.json and model.safetensors (or shards and their index)")
+    imp.add_argument("out", help="the fedsplit model directory to write (model.yaml, model.safetensors)")
+    imp.set_defaults(func=cmd_import)
+    up = sub.add_parser("upcycle", help="turn a dense model's FFNs into experts by splitting their neurons (LLaMA-MoE)")
+    up.add_argument("dense", help="a fedsplit model directory with one expert, or a Hugging Face LlamaForCausalLM directory")
+    up.add_argument("--experts", type=int, required=True, help="routed experts per layer")
+    up.add_argument("--method", choices=["random", "cluster", "shared"], required=True,
+                    help="random split; balanced k-means of the neurons; or the most important neurons as a shared expert, the rest split")
+    up.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    up.add_argument("--shared-neurons", type=int, help="with --method shared: neurons of the shared expert (default: one expert's width plus the remainder)")
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--out", required=True, help="the fedsplit model directory to write")
+    up.set_defaults(func=cmd_upcycle)
     gen = sub.add_parser("generate", help="sample text from a checkpoint")
     gen.add_argument("checkpoint", help="a run directory (its last complete round), a checkpoints/round-NNNN directory or a model.safetensors")
     gen.add_argument("--prompt", required=True)

@@ -21,11 +21,21 @@ MODEL_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
 
 
-def plan_hash(plan: Plan) -> str:
-    """What the weights depend on: model, partitions and training settings."""
-    spec = {"model": plan.model.model_dump(mode="json"), "training": plan.training.model_dump(mode="json"),
+def _digest(plan: Plan, training: dict) -> str:
+    spec = {"model": plan.model.model_dump(mode="json"), "training": training,
             "partitions": [[p.name, sorted(map(str, p.units)), list(p.holders), sorted(p.local_holders)] for p in plan.partitions]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_hash(plan: Plan) -> str:
+    """What the weights depend on: model, partitions and training settings."""
+    return _digest(plan, plan.training.model_dump(mode="json"))
+
+
+def layout_hash(plan: Plan) -> str:
+    """What every organisation must agree on to work together: the model, the partitions and the
+    shape of the batches (not the number of rounds or steps, which the coordinator may set)."""
+    return _digest(plan, plan.training.model_dump(mode="json", exclude={"rounds", "steps_per_round"}))
 
 
 @dataclass

@@ -45,7 +45,7 @@ def _failure(msg: Message, site: ClientSite, e: PeerError) -> Message:
 @app.query("register")
 def register(msg: Message, context: Context) -> Message:
     site = ClientSite.of(context.node_config)
-    return _reply(msg, OK, info=ConfigRecord({"org": site.org, "address": site.address}))
+    return _reply(msg, OK, info=ConfigRecord({"org": site.org, "address": site.address, "token": site.token or "", "layout": site.layout}))
 
 
 @app.train("begin")

@@ -14,6 +14,7 @@ a clear error otherwise.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..plan import Plan, select
 from ..runtime.rounds import RoundSpec, path_orgs
+from ..transport.security import load_tokens
 from .aggregate import aggregate_round
-from .checkpoint import latest_checkpoint, plan_hash, write_checkpoint
+from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .client_app import OK, WORKER_DOWN
 from .rundir import MetricsLog
 from .settings import CoordinatorSettings
@@ -71,7 +73,8 @@ class Coordinator:
         self.run_id = self.run_dir.name
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoints = self.run_dir / "checkpoints"
-        self.hash = plan_hash(self.plan)
+        self.hash, self.layout = plan_hash(self.plan), layout_hash(self.plan)
+        self.tokens = load_tokens(settings.credentials) if settings.credentials else None
         last = latest_checkpoint(self.checkpoints) if settings.resume else None
         if last is not None:
             if last.manifest.get("plan_hash") != self.hash:
@@ -113,12 +116,24 @@ class Coordinator:
                 raise FederationError(f"node {nid_text} says it is organisation {org!r}, which plan {self.plan.name!r} does not have")
             if org in self.node_of:
                 raise FederationError(f"two nodes say they are organisation {org!r}")
+            self._check_identity(org, info)
             self.node_of[org], self.addresses[org] = int(nid_text), str(info["address"])
         missing = sorted(set(self.plan.orgs) - set(self.node_of))
         if missing:
             raise FederationError(f"organisations {', '.join(missing)} of the plan did not connect")
         self.alive = set(self.plan.orgs)
         log(INFO, "fedsplit: %d organisations registered: %s", len(self.alive), ", ".join(sorted(self.alive)))
+
+    def _check_identity(self, org: str, info) -> None:
+        """With credentials, a node proves it is ``org`` by its token; a deployed client also says
+        which plan layout its worker was built from, which must be the coordinator's."""
+        if self.tokens is not None and not hmac.compare_digest(str(info["token"]), self.tokens.get(org, "")):
+            raise FederationError(f"a node says it is organisation {org!r} but does not hold its token; "
+                                  f"give that organisation its credentials from `fedsplit certs`")
+        layout = str(info["layout"])
+        if layout and layout != self.layout:
+            raise FederationError(f"organisation {org!r} runs a different plan (layout {layout}, the coordinator's is {self.layout}): "
+                                  f"every organisation needs the same model, partitions and batch settings")
 
     def train_round(self, r: int) -> None:
         t = self.plan.training

@@ -34,6 +34,8 @@ class CoordinatorSettings(BaseModel):
     round_timeout_s: float = Field(default=3600.0, gt=0, description="deadline of a round's training")
     training: TrainingConfig | None = Field(default=None, description="replaces the plan's training settings")
     transport: TransportConfig | None = None
+    credentials: str | None = Field(default=None, description=(
+        "`fedsplit certs` output: each organisation's token is checked when it registers"))
 
     def load_plan(self) -> Plan:
         plan = load_plan(self.plan)
@@ -61,6 +63,7 @@ class ClientSite:
     worker: str  # where this client reaches its own worker
     address: str  # where the other organisations reach it
     credentials: Path | None  # None: plaintext without tokens (explicitly insecure)
+    layout: str = ""  # layout_hash of the plan the organisation's worker was built from ("" in simulation: the same file)
 
     @property
     def tls(self) -> TLSConfig | None:
@@ -73,14 +76,15 @@ class ClientSite:
     @classmethod
     def of(cls, node_config: Mapping) -> "ClientSite":
         """From the SuperNode's node config (deployment: ``org``, ``worker``, ``address``,
-        ``credentials`` or ``insecure``), or in simulation from the registry that ``fedsplit
+        ``credentials`` or ``insecure``, and ``layout``), or in simulation from the registry that ``fedsplit
         simulate`` wrote, by partition id."""
         if "org" in node_config:
             if not node_config.get("credentials") and not node_config.get("insecure"):
                 raise RuntimeError("the node config needs credentials=DIR, or insecure=true explicitly")
             creds = node_config.get("credentials")
             worker = str(node_config["worker"])
-            return cls(str(node_config["org"]), worker, str(node_config.get("address") or worker), Path(str(creds)) if creds else None)
+            return cls(str(node_config["org"]), worker, str(node_config.get("address") or worker), Path(str(creds)) if creds else None,
+                       str(node_config.get("layout", "")))
         registry = json.loads(Path(os.environ[SIMULATION_ENV]).read_text())
         org = registry["orgs"][int(node_config["partition-id"])]
         creds = registry.get("credentials")
