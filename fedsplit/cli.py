@@ -16,6 +16,8 @@ from .model import ModelConfig
 from .plan import Plan, PlanError, load_plan
 from .plan.schema import OptimizerConfig
 from .plan.units import describe
+from .federation.progress import watch_rounds
+from .federation.rundir import MetricsLog, new_run_dir
 
 if TYPE_CHECKING:
     from .data import Tokenizer
@@ -178,16 +180,22 @@ def _training_overrides(plan: Plan, args: argparse.Namespace) -> None:
 
 
 def print_rounds(run_dir: Path) -> None:
-    from .federation.rundir import MetricsLog
-
+    """Per round: train loss, held-out loss and perplexity of the model after the round, tokens, time."""
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    evals = {r["round"]: r for r in records if r["event"] == "eval"}
     table = Table(title=f"rounds of {run_dir.name}")
-    for col in ("round", "loss", "tokens", "seconds", "organisations"):
+    for col in ("round", "train loss", "held-out loss", "perplexity", "tokens", "seconds", "organisations"):
         table.add_column(col, justify="right")
-    for r in MetricsLog(run_dir / "metrics.jsonl").read():
+    if 0 in evals:
+        table.add_row("0", "", f"{evals[0]['loss']:.4f}", f"{evals[0]['ppl']:.2f}", "", "", "")
+    for r in records:
+        ev = evals.get(r["round"], {})
+        held_out = (f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}") if ev else ("", "")
         if r["event"] == "round":
-            table.add_row(str(r["round"]), f"{r['loss']:.4f}", f"{int(r['tokens']):,}", f"{r['seconds']:.1f}", str(len(r["alive"])))
+            table.add_row(str(r["round"]), f"{r['loss']:.4f}", *held_out, f"{int(r['tokens']):,}", f"{r['seconds']:.1f}",
+                          str(len(r["alive"])))
         elif r["event"] == "round-failed":
-            table.add_row(str(r["round"]), "[red]failed[/]", "", "", "gone: " + ", ".join(r["gone"]))
+            table.add_row(str(r["round"]), "[red]failed[/]", "", "", "", "", "gone: " + ", ".join(r["gone"]))
     console.print(table)
 
 
@@ -200,16 +208,36 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _training_overrides(plan, args)
     if args.insecure:
         warn_insecure()
-    options = SimulationOptions(runs_root=Path(args.runs_dir), resume=Path(args.resume) if args.resume else None, device=args.device,
+    run_dir = Path(args.resume) if args.resume else new_run_dir(plan, Path(args.runs_dir))
+    options = SimulationOptions(resume=Path(args.resume) if args.resume else None, run_dir=run_dir, device=args.device,
                                 insecure=args.insecure, process_per_org=args.process_per_org, actors=args.actors)
     try:
-        run_dir = simulate(plan, options)
+        with watch_rounds(run_dir, plan.training.rounds, console):
+            simulate(plan, options)
     except SimulationFailed as e:
         err_console.print(f"[red]simulation failed:[/] {e}", highlight=False, soft_wrap=True)
         return 1
-    print_rounds(run_dir)
-    console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, plan.json, workers/)", highlight=False, soft_wrap=True)
+    finish_run(run_dir, args.sample)
     return 0
+
+
+def finish_run(run_dir: Path, prompt: str | None) -> None:
+    """What a user wants to see at the end of a run: the rounds, the plots and where the model is,
+    and (with a prompt) a sample of what it learned."""
+    from .generate import generate_text, load_model
+    from .report import ReportError, write_report
+
+    print_rounds(run_dir)
+    try:
+        report = write_report(run_dir)
+        console.print(f"report: {report.summary} ({', '.join(p.name for p in report.plots)})", highlight=False, soft_wrap=True)
+    except ReportError as e:
+        err_console.print(f"[yellow]no report:[/] {e}", highlight=False, soft_wrap=True)
+    console.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, plan.json, logs/)", highlight=False, soft_wrap=True)
+    if prompt:
+        text = generate_text(load_model(run_dir), prompt, 200, temperature=0.8, top_k=20, seed=0)
+        console.print("[bold]sample[/] (200 tokens, temperature 0.8, top-k 20):", highlight=False)
+        print(text)
 
 
 def _credentials(args: argparse.Namespace) -> Path | None:
@@ -219,6 +247,23 @@ def _credentials(args: argparse.Namespace) -> Path | None:
     return Path(args.credentials)
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from .federation.baseline import run_baseline
+    from .federation.progress import progress_bar
+
+    plan = _load(args.federation)
+    if plan is None:
+        return 1
+    _training_overrides(plan, args)
+    t = plan.training
+    with progress_bar(console, "centralised baseline") as bar:
+        task = bar.add_task("steps", total=t.rounds * t.steps_per_round, status="")
+        run_dir = run_baseline(plan, Path(args.runs_dir), args.device or "cpu",
+                               on_step=lambda done, total, m: bar.update(task, completed=done, status=f"loss {m['loss']:.4f}"))
+    finish_run(run_dir, None)
+    return 0
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from .federation.deploy import CoordinatorOptions, DeploymentError, run_coordinator
 
@@ -226,16 +271,17 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if plan is None:
         return 1
     _training_overrides(plan, args)
-    options = CoordinatorOptions(runs_root=Path(args.runs_dir), resume=Path(args.resume) if args.resume else None,
+    run_dir = Path(args.resume) if args.resume else new_run_dir(plan, Path(args.runs_dir))
+    options = CoordinatorOptions(resume=Path(args.resume) if args.resume else None, run_dir=run_dir,
                                  superlink=args.superlink, listen=args.listen, credentials=_credentials(args),
                                  insecure=args.insecure, node_timeout_s=args.node_timeout)
     try:
-        run_dir = run_coordinator(plan, options)
+        with watch_rounds(run_dir, plan.training.rounds, console):
+            run_coordinator(plan, options)
     except DeploymentError as e:
         err_console.print(f"[red]coordinator failed:[/] {e}", highlight=False, soft_wrap=True)
         return 1
-    print_rounds(run_dir)
-    console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    finish_run(run_dir, None)
     return 0
 
 
@@ -522,7 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--process-per-org", action="store_true", help="one worker process per organisation instead of one for all")
     sim.add_argument("--actors", type=int, default=2, help="Ray actors running client messages (clients never block each other)")
     sim.add_argument("--insecure", action="store_true", help="data plane without TLS and tokens (it stays on loopback)")
+    sim.add_argument("--sample", metavar="PROMPT", help="at the end, sample 200 tokens from the final model after PROMPT")
     sim.set_defaults(func=cmd_simulate)
+
+    base = sub.add_parser("baseline", help="train the monolithic model centrally on every data owner's data, same budget, same metrics")
+    base.add_argument("federation")
+    base.add_argument("--rounds", type=int, help="override training.rounds")
+    base.add_argument("--steps", type=int, help="override training.steps_per_round")
+    base.add_argument("--device", help="default cpu")
+    base.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
+    base.set_defaults(func=cmd_baseline)
 
     coord = sub.add_parser("coordinator", help="run a federation's rounds through a SuperLink that the organisations' clients join")
     coord.add_argument("federation")

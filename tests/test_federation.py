@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fedsplit.federation.checkpoint import latest_checkpoint
+from fedsplit.data import eval_batches_for
+from fedsplit.federation.baseline import held_out_loss
+from fedsplit.federation.checkpoint import latest_checkpoint, load_checkpoint
+from fedsplit.federation.verify import initial_weights
+from fedsplit.runtime import MonolithicTrainer
 from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
@@ -40,10 +44,30 @@ def test_simulated_rounds_without_replicas_equal_monolithic_training(tmp_path):
     assert ckpt.round == 2
     assert max_diff(ckpt.weights, monolithic(plan, 6)) <= 1e-5
     MoETransformer(plan.model).load_state_dict(ckpt.weights, strict=True)
-    rounds = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == "round"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if r["event"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["orgs"]["hospital-a"]["bytes_sent"] > 0
     assert json.loads((run_dir / "plan.json").read_text())["name"] == "three-orgs"
+    for layer, load in rounds[-1]["expert_load"].items():
+        assert len(load) == plan.model.num_experts and abs(sum(load) - 1) < 1e-6, layer
+
+
+def test_held_out_evaluation_through_the_split_model_equals_the_reassembled_models(tmp_path):
+    """Each round the data owners evaluate the weights they received (the previous round's
+    reassembled model) on held-out batches through the split model; a final zero-step round
+    evaluates the last model. Each equals the monolithic model's evaluation of the checkpoint."""
+    plan = small_plan("three-orgs", rounds=2, steps=2, eval_tokens=512)
+    run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
+    evals = {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"}
+    assert sorted(evals) == [0, 1, 2]
+    models = {0: initial_weights(plan), **{r: load_checkpoint(run_dir / "checkpoints" / f"round-{r:04d}").weights for r in (1, 2)}}
+    for r, weights in models.items():
+        for owner in plan.data_owners:
+            expected, tokens = held_out_loss(MonolithicTrainer(plan, weights), eval_batches_for(plan, owner))
+            assert evals[r]["orgs"][owner]["tokens"] == tokens
+            assert abs(evals[r]["orgs"][owner]["loss"] - expected) <= 1e-5, (r, owner)
+    assert evals[2]["loss"] < evals[0]["loss"]  # something was learned through the split path
 
 
 def test_three_org_plan_with_every_partition_kind_averages_replicas_exactly(tmp_path):

@@ -4,6 +4,7 @@ checkpoints and logs."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -11,13 +12,14 @@ from ..plan import Plan
 from ..plan.units import describe
 
 
-def new_run_dir(plan: Plan, root: Path = Path("runs")) -> Path:
+def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / f"{plan.name}-{stamp}"
+    name = f"{plan.name}-{suffix}" if suffix else plan.name
+    path = Path(root) / f"{name}-{stamp}"
     n = 1
     while path.exists():
         n += 1
-        path = Path(root) / f"{plan.name}-{stamp}-{n}"
+        path = Path(root) / f"{name}-{stamp}-{n}"
     (path / "logs").mkdir(parents=True)
     write_merged_plan(plan, path / "plan.json")
     return path
@@ -52,3 +54,13 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def evaluation_record(round: int, losses: dict[str, tuple[float, float]]) -> dict:
+    """The ``eval`` line of ``metrics.jsonl``: held-out loss and perplexity of the model after
+    ``round`` (0: the initial model) per data owner, from ``{owner: (mean loss, tokens)}``, and
+    overall (token-weighted)."""
+    tokens = sum(n for _, n in losses.values())
+    loss = sum(value * n for value, n in losses.values()) / tokens
+    return {"round": round, "event": "eval", "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
+            "orgs": {d: {"loss": value, "ppl": math.exp(value), "tokens": n} for d, (value, n) in losses.items()}}

@@ -31,7 +31,7 @@ from ..transport.security import load_tokens
 from .aggregate import aggregate_round
 from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .client_app import OK, WORKER_DOWN
-from .rundir import MetricsLog
+from .rundir import MetricsLog, evaluation_record
 from .settings import CoordinatorSettings
 from .verify import initial_weights
 
@@ -65,6 +65,18 @@ def main(grid: Grid, context: Context) -> None:
     result.write_text(json.dumps({"status": "finished"}))
 
 
+def expert_load(metrics: dict[str, dict[str, float]], num_experts: int) -> dict[str, list[float]]:
+    """Per layer, the fraction of routed (token, slot) rows each expert received this round,
+    summed over the organisations that route that layer for some data owner."""
+    counts: dict[str, list[float]] = {}
+    for m in metrics.values():
+        for key, n in m.items():
+            if key.startswith("expert_load/"):
+                _, layer, e = key.split("/")
+                counts.setdefault(layer, [0.0] * num_experts)[int(e)] += n
+    return {layer: [n / (sum(c) or 1.0) for n in c] for layer, c in sorted(counts.items(), key=lambda kv: int(kv[0]))}
+
+
 class Coordinator:
     def __init__(self, grid: Grid, settings: CoordinatorSettings):
         self.grid, self.settings = grid, settings
@@ -86,6 +98,7 @@ class Coordinator:
             self.weights = initial_weights(self.plan)
             self.local = {org: select(self.weights, self.plan.slices_of(org, local_only=True)) for org in self.plan.orgs}
             self.first_round = 1
+        self.evaluates = self.plan.training.eval_tokens > 0
         self.node_of: dict[str, int] = {}
         self.addresses: dict[str, str] = {}
         self.alive: set[str] = set()
@@ -96,6 +109,8 @@ class Coordinator:
         self.register()
         for r in range(self.first_round, self.plan.training.rounds + 1):
             self.train_round(r)
+        if self.evaluates:
+            self.evaluate_final()
 
     def register(self) -> None:
         """Learn which node is which organisation and where its data plane listens."""
@@ -137,39 +152,63 @@ class Coordinator:
 
     def train_round(self, r: int) -> None:
         t = self.plan.training
-        while True:
-            spec = self._round_spec(r)
-            started = time.monotonic()
-            outcome = self._begin(spec)
-            if not outcome.failed:
-                outcome = self._collect(spec)
-            if not outcome.failed:
-                break
-            for org, reason in sorted(outcome.failed.items()):
-                log(WARNING, "fedsplit: round %d: organisation %s failed: %s", r, org, reason)
-            self.metrics.write({"round": r, "event": "round-failed", "failed": outcome.failed, "gone": sorted(outcome.gone)})
-            if not outcome.gone:
-                raise FederationError(f"round {r} failed and no organisation is gone to exclude: {outcome.failed}")
-            self.alive -= outcome.gone
-            log(WARNING, "fedsplit: round %d: rerunning from the last good weights without %s", r, ", ".join(sorted(outcome.gone)))
+        started = time.monotonic()
+        spec, outcome = self._run_round(lambda: self._round_spec(r, t.steps_per_round))
+        metrics = {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in outcome.replies.items()}
+        org_metrics = {org: {k: v for k, v in m.items() if not k.startswith("expert_load/")} for org, m in metrics.items()}
+        self._log_evaluation(r - 1, spec, org_metrics)
         trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
-        org_metrics = {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in outcome.replies.items()}
         self.weights, self.local = aggregate_round(self.plan, self.weights, self.local, trained, org_metrics, self.alive)
         seconds = time.monotonic() - started
         owners = spec.data_owners
         tokens = sum(org_metrics[d]["tokens"] for d in owners)
         loss = sum(org_metrics[d]["loss"] * org_metrics[d]["tokens"] for d in owners) / max(tokens, 1)
         record = {"round": r, "event": "round", "steps": t.steps_per_round, "seconds": seconds, "loss": loss,
-                  "tokens": tokens, "orgs": org_metrics, "alive": sorted(self.alive)}
+                  "tokens": tokens, "orgs": org_metrics, "expert_load": expert_load(metrics, self.plan.model.num_experts),
+                  "alive": sorted(self.alive)}
         path = write_checkpoint(self.checkpoints, r, self.weights, self.local,
                                 {"plan": self.plan.name, "plan_hash": self.hash, "run": self.run_id, "next_step": spec.last_step + 1,
                                  "metrics": record, "optimizer_state": "kept by each organisation's worker (state dir), per round"})
         self.metrics.write({**record, "checkpoint": str(path)})
         log(INFO, "fedsplit: round %d/%d: loss %.4f, %d tokens, %.1f s -> %s", r, t.rounds, loss, record["tokens"], seconds, path)
 
+    def evaluate_final(self) -> None:
+        """The last round's model on held-out data: a round of zero steps that only evaluates."""
+        last = self.plan.training.rounds
+        spec, outcome = self._run_round(lambda: self._round_spec(last + 1, 0))
+        metrics = {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in outcome.replies.items()}
+        self._log_evaluation(last, spec, metrics)
+
+    def _log_evaluation(self, r: int, spec: RoundSpec, metrics: dict[str, dict[str, float]]) -> None:
+        """Held-out loss and perplexity of the model after round ``r`` (0: the initial model), per
+        data owner and overall (token-weighted), as the data owners measured it through the split model."""
+        losses = {d: (metrics[d]["eval_loss"], metrics[d]["eval_tokens"]) for d in spec.data_owners if "eval_loss" in metrics.get(d, {})}
+        if not losses:
+            return
+        record = evaluation_record(r, losses)
+        self.metrics.write(record)
+        log(INFO, "fedsplit: held-out after round %d: loss %.4f, perplexity %.2f (%d tokens)", r, record["loss"], record["ppl"], record["tokens"])
+
+    def _run_round(self, make_spec) -> tuple[RoundSpec, Outcome]:
+        """Begin and collect a round; rerun it without organisations that are gone, or stop."""
+        while True:
+            spec = make_spec()
+            outcome = self._begin(spec)
+            if not outcome.failed:
+                outcome = self._collect(spec)
+            if not outcome.failed:
+                return spec, outcome
+            for org, reason in sorted(outcome.failed.items()):
+                log(WARNING, "fedsplit: round %d: organisation %s failed: %s", spec.round, org, reason)
+            self.metrics.write({"round": spec.round, "event": "round-failed", "failed": outcome.failed, "gone": sorted(outcome.gone)})
+            if not outcome.gone:
+                raise FederationError(f"round {spec.round} failed and no organisation is gone to exclude: {outcome.failed}")
+            self.alive -= outcome.gone
+            log(WARNING, "fedsplit: round %d: rerunning from the last good weights without %s", spec.round, ", ".join(sorted(outcome.gone)))
+
     # -- the messages ------------------------------------------------------------------------
 
-    def _round_spec(self, r: int) -> RoundSpec:
+    def _round_spec(self, r: int, steps: int) -> RoundSpec:
         plan = self.plan
         orphaned = [p.name for p in plan.partitions if not set(p.holders) & self.alive]
         if orphaned:
@@ -177,8 +216,8 @@ class Coordinator:
         owners = tuple(d for d in plan.data_owners if path_orgs(plan, d) <= self.alive)
         if not owners:
             raise FederationError("no data owner left whose whole path of organisations is alive")
-        steps = plan.training.steps_per_round
-        return RoundSpec(r, (r - 1) * steps, steps, owners, r - 1)
+        first = (r - 1) * plan.training.steps_per_round
+        return RoundSpec(r, first, steps, owners, r - 1, evaluate=self.evaluates)
 
     def _weights_of(self, org: str) -> dict:
         """Its partitions' current weights: its own version of the pieces it keeps local."""

@@ -31,8 +31,9 @@ class TrainingConfig(_Strict):
     max_in_flight: int = Field(default=0, ge=0, description="micro-batches in flight at once; 0 = one per stage of the path")
     optimizer: OptimizerConfig = OptimizerConfig()
     seed: int = 0
-    eval_tokens: int = Field(default=4096, gt=0, description=(
-        "held-out tokens evaluated per data owner (whole batches of batch_size x seq_len, at least one)"))
+    eval_tokens: int = Field(default=4096, ge=0, description=(
+        "held-out tokens evaluated per data owner each round (whole batches of batch_size x seq_len, "
+        "at least one); 0: no evaluation"))
 
     @model_validator(mode="after")
     def _micro_batches_divide_batch(self) -> "TrainingConfig":
@@ -72,7 +73,9 @@ class TransportConfig(_Strict):
 
 class FederationFile(_Strict):
     name: str = Field(min_length=1)
-    model: str = Field(min_length=1, description="path to a model YAML, relative to this file")
+    model: str = Field(min_length=1, description=(
+        "relative to this file: a model YAML (seeded initial weights), or a Hugging Face or fedsplit model "
+        "directory to start from its weights"))
     tokenizer: str | None = Field(default=None, description=(
         "a tokenizer file (`fedsplit tokenizer train`), relative to this file; default: UTF-8 bytes"))
     training: TrainingConfig = TrainingConfig()

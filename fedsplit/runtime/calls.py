@@ -60,6 +60,10 @@ class Peer(Protocol):
 
     def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]: ...
 
+    def evaluate(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """A forward that keeps no graph: no backward follows."""
+        ...
+
 
 class _RemoteCall(torch.autograd.Function):
     """Forward runs ``op`` on a peer; backward sends the output gradients to the same peer and
@@ -82,7 +86,11 @@ class _RemoteCall(torch.autograd.Function):
 
 
 def remote_call(peer: Peer, key: CallKey, op: str, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``op`` on ``peer`` as part of the caller's autograd graph; with gradients disabled
+    (evaluation), a plain forward that leaves nothing behind on the peer."""
     device = inputs[0].device
+    if not torch.is_grad_enabled():
+        return tuple(o.to(device) for o in peer.evaluate(key, op, list(inputs)))
     anchor = torch.empty(0, device=device, requires_grad=True)
     return _RemoteCall.apply(peer, key, op, anchor, *inputs)
 

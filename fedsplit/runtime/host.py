@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..data import batches_for
+from ..data import batches_for, eval_batches_for
 from ..plan import Plan, load_plan, select
 from ..plan.schema import TrainingConfig, TransportConfig
 from ..transport.security import TLSConfig, load_tokens
@@ -52,8 +52,9 @@ class WorkerHost:
         self.servers: dict[str, DataPlaneServer] = {}
         for org in orgs:
             worker = Worker(plan, org, select(weights, plan.slices_of(org)) if weights is not None else None, device)
-            batches = batches_for(plan, org) if org in plan.data_owners else None
-            Rounds(worker, batches, state_dir / org if state_dir else None)
+            owner = org in plan.data_owners
+            Rounds(worker, batches_for(plan, org) if owner else None, state_dir / org if state_dir else None,
+                   eval_batches=eval_batches_for(plan, org) if owner and plan.training.eval_tokens else ())
             tls = TLSConfig.load(credentials, org) if credentials else None
             self.handlers[org] = WorkerHandler(worker, run, tls, tokens[org] if tokens else None)
             self.servers[org] = DataPlaneServer(self.handlers[org], host, (ports or {}).get(org, 0), tls=tls,

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ..model import MoETransformer, training_loss
+from ..model import MoETransformer, cross_entropy, training_loss
 from ..plan import Plan
 from .calls import CallKey
 from .optim import make_optimizer
@@ -30,9 +30,12 @@ class MonolithicTrainer:
         self.optimizer = make_optimizer(self.model.parameters(), plan.training.optimizer)
 
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """One optimizer step on every data owner's batch; the objective and each owner's mean
+        cross-entropy (``ce/<owner>``)."""
         owners = self.plan.data_owners
         micro = self.plan.training.micro_batches
         total = 0.0
+        ce: dict[str, float] = {}
         for index, d in enumerate(owners):
             tokens, labels = batches[d]
             for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro))):
@@ -43,9 +46,22 @@ class MonolithicTrainer:
                     loss = loss / len(owners)
                 loss.backward()
                 total += loss.item()
+                ce[d] = ce.get(d, 0.0) + cross_entropy(logits.detach(), lab.to(self.device)).item() / micro
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total}
+        return {"loss": total, **{f"ce/{d}": v for d, v in ce.items()}}
+
+    def evaluate(self, tokens: Tensor, labels: Tensor) -> float:
+        """Mean cross-entropy of a held-out batch, micro-batch by micro-batch as the split
+        model evaluates it (no gradients, no router noise)."""
+        micro = self.plan.training.micro_batches
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return sum(cross_entropy(self.model(tok.to(self.device))[0], lab.to(self.device)).item()
+                           for tok, lab in zip(tokens.chunk(micro), labels.chunk(micro))) / micro
+        finally:
+            self.model.train()
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

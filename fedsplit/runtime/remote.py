@@ -64,6 +64,10 @@ class GrpcPeer:
         reply = self.channel.call(_header(self.run, key, op, pb.BACKWARD), _positional(grads), codec=self.compression.gradients)
         return [t for _, t in reply]
 
+    def evaluate(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
+        reply = self.channel.call(_header(self.run, key, op, pb.EVALUATE), _positional(inputs), codec=self.compression.activations)
+        return [t for _, t in reply]
+
     # RoundControl: these wait on the callee's step barrier, so their deadline is the barrier's.
     def await_round(self, round: int) -> None:
         self._control(f"ready/{round}")
@@ -112,11 +116,12 @@ class WorkerHandler:
             key = CallKey(header.data_owner, header.step, header.micro_batch)
             values = [t for _, t in tensors]
             codecs = self.worker.plan.transport.compression
-            if header.phase == pb.FORWARD:
+            if header.phase in (pb.FORWARD, pb.EVALUATE):
                 if any(v is None for v in values):
                     raise ValueError("forward inputs cannot be absent")
                 self.worker.check_call(header.caller, key, header.op, values)
-                return _positional(self.worker.forward(key, header.op, values)), codecs.activations
+                run = self.worker.forward if header.phase == pb.FORWARD else self.worker.evaluate
+                return _positional(run(key, header.op, values)), codecs.activations
             if header.phase == pb.BACKWARD:
                 self.worker.check_call(header.caller, key, header.op)
                 return _positional(self.worker.backward(key, header.op, values)), codecs.gradients

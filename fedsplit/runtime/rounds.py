@@ -6,6 +6,10 @@ owner's worker drives its steps on its own thread, and every worker applies its 
 step ``s`` once each data owner whose batches pass through it has reported step ``s`` finished
 (the step barrier). A data owner starts only when every organisation on its path has begun the
 round, i.e. holds the round's weights.
+
+A round may begin with a held-out evaluation: each data owner runs its held-out batches through
+the split model with the weights just received (the previous round's reassembled model) before
+its first step. A round of zero steps only evaluates (the final model's evaluation).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -42,6 +46,7 @@ class RoundSpec:
     steps: int
     data_owners: tuple[str, ...]  # those training this round (live ones)
     restore_round: int  # last complete round: the optimizer state every worker must start from
+    evaluate: bool = False  # data owners evaluate the received weights on held-out data first
 
     @property
     def last_step(self) -> int:
@@ -81,8 +86,8 @@ class Rounds:
     that a restarted worker resumes exactly."""
 
     def __init__(self, worker: Worker, batches: Callable[[int], tuple[Tensor, Tensor]] | None = None,
-                 state_dir: Path | None = None):
-        self.worker, self.batches, self.state_dir = worker, batches, state_dir
+                 state_dir: Path | None = None, eval_batches: Sequence[tuple[Tensor, Tensor]] = ()):
+        self.worker, self.batches, self.state_dir, self.eval_batches = worker, batches, state_dir, list(eval_batches)
         self.timeout = worker.plan.transport.step_timeout_s
         self.spec: RoundSpec | None = None
         self.last_finished = 0
@@ -110,6 +115,7 @@ class Rounds:
             raise RuntimeError(f"{w.name}: round {self.spec.round} is still running")
         with self._cond:
             w.reset_pending()
+            w.expert_load.clear()
             w.load_state(weights)
             self._restore_optimizer(spec.restore_round)
             mu = w.plan.aggregation.proximal_mu
@@ -148,7 +154,8 @@ class Rounds:
                 raise RoundFailed(self._error)
         self._save_optimizer(spec.round)
         self.last_finished = spec.round
-        return dict(self._metrics)
+        load = {f"expert_load/{layer}/{e}": float(n) for layer, counts in self.worker.expert_load.items() for e, n in enumerate(counts)}
+        return {**self._metrics, **load}
 
     # -- what data owners ask (RoundControl) -----------------------------------------------------
 
@@ -227,6 +234,10 @@ class Rounds:
         try:
             for c in controls.values():
                 c.await_round(spec.round)
+            if spec.evaluate and self.eval_batches:
+                evaluated = self._evaluate()
+            else:
+                evaluated = {}
             with ThreadPoolExecutor(max_workers=len(controls)) as pool:
                 for step in range(spec.first_step, spec.last_step + 1):
                     start = time.perf_counter()
@@ -250,9 +261,16 @@ class Rounds:
                 self._cond.notify_all()
             return
         traffic = {k: v - traffic_before[k] for k, v in w.traffic().items()}
-        n = spec.steps
-        self._metrics = {"loss": totals["loss"] / n, "aux_loss": totals["aux_loss"] / n, "last_loss": totals["last_loss"],
-                         "tokens": totals["tokens"], "step_s": totals["step_s"] / n, **traffic}
+        n = max(spec.steps, 1)
+        trained = {"loss": totals["loss"] / n, "aux_loss": totals["aux_loss"] / n, "last_loss": totals["last_loss"],
+                   "step_s": totals["step_s"] / n} if spec.steps else {}
+        self._metrics = {**trained, "tokens": totals["tokens"], **evaluated, **traffic}
+
+    def _evaluate(self) -> dict[str, float]:
+        """Token-weighted mean cross-entropy of this data owner's held-out batches."""
+        tokens = [float(tok.numel()) for tok, _ in self.eval_batches]
+        losses = [self.worker.evaluate_batch(tok, lab) for tok, lab in self.eval_batches]
+        return {"eval_loss": sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), "eval_tokens": sum(tokens)}
 
     def _optimizer_file(self, round: int) -> Path:
         return self.state_dir / f"optimizer-round-{round:04d}.safetensors"

@@ -26,6 +26,8 @@ from .calls import CallKey, Peer, calling, current_call, remote_call
 from .optim import make_optimizer
 from .partial import PartialModel
 
+EVAL_STEP = -1  # the step of held-out evaluation calls (training steps count from 0)
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -119,6 +121,20 @@ class Worker:
         self._done: dict[tuple[CallKey, str], list[Tensor | None]] = {}
         self._grad_lock = threading.Lock()  # micro-batches' backwards may arrive concurrently
         self.rounds = None  # a Rounds, when this worker runs rounds on its own
+        self.expert_load: dict[int, Tensor] = {}  # per layer this worker routes: training rows sent to each expert
+        for layer, block in self.model.blocks.items():
+            block.moe.experts.register_forward_pre_hook(self._count_routed(int(layer)))
+
+    def _count_routed(self, layer: int):
+        def hook(module, args) -> None:
+            if not torch.is_grad_enabled():  # evaluation is not load
+                return
+            counts = torch.zeros(self.cfg.num_experts)
+            for e, rows in args[0].items():
+                counts[e] = rows.shape[0]
+            with self._grad_lock:
+                self.expert_load[layer] = self.expert_load.get(layer, torch.zeros(self.cfg.num_experts)) + counts
+        return hook
 
     def connect(self, peers: Mapping[str, Peer]) -> None:
         self.peers = dict(peers)
@@ -153,6 +169,11 @@ class Worker:
             outputs = list(self._run(key, op, leaves))
         self._records[(key, op)] = _Record(leaves, outputs)
         return [o.detach() for o in outputs]
+
+    def evaluate(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """A forward for held-out evaluation: no graph is kept, nothing waits for a backward."""
+        with calling(key), torch.no_grad():
+            return list(self._run(key, op, [t.to(self.device) for t in inputs]))
 
     def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         if (key, op) in self._done:
@@ -355,6 +376,25 @@ class Worker:
         ce = sum(loss[1] for loss in losses) / len(mbs)
         aux = sum(loss[2] for loss in losses) / len(mbs)
         return {"loss": ce, "aux_loss": aux, "tokens": float(tokens.numel())}
+
+    def evaluate_batch(self, tokens: Tensor, labels: Tensor) -> float:
+        """Mean cross-entropy of this data owner's held-out batch through the split model, with
+        the weights as they are (no graph, no gradients, no router noise). Micro-batches are
+        shaped as in training, so every organisation checks them as it checks training calls."""
+        t = self.plan.training
+        path = segments(self.plan, self.name)
+        total = 0.0
+        with torch.no_grad():
+            for mb, (tok, lab) in enumerate(zip(tokens.chunk(t.micro_batches), labels.chunk(t.micro_batches))):
+                key = CallKey(self.name, EVAL_STEP, mb)
+                with calling(key):
+                    x = [tok.to(self.device)]
+                    for org, blocks in path:
+                        inputs = x + ([lab.to(self.device)] if "lm_head" in blocks else [])
+                        out, _ = remote_call(self.peer(org), key, segment_op(blocks), inputs)
+                        x = [out]
+                total += float(x[0])
+        return total / t.micro_batches
 
     def _forward_micro_batch(self, step: int, mb: int, tok: Tensor, lab: Tensor, path) -> tuple[Tensor, float, float]:
         """(objective of this micro-batch / micro_batches, its cross-entropy, its aux loss)."""

@@ -13,10 +13,12 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FORWARD: _ClassVar[Phase]
     BACKWARD: _ClassVar[Phase]
     CONTROL: _ClassVar[Phase]
+    EVALUATE: _ClassVar[Phase]
 PHASE_UNSPECIFIED: Phase
 FORWARD: Phase
 BACKWARD: Phase
 CONTROL: Phase
+EVALUATE: Phase
 
 class CallHeader(_message.Message):
     __slots__ = ("run", "caller", "data_owner", "step", "micro_batch", "op", "phase", "num_tensors", "shm_request", "shm_reply", "shm_reply_capacity")

@@ -1,0 +1,67 @@
+"""The centralised baseline: the monolithic model trained on every data owner's batches together,
+with the federation's rounds, steps, optimizer and token budget, evaluated on the same held-out
+batches. Its run directory has the same ``metrics.jsonl`` lines (``round`` and ``eval``) and
+checkpoints as a federated run, so the two compare round by round (``fedsplit report --baseline``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from torch import Tensor
+
+from ..data import batches_for, eval_batches_for
+from ..plan import Plan
+from ..runtime import MonolithicTrainer
+from .checkpoint import plan_hash, write_checkpoint
+from .rundir import MetricsLog, evaluation_record, new_run_dir
+from .verify import initial_weights
+
+Progress = Callable[[int, int, dict], None]  # (step done, total steps, step metrics)
+
+
+def held_out_loss(trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor]]) -> tuple[float, float]:
+    """(token-weighted mean cross-entropy, tokens) of held-out batches."""
+    tokens = [float(tok.numel()) for tok, _ in batches]
+    losses = [trainer.evaluate(tok, lab) for tok, lab in batches]
+    return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), sum(tokens)
+
+
+def run_baseline(plan: Plan, runs_root: Path = Path("runs"), device: str = "cpu", on_step: Progress | None = None) -> Path:
+    t = plan.training
+    run_dir = new_run_dir(plan, runs_root, suffix="baseline")
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    trainer = MonolithicTrainer(plan, initial_weights(plan), device)
+    owners = plan.data_owners
+    sources = {d: batches_for(plan, d) for d in owners}
+    held_out = {d: eval_batches_for(plan, d) for d in owners} if t.eval_tokens else {}
+
+    def evaluate(r: int) -> None:
+        if held_out:
+            metrics.write(evaluation_record(r, {d: held_out_loss(trainer, batches) for d, batches in held_out.items()}))
+
+    evaluate(0)
+    total = t.rounds * t.steps_per_round
+    for r in range(1, t.rounds + 1):
+        started = time.monotonic()
+        ce = {d: 0.0 for d in owners}
+        tokens = {d: 0.0 for d in owners}
+        for step in range((r - 1) * t.steps_per_round, r * t.steps_per_round):
+            batches = {d: sources[d](step) for d in owners}
+            out = trainer.train_step(step, batches)
+            for d in owners:
+                ce[d] += out[f"ce/{d}"] / t.steps_per_round
+                tokens[d] += float(batches[d][0].numel())
+            if on_step:
+                on_step(step + 1, total, out)
+        all_tokens = sum(tokens.values())
+        record = {"round": r, "event": "round", "steps": t.steps_per_round, "seconds": time.monotonic() - started,
+                  "loss": sum(ce[d] * tokens[d] for d in owners) / all_tokens, "tokens": all_tokens,
+                  "orgs": {d: {"loss": ce[d], "tokens": tokens[d]} for d in owners}, "alive": owners}
+        path = write_checkpoint(run_dir / "checkpoints", r, trainer.state_dict(), {},
+                                {"plan": plan.name, "plan_hash": plan_hash(plan), "run": run_dir.name, "baseline": True,
+                                 "metrics": record})
+        metrics.write({**record, "checkpoint": str(path)})
+        evaluate(r)
+    return run_dir

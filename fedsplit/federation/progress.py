@@ -1,0 +1,60 @@
+"""A progress bar over a run's ``metrics.jsonl``: rounds done, the last loss and held-out
+perplexity, tokens per second. It reads the file the coordinator writes, so it works the same
+for a simulation (coordinator in this process) and a deployment (coordinator under Flower)."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .rundir import MetricsLog
+
+
+def progress_bar(console: Console, what: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), console=console, transient=False)
+
+
+def status_of(records: list[dict]) -> tuple[int, str]:
+    """(rounds done, a line with the last loss, held-out perplexity and tokens per second)."""
+    rounds = [r for r in records if r.get("event") == "round"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    parts = []
+    if rounds:
+        last = rounds[-1]
+        parts.append(f"loss {last['loss']:.4f}")
+        if last.get("seconds"):
+            parts.append(f"{last['tokens'] / last['seconds']:,.0f} tok/s")
+    if evals:
+        parts.append(f"held-out ppl {evals[-1]['ppl']:.2f}")
+    return len({r["round"] for r in rounds}), "  ".join(parts)
+
+
+@contextmanager
+def watch_rounds(run_dir: Path, total_rounds: int, console: Console, every_s: float = 1.0) -> Iterator[None]:
+    """Show the rounds of ``run_dir`` as they complete while the block runs."""
+    log = MetricsLog(Path(run_dir) / "metrics.jsonl")
+    stop = threading.Event()
+    with progress_bar(console, "rounds") as bar:
+        task = bar.add_task("rounds", total=total_rounds, status="waiting for the organisations")
+
+        def poll() -> None:
+            while not stop.wait(every_s):
+                done, status = status_of(log.read())
+                if status:
+                    bar.update(task, completed=done, status=status)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            done, status = status_of(log.read())
+            bar.update(task, completed=done, status=status)
