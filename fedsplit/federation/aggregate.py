@@ -1,12 +1,21 @@
-"""Averaging the replicas of a partition, with Flower's own aggregation code."""
+"""Aggregating the replicas of each partition within its replica group, with Flower's own code:
+FedAvg (``aggregate_arrayrecords``) by default, FedAdam (Flower's ``FedAdam`` strategy, one per
+partition) when the plan asks for it. FedProx changes the clients' objective, not this step."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import Tensor
+
+from ..plan.schema import AggregationConfig
 
 from ..plan import Plan, reassemble, select, unit_slices
 
@@ -21,17 +30,102 @@ def average_replicas(replicas: Mapping[str, Mapping[str, Tensor]], weights: Mapp
     if not trained:
         first = next(iter(replicas.values()))
         return {k: v.clone() for k, v in first.items()}
-    records = [
-        RecordDict({"arrays": ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in replicas[org].items()}),
-                    "metrics": MetricRecord({"weight": float(weights[org])})})
-        for org in trained
-    ]
-    return dict(aggregate_arrayrecords(records, "weight").to_torch_state_dict())
+    return dict(aggregate_arrayrecords(_records(replicas, weights, trained), WEIGHT).to_torch_state_dict())
+
+
+WEIGHT = "num-examples"  # the metric Flower's strategies weight replies by
+
+
+def _records(replicas: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float], orgs: Iterable[str]) -> list[RecordDict]:
+    return [RecordDict({"arrays": ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in replicas[org].items()}),
+                        "metrics": MetricRecord({WEIGHT: float(weights[org])})}) for org in orgs]
+
+
+@dataclass
+class _Reply:
+    """The part of a reply Message that Flower's strategies read. A partition's replicas are not
+    Messages of their own (one Message carries all of an organisation's partitions)."""
+
+    content: RecordDict
+
+    def has_error(self) -> bool:
+        return False
+
+
+class FedAvgAggregator:
+    """Called per partition with (its name, the round, its weights before the round, its replicas
+    after the round, their weights); returns its new weights. FedAvg keeps no state."""
+
+    def __call__(self, partition: str, round: int, before: Mapping[str, Tensor], replicas: Mapping[str, Mapping[str, Tensor]],
+                 weights: Mapping[str, float]) -> dict[str, Tensor]:
+        return average_replicas(replicas, weights)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        pass
+
+
+class FedAdamAggregator(FedAvgAggregator):
+    """Adaptive server optimisation (Reddi et al., FedAdam): each partition's averaged update is a
+    pseudo-gradient for a server-side Adam step. One Flower ``FedAdam`` per partition keeps that
+    partition's moments; ``state_dict`` / ``load_state_dict`` carry them across a resume."""
+
+    def __init__(self, config: AggregationConfig):
+        self.config = config
+        self.strategies: dict[str, FedAdam] = {}
+
+    def _strategy(self, partition: str) -> FedAdam:
+        if partition not in self.strategies:
+            c = self.config
+            self.strategies[partition] = FedAdam(eta=c.server_lr, beta_1=c.server_betas[0], beta_2=c.server_betas[1], tau=c.server_tau)
+        return self.strategies[partition]
+
+    def __call__(self, partition: str, round: int, before: Mapping[str, Tensor], replicas: Mapping[str, Mapping[str, Tensor]],
+                 weights: Mapping[str, float]) -> dict[str, Tensor]:
+        trained = [org for org in replicas if weights.get(org, 0) > 0]
+        if not trained:
+            return {k: v.clone() for k, v in before.items()}
+        strategy = self._strategy(partition)
+        strategy.current_arrays = {k: v.detach().cpu().numpy() for k, v in before.items()}
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.WARNING)  # one "Received N results" line per partition is noise here
+        try:
+            arrays, _ = strategy.aggregate_train(round, [_Reply(r) for r in _records(replicas, weights, trained)])
+        finally:
+            flwr_log.setLevel(level)
+        return {k: torch.from_numpy(np.asarray(a.numpy())).to(before[k].dtype) for k, a in arrays.items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {}
+        for partition, s in self.strategies.items():
+            for moment, values in (("m", s.m_t), ("v", s.v_t)):
+                for k, v in (values or {}).items():
+                    state[f"{partition}::{moment}::{k}"] = torch.from_numpy(np.asarray(v, dtype=np.float32))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        for name, value in state.items():
+            partition, moment, key = name.split("::", 2)
+            s = self._strategy(partition)
+            moments = (s.m_t if moment == "m" else s.v_t) or {}
+            moments[key] = value.numpy().astype(np.float32)
+            if moment == "m":
+                s.m_t = moments
+            else:
+                s.v_t = moments
+
+
+def make_aggregator(config: AggregationConfig) -> FedAvgAggregator:
+    return FedAdamAggregator(config) if config.strategy == "fedadam" else FedAvgAggregator()
 
 
 def aggregate_round(plan: Plan, model: Mapping[str, Tensor], local: Mapping[str, Mapping[str, Tensor]],
                     trained: Mapping[str, Mapping[str, Tensor]], metrics: Mapping[str, Mapping[str, float]],
-                    alive: Iterable[str]) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+                    alive: Iterable[str], round: int = 0, aggregator: FedAvgAggregator = FedAvgAggregator()
+                    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """The reassembled full model after a round, and each organisation's local pieces.
 
     Each partition is averaged within its replica group only: the holders that did not mark it
@@ -54,7 +148,7 @@ def aggregate_round(plan: Plan, model: Mapping[str, Tensor], local: Mapping[str,
         if group:
             replicas = {org: {k: trained[org][k] for k in keys} for org in group}
             served = {org: sum(tokens.get(d, 0.0) for d in plan.users(p, org)) for org in group}
-            parts.append(average_replicas(replicas, served))
+            parts.append(aggregator(p.name, round, select(model, slices), replicas, served))
         elif reported:
             parts.append({k: trained[reported[0]][k] for k in keys})
         else:

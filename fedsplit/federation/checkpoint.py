@@ -19,6 +19,7 @@ from ..plan import Plan
 
 MODEL_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
+SERVER_STATE_FILE = "server-optimizer.safetensors"
 
 
 def _digest(plan: Plan, training: dict) -> str:
@@ -45,6 +46,7 @@ class Checkpoint:
     weights: dict[str, Tensor]
     local: dict[str, dict[str, Tensor]]  # organisation -> its own version of its local pieces
     manifest: dict
+    server_state: dict[str, Tensor]  # the coordinator's optimizer state (FedAdam moments), if any
 
 
 def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -52,7 +54,7 @@ def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def write_checkpoint(directory: Path, round: int, weights: Mapping[str, Tensor], local: Mapping[str, Mapping[str, Tensor]],
-                     manifest: dict) -> Path:
+                     manifest: dict, server_state: Mapping[str, Tensor] | None = None) -> Path:
     final = Path(directory) / f"round-{round:04d}"
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -61,6 +63,8 @@ def write_checkpoint(directory: Path, round: int, weights: Mapping[str, Tensor],
     for org, state in local.items():
         if state:
             save_file(_contiguous(state), tmp / f"local-{org}.safetensors")
+    if server_state:
+        save_file(_contiguous(server_state), tmp / SERVER_STATE_FILE)
     (tmp / MANIFEST).write_text(json.dumps({"round": round, **manifest}, indent=2))
     with open(tmp / MANIFEST) as f:
         os.fsync(f.fileno())
@@ -88,4 +92,5 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
     local = {f.name[len("local-"):-len(".safetensors")]: load_file(f) for f in path.glob("local-*.safetensors")}
-    return Checkpoint(int(manifest["round"]), path, load_file(path / MODEL_FILE), local, manifest)
+    server = load_file(path / SERVER_STATE_FILE) if (path / SERVER_STATE_FILE).exists() else {}
+    return Checkpoint(int(manifest["round"]), path, load_file(path / MODEL_FILE), local, manifest, server)

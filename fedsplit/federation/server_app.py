@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..plan import Plan, select
 from ..runtime.rounds import RoundSpec, path_orgs
 from ..transport.security import load_tokens
-from .aggregate import aggregate_round
+from .aggregate import aggregate_round, make_aggregator
 from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .client_app import OK, WORKER_DOWN
 from .rundir import MetricsLog, evaluation_record
@@ -86,6 +86,7 @@ class Coordinator:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoints = self.run_dir / "checkpoints"
         self.hash, self.layout = plan_hash(self.plan), layout_hash(self.plan)
+        self.aggregator = make_aggregator(self.plan.aggregation)
         self.tokens = load_tokens(settings.credentials) if settings.credentials else None
         last = latest_checkpoint(self.checkpoints) if settings.resume else None
         if last is not None:
@@ -93,6 +94,7 @@ class Coordinator:
                 raise FederationError(f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
                                       f"this plan is {self.hash}); resume with the plan it was started with")
             self.weights, self.local, self.first_round = last.weights, last.local, last.round + 1
+            self.aggregator.load_state_dict(last.server_state)
             log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
         else:
             self.weights = initial_weights(self.plan)
@@ -158,7 +160,8 @@ class Coordinator:
         org_metrics = {org: {k: v for k, v in m.items() if not k.startswith("expert_load/")} for org, m in metrics.items()}
         self._log_evaluation(r - 1, spec, org_metrics)
         trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
-        self.weights, self.local = aggregate_round(self.plan, self.weights, self.local, trained, org_metrics, self.alive)
+        self.weights, self.local = aggregate_round(self.plan, self.weights, self.local, trained, org_metrics, self.alive,
+                                                   round=r, aggregator=self.aggregator)
         seconds = time.monotonic() - started
         owners = spec.data_owners
         tokens = sum(org_metrics[d]["tokens"] for d in owners)
@@ -168,7 +171,8 @@ class Coordinator:
                   "alive": sorted(self.alive)}
         path = write_checkpoint(self.checkpoints, r, self.weights, self.local,
                                 {"plan": self.plan.name, "plan_hash": self.hash, "run": self.run_id, "next_step": spec.last_step + 1,
-                                 "metrics": record, "optimizer_state": "kept by each organisation's worker (state dir), per round"})
+                                 "metrics": record, "optimizer_state": "kept by each organisation's worker (state dir), per round"},
+                                server_state=self.aggregator.state_dict())
         self.metrics.write({**record, "checkpoint": str(path)})
         log(INFO, "fedsplit: round %d/%d: loss %.4f, %d tokens, %.1f s -> %s", r, t.rounds, loss, record["tokens"], seconds, path)
 

@@ -46,8 +46,10 @@ class TrainingConfig(_Strict):
 
 class AggregationConfig(_Strict):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    proximal_mu: float = Field(default=0.0, ge=0)
-    server_lr: float = Field(default=1e-2, gt=0)
+    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx: weight of mu/2 |w - w_round|^2 in each organisation's objective")
+    server_lr: float = Field(default=1e-2, gt=0, description="FedAdam: the server's step size (eta)")
+    server_betas: tuple[float, float] = Field(default=(0.9, 0.99), description="FedAdam: the server's moment decay rates")
+    server_tau: float = Field(default=1e-3, gt=0, description="FedAdam: adaptivity (epsilon of the server's Adam)")
 
 
 Codec = Literal["none", "bf16", "fp16", "int8"]
