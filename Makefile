@@ -4,10 +4,12 @@
 setup:
 	@bash scripts/setup.sh
 
+# The demo federation: its partition map, a check that split training equals monolithic training,
+# then four organisations training together in Flower's simulation engine (CPU, a few minutes).
 demo: setup
-	.venv/bin/fedsplit plan check configs/plans/three-orgs/federation.yaml
+	.venv/bin/fedsplit plan show configs/plans/demo/federation.yaml --png runs/demo-plan.png
 	.venv/bin/fedsplit verify configs/plans/three-orgs/federation.yaml --steps 10
-	.venv/bin/fedsplit simulate configs/plans/u-shape-3/federation.yaml
+	.venv/bin/fedsplit simulate configs/plans/demo/federation.yaml --sample "ROMEO:"
 
 test: setup
 	.venv/bin/python -m pytest -q
@@ -17,7 +19,7 @@ test-fast: setup
 
 # The data-plane benchmarks of the README's performance section, one after another (about 20 min
 # on 2 cores). bench-quick runs each in its quick mode (a few minutes).
-BENCHES = bench_wire bench_split bench_torch_pipelining bench_compression
+BENCHES = bench_wire bench_split bench_torch_pipelining bench_compression bench_federation
 
 bench: setup
 	@for b in $(BENCHES); do echo "== $$b"; .venv/bin/python benchmarks/$$b.py || exit 1; done
