@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -78,6 +78,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     merges that occur ``min_frequency`` times) from ``texts``, locally."""
     if vocab_size < 256:
         raise ValueError(f"a byte-level BPE needs vocab_size >= 256 (one token per byte), got {vocab_size}")
+    from tokenizers import Tokenizer as HFTokenizer  # on use: byte-level runs (every worker by default) never load it
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -96,6 +99,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise TokenizerError(f"cannot read the tokenizer file {path}: {e}; write one with `fedsplit tokenizer train`") from None
     if spec == _BYTE_SPEC:
         return ByteTokenizer()
+    from tokenizers import Tokenizer as HFTokenizer
+
     try:
         return BPETokenizer(HFTokenizer.from_str(json.dumps(spec)))
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
