@@ -112,7 +112,9 @@ def test_a_killed_and_resumed_coordinator_reaches_the_weights_of_a_clean_run(tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = latest_checkpoint(run_dir / "checkpoints")
     assert final.round == 3
-    assert max_diff(final.weights, latest_checkpoint(next((tmp_path / "clean").iterdir()) / "checkpoints").weights) == 0.0
+    # Not bitwise: a worker that serves two data owners adds their gradients in the order their
+    # backward calls arrive, which differs from run to run by a rounding step (7e-9 seen).
+    assert max_diff(final.weights, latest_checkpoint(next((tmp_path / "clean").iterdir()) / "checkpoints").weights) <= 1e-6
 
 
 def kill_after_round_one(org: str):
