@@ -38,11 +38,14 @@ class Report:
 
 
 def read_rounds(run_dir: str | Path) -> list[dict]:
-    """The run's round records in round order (the last record of a round wins, as after a resume)."""
+    """The run's round records in round order (the last record of a round wins, as after a resume),
+    each with its ``eval`` line (the held-out evaluation of the model after that round) under
+    ``"eval"``; the initial model's evaluation is a record of round 0 with no training."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise ReportError(f"{path} does not exist: give the run directory that `fedsplit simulate` or `fedsplit baseline` printed")
     rounds: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -52,6 +55,10 @@ def read_rounds(run_dir: str | Path) -> list[dict]:
             raise ReportError(f"{path}:{number}: not JSON ({e.msg})") from None
         if record.get("event") == "round" and "round" in record:
             rounds[int(record["round"])] = record
+        elif record.get("event") == "eval" and "round" in record:
+            evals[int(record["round"])] = record
+    for r, ev in evals.items():
+        rounds.setdefault(r, {"round": r})["eval"] = ev
     return [rounds[r] for r in sorted(rounds)]
 
 

@@ -9,26 +9,27 @@ import math
 import pytest
 
 from fedsplit.cli import main
+from fedsplit.federation.rundir import evaluation_record
 from fedsplit.report import ReportError, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _round(r: int, loss: float, full: bool = True) -> dict:
+def _round(r: int, loss: float, full: bool = True) -> list[dict]:
+    """A round line and, with ``full``, its expert load and the eval line the coordinator writes."""
     org = {"aux_loss": 0.02, "step_s": 0.1, "bytes_sent": 1_500_000 * r, "bytes_received": 900_000}
     record = {"event": "round", "round": r, "seconds": 2.0 + r, "loss": loss, "tokens": 1024,
               "orgs": {"hospital-a": {**org, "loss": loss + 0.1, "tokens": 512}, "hospital-b": {**org, "loss": loss - 0.1, "tokens": 512},
                        "compute-c": {**org, "loss": 0.0, "tokens": 0}}}
-    if full:
-        record["eval"] = {"loss": loss, "ppl": math.exp(loss),
-                          "orgs": {o: {"loss": loss + d, "ppl": math.exp(loss + d), "tokens": 4096} for o, d in (("hospital-a", 0.05), ("hospital-b", -0.05))}}
-        record["expert_load"] = {str(layer): [0.1, 0.15, 0.125, 0.125, 0.1, 0.15, 0.125, 0.125] for layer in range(4)}
-    return record
+    if not full:
+        return [record]
+    record["expert_load"] = {str(layer): [0.1, 0.15, 0.125, 0.125, 0.1, 0.15, 0.125, 0.125] for layer in range(4)}
+    return [record, evaluation_record(r, {"hospital-a": (loss + 0.05, 4096.0), "hospital-b": (loss - 0.05, 4096.0)})]
 
 
 def _run(path, losses, full=True, extra=()):
     path.mkdir(parents=True)
-    lines = [json.dumps(_round(r, loss, full)) for r, loss in enumerate(losses, start=1)]
+    lines = [json.dumps(line) for r, loss in enumerate(losses, start=1) for line in _round(r, loss, full)]
     lines += [json.dumps(e) for e in extra]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return path
