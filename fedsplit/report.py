@@ -141,7 +141,8 @@ def _plot_loss(rounds: list[dict], base: list[dict], directory: Path) -> tuple[P
         for org in _data_owners(rounds):
             ppl.plot(xs, [_eval(r, org) for r in rounds], marker="o", label=org)
         ppl.plot(xs, [_eval(r) for r in rounds], color="black", linewidth=2.5, marker="o", label="overall")
-        _style(ppl, "held-out perplexity", "perplexity")
+        _style(ppl, "held-out perplexity", "perplexity (log scale)")
+        ppl.set_yscale("log")
     _save(fig, directory / "loss.png")
     return directory / "loss.png", None if with_eval else "no held-out evaluation in the metrics (a run from before evaluation existed): perplexity not plotted"
 

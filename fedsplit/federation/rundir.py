@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from ..data import TOKENIZER_FILE, tokenizer_for
 from ..plan import Plan
 from ..plan.units import describe
 
@@ -22,6 +23,7 @@ def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path
         path = Path(root) / f"{name}-{stamp}-{n}"
     (path / "logs").mkdir(parents=True)
     write_merged_plan(plan, path / "plan.json")
+    tokenizer_for(plan).save(path / TOKENIZER_FILE)  # what `fedsplit generate` decodes with
     return path
 
 
