@@ -17,7 +17,7 @@ from .plan import Plan, PlanError, load_plan
 from .plan.schema import OptimizerConfig
 from .plan.units import describe
 from .federation.progress import watch_rounds
-from .federation.rundir import MetricsLog, new_run_dir
+from .federation.rundir import MetricsLog
 
 if TYPE_CHECKING:
     from .data import Tokenizer
@@ -208,16 +208,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _training_overrides(plan, args)
     if args.insecure:
         warn_insecure()
-    run_dir = Path(args.resume) if args.resume else new_run_dir(plan, Path(args.runs_dir))
-    options = SimulationOptions(resume=Path(args.resume) if args.resume else None, run_dir=run_dir, device=args.device,
+    options = SimulationOptions(runs_root=Path(args.runs_dir), resume=Path(args.resume) if args.resume else None, device=args.device,
                                 insecure=args.insecure, process_per_org=args.process_per_org, actors=args.actors)
+    return _run_rounds(plan, options, simulate, SimulationFailed, "simulation", args.sample)
+
+
+def _run_rounds(plan: Plan, options, run, failure: type[Exception], what: str, sample: str | None = None) -> int:
+    """``run(plan, options)`` with a progress bar over its run directory, then the end-of-run summary."""
+    run_dir = options.directory(plan)
     try:
         with watch_rounds(run_dir, plan.training.rounds, console):
-            simulate(plan, options)
-    except SimulationFailed as e:
-        err_console.print(f"[red]simulation failed:[/] {e}", highlight=False, soft_wrap=True)
+            run(plan, options)
+    except failure as e:
+        err_console.print(f"[red]{what} failed:[/] {e}", highlight=False, soft_wrap=True)
         return 1
-    finish_run(run_dir, args.sample)
+    finish_run(run_dir, sample)
     return 0
 
 
@@ -271,18 +276,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if plan is None:
         return 1
     _training_overrides(plan, args)
-    run_dir = Path(args.resume) if args.resume else new_run_dir(plan, Path(args.runs_dir))
-    options = CoordinatorOptions(resume=Path(args.resume) if args.resume else None, run_dir=run_dir,
+    options = CoordinatorOptions(runs_root=Path(args.runs_dir), resume=Path(args.resume) if args.resume else None,
                                  superlink=args.superlink, listen=args.listen, credentials=_credentials(args),
                                  insecure=args.insecure, node_timeout_s=args.node_timeout)
-    try:
-        with watch_rounds(run_dir, plan.training.rounds, console):
-            run_coordinator(plan, options)
-    except DeploymentError as e:
-        err_console.print(f"[red]coordinator failed:[/] {e}", highlight=False, soft_wrap=True)
-        return 1
-    finish_run(run_dir, None)
-    return 0
+    return _run_rounds(plan, options, run_coordinator, DeploymentError, "coordinator")
 
 
 def cmd_client(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from .. import __version__
 from ..plan import Plan
 from ..runtime.host import WorkerHost
 from .checkpoint import layout_hash
-from .rundir import new_run_dir
+from .rundir import RunPlace
 from .server_app import RESULT_FILE
 from .settings import COORDINATOR_ENV, CoordinatorSettings
 from .simulate import QUIET_ENV
@@ -94,10 +94,7 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @dataclass
-class CoordinatorOptions:
-    runs_root: Path = Path("runs")
-    resume: Path | None = None  # a run directory to continue from its last complete round
-    run_dir: Path | None = None  # a fresh run directory made by the caller (default: a new one under runs_root)
+class CoordinatorOptions(RunPlace):
     superlink: str | None = None  # a running SuperLink's control address; None: start one here
     listen: str = "0.0.0.0:9093"  # where the SuperLink started here listens
     credentials: Path | None = None  # `fedsplit certs` output; None only with insecure
@@ -150,7 +147,7 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
     the run directory (``runs/<name>-<stamp>/``, with ``flwr/`` holding Flower's home and logs)."""
     if options.credentials is None and not options.insecure:
         raise DeploymentError("give the coordinator's credentials (fedsplit certs), or insecure explicitly")
-    run_dir = Path(options.resume) if options.resume else (options.run_dir or new_run_dir(plan, options.runs_root))
+    run_dir = options.directory(plan)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     flwr_home = run_dir / "flwr"
     env = flower_env(flwr_home)

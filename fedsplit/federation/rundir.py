@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import TOKENIZER_FILE, tokenizer_for
@@ -25,6 +26,23 @@ def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path
     write_merged_plan(plan, path / "plan.json")
     tokenizer_for(plan).save(path / TOKENIZER_FILE)  # what `fedsplit generate` decodes with
     return path
+
+
+@dataclass
+class RunPlace:
+    """Where a run writes: the run directory being resumed, the fresh one given, or a new one under
+    ``runs_root`` (made on first use, so that a caller can watch it before the run starts)."""
+
+    runs_root: Path = Path("runs")
+    resume: Path | None = None  # a run directory to continue from its last complete round
+    run_dir: Path | None = None
+
+    def directory(self, plan: Plan) -> Path:
+        if self.resume is not None:
+            return Path(self.resume)
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(plan, self.runs_root)
+        return self.run_dir
 
 
 def write_merged_plan(plan: Plan, path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..plan import Plan
 from ..runtime.processes import HostProcesses
-from .rundir import new_run_dir
+from .rundir import RunPlace
 from .server_app import RESULT_FILE
 from .settings import COORDINATOR_ENV, SIMULATION_ENV, CoordinatorSettings
 
@@ -35,10 +35,7 @@ class SimulationFailed(RuntimeError):
 
 
 @dataclass
-class SimulationOptions:
-    runs_root: Path = Path("runs")
-    resume: Path | None = None  # a run directory to continue from its last complete round
-    run_dir: Path | None = None  # a fresh run directory made by the caller (default: a new one under runs_root)
+class SimulationOptions(RunPlace):
     device: str | None = None
     insecure: bool = False
     process_per_org: bool = False
@@ -55,7 +52,7 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
     from .client_app import app as client_app
     from .server_app import app as server_app
 
-    run_dir = Path(options.resume) if options.resume else (options.run_dir or new_run_dir(plan, options.runs_root))
+    run_dir = options.directory(plan)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     groups = [[org] for org in plan.orgs] if options.process_per_org else [list(plan.orgs)]
     hosts = HostProcesses(plan, groups, run_dir / "workers", run=run_dir.name, device=options.device, insecure=options.insecure,
