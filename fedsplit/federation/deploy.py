@@ -76,6 +76,21 @@ def wait_for_port(address: str, timeout: float, proc: subprocess.Popen | None = 
     raise DeploymentError(f"the {what} did not listen on {address} within {timeout:.0f} s")
 
 
+def start(command: list[str], **popen) -> subprocess.Popen:
+    """A Flower process in its own process group (so that stopping it reaches the processes it
+    starts) that gets SIGTERM when this process dies, even by SIGKILL (Linux), so that a killed
+    coordinator or client leaves no SuperLink or SuperNode holding its port."""
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=_terminate_with_parent, **popen)
+
+
+def _terminate_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the process group (Flower's processes start children of their own), then SIGKILL."""
     if proc.poll() is not None:
@@ -159,8 +174,8 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
     try:
         if options.superlink is None:
             log = open(run_dir / "logs" / "superlink.log", "ab")
-            superlink = subprocess.Popen(superlink_command(options.listen, options.credentials, run_dir / "superlink.db"),
-                                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            superlink = start(superlink_command(options.listen, options.credentials, run_dir / "superlink.db"),
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
             host, port = split_address(options.listen)
             address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
             wait_for_port(address, options.start_timeout_s, superlink, "SuperLink")
@@ -169,7 +184,8 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
         write_connection(flwr_home, address, options.credentials / "ca.pem" if options.credentials else None)
         app_dir = write_app(run_dir / "app")
         flwr = subprocess.run([executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-                               "-c", f"fedsplit-settings='{settings_file}'"], env={**env, COORDINATOR_ENV: str(settings_file)})
+                               "-c", f"fedsplit-settings='{settings_file}'"], env={**env, COORDINATOR_ENV: str(settings_file)},
+                              preexec_fn=_terminate_with_parent)
     finally:
         if superlink is not None:
             stop(superlink)
@@ -228,8 +244,7 @@ def run_client(plan: Plan, options: ClientOptions) -> int:
     state_dir = Path(options.state_dir)
     host = WorkerHost(plan, [options.org], run=None, credentials=options.credentials, host=options.bind,
                       ports={options.org: port}, device=options.device, state_dir=state_dir / "optimizer")
-    supernode = subprocess.Popen(supernode_command(plan, options, options.supernode_port or free_port()),
-                                 env=flower_env(state_dir / "flwr"), start_new_session=True)
+    supernode = start(supernode_command(plan, options, options.supernode_port or free_port()), env=flower_env(state_dir / "flwr"))
     ended = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: ended.append(signum))
