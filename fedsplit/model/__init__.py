@@ -8,9 +8,11 @@ from .moe import (
     MoE,
     MoETransformer,
     RMSNorm,
+    SharedExperts,
     SwiGLU,
     cross_entropy,
     parameter_count,
+    parameter_shapes,
     rope_tables,
     training_loss,
 )
@@ -23,9 +25,11 @@ __all__ = [
     "MoETransformer",
     "ModelConfig",
     "RMSNorm",
+    "SharedExperts",
     "SwiGLU",
     "cross_entropy",
     "parameter_count",
+    "parameter_shapes",
     "rope_tables",
     "training_loss",
 ]

@@ -34,6 +34,11 @@ class ModelConfig(BaseModel):
     router_jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
     aux_loss_coef: float = Field(default=0.01, ge=0.0)
     tie_embeddings: bool = False
+    qkv_bias: bool = Field(default=False, description="q, k and v projections add a bias (Qwen2-MoE)")
+    shared_expert_gate: bool = Field(
+        default=False, description="scale the shared experts' output per token by sigmoid(Linear(hidden, 1)) (Qwen2-MoE)")
+    sliding_window: int | None = Field(
+        default=None, gt=0, description="a query attends to at most this many latest positions, itself included (Mixtral)")
     init_std: float = Field(default=0.02, gt=0)
 
     @model_validator(mode="after")
@@ -47,6 +52,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            raise ValueError("shared_expert_gate needs shared experts (num_shared_experts is 0)")
         return self
 
     @property

@@ -1,8 +1,9 @@
 """The Mixture-of-Experts decoder-only transformer, all of its maths in one file.
 
-Mixtral family: RMSNorm, rotary position embeddings, grouped-query attention, a top-k softmax
-router over SwiGLU experts, optional DeepSeek-style shared experts, the Switch/Mixtral
-load-balancing loss and multiplicative router jitter.
+Mixtral family: RMSNorm, rotary position embeddings, grouped-query attention (optionally with
+q/k/v biases and a sliding window), a top-k softmax router over SwiGLU experts, optional
+DeepSeek-style shared experts (optionally behind a sigmoid gate, as in Qwen2-MoE), the
+Switch/Mixtral load-balancing loss and multiplicative router jitter.
 
 This module knows nothing about plans or networks. fedsplit partitions the model by
 *replacing* two containers with ones that have the same call signature:
@@ -14,6 +15,8 @@ So the monolithic model and every partition run the same code below.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +68,11 @@ class Attention(nn.Module):
         self.num_heads = num_heads or cfg.num_heads
         self.num_kv_heads = num_kv_heads or cfg.num_kv_heads
         self.head_dim = cfg.head_dim
+        self.sliding_window = cfg.sliding_window
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -80,7 +84,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         repeat = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.sliding_window is not None and T > self.sliding_window:
+            pos = torch.arange(T, device=x.device)
+            behind = pos[:, None] - pos[None, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=(behind >= 0) & (behind < self.sliding_window))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -95,6 +104,22 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SharedExperts(SwiGLU):
+    """The always-active shared experts of a layer, fused into one SwiGLU of their summed width.
+
+    With ``shared_expert_gate`` each token's output is scaled by ``sigmoid(gate(x))``, a learned
+    per-token switch (Qwen2-MoE). The gate lives here, with the experts it scales, so that whoever
+    holds the ``shared_experts`` unit computes the whole term."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, cfg.shared_ffn_size)
+        self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
 
 
 class Experts(nn.ModuleList):
@@ -133,7 +158,7 @@ class MoE(nn.Module):
         self.layer_idx = layer_idx
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(SwiGLU(cfg.hidden_size, cfg.expert_ffn_size) for _ in range(cfg.num_experts))
-        self.shared_experts = SwiGLU(cfg.hidden_size, cfg.shared_ffn_size) if cfg.num_shared_experts else None
+        self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts else None
 
     def jitter(self, x: Tensor, noise_seed: int | None) -> Tensor:
         """Multiplicative router-input noise ``U(1-eps, 1+eps)`` (Switch Transformer).
@@ -141,7 +166,7 @@ class MoE(nn.Module):
         With a ``noise_seed`` the noise is a function of (seed, layer) alone, so a split run and
         the monolithic run draw the same noise for the same micro-batch."""
         eps = self.cfg.router_jitter
-        if not (self.training and eps > 0):
+        if not (self.training and eps > 0 and torch.is_grad_enabled()):  # never while evaluating
             return x
         gen = None
         if noise_seed is not None:
@@ -198,6 +223,8 @@ class MoETransformer(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def logits(self, h: Tensor) -> Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -221,6 +248,14 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 def training_loss(cfg: ModelConfig, logits: Tensor, labels: Tensor, aux: Tensor) -> Tensor:
     return cross_entropy(logits, labels) + cfg.aux_loss_coef * aux
+
+
+@lru_cache(maxsize=16)
+def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Shapes of every parameter of the model, by name, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    return {name: p.shape for name, p in model.state_dict().items()}
 
 
 def parameter_count(module: nn.Module) -> int:

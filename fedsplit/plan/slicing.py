@@ -2,7 +2,7 @@
 
 A partition's state dict uses the monolithic names: a whole tensor keeps its name
 (``layers.2.moe.experts.5.w1.weight``); a head group's share of an attention projection is named
-with the rows or columns it holds (``layers.3.attention.q_proj.weight[0:32]``,
+with the rows or columns it holds (``layers.3.attention.q_proj.weight[0:32]``, ``layers.3.attention.q_proj.bias[0:32]``,
 ``layers.3.attention.o_proj.weight[:, 0:32]``). Reassembly is the exact inverse.
 """
 
@@ -11,13 +11,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from ..model import ModelConfig, MoETransformer
+from ..model import ModelConfig, parameter_shapes
 from .units import Unit
 
 _KEY = re.compile(r"^(?P<name>[^\[]+)\[(?P<cols>:, )?(?P<start>\d+):(?P<stop>\d+)\]$")
@@ -52,14 +51,6 @@ class TensorSlice:
         return cls(m["name"], 1 if m["cols"] else 0, int(m["start"]), int(m["stop"]))
 
 
-@lru_cache(maxsize=16)
-def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Shapes of every monolithic parameter, computed on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
-    return {name: p.shape for name, p in model.state_dict().items()}
-
-
 def kv_runs(groups: Iterable[int]) -> list[tuple[int, int]]:
     """Consecutive KV heads folded into half-open runs: {0, 1, 3} -> [(0, 2), (3, 4)]."""
     runs: list[tuple[int, int]] = []
@@ -72,18 +63,17 @@ def kv_runs(groups: Iterable[int]) -> list[tuple[int, int]]:
 
 
 def head_run_slices(cfg: ModelConfig, layer: int, run: tuple[int, int]) -> dict[str, TensorSlice]:
-    """The four projection slices of KV heads ``run`` (half-open), keyed by projection name."""
+    """The projection slices of KV heads ``run`` (half-open), keyed by their parameter's name in
+    :class:`~fedsplit.model.Attention` (``q_proj.weight``, ``q_proj.bias``, ...). Biases are cut
+    along the same rows as their weights."""
     g0, g1 = run
     hd, per = cfg.head_dim, cfg.heads_per_kv_head
     prefix = f"layers.{layer}.attention"
-    q = (g0 * per * hd, g1 * per * hd)
-    kv = (g0 * hd, g1 * hd)
-    return {
-        "q_proj": TensorSlice(f"{prefix}.q_proj.weight", 0, *q),
-        "k_proj": TensorSlice(f"{prefix}.k_proj.weight", 0, *kv),
-        "v_proj": TensorSlice(f"{prefix}.v_proj.weight", 0, *kv),
-        "o_proj": TensorSlice(f"{prefix}.o_proj.weight", 1, *q),
-    }
+    rows = {"q_proj": (g0 * per * hd, g1 * per * hd), "k_proj": (g0 * hd, g1 * hd), "v_proj": (g0 * hd, g1 * hd)}
+    params = ("weight", "bias") if cfg.qkv_bias else ("weight",)
+    out = {f"{proj}.{p}": TensorSlice(f"{prefix}.{proj}.{p}", 0, *r) for proj, r in rows.items() for p in params}
+    out["o_proj.weight"] = TensorSlice(f"{prefix}.o_proj.weight", 1, *rows["q_proj"])
+    return out
 
 
 def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
@@ -106,7 +96,8 @@ def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
         elif u.kind == "expert":
             out += [TensorSlice(f"layers.{u.layer}.moe.experts.{u.index}.{w}.weight") for w in ("w1", "w2", "w3")]
         elif u.kind == "shared_experts":
-            out += [TensorSlice(f"layers.{u.layer}.moe.shared_experts.{w}.weight") for w in ("w1", "w2", "w3")]
+            gate = ("gate",) if cfg.shared_expert_gate else ()
+            out += [TensorSlice(f"layers.{u.layer}.moe.shared_experts.{w}.weight") for w in ("w1", "w2", "w3", *gate)]
     for layer, groups in sorted(kv.items()):
         for run in kv_runs(groups):
             out += head_run_slices(cfg, layer, run).values()

@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..model import Attention, Block, ModelConfig, RMSNorm, SwiGLU
+from ..model import Attention, Block, ModelConfig, RMSNorm, SharedExperts, SwiGLU
 from ..plan import Partition, Plan, Unit
 from ..plan.slicing import head_run_slices, kv_runs
 from .calls import Peer, current_call, remote_call, remote_calls
@@ -141,7 +141,7 @@ class PartialModel(nn.Module):
             elif u.kind == "expert":
                 self.experts[f"{u.layer}_{u.index}"] = SwiGLU(cfg.hidden_size, cfg.expert_ffn_size)
             elif u.kind == "shared_experts":
-                self.shared[str(u.layer)] = SwiGLU(cfg.hidden_size, cfg.shared_ffn_size)
+                self.shared[str(u.layer)] = SharedExperts(cfg)
         for layer, groups in kv.items():
             for g0, g1 in kv_runs(groups):
                 per = cfg.heads_per_kv_head
@@ -183,18 +183,18 @@ class PartialModel(nn.Module):
                 self.bindings[f"{p}.ffn_norm.weight"] = block.ffn_norm.weight
                 self.bindings[f"{p}.moe.router.weight"] = block.moe.router.weight
             elif u.kind == "expert":
-                self._bind_swiglu(f"layers.{u.layer}.moe.experts.{u.index}", self.experts[f"{u.layer}_{u.index}"])
+                self._bind_module(f"layers.{u.layer}.moe.experts.{u.index}", self.experts[f"{u.layer}_{u.index}"])
             elif u.kind == "shared_experts":
-                self._bind_swiglu(f"layers.{u.layer}.moe.shared_experts", self.shared[str(u.layer)])
+                self._bind_module(f"layers.{u.layer}.moe.shared_experts", self.shared[str(u.layer)])
         for name, attn in self.heads.items():
             layer, run = name.split("_")
             g0, g1 = map(int, run.split("-"))
-            for proj, s in head_run_slices(self.cfg, int(layer), (g0, g1)).items():
-                self.bindings[s.key] = getattr(attn, proj).weight
+            for param, s in head_run_slices(self.cfg, int(layer), (g0, g1)).items():
+                self.bindings[s.key] = attn.get_parameter(param)
 
-    def _bind_swiglu(self, prefix: str, module: SwiGLU) -> None:
-        for w in ("w1", "w2", "w3"):
-            self.bindings[f"{prefix}.{w}.weight"] = getattr(module, w).weight
+    def _bind_module(self, prefix: str, module: nn.Module) -> None:
+        for name, param in module.named_parameters():
+            self.bindings[f"{prefix}.{name}"] = param
 
     @torch.no_grad()
     def load_selection(self, state: Mapping[str, Tensor]) -> None:
