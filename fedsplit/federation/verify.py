@@ -39,6 +39,9 @@ class VerifyResult:
 
 
 def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
+    """The weights of the plan's model directory when it names one, else a seeded initialisation."""
+    if plan.checkpoint is not None:
+        return plan.checkpoint.reader.read_all()
     torch.manual_seed(plan.training.seed)
     return MoETransformer(plan.model).state_dict()
 

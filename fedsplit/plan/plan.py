@@ -16,6 +16,9 @@ import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import Tensor
+
+from ..interop import CheckpointError, ModelCheckpoint, is_model_directory, open_checkpoint
 from ..model import ModelConfig
 from .errors import PlanError, Problem
 from .schema import AggregationConfig, FederationFile, OrgFile, TrainingConfig, TransportConfig
@@ -76,6 +79,7 @@ class Plan:
     transport: TransportConfig = field(default_factory=TransportConfig)
     tokenizer: Path | None = None  # a tokenizer file; None: UTF-8 bytes
     warnings: list[Problem] = field(default_factory=list)
+    checkpoint: ModelCheckpoint | None = None  # when ``model:`` names a model directory: its weights
 
     def __post_init__(self) -> None:
         self._partition_of = {u: p for p in self.partitions for u in p.units}
@@ -113,6 +117,14 @@ class Plan:
         held = [p for p in self.partitions if org in (p.local_holders if local_only else p.holders)]
         return [s for p in held for s in unit_slices(self.model, p.units)]
 
+    def checkpoint_slices(self, org: str) -> dict[str, Tensor]:
+        """``org``'s share of the plan's checkpoint, keyed like :meth:`slices_of`: only the
+        tensors, and for head groups only the rows and columns, that it holds are read from disk."""
+        if self.checkpoint is None:
+            raise ValueError(f"plan '{self.name}' starts from a seeded initialisation, not a checkpoint")
+        slices = self.slices_of(org)
+        return dict(zip((s.key for s in slices), self.checkpoint.reader.read((s.name, s.dim, s.start, s.stop) for s in slices)))
+
     def units_of(self, org: str) -> frozenset[Unit]:
         return frozenset(u for p in self.partitions if org in p.holders for u in p.units)
 
@@ -131,9 +143,9 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(problems)
 
     model_path = (path.parent / fed.model).resolve()
-    model, _, model_problems = load_yaml(model_path, ModelConfig)
+    model, checkpoint, model_problems = _load_model(model_path)
     if model is None:
-        where = Problem(f"the model file {fed.model!r} is invalid (below)", file=path, line=line_of(fed_lines, ("model",)), field="model")
+        where = Problem(f"the model {fed.model!r} is invalid (below)", file=path, line=line_of(fed_lines, ("model",)), field="model")
         raise PlanError([where, *model_problems])
 
     orgs: dict[str, Org] = {}
@@ -165,7 +177,20 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(problems)
     plan = Plan(fed.name, path, model, model_path, fed.training, fed.aggregation, orgs, partitions, fed.transport, tokenizer)
     plan.warnings = _privacy_warnings(plan)
+    plan.checkpoint = checkpoint
     return plan
+
+
+def _load_model(path: Path) -> tuple[ModelConfig | None, ModelCheckpoint | None, list[Problem]]:
+    """A model YAML (seeded initial weights), or a Hugging Face or fedsplit model directory (its weights)."""
+    if not is_model_directory(path):
+        model, _, problems = load_yaml(path, ModelConfig)
+        return model, None, problems
+    try:
+        checkpoint = open_checkpoint(path)
+    except CheckpointError as e:
+        return None, None, [Problem(e.reason, file=e.file or path, field=e.field)]
+    return checkpoint.config, checkpoint, []
 
 
 def _load_org(file: Path, model: ModelConfig, problems: list[Problem]) -> Org | None:

@@ -1,0 +1,116 @@
+"""Model directories: open a Hugging Face or fedsplit checkpoint directory, write either kind.
+
+* A **Hugging Face** directory has ``config.json`` and ``model.safetensors`` (or shards listed
+  in ``model.safetensors.index.json``), as ``save_pretrained`` writes them.
+* A **fedsplit** model directory has ``model.yaml`` (a :class:`~fedsplit.model.ModelConfig`) and
+  ``model.safetensors`` under fedsplit's own names: what ``fedsplit import`` and
+  ``fedsplit upcycle`` write.
+
+Either can be a plan's ``model:``; the plan then starts from its weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+from pydantic import ValidationError
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..model import ModelConfig, parameter_shapes
+from .errors import CheckpointError
+from .hf_config import config_from_hf, config_to_hf, hf_architecture
+from .hf_weights import Stored, locate, to_hf
+from .reader import INDEX_FILE, SINGLE_FILE, CheckpointReader, SafetensorsFiles
+
+HF_CONFIG = "config.json"
+FEDSPLIT_CONFIG = "model.yaml"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # what save_pretrained uses
+
+
+@dataclass
+class ModelCheckpoint:
+    """A checkpoint directory: its model config and a reader of its weights by fedsplit name."""
+
+    path: Path
+    config: ModelConfig
+    format: str  # "hf" or "fedsplit"
+    architecture: str | None  # the HF architecture, for format "hf"
+    reader: CheckpointReader
+
+
+def is_model_directory(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / HF_CONFIG).exists() or (path / FEDSPLIT_CONFIG).exists())
+
+
+def open_checkpoint(path: str | Path) -> ModelCheckpoint:
+    """Open a HF or fedsplit model directory; reads the config and the tensors' index, no weights."""
+    path = Path(path)
+    if (path / HF_CONFIG).exists():
+        try:
+            hf = json.loads((path / HF_CONFIG).read_text())
+        except ValueError as e:
+            raise CheckpointError(f"not valid JSON ({e})", file=path / HF_CONFIG) from None
+        cfg, arch = config_from_hf(hf, path / HF_CONFIG)
+        files = SafetensorsFiles(path)
+        return ModelCheckpoint(path, cfg, "hf", arch, CheckpointReader(cfg, files, locate(cfg, arch, files.keys, path)))
+    if (path / FEDSPLIT_CONFIG).exists():
+        try:
+            cfg = ModelConfig.from_yaml(path / FEDSPLIT_CONFIG)
+        except (ValidationError, yaml.YAMLError) as e:
+            raise CheckpointError(f"not a valid model config: {e}", file=path / FEDSPLIT_CONFIG) from None
+        files = SafetensorsFiles(path)
+        names = set(parameter_shapes(cfg))
+        if files.keys != names:
+            wrong = sorted(files.keys ^ names)
+            raise CheckpointError(f"the weights do not match model.yaml: {', '.join(wrong[:5])} "
+                                  f"{'missing' if wrong[0] in names else 'unexpected'}", file=path / SINGLE_FILE, field=wrong[0])
+        return ModelCheckpoint(path, cfg, "fedsplit", None, CheckpointReader(cfg, files, {n: Stored(n) for n in names}))
+    raise CheckpointError(f"is not a model directory: it has neither {HF_CONFIG} (Hugging Face) nor {FEDSPLIT_CONFIG} (fedsplit)",
+                          file=path)
+
+
+def save_fedsplit(cfg: ModelConfig, state: Mapping[str, Tensor], out: str | Path) -> Path:
+    """Write a fedsplit model directory (``model.yaml`` and ``model.safetensors``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FEDSPLIT_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / SINGLE_FILE, metadata={"format": "pt"})
+    return out
+
+
+def save_hf(cfg: ModelConfig, state: Mapping[str, Tensor], out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``
+    and the weights in one file, or in shards of at most ``max_shard_bytes`` with an index."""
+    arch = hf_architecture(cfg)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf(cfg, arch, state).items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HF_CONFIG).write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True))
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], out / SINGLE_FILE, metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out

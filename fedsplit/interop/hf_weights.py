@@ -1,0 +1,119 @@
+"""Where each fedsplit tensor lives in a Hugging Face checkpoint, and the HF names to write.
+
+Two on-disk layouts are read:
+
+* per expert (``...experts.3.w1.weight`` in Mixtral, ``...experts.3.gate_proj.weight`` in
+  Qwen2-MoE): what published checkpoints hold and what ``save_pretrained`` writes in transformers
+  5.24, which converts its fused in-memory tensors back on save;
+* fused (``...mlp.experts.gate_up_proj`` of shape ``(E, 2F, D)`` and ``...mlp.experts.down_proj``
+  of shape ``(E, D, F)``): transformers 5's in-memory layout. Expert ``e``'s ``w1`` is
+  ``gate_up_proj[e, :F]``, its ``w3`` ``gate_up_proj[e, F:]`` and its ``w2`` ``down_proj[e]``.
+
+Exports use the per-expert layout, which every transformers version loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from torch import Tensor
+
+from ..model import ModelConfig
+from .errors import CheckpointError
+from .hf_config import LLAMA, MIXTRAL
+
+# Buffers some older checkpoints carry; they are recomputed from the config, never learned.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A stored tensor and, for fused layouts, the leading index that selects ours inside it."""
+
+    key: str
+    index: tuple[int | slice, ...] = ()
+
+
+ZEROS = None  # a fedsplit tensor with no stored counterpart: the router of a one-expert dense model
+
+
+def hf_names(cfg: ModelConfig, arch: str) -> dict[str, str | None]:
+    """fedsplit name -> HF name (per-expert layout), or :data:`ZEROS` where HF stores nothing."""
+    names: dict[str, str | None] = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    attn_params = ("weight", "bias") if cfg.qkv_bias else ("weight",)
+    for i in range(cfg.num_layers):
+        ours, hf = f"layers.{i}", f"model.layers.{i}"
+        names[f"{ours}.attn_norm.weight"] = f"{hf}.input_layernorm.weight"
+        names[f"{ours}.ffn_norm.weight"] = f"{hf}.post_attention_layernorm.weight"
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            for p in attn_params:
+                names[f"{ours}.attention.{proj}.{p}"] = f"{hf}.self_attn.{proj}.{p}"
+        names[f"{ours}.attention.o_proj.weight"] = f"{hf}.self_attn.o_proj.weight"
+        if arch == LLAMA:
+            names[f"{ours}.moe.router.weight"] = ZEROS
+            names.update(_swiglu(f"{ours}.moe.experts.0", f"{hf}.mlp", "gate_proj", "down_proj", "up_proj"))
+        elif arch == MIXTRAL:
+            names[f"{ours}.moe.router.weight"] = f"{hf}.block_sparse_moe.gate.weight"
+            for e in range(cfg.num_experts):
+                names.update(_swiglu(f"{ours}.moe.experts.{e}", f"{hf}.block_sparse_moe.experts.{e}", "w1", "w2", "w3"))
+        else:
+            names[f"{ours}.moe.router.weight"] = f"{hf}.mlp.gate.weight"
+            for e in range(cfg.num_experts):
+                names.update(_swiglu(f"{ours}.moe.experts.{e}", f"{hf}.mlp.experts.{e}", "gate_proj", "down_proj", "up_proj"))
+            names.update(_swiglu(f"{ours}.moe.shared_experts", f"{hf}.mlp.shared_expert", "gate_proj", "down_proj", "up_proj"))
+            names[f"{ours}.moe.shared_experts.gate.weight"] = f"{hf}.mlp.shared_expert_gate.weight"
+    return names
+
+
+def _swiglu(ours: str, hf: str, w1: str, w2: str, w3: str) -> dict[str, str]:
+    return {f"{ours}.w1.weight": f"{hf}.{w1}.weight", f"{ours}.w2.weight": f"{hf}.{w2}.weight", f"{ours}.w3.weight": f"{hf}.{w3}.weight"}
+
+
+def _fused(cfg: ModelConfig, ours: str) -> Stored | None:
+    """The transformers-5 fused location of a router or routed-expert tensor, if it is one."""
+    parts = ours.split(".")
+    prefix = f"model.layers.{parts[1]}.mlp"
+    if parts[2:] == ["moe", "router", "weight"]:
+        return Stored(f"{prefix}.gate.weight")
+    if parts[2:4] != ["moe", "experts"]:
+        return None
+    e, w, f = int(parts[4]), parts[5], cfg.expert_ffn_size
+    if w == "w2":
+        return Stored(f"{prefix}.experts.down_proj", (e,))
+    return Stored(f"{prefix}.experts.gate_up_proj", (e, slice(0, f) if w == "w1" else slice(f, 2 * f)))
+
+
+def locate(cfg: ModelConfig, arch: str, keys: set[str], file: Path) -> dict[str, Stored | None]:
+    """Where every fedsplit tensor is stored among ``keys``. Refuses a checkpoint that lacks a
+    tensor or holds one fedsplit has no place for (a bias, an extra norm): dropping it would
+    silently change the maths."""
+    found: dict[str, Stored | None] = {}
+    for ours, hf in hf_names(cfg, arch).items():
+        if hf is ZEROS or hf in keys:
+            found[ours] = ZEROS if hf is ZEROS else Stored(hf)
+            continue
+        fused = _fused(cfg, ours) if arch != LLAMA else None
+        if fused is None or fused.key not in keys:
+            raise CheckpointError(f"the checkpoint has no tensor {hf!r}", file=file, field=hf)
+        found[ours] = fused
+    used = {s.key for s in found.values() if s is not None}
+    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    extra = sorted(k for k in keys - used - tied_head if not k.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise CheckpointError(f"tensors fedsplit's {arch} mapping has no place for: {', '.join(extra[:5])}{more}",
+                              file=file, field=extra[0])
+    return found
+
+
+def to_hf(cfg: ModelConfig, arch: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A fedsplit state dict under HF names, per-expert layout."""
+    names = hf_names(cfg, arch)
+    missing = sorted(names.keys() - state.keys())
+    if missing:
+        raise CheckpointError(f"the state dict lacks {', '.join(missing[:5])}", field=missing[0])
+    return {hf: state[ours] for ours, hf in names.items() if hf is not ZEROS}
