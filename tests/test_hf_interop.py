@@ -18,9 +18,8 @@ from fedsplit.runtime import InProcessFederation, synthetic_batches
 
 transformers = pytest.importorskip("transformers")
 
-from .conftest import ROOT  # noqa: E402
+from .interop_helpers import fedsplit_logits, write_plan  # noqa: E402
 
-SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
 COMMON = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               num_experts_per_tok=2, rms_norm_eps=1e-6)
 MODELS = {
@@ -50,13 +49,6 @@ def hf_model(kind: str, seed: int = 0):
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits
-
-
-def fedsplit_logits(cfg: ModelConfig, weights: dict, tokens: torch.Tensor) -> torch.Tensor:
-    model = MoETransformer(cfg)
-    model.load_state_dict(weights, strict=True)
-    with torch.no_grad():
-        return model.eval()(tokens)[0]
 
 
 @pytest.fixture
@@ -102,19 +94,6 @@ def test_sharded_export_loads_in_transformers_and_reads_back(tmp_path, kind, tok
     assert (hf_logits(back, tokens) - hf_logits(hf, tokens)).abs().max() <= 1e-5
     again = open_checkpoint(tmp_path / "out").reader.read_all()
     assert all(torch.equal(again[k], weights[k]) for k in weights)
-
-
-def write_plan(root: Path, model: str, orgs: dict[str, list[str]], optimizer: str = "adamw") -> Path:
-    """A plan whose first organisation owns the data; ``model`` is relative to ``root``."""
-    (root / "orgs").mkdir(parents=True, exist_ok=True)
-    fed = {"name": "hf", "model": model, "orgs": ["orgs/*.yaml"],
-           "training": {"steps_per_round": 3, "batch_size": 2, "seq_len": 12, "micro_batches": 2,
-                        "optimizer": {"name": optimizer, "lr": 1e-2}}}
-    (root / "federation.yaml").write_text(json.dumps(fed))
-    for i, (org, holds) in enumerate(orgs.items()):
-        spec = {"org": org, "holds": holds, **({"data": {"train": str(SHAKESPEARE)}} if i == 0 else {})}
-        (root / "orgs" / f"{org}.yaml").write_text(json.dumps(spec))
-    return root / "federation.yaml"
 
 
 SPLIT = {
