@@ -9,6 +9,11 @@ ids) are ignored. Supported architectures:
   gate, in every layer (``decoder_sparse_step`` 1, no ``mlp_only_layers``).
 * ``LlamaForCausalLM``: a dense SwiGLU model, read as a one-expert MoE (the router's softmax over
   one expert is exactly 1), the input of ``fedsplit upcycle``.
+
+Two training-only settings travel as well as they can: ``router_aux_loss_coef`` becomes
+``aux_loss_coef`` although fedsplit sums a per-layer (Megatron-style) balancing loss where
+transformers pools the layers, and router jitter, which Qwen2-MoE lacks, is dropped on export.
+Neither changes the logits.
 """
 
 from __future__ import annotations
