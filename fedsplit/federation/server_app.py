@@ -51,6 +51,9 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # organisations whose node or worker is gone
 
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in self.replies.items()}
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -156,7 +159,7 @@ class Coordinator:
         t = self.plan.training
         started = time.monotonic()
         spec, outcome = self._run_round(lambda: self._round_spec(r, t.steps_per_round))
-        metrics = {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in outcome.replies.items()}
+        metrics = outcome.metrics()
         org_metrics = {org: {k: v for k, v in m.items() if not k.startswith("expert_load/")} for org, m in metrics.items()}
         self._log_evaluation(r - 1, spec, org_metrics)
         trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
@@ -180,7 +183,7 @@ class Coordinator:
         """The last round's model on held-out data: a round of zero steps that only evaluates."""
         last = self.plan.training.rounds
         spec, outcome = self._run_round(lambda: self._round_spec(last + 1, 0))
-        metrics = {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in outcome.replies.items()}
+        metrics = outcome.metrics()
         self._log_evaluation(last, spec, metrics)
 
     def _log_evaluation(self, r: int, spec: RoundSpec, metrics: dict[str, dict[str, float]]) -> None:
