@@ -20,7 +20,8 @@ from fedsplit.runtime.remote import WorkerHandler
 from fedsplit.transport.proto import dataplane_pb2 as pb
 from fedsplit.transport.security import TLSConfig, generate_credentials
 from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError
-from fedsplit.transport.wire import Limits, WireError, chunk_frame, decode_tensors, encode_tensors
+from fedsplit.transport.wire import (Limits, WireError, chunk_frame, decode_tensors, encode_tensors, frame_pieces, one_message,
+                                     prepare, unpack_message)
 
 from .conftest import PLANS, ROOT
 
@@ -81,6 +82,33 @@ def test_decoder_fuzz_raises_only_wire_errors(frames, count):
         decode_tensors(frames, count, Limits(max_tensor_bytes=1 << 16))
     except WireError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=96), st.integers(0, 3))
+def test_one_message_decoder_fuzz_raises_only_wire_errors(raw, count):
+    try:
+        decode_tensors(unpack_message(raw), count, Limits(max_tensor_bytes=1 << 16))
+    except WireError:
+        pass
+
+
+def test_one_message_carries_the_same_frames_and_is_a_protobuf_frames_message():
+    tensors = [("x", torch.randn(3, 4)), ("none", None), ("i", torch.arange(5))]
+    message = one_message(frame_pieces(prepare(tensors), None))
+    assert [f.WhichOneof("kind") for f in pb.Frames.FromString(message).frames] == ["tensor", "chunk", "tensor", "tensor", "chunk"]
+    out = decode_tensors(unpack_message(message), 3, Limits())
+    assert torch.equal(out[0][1], tensors[0][1]) and out[1] == ("none", None) and torch.equal(out[2][1], tensors[2][1])
+
+
+def test_a_decoded_tensor_keeps_its_memory_while_later_ones_reuse_freed_buffers():
+    a, b = torch.randn(1 << 16), torch.randn(1 << 16)
+    first = decode_tensors(encode_tensors([("a", a)]), 1, Limits())[0][1]
+    second = decode_tensors(encode_tensors([("b", b)]), 1, Limits())[0][1]
+    assert torch.equal(first, a) and torch.equal(second, b) and first.data_ptr() != second.data_ptr()
+    freed = second.data_ptr()
+    del second
+    assert decode_tensors(encode_tensors([("a", a)]), 1, Limits())[0][1].data_ptr() == freed
 
 
 def test_generated_protobuf_code_matches_the_proto(tmp_path):
@@ -243,6 +271,22 @@ def test_mutual_tls_admits_only_certificates_of_the_federation_ca(tmp_path):
                 bad.call(pb.CallHeader(op="echo"), x)
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("shared_memory", [False, True])
+def test_small_and_large_calls_round_trip_and_replies_stay_intact_while_held(shared_memory):
+    server = DataPlaneServer(_Echo(), tls=None, port=0).start()
+    channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=30, shared_memory=shared_memory)
+    try:
+        for numel in (1 << 10, 5 << 20):  # one message each way, and 20 MiB streamed in chunks
+            x, y = torch.randn(numel), torch.randn(numel)
+            kept = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])[0][1]
+            again = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", y)])[0][1]
+            assert torch.equal(kept, x) and torch.equal(again, y)
+        del kept, again
+    finally:
+        channel.close()
         server.stop(None)
 
 

@@ -1,7 +1,8 @@
 """The gRPC data plane: a server that hands validated calls to a handler, and a client channel.
 
-The method is registered without (de)serializers: frames are bytes that :mod:`.wire` builds and
-parses, so tensor bytes are never copied by protobuf. Every failure reaches the caller as a
+The methods are registered without (de)serializers: frames are bytes that :mod:`.wire` builds
+and parses, so tensor bytes are never copied by protobuf. A call whose tensors (both ways) fit in
+``ONE_MESSAGE_BYTES`` goes as one message each way (``CallOnce``); larger ones stream in chunks. Every failure reaches the caller as a
 gRPC status with a reason (``INVALID_ARGUMENT`` for a malformed or inconsistent message,
 ``UNAUTHENTICATED``/``PERMISSION_DENIED`` for credentials, ``DEADLINE_EXCEEDED`` and
 ``UNAVAILABLE`` for a slow or dead peer, ``ABORTED`` when a nested call to a third organisation
@@ -23,13 +24,17 @@ from torch import Tensor
 
 from .proto import dataplane_pb2 as pb
 from .security import TLSConfig
-from .shm import AttachedSegments, SegmentPool
-from .wire import Limits, WireError, call_frame, decode_tensors, parse_frame, payload_size, prepare, to_frames, to_segment
+from .shm import AttachedSegments, Segment, SegmentPool
+from .wire import (Encoded, Limits, WireError, call_frame, decode_tensors, frame_pieces, one_message, parse_frame, payload_size,
+                   prepare, segment_bytes, to_frames, to_segment, unpack_message)
 
 log = logging.getLogger(__name__)
 
-METHOD = "/fedsplit.v1.DataPlane/Call"
-_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+METHOD, METHOD_ONCE = "/fedsplit.v1.DataPlane/Call", "/fedsplit.v1.DataPlane/CallOnce"
+# Above this, one message per call costs more (fresh multi-MiB buffers, no overlap of sending and
+# decoding) than a stream's per-message overhead; below it, the stream's overhead dominates.
+ONE_MESSAGE_BYTES = 16 << 20
+_MESSAGE_BYTES = 64 << 20  # what a server accepts in one message: chunks, or a CallOnce request
 
 Named = list[tuple[str, Tensor | None]]
 
@@ -74,9 +79,13 @@ class DataPlaneServer:
         """``tls=None`` serves in plaintext: callers must ask for it explicitly."""
         self.handler, self.credentials, self.limits = handler, credentials, limits
         self._segments = AttachedSegments()
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
-        rpc = grpc.stream_stream_rpc_method_handler(self._call)
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsplit.v1.DataPlane", {"Call": rpc}),))
+        # A CallOnce reply may exceed ONE_MESSAGE_BYTES when a caller underestimated it; the
+        # caller's own limit (its largest tensor) is the one that matters.
+        options = [("grpc.max_receive_message_length", _MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        handlers = {"Call": grpc.stream_stream_rpc_method_handler(self._call),
+                    "CallOnce": grpc.unary_unary_rpc_method_handler(self._call_once)}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsplit.v1.DataPlane", handlers),))
         bind = f"{host}:{port}"
         self.port = self._server.add_secure_port(bind, tls.server_credentials()) if tls else self._server.add_insecure_port(bind)
         self.address = f"{host}:{self.port}"
@@ -101,7 +110,9 @@ class DataPlaneServer:
         if header.caller != org:
             raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"organisation {org!r} cannot call on behalf of {header.caller!r}")
 
-    def _call(self, frames, context: grpc.ServicerContext):
+    def _serve(self, frames, context: grpc.ServicerContext) -> tuple[pb.CallHeader, list[Encoded], Segment | None]:
+        """Check and run one call; its header, encoded outputs and the segment to reply in."""
+        header = None
         try:
             first = next(frames, None)
             header = parse_frame(first) if first is not None else None
@@ -114,8 +125,9 @@ class DataPlaneServer:
             outputs, codec = self.handler.handle(header, tensors)
             encoded = prepare(outputs, codec)
             reply_segment = None
-            if header.shm_reply and payload_size(encoded) <= header.shm_reply_capacity:
+            if header.shm_reply and segment_bytes(e.header.nbytes for e in encoded) <= header.shm_reply_capacity:
                 reply_segment = self._segments.get(header.shm_reply, header.shm_reply_capacity)
+            return header, encoded, reply_segment
         except WireError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except CallRejected as e:
@@ -127,12 +139,26 @@ class DataPlaneServer:
         except Exception as e:  # never take the server down; report and keep serving
             log.exception("call %s failed", getattr(header, "op", "?"))
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _reply_failed(self, context: grpc.ServicerContext, header: pb.CallHeader, e: Exception):
+        log.exception("reply to %s failed", header.op)
+        context.abort(grpc.StatusCode.INTERNAL, f"cannot send the reply: {type(e).__name__}: {e}")
+
+    def _call(self, frames, context: grpc.ServicerContext):
+        header, encoded, reply_segment = self._serve(frames, context)
         try:
-            yield call_frame(pb.CallHeader(num_tensors=len(outputs)))
+            yield call_frame(pb.CallHeader(num_tensors=len(encoded)))
             yield from (to_segment(encoded, reply_segment) if reply_segment else to_frames(encoded))
         except Exception as e:
-            log.exception("reply to %s failed", header.op)
-            context.abort(grpc.StatusCode.INTERNAL, f"cannot send the reply: {type(e).__name__}: {e}")
+            self._reply_failed(context, header, e)
+
+    def _call_once(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        header, encoded, reply_segment = self._serve(unpack_message(request), context)
+        try:
+            body = ((f,) for f in to_segment(encoded, reply_segment)) if reply_segment else frame_pieces(encoded, None)
+            return one_message(itertools.chain([(call_frame(pb.CallHeader(num_tensors=len(encoded))),)], body))
+        except Exception as e:
+            self._reply_failed(context, header, e)
 
 
 class DataPlaneChannel:
@@ -145,11 +171,14 @@ class DataPlaneChannel:
         self._pool = SegmentPool() if shared_memory else None
         self._reply_bytes: dict[str, int] = {}
         self.org, self.address, self.caller, self.limits, self.timeout, self.retries = org, address, caller, limits, timeout, retries
+        # A CallOnce reply holds whole tensors: accept one as large as the largest tensor allowed.
+        options = [("grpc.max_receive_message_length", max(_MESSAGE_BYTES, limits.max_tensor_bytes + (1 << 20))),
+                   ("grpc.max_send_message_length", -1)]
         if tls:
-            self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=_OPTIONS)
+            self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=options)
         else:
-            self._channel = grpc.insecure_channel(address, options=_OPTIONS)
-        self._rpc = self._channel.stream_stream(METHOD)
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._rpc, self._rpc_once = self._channel.stream_stream(METHOD), self._channel.unary_unary(METHOD_ONCE)
         self._metadata = [("x-fedsplit-org", caller)] + ([("authorization", f"Bearer {token}")] if token else [])
         self.sent_bytes = 0  # frames sent, as they cross the network
         self.received_bytes = 0
@@ -180,20 +209,35 @@ class DataPlaneChannel:
         header.num_tensors = len(tensors)
         self._count_tensors(tensors)
         encoded = prepare(tensors, codec)
+        kind = header.op.partition("/")[0]
+        # The largest reply of this kind so far; before the first, a forward or backward is
+        # expected to answer about what it was sent, a control operation anything.
+        reply_bytes = self._reply_bytes.get(kind, payload_size(encoded) if header.phase != pb.CONTROL else None)
         segments = []
         if self._pool is not None:
-            kind = header.op.partition("/")[0]
-            request = self._pool.acquire(payload_size(encoded))
-            reply = self._pool.acquire(self._reply_bytes.get(kind, payload_size(encoded)))
+            request = self._pool.acquire(segment_bytes(e.header.nbytes for e in encoded))
+            reply = self._pool.acquire(payload_size(encoded) if reply_bytes is None else reply_bytes)
             segments = [request, reply]
             header.shm_request, header.shm_reply, header.shm_reply_capacity = request.name, reply.name, reply.size
             body = list(to_segment(encoded, request))
+        # One message each way when both fit (with shared memory, only headers travel).
+        once = reply_bytes is not None and (bool(segments) or max(reply_bytes, payload_size(encoded)) <= ONE_MESSAGE_BYTES)
+        if once:
+            message = one_message(itertools.chain([(call_frame(header),)], [(f,) for f in body] if segments else frame_pieces(encoded, None)))
         deadline = time.monotonic() + (timeout or self.timeout)
+        done = False
         try:
             for attempt in itertools.count():
-                frames = self._sent(itertools.chain([call_frame(header)], body if segments else to_frames(encoded)))
+                remaining = max(deadline - time.monotonic(), 0.001)
                 try:
-                    replies = self._received(self._rpc(frames, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata))
+                    if once:
+                        self.sent_bytes += len(message)
+                        answer = self._rpc_once(message, timeout=remaining, metadata=self._metadata)
+                        self.received_bytes += len(answer)
+                        replies = unpack_message(answer)
+                    else:
+                        frames = self._sent(itertools.chain([call_frame(header)], body if segments else to_frames(encoded)))
+                        replies = self._received(self._rpc(frames, timeout=remaining, metadata=self._metadata))
                     first = parse_frame(next(replies))
                     break
                 except grpc.RpcError as e:
@@ -203,10 +247,13 @@ class DataPlaneChannel:
                     if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
                         raise
                     time.sleep(pause)
-            out = decode_tensors(replies, first.call.num_tensors, self.limits, segments[1] if segments else None)
-            size = self._count_tensors(out)
-            if segments:  # size the next reply segment for this kind of call
-                self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
+            if isinstance(first, memoryview) or first.WhichOneof("kind") != "call":
+                raise WireError("a reply must start with a call header frame")
+            out = decode_tensors(replies, first.call.num_tensors, self.limits, segments[1] if segments else None, view_segment=True)
+            self._count_tensors(out)
+            size = segment_bytes(t.numel() * t.element_size() for _, t in out if t is not None)
+            self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
+            done = True
             return out
         except grpc.RpcError as e:
             raise PeerError(self.org, self.address, e.code(), e.details() or "") from None
@@ -214,7 +261,7 @@ class DataPlaneChannel:
             raise PeerError(self.org, self.address, None, f"malformed reply: {e}") from None
         finally:
             for seg in segments:
-                self._pool.release(seg)
+                (self._pool.release if done else self._pool.discard)(seg)
 
     def reachable(self, timeout: float = 1.0) -> bool:
         """Whether a connection to the peer can be (or is) established within ``timeout``."""

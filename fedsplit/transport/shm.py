@@ -2,7 +2,9 @@
 
 The caller owns every segment (one for the request, one for the reply), reuses them across
 calls and unlinks them when its channel closes, so a callee never creates or frees anything.
-Only control frames cross gRPC; the tensor bytes are copied once into the segment and once out.
+Only control frames cross gRPC. Ownership: the caller's reply tensors are views of its reply
+segment, which is not reused while any of them lives (reference counts say when); the callee
+copies request tensors out, since the caller reuses its request segment after the reply.
 Plain ``/dev/shm`` files with ``mmap`` (not ``multiprocessing.shared_memory``, whose resource
 tracker unlinks segments it merely attached to on Python 3.11).
 """
@@ -13,6 +15,7 @@ import mmap
 import os
 import re
 import secrets
+import sys
 import threading
 from pathlib import Path
 
@@ -48,9 +51,15 @@ class Segment:
             raise ValueError(f"bytes {offset}-{offset + nbytes} lie outside segment {self.name} of {self.size} bytes")
         return memoryview(self.buf)[offset : offset + nbytes] if nbytes else memoryview(b"")
 
+    def in_use(self) -> bool:
+        """Whether a tensor still views this segment (each holds a reference to its mapping)."""
+        return self.buf is not None and sys.getrefcount(self.buf) > 2  # the attribute and the argument
+
     def close(self) -> None:
-        if self.buf is not None:
+        """Unmap now, or, while tensors still view the mapping, when the last of them goes."""
+        if self.buf is not None and not self.in_use():
             self.buf.close()
+        self.buf = None
 
     def unlink(self) -> None:
         self.close()
@@ -58,7 +67,8 @@ class Segment:
 
 
 class SegmentPool:
-    """Reusable segments of a caller, handed out one per in-flight call and direction."""
+    """Reusable segments of a caller, handed out one per in-flight call and direction, and
+    again only once no tensor views them."""
 
     def __init__(self) -> None:
         self._free: list[Segment] = []
@@ -67,7 +77,7 @@ class SegmentPool:
 
     def acquire(self, nbytes: int) -> Segment:
         with self._lock:
-            fitting = [s for s in self._free if s.size >= nbytes]
+            fitting = [s for s in self._free if s.size >= nbytes and not s.in_use()]
             if fitting:
                 seg = min(fitting, key=lambda s: s.size)
                 self._free.remove(seg)
@@ -80,6 +90,12 @@ class SegmentPool:
     def release(self, seg: Segment) -> None:
         with self._lock:
             self._free.append(seg)
+
+    def discard(self, seg: Segment) -> None:
+        """Never reuse ``seg``: after a failed call the callee might still write into it."""
+        with self._lock:
+            self._all.remove(seg)
+        seg.unlink()
 
     def close(self) -> None:
         with self._lock:

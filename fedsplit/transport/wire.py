@@ -3,11 +3,18 @@
 No pickle, no ``torch.save``, no base64 and no fp32 inflation of bf16: a tensor is a
 :class:`TensorHeader` frame followed by its bytes in chunk frames. Chunk frames are framed by
 hand (``0x1a``, varint length, bytes) and decoded without copying; everything else is protobuf.
+A call small enough for one message packs its frames into one ``Frames`` message, by hand too.
+
+Received bytes land in buffers that are reused once no decoded tensor views them any more, so
+the steady state neither allocates nor page-faults per message, and a decoded tensor owns its
+memory for as long as it lives.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -26,6 +33,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CHUNK_BYTES = 1 << 20  # the fastest chunk size measured on loopback (transport-probe.md)
 CODECS = ("none", "bf16", "fp16", "int8")
 _CHUNK_TAG = 0x1A  # field 3 (chunk), wire type 2 (length-delimited)
+_FRAMES_TAG = 0x0A  # Frames.frames: field 1, wire type 2
+SEGMENT_ALIGN = 64  # tensors in a shared-memory segment start at multiples of this
 
 
 class WireError(ValueError):
@@ -62,10 +71,37 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def chunk_frame(data: memoryview) -> bytes:
-    return b"".join((bytes((_CHUNK_TAG,)), _varint(len(data)), data))
+    return b"".join(_chunk_pieces(data))
 
 
-def parse_frame(raw: bytes) -> pb.Frame | memoryview:
+def _chunk_pieces(data: memoryview) -> tuple[bytes, bytes, memoryview]:
+    return bytes((_CHUNK_TAG,)), _varint(len(data)), data
+
+
+def one_message(frames: Iterable[Sequence[bytes | memoryview]]) -> bytes:
+    """A ``Frames`` message holding ``frames`` (each given as the pieces it is made of), built
+    with one copy of the tensor bytes."""
+    pieces: list[bytes | memoryview] = []
+    for frame in frames:
+        pieces += [bytes((_FRAMES_TAG,)), _varint(sum(len(p) for p in frame)), *frame]
+    return b"".join(pieces)
+
+
+def unpack_message(raw: bytes) -> Iterator[memoryview]:
+    """The frames of a ``Frames`` message, as zero-copy views, checked as they are read."""
+    view = memoryview(raw)
+    pos = 0
+    while pos < len(view):
+        if view[pos] != _FRAMES_TAG:
+            raise WireError(f"undecodable message: unexpected field tag {view[pos]} at byte {pos}")
+        n, pos = _read_varint(view, pos + 1)
+        if pos + n > len(view):
+            raise WireError(f"a frame declares {n} bytes but the message has {len(view) - pos} left")
+        yield view[pos : pos + n]
+        pos += n
+
+
+def parse_frame(raw: bytes | memoryview) -> pb.Frame | memoryview:
     """A chunk frame's payload as a zero-copy memoryview, or any other frame as protobuf."""
     view = memoryview(raw)
     if len(view) and view[0] == _CHUNK_TAG:
@@ -114,16 +150,57 @@ def _wire_bytes(codec: str, shape: Sequence[int], dtype: torch.dtype) -> int:
     return n + 4 * rows
 
 
-def _decompress(codec: str, buf: bytearray, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+def _decompress(codec: str, buf, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The tensor in ``buf`` (a bytearray or mmap) at ``offset``; uncompressed, a view of it."""
+    n = math.prod(shape)
+    if not n:
+        return torch.empty(shape, dtype=dtype)
     if codec == "":
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if len(buf) else torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype, count=n, offset=offset).reshape(shape)
     if codec in ("bf16", "fp16"):
         wire = torch.bfloat16 if codec == "bf16" else torch.float16
-        return torch.frombuffer(buf, dtype=wire).reshape(shape).to(dtype)
-    n = math.prod(shape)
-    values = torch.frombuffer(buf, dtype=torch.int8, count=n).reshape(-1, shape[-1])
-    scale = torch.frombuffer(buf, dtype=torch.float32, offset=n)
+        return torch.frombuffer(buf, dtype=wire, count=n, offset=offset).reshape(shape).to(dtype)
+    values = torch.frombuffer(buf, dtype=torch.int8, count=n, offset=offset).reshape(-1, shape[-1])
+    scale = torch.frombuffer(buf, dtype=torch.float32, count=n // shape[-1], offset=offset + n)
     return (values.to(torch.float32) * scale[:, None]).reshape(shape).to(dtype)
+
+
+class ReceiveBuffers:
+    """Buffers that received tensors are decoded into, each reused once nothing views it.
+
+    A decoded tensor holds a reference to its buffer for as long as it (or any view of it)
+    lives, so a buffer whose only reference is this pool's is free: there is no ownership rule
+    for the receiver to follow. Sizes are rounded up (at most 1/8 more) so that buffers fit the
+    next tensors of about the same size; free buffers beyond ``max_free_bytes`` are dropped."""
+
+    def __init__(self, min_bytes: int = 1 << 16, max_free_bytes: int = 512 << 20):
+        self.min_bytes, self.max_free_bytes = min_bytes, max_free_bytes
+        self._buffers: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def _unused(self, i: int) -> bool:
+        return sys.getrefcount(self._buffers[i]) == 2  # the list's reference and the argument's
+
+    def take(self, nbytes: int) -> bytearray:
+        """A buffer of at least ``nbytes`` that nothing else uses; its contents are arbitrary."""
+        if nbytes < self.min_bytes:
+            return bytearray(nbytes)
+        size = -(-nbytes // (step := 1 << max(nbytes.bit_length() - 4, 0))) * step
+        with self._lock:
+            free = [i for i in range(len(self._buffers)) if self._unused(i)]
+            for i in free:
+                if len(self._buffers[i]) == size:
+                    return self._buffers[i]
+            spare = sum(len(self._buffers[i]) for i in free) - self.max_free_bytes
+            for i in reversed(free):
+                if spare <= 0:
+                    break
+                spare -= len(self._buffers.pop(i))
+            self._buffers.append(bytearray(size))
+            return self._buffers[-1]
+
+
+RECEIVE_BUFFERS = ReceiveBuffers()
 
 
 @dataclass
@@ -155,13 +232,25 @@ def payload_size(encoded: Sequence[Encoded]) -> int:
     return sum(e.header.nbytes for e in encoded)
 
 
+def segment_bytes(nbytes: Iterable[int]) -> int:
+    """Room that tensors of these byte counts take in a shared-memory segment."""
+    return sum(-(-n // SEGMENT_ALIGN) * SEGMENT_ALIGN for n in nbytes)
+
+
+def frame_pieces(encoded: Sequence[Encoded], chunk_bytes: int | None = CHUNK_BYTES) -> Iterator[Sequence[bytes | memoryview]]:
+    """Each tensor's header frame followed by its bytes in chunk frames (``None``: one chunk per
+    part, for a single message), each frame as the pieces it is made of."""
+    for e in encoded:
+        yield (pb.Frame(tensor=e.header).SerializeToString(),)
+        for data in e.parts:
+            step = chunk_bytes or max(len(data), 1)
+            for start in range(0, len(data), step):
+                yield _chunk_pieces(data[start : start + step])
+
+
 def to_frames(encoded: Sequence[Encoded], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Each tensor's header frame followed by its bytes in chunk frames."""
-    for e in encoded:
-        yield pb.Frame(tensor=e.header).SerializeToString()
-        for data in e.parts:
-            for start in range(0, len(data), chunk_bytes):
-                yield chunk_frame(data[start : start + chunk_bytes])
+    return (b"".join(pieces) for pieces in frame_pieces(encoded, chunk_bytes))
 
 
 def to_segment(encoded: Sequence[Encoded], segment) -> Iterator[bytes]:
@@ -175,6 +264,7 @@ def to_segment(encoded: Sequence[Encoded], segment) -> Iterator[bytes]:
             for data in e.parts:
                 segment.view(offset, len(data))[:] = data
                 offset += len(data)
+            offset = segment_bytes([offset])
         yield pb.Frame(tensor=header).SerializeToString()
 
 
@@ -183,9 +273,12 @@ def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "n
     return to_frames(prepare(tensors, codec), chunk_bytes)
 
 
-def decode_tensors(frames: Iterable[bytes], count: int, limits: Limits, segment=None) -> list[tuple[str, Tensor | None]]:
+def decode_tensors(frames: Iterable[bytes | memoryview], count: int, limits: Limits, segment=None,
+                   view_segment: bool = False) -> list[tuple[str, Tensor | None]]:
     """Read exactly ``count`` tensors from ``frames`` (and the call's shared-memory ``segment``
-    for tensors sent that way), validating each before it is used."""
+    for tensors sent that way), validating each before it is used. ``view_segment``: the
+    segment is the receiver's own and is not reused while a tensor views it, so its tensors are
+    views rather than copies (a segment another process owns is always copied from)."""
     if not 0 <= count <= limits.max_tensors:
         raise WireError(f"{count} tensors declared; at most {limits.max_tensors} are accepted")
     it = iter(frames)
@@ -201,11 +294,11 @@ def decode_tensors(frames: Iterable[bytes], count: int, limits: Limits, segment=
         if header.absent:
             out.append((header.name, None))
             continue
-        out.append((header.name, _read_tensor(header, it, limits, segment)))
+        out.append((header.name, _read_tensor(header, it, limits, segment, view_segment)))
     return out
 
 
-def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limits, segment) -> Tensor:
+def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], limits: Limits, segment, view_segment: bool) -> Tensor:
     name = header.name or "<unnamed>"
     dtype = DTYPES.get(header.dtype)
     if dtype is None:
@@ -221,16 +314,32 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limit
         raise WireError(f"tensor {name!r}: {header.nbytes} bytes declared but shape {list(header.shape)} of {header.dtype} needs {expected}")
     if expected > limits.max_tensor_bytes:
         raise WireError(f"tensor {name!r}: {expected} bytes exceeds the limit of {limits.max_tensor_bytes}")
-    buf = bytearray(expected)
-    filled = 0
     if header.in_shm:
         if segment is None:
             raise WireError(f"tensor {name!r}: marked as in shared memory but the call has no segment")
         try:
-            buf[:] = segment.view(header.shm_offset, expected)
+            data = segment.view(header.shm_offset, expected)
         except ValueError as e:
             raise WireError(f"tensor {name!r}: {e}") from None
-        filled = expected
+        if view_segment:
+            t = _decompress(header.codec, segment.buf, header.shm_offset, tuple(header.shape), dtype)
+        else:
+            buf = RECEIVE_BUFFERS.take(expected)
+            memoryview(buf)[:expected] = data
+            t = _decompress(header.codec, buf, 0, tuple(header.shape), dtype)
+    else:
+        t = _read_chunks(name, header, frames, expected, dtype)
+    # A NaN or inf anywhere makes the sum non-finite; the sum is ~25x cheaper than isfinite().
+    # Only a non-finite sum (a bad value, or an overflow of large finite ones) needs the full check.
+    if limits.require_finite and t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise WireError(f"tensor {name!r}: contains NaN or infinite values")
+    return t
+
+
+def _read_chunks(name: str, header: pb.TensorHeader, frames: Iterator[bytes | memoryview], expected: int, dtype: torch.dtype) -> Tensor:
+    buf = RECEIVE_BUFFERS.take(expected)
+    view = memoryview(buf)
+    filled = 0
     while filled < expected:
         frame = next(frames, None)
         if frame is None:
@@ -240,11 +349,6 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes], limits: Limit
             raise WireError(f"tensor {name!r}: expected a chunk frame after {filled} of {expected} bytes")
         if filled + len(chunk) > expected:
             raise WireError(f"tensor {name!r}: chunks carry more than the {expected} bytes declared")
-        buf[filled : filled + len(chunk)] = chunk
+        view[filled : filled + len(chunk)] = chunk
         filled += len(chunk)
-    t = _decompress(header.codec, buf, tuple(header.shape), dtype)
-    # A NaN or inf anywhere makes the sum non-finite; the sum is ~25x cheaper than isfinite().
-    # Only a non-finite sum (a bad value, or an overflow of large finite ones) needs the full check.
-    if limits.require_finite and t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        raise WireError(f"tensor {name!r}: contains NaN or infinite values")
-    return t
+    return _decompress(header.codec, buf, 0, tuple(header.shape), dtype)
