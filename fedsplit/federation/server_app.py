@@ -107,6 +107,7 @@ class Coordinator:
         self.node_of: dict[str, int] = {}
         self.addresses: dict[str, str] = {}
         self.alive: set[str] = set()
+        self.failures: dict[str, str] = {}  # why each organisation that is gone failed
 
     # -- the algorithm ---------------------------------------------------------------------------
 
@@ -211,18 +212,20 @@ class Coordinator:
             if not outcome.gone:
                 raise FederationError(f"round {spec.round} failed and no organisation is gone to exclude: {outcome.failed}")
             self.alive -= outcome.gone
+            self.failures.update({org: outcome.failed[org] for org in outcome.gone})
             log(WARNING, "fedsplit: round %d: rerunning from the last good weights without %s", spec.round, ", ".join(sorted(outcome.gone)))
 
     # -- the messages ------------------------------------------------------------------------
 
     def _round_spec(self, r: int, steps: int) -> RoundSpec:
         plan = self.plan
+        why = "".join(f"; {org} failed: {reason}" for org, reason in sorted(self.failures.items()))
         orphaned = [p.name for p in plan.partitions if not set(p.holders) & self.alive]
         if orphaned:
-            raise FederationError(f"no organisation left that holds {', '.join(orphaned)}: cannot go on")
+            raise FederationError(f"no organisation left that holds {', '.join(orphaned)}: cannot go on{why}")
         owners = tuple(d for d in plan.data_owners if path_orgs(plan, d) <= self.alive)
         if not owners:
-            raise FederationError("no data owner left whose whole path of organisations is alive")
+            raise FederationError(f"no data owner left whose whole path of organisations is alive{why}")
         first = (r - 1) * plan.training.steps_per_round
         return RoundSpec(r, first, steps, owners, r - 1, evaluate=self.evaluates)
 
