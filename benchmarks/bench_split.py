@@ -209,7 +209,7 @@ class Run:
     warm_mono_step_s: float = float("nan")  # mono (1 thread) wall seconds per step during warm-up
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self.fed.procs.values()]
+        return [p.pid for p in self.fed.hosts.procs.values()]
 
     def trial(self, steps: int, timed: bool = True) -> None:
         """``steps`` mono (1 thread) steps, then the same steps split; records both if ``timed``."""
