@@ -2,11 +2,13 @@
 
 The worker (``fedsplit.runtime.host``) holds the partitions, optimizer state and data-plane
 server for as long as the organisation takes part; this app only hands it each round's weights
-and settings, and later returns what it trained. Two messages per round:
+and settings, and later returns what it trained. Two messages per round in simulation:
 
 * ``train.begin``: load the round's weights, connect to the other organisations, start
   (a data owner starts training on its own and the message returns at once);
-* ``train``: wait for the round to end and reply with the trained weights and metrics.
+* ``train``: wait for the round to end and reply with the trained weights and metrics;
+
+and one in deployment, ``train.round``, which does both.
 """
 
 from __future__ import annotations
@@ -48,14 +50,24 @@ def register(msg: Message, context: Context) -> Message:
     return _reply(msg, OK, info=ConfigRecord({"org": site.org, "address": site.address, "token": site.token or "", "layout": site.layout}))
 
 
+def _begin(control: WorkerControl, msg: Message) -> None:
+    config = msg.content["config"]
+    control.connect(json.loads(str(config["addresses"])))
+    control.begin(RoundSpec.from_json(str(config["round"])), msg.content["arrays"].to_torch_state_dict())
+
+
+def _trained(control: WorkerControl, msg: Message) -> Message:
+    metrics = control.wait(float(msg.content["config"]["wait_s"]))
+    return _reply(msg, OK, arrays=ArrayRecord(torch_state_dict=control.state()),
+                  metrics=MetricRecord({"num-examples": int(metrics.get("tokens", 0)), **metrics}))
+
+
 @app.train("begin")
 def begin(msg: Message, context: Context) -> Message:
     site = ClientSite.of(context.node_config)
-    config = msg.content["config"]
-    control = _control(site, str(config["run"]))
+    control = _control(site, str(msg.content["config"]["run"]))
     try:
-        control.connect(json.loads(str(config["addresses"])))
-        control.begin(RoundSpec.from_json(str(config["round"])), msg.content["arrays"].to_torch_state_dict())
+        _begin(control, msg)
     except PeerError as e:
         return _failure(msg, site, e)
     finally:
@@ -66,14 +78,26 @@ def begin(msg: Message, context: Context) -> Message:
 @app.train()
 def collect(msg: Message, context: Context) -> Message:
     site = ClientSite.of(context.node_config)
-    config = msg.content["config"]
-    control = _control(site, str(config["run"]))
+    control = _control(site, str(msg.content["config"]["run"]))
     try:
-        metrics = control.wait(float(config["wait_s"]))
-        state = control.state()
+        return _trained(control, msg)
     except PeerError as e:
         return _failure(msg, site, e)
     finally:
         control.close()
-    return _reply(msg, OK, arrays=ArrayRecord(torch_state_dict=state),
-                  metrics=MetricRecord({"num-examples": int(metrics.get("tokens", 0)), **metrics}))
+
+
+@app.train("round")
+def whole_round(msg: Message, context: Context) -> Message:
+    """Begin and collect in one message, for deployment: every SuperNode runs its own ClientApp
+    processes, so all organisations' rounds run at once and one message wave per round is enough
+    (in simulation a few Ray actors serve every organisation, hence the two-message form)."""
+    site = ClientSite.of(context.node_config)
+    control = _control(site, str(msg.content["config"]["run"]))
+    try:
+        _begin(control, msg)
+        return _trained(control, msg)
+    except PeerError as e:
+        return _failure(msg, site, e)
+    finally:
+        control.close()

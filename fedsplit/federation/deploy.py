@@ -5,7 +5,7 @@
     each organisation      its worker: partitions, optimizer, data-plane server (this process, long-lived)
                            flower-supernode -> a ClientApp process per message, which drives the worker
 
-Flower carries two messages per organisation per round; activations and gradients go between
+Flower carries one message per organisation per round; activations and gradients go between
 the workers over the data plane. Both planes use the credentials of ``fedsplit certs``: the
 SuperLink serves TLS with the coordinator's certificate, SuperNodes trust the same CA, and each
 organisation proves its name to the coordinator with its token when it registers.
@@ -168,6 +168,7 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
     env = flower_env(flwr_home)
     settings = CoordinatorSettings(plan=str(Path(plan.file).resolve()), run_dir=str(run_dir.resolve()), resume=options.resume is not None,
                                    node_timeout_s=options.node_timeout_s, training=plan.training, transport=plan.transport,
+                                   one_message_per_round=True,
                                    credentials=str(options.credentials.resolve()) if options.credentials else None)
     settings_file = settings.write(run_dir / "coordinator.json").resolve()
     superlink = None

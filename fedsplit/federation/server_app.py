@@ -3,9 +3,9 @@
     register every organisation's node          query.register
     for each round:
         send each organisation its weights      train.begin   (its partitions only)
-        collect what each one trained           train
+        collect what each one trained           train         (deployment: both in one train.round)
         average replicas within their groups, keep local pieces apart
-        reassemble the full model, checkpoint it, log the round
+        reassemble the full model, checkpoint it, log the round and the held-out evaluation
 
 An organisation that fails is reported by name with the reason; the round is rerun from the
 last good weights without it when every partition still has a holder, and the run stops with
@@ -201,9 +201,12 @@ class Coordinator:
         """Begin and collect a round; rerun it without organisations that are gone, or stop."""
         while True:
             spec = make_spec()
-            outcome = self._begin(spec)
-            if not outcome.failed:
-                outcome = self._collect(spec)
+            if self.settings.one_message_per_round:
+                outcome = self._whole_round(spec)
+            else:
+                outcome = self._begin(spec)
+                if not outcome.failed:
+                    outcome = self._collect(spec)
             if not outcome.failed:
                 return spec, outcome
             for org, reason in sorted(outcome.failed.items()):
@@ -238,11 +241,16 @@ class Coordinator:
                 "addresses": json.dumps({o: a for o, a in self.addresses.items() if o in self.alive})}
 
     def _begin(self, spec: RoundSpec) -> Outcome:
+        return self._exchange(self._with_weights(spec, "train.begin"), self.settings.message_timeout_s)
+
+    def _whole_round(self, spec: RoundSpec) -> Outcome:
+        return self._exchange(self._with_weights(spec, "train.round"), self.settings.round_timeout_s + self.settings.message_timeout_s)
+
+    def _with_weights(self, spec: RoundSpec, message_type: str) -> dict[str, Message]:
         config = self._config(spec)
-        msgs = {org: Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": ConfigRecord(config)}),
-                             dst_node_id=self.node_of[org], message_type="train.begin", group_id=str(spec.round))
+        return {org: Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": ConfigRecord(config)}),
+                             dst_node_id=self.node_of[org], message_type=message_type, group_id=str(spec.round))
                 for org in sorted(self.alive)}
-        return self._exchange(msgs, self.settings.message_timeout_s)
 
     def _collect(self, spec: RoundSpec) -> Outcome:
         config = self._config(spec)

@@ -34,6 +34,8 @@ class CoordinatorSettings(BaseModel):
     round_timeout_s: float = Field(default=3600.0, gt=0, description="deadline of a round's training")
     training: TrainingConfig | None = Field(default=None, description="replaces the plan's training settings")
     transport: TransportConfig | None = None
+    one_message_per_round: bool = Field(default=False, description=(
+        "begin and collect a round with one message (deployment: every organisation runs its own client apps)"))
     credentials: str | None = Field(default=None, description=(
         "`fedsplit certs` output: each organisation's token is checked when it registers"))
 
