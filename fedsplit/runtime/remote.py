@@ -160,8 +160,8 @@ class WorkerHandler:
         if op == "step":
             w.step()
             return []
-        if op == "state":
-            return list(w.state_dict().items())
+        if op == "state":  # views, not copies: the reply is encoded before the worker can step again
+            return [(k, p.detach()) for k, p in w.model.bindings.items()]
         if op == "load":
             w.load_state({k: v for k, v in tensors})
             return []
