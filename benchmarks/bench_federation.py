@@ -163,7 +163,7 @@ def memory(work: Path, model: str) -> tuple[list[list[str]], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 and 16 organisations, 2 rounds, no deployment")
-    parser.add_argument("--orgs", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--orgs", type=int, nargs="*", default=[4, 16, 64], help="organisation counts to simulate (none: skip)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--deploy", type=int, nargs="*", default=[4], help="organisation counts to run as separate processes")
@@ -182,8 +182,9 @@ def main() -> None:
             print(f"  simulation, {n} organisations: {time.monotonic() - started:.0f} s", flush=True)
         for n in args.deploy:
             rows.append(overhead_rows("deployment (loopback)", n, deployed(n, work / f"dep-{n}", args.rounds, args.steps)))
-        print(f"\n## Control-plane overhead per round ({args.steps} steps per round; medians (min-max) over rounds)\n")
-        print("\n".join(table(["runtime", "orgs", "rounds", "round s", "training s", "overhead s", f"share of a {ROUND_OF_TRAINING_S:.0f} s round"], rows)))
+        if rows:
+            print(f"\n## Control-plane overhead per round ({args.steps} steps per round; medians (min-max) over rounds)\n")
+            print("\n".join(table(["runtime", "orgs", "rounds", "round s", "training s", "overhead s", f"share of a {ROUND_OF_TRAINING_S:.0f} s round"], rows)))
         mem_rows, fixed = memory(work, args.memory_model)
         print(f"\n## Memory per organisation ({Path(args.memory_model).name}, one worker process each, AdamW, one round)\n")
         print(f"fixed cost of a worker process (python + torch + grpc + fedsplit imported): {fixed / 2**20:.0f} MiB\n")
