@@ -135,9 +135,13 @@ def test_split_training_from_a_hf_checkpoint_exports_what_transformers_loads(tmp
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
 def test_split_training_of_an_imported_model_equals_monolithic(tmp_path, kind):
     # q/k/v biases cut with their head groups, the shared-expert gate served with its experts,
-    # the sliding window in every head group.
+    # the sliding window in every head group. Head groups add up partial o_proj outputs, so the
+    # gradients equal the monolith's to rounding, and AdamW's first steps turn rounding in
+    # near-zero gradients into update differences proportional to the learning rate (measured
+    # for qwen2-moe: 1.6e-3 * lr, the same after 4 and 10 steps): a fine-tuning rate keeps that
+    # well inside the bound.
     hf_model(kind).save_pretrained(tmp_path / "hf-model")
-    result = verify(load_plan(write_plan(tmp_path, "hf-model", split_for(kind))), steps=4)
+    result = verify(load_plan(write_plan(tmp_path, "hf-model", split_for(kind), lr=1e-3)), steps=4)
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
 
 
