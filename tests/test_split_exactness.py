@@ -97,3 +97,30 @@ def test_verify_refuses_adam_on_replicated_plans_and_says_why():
     plan = load_plan(PLANS / "two-hospitals" / "federation.yaml")
     with pytest.raises(VerifyError, match="only for plain SGD"):
         verify(plan, steps=1)
+
+
+def _replicas_in_step(name: str):
+    plan = load_plan(PLANS / name / "federation.yaml")
+    plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
+    return plan
+
+
+@pytest.mark.parametrize("name", ["two-hospitals", "u-shape-3"])
+def test_replicas_kept_in_step_train_exactly_like_the_monolith_with_adamw(name):
+    """Replica holders add up their gradients before each step, so the average the monolith
+    takes over all data owners' batches is what every replica steps on, whatever the optimizer."""
+    plan = _replicas_in_step(name)
+    assert plan.training.optimizer.name == "adamw" and any(p.replicated for p in plan.partitions)
+    result = verify(plan, steps=10)
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+    assert result.loss_split == pytest.approx(result.loss_mono, abs=1e-5)
+
+
+def test_replicas_kept_in_step_stay_bitwise_identical():
+    plan = _replicas_in_step("u-shape-3")
+    fed = InProcessFederation(plan, initial_weights(plan))
+    for step in range(3):
+        fed.train_step(step, synthetic_batches(plan, step))
+    for p in (p for p in plan.partitions if p.replicated):
+        first, *others = fed.replicas(p).values()
+        assert others and all(torch.equal(first[k], other[k]) for other in others for k in first), p.name

@@ -252,6 +252,36 @@ def test_backward_without_forward_is_rejected(served):
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "without a forward" in err.value.details
 
 
+def test_replica_gradients_are_taken_only_from_co_holders_and_only_for_what_they_co_hold():
+    plan = load_plan(PLANS / "two-hospitals" / "federation.yaml")
+    plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
+    worker = Worker(plan, "hospital-a", select(initial_weights(plan), plan.slices_of("hospital-a")), "cpu")
+    creds = Credentials({"hospital-b": "secret-b", "compute-c": "secret-c"})
+    server = DataPlaneServer(WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
+    embed = worker.model.bindings["embed.weight"]
+
+    def send(caller, token, grads):
+        channel = DataPlaneChannel("hospital-a", server.address, caller=caller, tls=None, token=token, timeout=10)
+        try:
+            return channel.call(pb.CallHeader(run=RUN, data_owner=caller, step=3, op="replica-grads", phase=pb.CONTROL), grads)
+        finally:
+            channel.close()
+
+    try:
+        _assert_rejected(worker, lambda: send("compute-c", "secret-c", [("embed.weight", torch.ones_like(embed))]),
+                         grpc.StatusCode.PERMISSION_DENIED, "holds no replica")
+        _assert_rejected(worker, lambda: send("hospital-b", "secret-b", [("embed.weight", torch.ones(3, 3))]),
+                         grpc.StatusCode.INVALID_ARGUMENT, "gradient of embed.weight must be")
+        _assert_rejected(worker, lambda: send("hospital-b", "secret-b", [("embed.weight", torch.full_like(embed, float("nan")))]),
+                         grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite")
+        assert not worker._replica_grads  # nothing of a rejected message is kept
+        send("hospital-b", "secret-b", [("embed.weight", torch.ones_like(embed))])
+        worker.gather_replica_grads(3)  # hospital-a itself has no gradient: the co-holder's is the sum
+        assert torch.equal(embed.grad, torch.ones_like(embed))
+    finally:
+        server.stop(None)
+
+
 class _Echo:
     def handle(self, header, tensors):
         return tensors, "none"
@@ -303,6 +333,14 @@ def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecur
 @pytest.mark.parametrize("name", ["layers", "heads", "experts", "shared-experts", "three-orgs"])
 def test_split_training_over_grpc_matches_monolithic(name):
     result = verify(load_plan(PLANS / name / "federation.yaml"), steps=10, transport="grpc")
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+
+
+@pytest.mark.slow
+def test_replicas_kept_in_step_over_grpc_match_monolithic_adamw():
+    plan = load_plan(PLANS / "u-shape-3" / "federation.yaml")
+    plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
+    result = verify(plan, steps=10, transport="grpc")
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
 
 

@@ -23,7 +23,7 @@ SERVER_STATE_FILE = "server-optimizer.safetensors"
 
 
 def _digest(plan: Plan, training: dict) -> str:
-    spec = {"model": plan.model.model_dump(mode="json"), "training": training,
+    spec = {"model": plan.model.model_dump(mode="json"), "training": training, "replica_sync": plan.aggregation.replica_sync,
             "partitions": [[p.name, sorted(map(str, p.units)), list(p.holders), sorted(p.local_holders)] for p in plan.partitions]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -34,8 +34,9 @@ def plan_hash(plan: Plan) -> str:
 
 
 def layout_hash(plan: Plan) -> str:
-    """What every organisation must agree on to work together: the model, the partitions and the
-    shape of the batches (not the number of rounds or steps, which the coordinator may set)."""
+    """What every organisation must agree on to work together: the model, the partitions, the
+    shape of the batches and whether replicas are kept in step (not the number of rounds or
+    steps, which the coordinator may set)."""
     return _digest(plan, plan.training.model_dump(mode="json", exclude={"rounds", "steps_per_round"}))
 
 

@@ -62,7 +62,7 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
         registry.write_text(json.dumps({"orgs": list(plan.orgs), "workers": hosts.addresses,
                                         "credentials": str(hosts.credentials) if hosts.credentials else None}))
         settings = CoordinatorSettings(plan=str(plan.file), run_dir=str(run_dir), resume=options.resume is not None,
-                                       training=plan.training, transport=plan.transport,
+                                       training=plan.training, transport=plan.transport, aggregation=plan.aggregation,
                                        credentials=str(hosts.credentials) if hosts.credentials else None)
         os.environ[SIMULATION_ENV] = str(registry)
         os.environ[COORDINATOR_ENV] = str(settings.write(run_dir / "coordinator.json"))

@@ -51,16 +51,21 @@ def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConf
 
     With replicated partitions the replicas see different batches between averagings, so the
     comparison averages them after every step (a one-step round) and holds exactly only for
-    plain SGD, where the average of the replicas' steps is the step on the union of batches.
+    plain SGD, where the average of the replicas' steps is the step on the union of batches,
+    unless the plan keeps its replicas in step (``aggregation.replica_sync: step``): they then
+    add up their gradients before every step and any optimizer compares exactly.
     """
     if optimizer is not None:
         plan.training = plan.training.model_copy(update={"optimizer": optimizer})
     replicated = [p for p in plan.partitions if p.replicated]
+    if plan.aggregation.replica_sync == "step":
+        replicated = [p for p in replicated if p.local_holders]  # local replicas are never kept in step
     opt = plan.training.optimizer
     if replicated and not (opt.name == "sgd" and opt.momentum == 0):
         raise VerifyError(
             f"the plan replicates {', '.join(p.name for p in replicated)}: replicas are averaged between "
-            f"steps, which equals monolithic training only for plain SGD; rerun with --optimizer sgd"
+            f"steps, which equals monolithic training only for plain SGD; rerun with --optimizer sgd, "
+            f"or keep the replicas in step (aggregation: {{replica_sync: step}})"
         )
     weights = initial_weights(plan)
     mono = MonolithicTrainer(plan, weights, device)

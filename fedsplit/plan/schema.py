@@ -50,6 +50,11 @@ class AggregationConfig(_Strict):
     server_lr: float = Field(default=1e-2, gt=0, description="FedAdam: the server's step size (eta)")
     server_betas: tuple[float, float] = Field(default=(0.9, 0.99), description="FedAdam: the server's moment decay rates")
     server_tau: float = Field(default=1e-3, gt=0, description="FedAdam: adaptivity (epsilon of the server's Adam)")
+    replica_sync: Literal["round", "step"] = Field(default="round", description=(
+        "round: each replica trains on the batches it serves and replicas are averaged after the round; "
+        "step: replica holders add up their gradients before every optimizer step (FedSGD within the replica group), "
+        "so replicas stay identical and training equals centralised training, at the cost of exchanging "
+        "the replicated pieces' gradients every step"))
 
 
 Codec = Literal["none", "bf16", "fp16", "int8"]

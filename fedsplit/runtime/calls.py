@@ -64,6 +64,10 @@ class Peer(Protocol):
         """A forward that keeps no graph: no backward follows."""
         ...
 
+    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
+        """``org``'s gradients of ``step`` on the replicas it keeps in step with this peer."""
+        ...
+
 
 class _RemoteCall(torch.autograd.Function):
     """Forward runs ``op`` on a peer; backward sends the output gradients to the same peer and

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..data import batches_for, eval_batches_for
 from ..plan import Plan, load_plan, select
-from ..plan.schema import TrainingConfig, TransportConfig
+from ..plan.schema import AggregationConfig, TrainingConfig, TransportConfig
 from ..transport.security import TLSConfig, load_tokens
 from ..transport.service import Credentials, DataPlaneServer
 from ..transport.wire import Limits
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--credentials", type=Path, help="directory of `fedsplit certs` output (TLS and tokens)")
     parser.add_argument("--insecure", action="store_true", help="plaintext and no tokens (tests on loopback only)")
     parser.add_argument("--exit-with-parent", action="store_true", help="stop when standard input closes")
-    parser.add_argument("--settings", help="JSON of the coordinator's training and transport settings, overriding the file's")
+    parser.add_argument("--settings", help="JSON of the coordinator's training, transport and aggregation settings, overriding the file's")
     args = parser.parse_args(argv)
     if not args.credentials and not args.insecure:
         parser.error("give --credentials DIR, or --insecure explicitly")
@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = json.loads(args.settings)
         plan.training = TrainingConfig.model_validate(settings["training"])
         plan.transport = TransportConfig.model_validate(settings["transport"])
+        plan.aggregation = AggregationConfig.model_validate(settings["aggregation"])
     weights = load_file(args.weights) if args.weights else None
     host = WorkerHost(plan, args.orgs, run=args.run, credentials=args.credentials, weights=weights, host=args.host,
                       ports={args.orgs[0]: args.port}, device=args.device, state_dir=args.state_dir)

@@ -48,7 +48,8 @@ class HostProcesses:
         if not insecure:
             self.credentials = generate_credentials([*plan.orgs, COORDINATOR], self.work_dir / "credentials")
         common = ["--settings", json.dumps({"training": plan.training.model_dump(mode="json"),
-                                            "transport": plan.transport.model_dump(mode="json")}), "--exit-with-parent",
+                                            "transport": plan.transport.model_dump(mode="json"),
+                                            "aggregation": plan.aggregation.model_dump(mode="json")}), "--exit-with-parent",
                   *(["--credentials", str(self.credentials)] if self.credentials else ["--insecure"])]
         if run:
             common += ["--run", run]
@@ -145,7 +146,9 @@ class ProcessFederation:
             reply = self._control(d, f"train/{step}", [("tokens", tokens), ("labels", labels)])
             metrics[d] = {k: float(v) for k, v in reply}
         for org in self.plan.orgs:
-            self._control(org, "step")
+            self._control(org, f"share/{step}")
+        for org in self.plan.orgs:
+            self._control(org, f"step/{step}")
         return metrics
 
     def traffic(self) -> dict[str, int]:

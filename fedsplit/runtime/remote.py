@@ -78,6 +78,9 @@ class GrpcPeer:
     def abort(self, round: int, reason: str) -> None:
         self.channel.call(pb.CallHeader(run=self.run, op=f"abort/{round}/{reason}", phase=pb.CONTROL), [], timeout=10)
 
+    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
+        self.channel.call(pb.CallHeader(run=self.run, op="replica-grads", phase=pb.CONTROL, data_owner=org, step=step), list(grads))
+
     def _control(self, op: str, **fields) -> None:
         header = pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL, **fields)
         self.channel.call(header, [], timeout=self.step_timeout + self.channel.timeout)
@@ -90,7 +93,7 @@ class WorkerHandler:
     connects it for, and connecting it for another run later starts it afresh."""
 
     # Control operations of the worker's own organisation (its Flower client) or the coordinator.
-    OWNER_OPS = {"connect", "begin", "wait", "train", "step", "state", "load", "stats"}
+    OWNER_OPS = {"connect", "begin", "wait", "train", "share", "step", "state", "load", "stats"}
     # Sent by data owners whose batches pass through this worker, to keep rounds in step.
     ROUND_OPS = {"ready", "finished", "abort"}
 
@@ -105,9 +108,9 @@ class WorkerHandler:
             self._addresses = {}
             if self.worker.rounds is not None:
                 self.worker.rounds.last_finished = -1
-        # A data owner may ask whether this worker has begun the round before this worker's own
-        # client connected it to the run: let it wait for the round like any other.
-        waiting_for_run = self.run is None and header.phase == pb.CONTROL and header.op.startswith("ready/")
+        # A data owner may ask whether this worker has begun the round (and a co-holder may send
+        # its replica gradients) before this worker's own client connected it to the run.
+        waiting_for_run = self.run is None and header.phase == pb.CONTROL and (header.op.startswith("ready/") or header.op == "replica-grads")
         if header.run != self.run and not waiting_for_run:
             raise CallRejected(grpc.StatusCode.FAILED_PRECONDITION, f"a call of run {header.run!r} reached a worker of run {self.run!r}")
         try:
@@ -141,6 +144,11 @@ class WorkerHandler:
         if op in self.ROUND_OPS:
             self._round_op(header, op, arg)
             return []
+        if op == "replica-grads":  # from a holder of the same replicated partition (the worker checks it is one)
+            if header.data_owner != header.caller:
+                raise PermissionError(f"{header.caller!r} cannot send the gradients of {header.data_owner!r}")
+            w.add_replica_grads(header.caller, header.step, tensors)
+            return []
         if op not in self.OWNER_OPS:
             raise ValueError(f"unknown control operation {op!r}")
         self._check_owner(header)
@@ -157,7 +165,11 @@ class WorkerHandler:
         if op == "train":
             metrics = w.train_batch(int(arg), tensors[0][1], tensors[1][1])
             return [(k, torch.tensor(v, dtype=torch.float32)) for k, v in metrics.items()]
+        if op == "share":
+            w.share_replica_grads(int(arg))
+            return []
         if op == "step":
+            w.gather_replica_grads(int(arg))
             w.step()
             return []
         if op == "state":  # views, not copies: the reply is encoded before the worker can step again

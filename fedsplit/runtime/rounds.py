@@ -115,6 +115,8 @@ class Rounds:
             raise RuntimeError(f"{w.name}: round {self.spec.round} is still running")
         with self._cond:
             w.reset_pending()
+            w.set_live_owners(spec.data_owners)
+            w.drop_replica_grads(before_step=spec.first_step)
             w.expert_load.clear()
             w.load_state(weights)
             self._restore_optimizer(spec.restore_round)
@@ -177,7 +179,7 @@ class Rounds:
             if step > self._completed:  # a retried report of a step already applied changes nothing
                 self._arrived.setdefault(step, set()).add(data_owner)
                 if step == self._completed + 1 and self._arrived[step] >= self._expected:
-                    self._apply_step()
+                    self._apply_step(step)
                     self._completed = step
                     self._cond.notify_all()
             deadline = time.monotonic() + self.timeout
@@ -217,8 +219,10 @@ class Rounds:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _apply_step(self) -> None:
+    def _apply_step(self, step: int) -> None:
         w = self.worker
+        w.share_replica_grads(step)
+        w.gather_replica_grads(step)
         mu = w.plan.aggregation.proximal_mu
         if self._anchor:  # FedProx: the gradient of mu/2 * |w - w_round|^2
             for name, p in w.model.bindings.items():

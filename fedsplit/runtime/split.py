@@ -31,6 +31,9 @@ class InProcessFederation:
         organisation steps its partitions."""
         metrics = {d: self.workers[d].train_batch(step, *batches[d], schedule=self.schedule) for d in self.plan.data_owners}
         for w in self.workers.values():
+            w.share_replica_grads(step)
+        for w in self.workers.values():
+            w.gather_replica_grads(step)
             w.step()
         return metrics
 

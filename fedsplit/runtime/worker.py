@@ -3,7 +3,10 @@
 A worker lives as long as its organisation's process. It answers four kinds of calls
 (``segment``, ``heads``, ``experts``, ``shared``) with a forward and a backward each, keeps each
 forward's autograd graph until its backward, accumulates parameter gradients scaled for the
-replica it is, and steps its optimizer when the step is complete.
+replica it is, and steps its optimizer when the step is complete. When the plan keeps replicas
+in step (``aggregation.replica_sync: step``), the holders of a replicated partition first send
+each other that step's gradients of it and each adds them up in the same order, so every
+replica takes the same step: the step centralised training would take on all their batches.
 
 As a data owner it drives its batches: micro-batch by micro-batch through the path of segments
 its plan gives it (consecutive blocks computed by one organisation), then backward in reverse.
@@ -116,7 +119,11 @@ class Worker:
         self.partitions = [p for p in plan.partitions if org in p.holders]
         self.optimizer = make_optimizer(self.model.bindings.values(), plan.training.optimizer) if self.model.bindings else None
         self.owner_index = {d: i for i, d in enumerate(plan.data_owners)}
-        self._grad_scale = self._replica_grad_scales()
+        self._grad_scale: dict[str, dict[str, float]] = {}
+        self._sync_keys: dict[str, list[str]] = {}  # co-holder -> keys whose gradients we add up with it each step
+        self.set_live_owners(plan.data_owners)
+        self._replica_grads: dict[int, dict[str, dict[str, Tensor]]] = {}  # step -> co-holder -> its gradients
+        self._sync_cond = threading.Condition()
         self._records: dict[tuple[CallKey, str], _Record] = {}
         self._done: dict[tuple[CallKey, str], list[Tensor | None]] = {}
         self._grad_lock = threading.Lock()  # micro-batches' backwards may arrive concurrently
@@ -147,16 +154,35 @@ class Worker:
             raise RuntimeError(f"{self.name} is not connected to '{org}', which serves {partition.name}")
         return self.peers[org]
 
-    def _replica_grad_scales(self) -> dict[str, dict[str, float]]:
-        """Per data owner, the factor applied to its gradient on each of our parameters: a
-        replica averages the gradients of the data owners whose batches it serves."""
-        scales: dict[str, dict[str, float]] = {d: {} for d in self.plan.data_owners}
+    def set_live_owners(self, data_owners: Sequence[str]) -> None:
+        """Arrange gradients for the data owners that train (all of them unless some are gone).
+
+        Per data owner, the factor applied to its gradient on each of our parameters: a replica
+        averages the gradients of the data owners whose batches it serves; a replica kept in step
+        with others takes its share of the whole group's average, so that adding up the group's
+        gradients gives that average."""
+        plan, live = self.plan, set(data_owners)
+        self._grad_scale = {d: {} for d in plan.data_owners}
+        self._sync_keys = {}
         for p in self.partitions:
-            users = self.plan.users(p, self.name)
-            for s in unit_slices(self.cfg, p.units):
-                for d in users:
-                    scales[d][s.key] = 1.0 / len(users)
-        return scales
+            keys = [s.key for s in unit_slices(self.cfg, p.units)]
+            group = self._sync_group(p, live)
+            users = plan.users(p, self.name)
+            averaged_over = len([d for h in group for d in plan.users(p, h) if d in live]) if group else len(users)
+            for d in users:
+                self._grad_scale[d].update(dict.fromkeys(keys, 1.0 / averaged_over))
+            for holder in group:
+                if holder != self.name:
+                    self._sync_keys.setdefault(holder, []).extend(keys)
+
+    def _sync_group(self, partition: Partition, live: set[str]) -> list[str]:
+        """The holders of ``partition`` that add up their gradients every step, this worker
+        among them; empty when it does not take part."""
+        if self.plan.aggregation.replica_sync != "step" or self.name in partition.local_holders:
+            return []
+        group = [h for h in partition.holders if h not in partition.local_holders
+                 and any(d in live for d in self.plan.users(partition, h))]
+        return group if self.name in group and len(group) > 1 else []
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -283,6 +309,61 @@ class Worker:
             bad = (lab != -100) & ((lab < 0) | (lab >= cfg.vocab_size))
             if bool(bad.any()):
                 raise ValueError(f"labels must be -100 or lie in 0-{cfg.vocab_size - 1}")
+
+    # -- replicas kept in step ------------------------------------------------------------------
+
+    def share_replica_grads(self, step: int) -> None:
+        """Send this step's gradients of the replicas kept in step to their other holders."""
+        for org, keys in self._sync_keys.items():
+            grads = [(k, self.model.bindings[k].grad) for k in keys]
+            self.peers[org].add_replica_grads(self.name, step, [(k, g) for k, g in grads if g is not None])
+
+    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
+        """A co-holder's gradients for ``step``, kept until :meth:`gather_replica_grads`. Checked
+        first (PermissionError, ValueError); nothing is kept from a call that fails the check."""
+        allowed = set(self._sync_keys.get(org, ()))
+        if not allowed:
+            raise PermissionError(f"{org!r} holds no replica that {self.name} keeps in step with it")
+        for k, g in grads:
+            if k not in allowed:
+                raise PermissionError(f"{org!r} and {self.name} do not keep {k!r} in step")
+            param = self.model.bindings[k]
+            if g.shape != param.shape or g.dtype != param.dtype:
+                raise ValueError(f"gradient of {k} must be {tuple(param.shape)} {param.dtype}, got {tuple(g.shape)} {g.dtype}")
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"gradient of {k} from {org!r} has non-finite values")
+        copies = {k: g.to(self.device, copy=True) for k, g in grads}
+        with self._sync_cond:
+            self._replica_grads.setdefault(step, {})[org] = copies
+            self._sync_cond.notify_all()
+
+    def gather_replica_grads(self, step: int) -> None:
+        """Wait for every co-holder's gradients of ``step`` and add them up with ours, holder by
+        holder in name order, so that every holder ends with the same sum."""
+        if not self._sync_keys:
+            return
+        timeout = self.plan.transport.step_timeout_s
+        with self._sync_cond:
+            arrived = lambda: set(self._replica_grads.get(step, {})) >= set(self._sync_keys)  # noqa: E731
+            if not self._sync_cond.wait_for(arrived, timeout):
+                missing = sorted(set(self._sync_keys) - set(self._replica_grads.get(step, {})))
+                raise TimeoutError(f"{self.name}: step {step} has no replica gradients from {', '.join(missing)} after {timeout:.0f} s")
+            received = self._replica_grads.pop(step)
+        keys = {k for keys in self._sync_keys.values() for k in keys}
+        for k in sorted(keys):
+            param = self.model.bindings[k]
+            parts = {**{org: g[k] for org, g in received.items() if k in g}, **({self.name: param.grad} if param.grad is not None else {})}
+            if parts:
+                total = None
+                for org in sorted(parts):
+                    total = parts[org].clone() if total is None else total.add_(parts[org])
+                param.grad = total
+
+    def drop_replica_grads(self, before_step: int) -> None:
+        """Forget co-holders' gradients of steps before ``before_step`` (an aborted round's)."""
+        with self._sync_cond:
+            for step in [s for s in self._replica_grads if s < before_step]:
+                del self._replica_grads[step]
 
     def step(self) -> None:
         """Apply the optimizer after every data owner's batch of this step went through."""
