@@ -83,9 +83,8 @@ def test_three_org_plan_with_every_partition_kind_averages_replicas_exactly(tmp_
 def test_replicas_kept_in_step_make_rounds_of_adamw_equal_centralised_training(tmp_path):
     """With ``replica_sync: step`` the replicated ends add up their gradients every step, so R
     rounds of S AdamW steps through Flower equal R*S monolithic steps on all owners' batches."""
-    plan = small_plan("u-shape-3", rounds=2, steps=2)
+    plan = small_plan("u-shape-3", rounds=2, steps=2, optimizer=OptimizerConfig(name="adamw", lr=3e-4))  # as in test_split_exactness
     plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
-    assert plan.training.optimizer.name == "adamw"
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
     assert max_diff(latest_checkpoint(run_dir / "checkpoints").weights, monolithic(plan, 4)) <= 1e-5
 
