@@ -392,6 +392,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every command that makes a run directory takes."""
+    parser.add_argument("--rounds", type=int, help="override training.rounds")
+    parser.add_argument("--steps", type=int, help="override training.steps_per_round")
+    parser.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
+
+
 def _security_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--credentials", metavar="DIR", help=f"`fedsplit certs` output: {what}")
@@ -557,10 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     certs.set_defaults(func=cmd_certs)
     sim = sub.add_parser("simulate", help="run the whole federation on this host through Flower's simulation engine")
     sim.add_argument("federation")
-    sim.add_argument("--rounds", type=int, help="override training.rounds")
-    sim.add_argument("--steps", type=int, help="override training.steps_per_round")
+    _run_arguments(sim)
     sim.add_argument("--device", help="device of every organisation (default: each organisation's own, cuda when present)")
-    sim.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
     sim.add_argument("--process-per-org", action="store_true", help="one worker process per organisation instead of one for all")
     sim.add_argument("--actors", type=int, default=2, help="Ray actors running client messages (clients never block each other)")
@@ -570,19 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     base = sub.add_parser("baseline", help="train the monolithic model centrally on every data owner's data, same budget, same metrics")
     base.add_argument("federation")
-    base.add_argument("--rounds", type=int, help="override training.rounds")
-    base.add_argument("--steps", type=int, help="override training.steps_per_round")
+    _run_arguments(base)
     base.add_argument("--device", help="default cpu")
-    base.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
     base.set_defaults(func=cmd_baseline)
 
     coord = sub.add_parser("coordinator", help="run a federation's rounds through a SuperLink that the organisations' clients join")
     coord.add_argument("federation")
-    coord.add_argument("--rounds", type=int, help="override training.rounds")
-    coord.add_argument("--steps", type=int, help="override training.steps_per_round")
+    _run_arguments(coord)
     coord.add_argument("--listen", default="0.0.0.0:9093", help="where the SuperLink started here listens (default 0.0.0.0:9093)")
     coord.add_argument("--superlink", metavar="HOST:PORT", help="use a running SuperLink (its control API) instead of starting one")
-    coord.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
     coord.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
     coord.add_argument("--node-timeout", type=float, default=300.0, help="seconds to wait for every organisation to join")
     _security_arguments(coord, "the coordinator's certificate (coordinator.pem) and every organisation's token")
