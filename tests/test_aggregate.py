@@ -57,3 +57,10 @@ def test_fedadam_moments_survive_a_resume():
     for k in a:
         assert torch.equal(a[k], b[k])
     assert any(not torch.allclose(a[k], fresh[k]) for k in a)  # the moments matter, so the check can fail
+
+
+def test_identical_replicas_are_kept_as_they_are_not_recomputed():
+    """Replicas kept in step are bitwise equal; averaging them with weights 1:2 would round."""
+    x = {"w": torch.full((5,), 0.1)}
+    out = average_replicas({"a": x, "b": {"w": x["w"].clone()}}, {"a": 1.0, "b": 2.0})
+    assert torch.equal(out["w"], x["w"]) and out["w"] is not x["w"]

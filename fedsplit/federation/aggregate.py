@@ -24,11 +24,12 @@ def average_replicas(replicas: Mapping[str, Mapping[str, Tensor]], weights: Mapp
     """FedAvg of one partition's replicas, weighted by ``weights`` (tokens trained).
 
     Replicas that trained nothing (weight 0) take the average of the others; if none trained,
-    the first replica is returned unchanged.
+    the first replica is returned unchanged. Identical replicas (kept in step every step) are
+    returned as they are: their weighted average would only add rounding.
     """
     trained = [org for org in replicas if weights.get(org, 0) > 0]
-    if not trained:
-        first = next(iter(replicas.values()))
+    first = replicas[trained[0]] if trained else next(iter(replicas.values()))
+    if all(torch.equal(replicas[org][k], v) for org in trained for k, v in first.items()):
         return {k: v.clone() for k, v in first.items()}
     return dict(aggregate_arrayrecords(_records(replicas, weights, trained), WEIGHT).to_torch_state_dict())
 
