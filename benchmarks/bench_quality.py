@@ -3,6 +3,8 @@
 
     .venv/bin/python benchmarks/bench_quality.py [--quick] [--splits iid domain dirichlet] [--alpha 0.5]
                                                  [--orgs 6] [--data-owners 3] [--rounds 4] [--steps 30]
+                                                 [--replica-sync round step]
+    .venv/bin/python benchmarks/bench_quality.py --plan configs/plans/demo/federation.yaml
 
 For each data split of the shipped corpora (Shakespeare, Python source, arithmetic) over the data
 owners (`fedsplit data split`: IID, one domain per owner, or Dirichlet(alpha) over domains), a
@@ -11,6 +13,10 @@ averaged by FedAvg each round; the other organisations hold middle layers, exper
 is trained through Flower's simulation engine, and the monolithic model is trained centrally
 (`fedsplit baseline`) on the union of the same batches: same initial weights, rounds, steps,
 optimizer and tokens. Both evaluate the same held-out files of every data owner after each round.
+``--plan`` trains a given plan on its own data and settings instead (the demo plan: two data
+owners with IID Shakespeare). Each is trained twice by default: with the replicated ends averaged after each round
+(``replica_sync: round``, FedAvg) and kept in step by adding up their gradients every step
+(``replica_sync: step``, which equals centralised training up to rounding).
 Printed: held-out perplexity per round (overall, token-weighted over the data owners) and the gap
 of the last round, federated / centralised - 1. The target for IID data is a gap within 5%.
 """
@@ -57,6 +63,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replica-sync", nargs="+", choices=["round", "step"], default=["round", "step"])
+    parser.add_argument("--plan", type=Path, help="a federation file to train as it is, instead of generated splits")
     args = parser.parse_args()
     if args.quick:
         args.splits, args.rounds, args.steps = ["iid"], 2, 10
@@ -65,30 +73,41 @@ def main() -> None:
     rows, curves = [], {}
     with tempfile.TemporaryDirectory(prefix="fedsplit-bench-quality-") as tmp:
         work = Path(tmp)
-        for by in args.splits:
-            split = split_corpora(data_owner_names(args.data_owners), by, alpha=args.alpha, seed=args.seed)
-            fed = generate_plan(args.orgs, work / by, data_owners=args.data_owners, split=split, rounds=args.rounds,
-                                steps_per_round=args.steps, batch_size=8, seq_len=64, seed=args.seed)
-            plan = load_plan(fed)
-            plan.training = plan.training.model_copy(update={
-                "micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)})
-            started = time.monotonic()
-            federated = held_out_ppl(simulate(plan, SimulationOptions(runs_root=work / "runs", insecure=True)))
-            fed_s = time.monotonic() - started
+        for by in [args.plan] if args.plan else args.splits:
+            if args.plan:
+                plan = load_plan(args.plan)
+            else:
+                split = split_corpora(data_owner_names(args.data_owners), by, alpha=args.alpha, seed=args.seed)
+                plan = load_plan(generate_plan(args.orgs, work / by, data_owners=args.data_owners, split=split, rounds=args.rounds,
+                                               steps_per_round=args.steps, batch_size=8, seq_len=64, seed=args.seed))
+                plan.training = plan.training.model_copy(update={
+                    "micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)})
             started = time.monotonic()
             central = held_out_ppl(run_baseline(plan, work / "runs"))
             base_s = time.monotonic() - started
-            last = max(federated)
-            label = f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by
-            curves[label] = {"federated": federated, "centralised": central}
-            rows.append([label, f"{federated[0]:.2f}", f"{federated[last]:.2f}", f"{central[last]:.2f}",
-                         f"{100 * (federated[last] / central[last] - 1):+.1f}%", f"{fed_s:.0f}", f"{base_s:.0f}"])
-            print(f"  {label}: federated {fed_s:.0f} s, centralised {base_s:.0f} s", flush=True)
-    print(f"\n## Held-out perplexity after {args.rounds} rounds x {args.steps} steps ({args.orgs} organisations, "
-          f"{args.data_owners} data owners, FedAvg of replicated ends, AdamW lr {args.lr:g}, byte-level tiny model)\n")
-    print("\n".join(table(["split", "initial", "federated", "centralised", "gap", "federated s", "centralised s"], rows)))
+            label = f"plan {plan.name}" if args.plan else f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by
+            curves[label] = {"centralised": central}
+            for sync in args.replica_sync:
+                plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": sync})
+                started = time.monotonic()
+                federated = held_out_ppl(simulate(plan, SimulationOptions(runs_root=work / "runs", insecure=True)))
+                fed_s = time.monotonic() - started
+                last = max(federated)
+                curves[label][f"federated, sync {sync}"] = federated
+                rows.append([label, sync, f"{federated[0]:.2f}", f"{federated[last]:.2f}", f"{central[last]:.2f}",
+                             f"{100 * (federated[last] / central[last] - 1):+.1f}%", f"{fed_s:.0f}", f"{base_s:.0f}"])
+                print(f"  {label}, replicas in step every {sync}: federated {fed_s:.0f} s, centralised {base_s:.0f} s", flush=True)
+    t = plan.training
+    setting = (f"{len(plan.orgs)} organisations, {len(plan.data_owners)} data owners, AdamW lr {t.optimizer.lr:g}, "
+               f"{t.rounds} rounds x {t.steps_per_round} steps" if args.plan else
+               f"{args.orgs} organisations, {args.data_owners} data owners holding replicated ends, AdamW lr {args.lr:g}, "
+               f"{args.rounds} rounds x {args.steps} steps, byte-level tiny model")
+    print(f"\n## Held-out perplexity, split-federated vs centralised ({setting})\n")
+    print("\n".join(table(["split", "replicas in step every", "initial", "federated", "centralised", "gap", "federated s", "centralised s"], rows)))
     for label, c in curves.items():
-        print(f"\n{label}: round  " + "  ".join(f"{r}: {c['federated'][r]:.2f} / {c['centralised'][r]:.2f}" for r in sorted(c["federated"])))
+        print(f"\n{label}, held-out perplexity by round:")
+        for name, ppl in c.items():
+            print(f"  {name:>22}: " + "  ".join(f"{r}: {ppl[r]:.2f}" for r in sorted(ppl)))
     print(f"\nload after: {loadavg()}")
     print(json.dumps({"rows": rows}))
 
