@@ -173,7 +173,7 @@ class ReceiveBuffers:
     for the receiver to follow. Sizes are rounded up (at most 1/8 more) so that buffers fit the
     next tensors of about the same size; free buffers beyond ``max_free_bytes`` are dropped."""
 
-    def __init__(self, min_bytes: int = 1 << 16, max_free_bytes: int = 512 << 20):
+    def __init__(self, min_bytes: int = 1 << 16, max_free_bytes: int = 128 << 20):
         self.min_bytes, self.max_free_bytes = min_bytes, max_free_bytes
         self._buffers: list[bytearray] = []
         self._lock = threading.Lock()
