@@ -34,6 +34,10 @@ class TrainingConfig(_Strict):
     eval_tokens: int = Field(default=4096, ge=0, description=(
         "held-out tokens evaluated per data owner each round (whole batches of batch_size x seq_len, "
         "at least one); 0: no evaluation"))
+    deterministic: bool = Field(default=False, description=(
+        "add up the gradients that several data owners' batches leave on a partition in data-owner order, "
+        "not in the order their backwards arrive, so that a run repeats bitwise; costs one gradient buffer "
+        "per extra data owner on such partitions"))
 
     @model_validator(mode="after")
     def _micro_batches_divide_batch(self) -> "TrainingConfig":

@@ -3,7 +3,8 @@
 A worker lives as long as its organisation's process. It answers four kinds of calls
 (``segment``, ``heads``, ``experts``, ``shared``) with a forward and a backward each, keeps each
 forward's autograd graph until its backward, accumulates parameter gradients scaled for the
-replica it is, and steps its optimizer when the step is complete. When the plan keeps replicas
+replica it is (in the order backwards arrive, or with ``training.deterministic`` kept per data
+owner and added up in data-owner order), and steps its optimizer when the step is complete. When the plan keeps replicas
 in step (``aggregation.replica_sync: step``), the holders of a replicated partition first send
 each other that step's gradients of it and each adds them up in the same order, so every
 replica takes the same step: the step centralised training would take on all their batches.
@@ -121,6 +122,8 @@ class Worker:
         self.owner_index = {d: i for i, d in enumerate(plan.data_owners)}
         self._grad_scale: dict[str, dict[str, float]] = {}
         self._sync_keys: dict[str, list[str]] = {}  # co-holder -> keys whose gradients we add up with it each step
+        self._ordered: set[str] = set()  # keys several data owners train: with training.deterministic, added up in owner order
+        self._owner_grads: dict[str, dict[str, Tensor]] = {}  # data owner -> its gradients on those keys this step
         self.set_live_owners(plan.data_owners)
         self._replica_grads: dict[int, dict[str, dict[str, Tensor]]] = {}  # step -> co-holder -> its gradients
         self._sync_cond = threading.Condition()
@@ -164,10 +167,13 @@ class Worker:
         plan, live = self.plan, set(data_owners)
         self._grad_scale = {d: {} for d in plan.data_owners}
         self._sync_keys = {}
+        self._ordered = set()
         for p in self.partitions:
             keys = [s.key for s in unit_slices(self.cfg, p.units)]
             group = self._sync_group(p, live)
             users = plan.users(p, self.name)
+            if plan.training.deterministic and len([d for d in users if d in live]) > 1:
+                self._ordered.update(keys)
             averaged_over = len([d for h in group for d in plan.users(p, h) if d in live]) if group else len(users)
             for d in users:
                 self._grad_scale[d].update(dict.fromkeys(keys, 1.0 / averaged_over))
@@ -229,7 +235,11 @@ class Worker:
                     continue
                 factor = scale.get(name, 1.0)
                 grad = grad if factor == 1.0 else grad * factor
-                param.grad = grad if param.grad is None else param.grad.add_(grad)
+                if name in self._ordered:
+                    mine = self._owner_grads.setdefault(key.data_owner, {})
+                    mine[name] = grad if name not in mine else mine[name].add_(grad)
+                else:
+                    param.grad = grad if param.grad is None else param.grad.add_(grad)
         it = iter(result[: len(wrt_inputs)])
         input_grads = [next(it) if t.requires_grad else None for t in record.inputs]
         self._done[(key, op)] = input_grads
@@ -312,8 +322,17 @@ class Worker:
 
     # -- replicas kept in step ------------------------------------------------------------------
 
+    def _add_up_owner_grads(self) -> None:
+        """Add the data owners' gradients kept apart (``training.deterministic``) in owner order."""
+        with self._grad_lock:
+            for owner in self.plan.data_owners:
+                for name, grad in self._owner_grads.pop(owner, {}).items():
+                    param = self.model.bindings[name]
+                    param.grad = grad if param.grad is None else param.grad.add_(grad)
+
     def share_replica_grads(self, step: int) -> None:
         """Send this step's gradients of the replicas kept in step to their other holders."""
+        self._add_up_owner_grads()
         for org, keys in self._sync_keys.items():
             grads = [(k, self.model.bindings[k].grad) for k in keys]
             self.peers[org].add_replica_grads(self.name, step, [(k, g) for k, g in grads if g is not None])
@@ -369,6 +388,7 @@ class Worker:
         """Apply the optimizer after every data owner's batch of this step went through."""
         if self._records:
             raise RuntimeError(f"{self.name}: step with {len(self._records)} calls still waiting for their backward")
+        self._add_up_owner_grads()
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -379,6 +399,7 @@ class Worker:
         with self._grad_lock:
             self._records.clear()
             self._done.clear()
+            self._owner_grads.clear()
             if self.optimizer is not None:
                 self.optimizer.zero_grad(set_to_none=True)
 
