@@ -148,8 +148,12 @@ def kill_after_round_one(org: str):
     return on_started
 
 
-def test_a_dead_data_owner_is_reported_and_the_others_go_on_with_its_replicas(tmp_path):
+@pytest.mark.parametrize("replica_sync", ["round", "step"])
+def test_a_dead_data_owner_is_reported_and_the_others_go_on_with_its_replicas(tmp_path, replica_sync):
+    """With replicas kept in step the survivor's gradient exchange with the dead holder fails
+    (it does not wait for it) and the rerun keeps the survivors' replicas in step without it."""
     plan = small_plan("two-hospitals", rounds=3, steps=20)
+    plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": replica_sync})
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),
                        on_started=kill_after_round_one("hospital-b"))
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
