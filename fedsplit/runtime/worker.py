@@ -3,11 +3,13 @@
 A worker lives as long as its organisation's process. It answers four kinds of calls
 (``segment``, ``heads``, ``experts``, ``shared``) with a forward and a backward each, keeps each
 forward's autograd graph until its backward, accumulates parameter gradients scaled for the
-replica it is (in the order backwards arrive, or with ``training.deterministic`` kept per data
-owner and added up in data-owner order), and steps its optimizer when the step is complete. When the plan keeps replicas
-in step (``aggregation.replica_sync: step``), the holders of a replicated partition first send
-each other that step's gradients of it and each adds them up in the same order, so every
-replica takes the same step: the step centralised training would take on all their batches.
+replica it is (in the order backwards arrive, or, with ``training.deterministic``, kept per data
+owner and added up in data-owner order), and steps its optimizer when the step is complete.
+
+When the plan keeps replicas in step (``aggregation.replica_sync: step``), the holders of a
+replicated partition first send each other that step's gradients of it and each adds them up in
+the same order, so every replica takes the same step: the step centralised training would take
+on all their batches.
 
 As a data owner it drives its batches: micro-batch by micro-batch through the path of segments
 its plan gives it (consecutive blocks computed by one organisation), then backward in reverse.
