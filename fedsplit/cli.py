@@ -59,7 +59,8 @@ def cmd_plan_check(args: argparse.Namespace) -> int:
         orgs.add_row(name, "\n".join(e.selector for e in org.entries) or "-", f"{n:,}",
                      f"{n * per / 2**20:.1f} MiB", "yes" if org.holds_data else "-", org.device)
     console.print(orgs)
-    parts = Table(title="partitions (replicas are averaged after each round)")
+    in_step = plan.aggregation.replica_sync == "step"
+    parts = Table(title=f"partitions (replicas {'add up their gradients every step' if in_step else 'are averaged after each round'})")
     for col in ("partition", "units", "held by", ""):
         parts.add_column(col)
     for p in plan.partitions:

@@ -21,6 +21,16 @@ def test_plan_check_marks_replicated_partitions(capsys):
     assert "replicated" in capsys.readouterr().out
 
 
+def test_plan_check_says_how_replicas_are_kept_together(capsys, tmp_path):
+    src = PLANS / "two-hospitals"
+    text = (src / "federation.yaml").read_text().replace("aggregation: {strategy: fedavg}", "aggregation: {strategy: fedavg, replica_sync: step}")
+    (tmp_path / "federation.yaml").write_text(text.replace("model: ../../models/", f"model: {ROOT}/configs/models/").replace("orgs: [orgs/*.yaml]", f"orgs: [{src}/orgs/*.yaml]"))
+    assert main(["plan", "check", str(tmp_path / "federation.yaml")]) == 0
+    assert "add up their gradients every step" in capsys.readouterr().out
+    assert main(["plan", "check", str(src / "federation.yaml")]) == 0
+    assert "averaged after each round" in capsys.readouterr().out
+
+
 def test_plan_check_exits_1_and_names_the_problem_on_an_invalid_plan(capsys, tmp_path):
     (tmp_path / "orgs").mkdir()
     (tmp_path / "federation.yaml").write_text(f"name: bad\nmodel: {ROOT}/configs/models/tiny.yaml\norgs: [orgs/*.yaml]\n")
