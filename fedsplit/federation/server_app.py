@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
@@ -205,7 +206,9 @@ class Coordinator:
                 outcome = self._whole_round(spec)
             else:
                 outcome = self._begin(spec)
-                if not outcome.failed:
+                if outcome.failed:  # the others end this attempt (their replies say nothing new) before it is rerun
+                    self._collect(spec, [org for org in self.alive if org not in outcome.failed])
+                else:
                     outcome = self._collect(spec)
             if not outcome.failed:
                 return spec, outcome
@@ -252,11 +255,11 @@ class Coordinator:
                              dst_node_id=self.node_of[org], message_type=message_type, group_id=str(spec.round))
                 for org in sorted(self.alive)}
 
-    def _collect(self, spec: RoundSpec) -> Outcome:
+    def _collect(self, spec: RoundSpec, orgs: Iterable[str] | None = None) -> Outcome:
         config = self._config(spec)
         msgs = {org: Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=self.node_of[org],
                              message_type="train", group_id=str(spec.round))
-                for org in sorted(self.alive)}
+                for org in sorted(self.alive if orgs is None else orgs)}
         return self._exchange(msgs, self.settings.round_timeout_s + self.settings.message_timeout_s)
 
     def _exchange(self, msgs: dict[str, Message], timeout: float) -> Outcome:
