@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
@@ -43,13 +44,28 @@ from fedsplit.data.split import split_corpora  # noqa: E402
 from fedsplit.federation.baseline import run_baseline  # noqa: E402
 from fedsplit.federation.rundir import MetricsLog  # noqa: E402
 from fedsplit.federation.simulate import SimulationOptions, simulate  # noqa: E402
-from fedsplit.plan import load_plan  # noqa: E402
+from fedsplit.plan import Plan, load_plan  # noqa: E402
 from fedsplit.plan.generate import data_owner_names, generate_plan  # noqa: E402
 from fedsplit.plan.schema import OptimizerConfig  # noqa: E402
 
 
 def held_out_ppl(run_dir: Path) -> dict[int, float]:
     return {r["round"]: r["ppl"] for r in MetricsLog(run_dir / "metrics.jsonl").read() if r["event"] == "eval"}
+
+
+def plans_to_train(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, Plan]]:
+    """(label, plan): the plan given with ``--plan`` as it is, else one generated plan per split."""
+    if args.plan:
+        plan = load_plan(args.plan)
+        yield f"plan {plan.name}", plan
+        return
+    for by in args.splits:
+        split = split_corpora(data_owner_names(args.data_owners), by, alpha=args.alpha, seed=args.seed)
+        plan = load_plan(generate_plan(args.orgs, work / by, data_owners=args.data_owners, split=split, rounds=args.rounds,
+                                       steps_per_round=args.steps, batch_size=8, seq_len=64, seed=args.seed))
+        plan.training = plan.training.model_copy(update={
+            "micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)})
+        yield (f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by), plan
 
 
 def main() -> None:
@@ -73,19 +89,10 @@ def main() -> None:
     rows, curves = [], {}
     with tempfile.TemporaryDirectory(prefix="fedsplit-bench-quality-") as tmp:
         work = Path(tmp)
-        for by in [args.plan] if args.plan else args.splits:
-            if args.plan:
-                plan = load_plan(args.plan)
-            else:
-                split = split_corpora(data_owner_names(args.data_owners), by, alpha=args.alpha, seed=args.seed)
-                plan = load_plan(generate_plan(args.orgs, work / by, data_owners=args.data_owners, split=split, rounds=args.rounds,
-                                               steps_per_round=args.steps, batch_size=8, seq_len=64, seed=args.seed))
-                plan.training = plan.training.model_copy(update={
-                    "micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)})
+        for label, plan in plans_to_train(args, work):
             started = time.monotonic()
             central = held_out_ppl(run_baseline(plan, work / "runs"))
             base_s = time.monotonic() - started
-            label = f"plan {plan.name}" if args.plan else f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by
             curves[label] = {"centralised": central}
             for sync in args.replica_sync:
                 plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": sync})
@@ -99,9 +106,7 @@ def main() -> None:
                 print(f"  {label}, replicas in step every {sync}: federated {fed_s:.0f} s, centralised {base_s:.0f} s", flush=True)
     t = plan.training
     setting = (f"{len(plan.orgs)} organisations, {len(plan.data_owners)} data owners, AdamW lr {t.optimizer.lr:g}, "
-               f"{t.rounds} rounds x {t.steps_per_round} steps" if args.plan else
-               f"{args.orgs} organisations, {args.data_owners} data owners holding replicated ends, AdamW lr {args.lr:g}, "
-               f"{args.rounds} rounds x {args.steps} steps, byte-level tiny model")
+               f"{t.rounds} rounds x {t.steps_per_round} steps")
     print(f"\n## Held-out perplexity, split-federated vs centralised ({setting})\n")
     print("\n".join(table(["split", "replicas in step every", "initial", "federated", "centralised", "gap", "federated s", "centralised s"], rows)))
     for label, c in curves.items():

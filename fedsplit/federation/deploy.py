@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..plan import Plan
+from ..plan.schema import RunSettings
 from ..runtime.host import WorkerHost
 from .checkpoint import layout_hash
 from .rundir import RunPlace
@@ -167,7 +168,7 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
     flwr_home = run_dir / "flwr"
     env = flower_env(flwr_home)
     settings = CoordinatorSettings(plan=str(Path(plan.file).resolve()), run_dir=str(run_dir.resolve()), resume=options.resume is not None,
-                                   node_timeout_s=options.node_timeout_s, training=plan.training, transport=plan.transport, aggregation=plan.aggregation,
+                                   node_timeout_s=options.node_timeout_s, run_settings=RunSettings.of(plan),
                                    one_message_per_round=True,
                                    credentials=str(options.credentials.resolve()) if options.credentials else None)
     settings_file = settings.write(run_dir / "coordinator.json").resolve()

@@ -16,7 +16,7 @@ from typing import Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..plan import Plan, load_plan
-from ..plan.schema import AggregationConfig, TrainingConfig, TransportConfig
+from ..plan.schema import RunSettings
 from ..transport.security import TLSConfig, load_tokens
 
 COORDINATOR_ENV = "FEDSPLIT_COORDINATOR_SETTINGS"
@@ -32,9 +32,7 @@ class CoordinatorSettings(BaseModel):
     node_timeout_s: float = Field(default=300.0, gt=0, description="how long to wait for every organisation to connect")
     message_timeout_s: float = Field(default=600.0, gt=0, description="deadline of a round's begin messages")
     round_timeout_s: float = Field(default=3600.0, gt=0, description="deadline of a round's training")
-    training: TrainingConfig | None = Field(default=None, description="replaces the plan's training settings")
-    transport: TransportConfig | None = None
-    aggregation: AggregationConfig | None = Field(default=None, description="replaces the plan's aggregation settings")
+    run_settings: RunSettings | None = Field(default=None, description="replaces the plan file's training, transport and aggregation")
     one_message_per_round: bool = Field(default=False, description=(
         "begin and collect a round with one message (deployment: every organisation runs its own client apps)"))
     credentials: str | None = Field(default=None, description=(
@@ -42,9 +40,8 @@ class CoordinatorSettings(BaseModel):
 
     def load_plan(self) -> Plan:
         plan = load_plan(self.plan)
-        plan.training = self.training or plan.training
-        plan.transport = self.transport or plan.transport
-        plan.aggregation = self.aggregation or plan.aggregation
+        if self.run_settings:
+            self.run_settings.apply(plan)
         return plan
 
     def write(self, path: Path) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..plan import Plan
+from ..plan.schema import RunSettings
 from ..runtime.processes import HostProcesses
 from .rundir import RunPlace
 from .server_app import RESULT_FILE
@@ -62,7 +63,7 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
         registry.write_text(json.dumps({"orgs": list(plan.orgs), "workers": hosts.addresses,
                                         "credentials": str(hosts.credentials) if hosts.credentials else None}))
         settings = CoordinatorSettings(plan=str(plan.file), run_dir=str(run_dir), resume=options.resume is not None,
-                                       training=plan.training, transport=plan.transport, aggregation=plan.aggregation,
+                                       run_settings=RunSettings.of(plan),
                                        credentials=str(hosts.credentials) if hosts.credentials else None)
         os.environ[SIMULATION_ENV] = str(registry)
         os.environ[COORDINATOR_ENV] = str(settings.write(run_dir / "coordinator.json"))

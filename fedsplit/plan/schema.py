@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 class _Strict(BaseModel):
@@ -80,6 +83,23 @@ class TransportConfig(_Strict):
     shared_memory: bool = Field(default=False, description="move tensors through /dev/shm between workers on one host")
     step_timeout_s: float = Field(default=300.0, gt=0, description=(
         "longest a worker waits for the other data owners to finish a step, or for an organisation to begin a round"))
+
+
+class RunSettings(_Strict):
+    """The sections of a plan that whoever starts a run may set over the plan file's own (the
+    command line's --rounds and --steps, a benchmark's variants). They travel with the run to the
+    ServerApp and to every worker process, which otherwise read only the plan file."""
+
+    training: TrainingConfig
+    transport: TransportConfig
+    aggregation: AggregationConfig
+
+    @classmethod
+    def of(cls, plan: "Plan") -> "RunSettings":
+        return cls(training=plan.training, transport=plan.transport, aggregation=plan.aggregation)
+
+    def apply(self, plan: "Plan") -> None:
+        plan.training, plan.transport, plan.aggregation = self.training, self.transport, self.aggregation
 
 
 class FederationFile(_Strict):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..data import batches_for, eval_batches_for
 from ..plan import Plan, load_plan, select
-from ..plan.schema import AggregationConfig, TrainingConfig, TransportConfig
+from ..plan.schema import RunSettings
 from ..transport.security import TLSConfig, load_tokens
 from ..transport.service import Credentials, DataPlaneServer
 from ..transport.wire import Limits
@@ -99,10 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(WORKER_THREADS)
     plan = load_plan(args.plan)
     if args.settings:
-        settings = json.loads(args.settings)
-        plan.training = TrainingConfig.model_validate(settings["training"])
-        plan.transport = TransportConfig.model_validate(settings["transport"])
-        plan.aggregation = AggregationConfig.model_validate(settings["aggregation"])
+        RunSettings.model_validate_json(args.settings).apply(plan)
     weights = load_file(args.weights) if args.weights else None
     host = WorkerHost(plan, args.orgs, run=args.run, credentials=args.credentials, weights=weights, host=args.host,
                       ports={args.orgs[0]: args.port}, device=args.device, state_dir=args.state_dir)

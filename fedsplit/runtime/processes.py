@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..plan import Partition, Plan, reassemble, unit_slices
+from ..plan.schema import RunSettings
 from ..transport.security import TLSConfig, generate_credentials, load_tokens
 from ..transport.service import Named
 from ..transport.shm import remove_segments_of
@@ -47,9 +48,7 @@ class HostProcesses:
         self.credentials: Path | None = None
         if not insecure:
             self.credentials = generate_credentials([*plan.orgs, COORDINATOR], self.work_dir / "credentials")
-        common = ["--settings", json.dumps({"training": plan.training.model_dump(mode="json"),
-                                            "transport": plan.transport.model_dump(mode="json"),
-                                            "aggregation": plan.aggregation.model_dump(mode="json")}), "--exit-with-parent",
+        common = ["--settings", RunSettings.of(plan).model_dump_json(), "--exit-with-parent",
                   *(["--credentials", str(self.credentials)] if self.credentials else ["--insecure"])]
         if run:
             common += ["--run", run]
