@@ -104,12 +104,26 @@ def test_one_message_carries_the_same_frames_and_is_a_protobuf_frames_message():
 
 def test_a_decoded_tensor_keeps_its_memory_while_later_ones_reuse_freed_buffers():
     a, b = torch.randn(1 << 16), torch.randn(1 << 16)
-    first = decode_tensors(encode_tensors([("a", a)]), 1, Limits())[0][1]
-    second = decode_tensors(encode_tensors([("b", b)]), 1, Limits())[0][1]
+    chunked = lambda t: list(encode_tensors([("t", t)], chunk_bytes=1 << 16))  # noqa: E731  (four chunks each)
+    first = decode_tensors(chunked(a), 1, Limits())[0][1]
+    second = decode_tensors(chunked(b), 1, Limits())[0][1]
     assert torch.equal(first, a) and torch.equal(second, b) and first.data_ptr() != second.data_ptr()
     freed = second.data_ptr()
     del second
-    assert decode_tensors(encode_tensors([("a", a)]), 1, Limits())[0][1].data_ptr() == freed
+    assert decode_tensors(chunked(a), 1, Limits())[0][1].data_ptr() == freed
+
+
+def test_a_large_tensor_in_one_chunk_is_a_view_of_the_received_message_and_a_small_one_a_copy():
+    import numpy as np
+
+    for numel, viewed in ((1 << 16, True), (16, False)):
+        x = torch.randn(numel)
+        frames = list(encode_tensors([("t", x)]))
+        start = np.frombuffer(frames[1], dtype=np.uint8).ctypes.data
+        t = decode_tensors(frames, 1, Limits())[0][1]
+        assert (start <= t.data_ptr() < start + len(frames[1])) == viewed
+        del frames  # the view keeps the message alive
+        assert torch.equal(t, x)
 
 
 def test_generated_protobuf_code_matches_the_proto(tmp_path):
@@ -316,6 +330,42 @@ def test_small_and_large_calls_round_trip_and_replies_stay_intact_while_held(sha
             again = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", y)])[0][1]
             assert torch.equal(kept, x) and torch.equal(again, y)
         del kept, again
+    finally:
+        channel.close()
+        server.stop(None)
+
+
+class _Keeper:
+    """Keeps what ``keep`` calls send (as a forward keeps its input for the backward) until ``drop``."""
+
+    def __init__(self):
+        self.kept = []
+
+    def handle(self, header, tensors):
+        if header.op == "drop":
+            self.kept.clear()
+        else:
+            self.kept.append(tensors[0][1])
+        return [("ack", torch.zeros(1))], "none"
+
+
+def test_shared_memory_callee_reads_requests_in_place_and_its_kept_tensors_are_never_overwritten():
+    keeper = _Keeper()
+    server = DataPlaneServer(keeper, tls=None, port=0).start()
+    channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=30, shared_memory=True)
+    segments = lambda: len([f for f in os.listdir("/dev/shm") if f.startswith(f"fedsplit-{os.getpid()}-")])  # noqa: E731
+    try:
+        sent = [torch.full((1 << 16,), float(i)) for i in range(4)]
+        for x in sent:
+            channel.call(pb.CallHeader(op="keep", phase=pb.FORWARD), [("x", x)])
+        assert all(torch.equal(k, x) for k, x in zip(keeper.kept, sent))  # four calls, none wrote over another's input
+        assert keeper.kept[0].untyped_storage().data_ptr() != sent[0].untyped_storage().data_ptr()
+        channel.call(pb.CallHeader(op="drop", phase=pb.CONTROL), [])
+        before = segments()
+        for i in range(8):  # what the drop gave back is reused: no new segments
+            channel.call(pb.CallHeader(op="keep", phase=pb.FORWARD), [("x", torch.full((1 << 16,), 10.0 + i))])
+            keeper.kept.clear()
+        assert segments() == before
     finally:
         channel.close()
         server.stop(None)

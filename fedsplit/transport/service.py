@@ -111,7 +111,8 @@ class DataPlaneServer:
             raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"organisation {org!r} cannot call on behalf of {header.caller!r}")
 
     def _serve(self, frames, context: grpc.ServicerContext) -> tuple[pb.CallHeader, list[Encoded], Segment | None]:
-        """Check and run one call; its header, encoded outputs and the segment to reply in."""
+        """Check and run one call; its header, encoded outputs and the segment to reply in. Request
+        tensors in shared memory are read in place: the caller lent their segment."""
         header = None
         try:
             first = next(frames, None)
@@ -121,7 +122,9 @@ class DataPlaneServer:
             header = header.call
             self._authenticate(context, header)
             request_segment = self._segments.get(header.shm_request) if header.shm_request else None
-            tensors = decode_tensors(frames, header.num_tensors, self.limits, request_segment)
+            tensors = decode_tensors(frames, header.num_tensors, self.limits, request_segment, view_segment=True)
+            if request_segment is not None:
+                self._segments.borrow((header.caller, header.shm_pool), request_segment)
             outputs, codec = self.handler.handle(header, tensors)
             encoded = prepare(outputs, codec)
             reply_segment = None
@@ -144,19 +147,31 @@ class DataPlaneServer:
         log.exception("reply to %s failed", header.op)
         context.abort(grpc.StatusCode.INTERNAL, f"cannot send the reply: {type(e).__name__}: {e}")
 
+    def _reply_header(self, header: pb.CallHeader, num_tensors: int) -> bytes:
+        """The reply's call frame, naming the lent segments this caller may reuse now. Called
+        once the reply no longer needs the request tensors (a reply that still streams them
+        gives their segment back in a later reply)."""
+        released = self._segments.released((header.caller, header.shm_pool)) if header.shm_request else []
+        return call_frame(pb.CallHeader(num_tensors=num_tensors, shm_released=released))
+
     def _call(self, frames, context: grpc.ServicerContext):
         header, encoded, reply_segment = self._serve(frames, context)
         try:
-            yield call_frame(pb.CallHeader(num_tensors=len(encoded)))
-            yield from (to_segment(encoded, reply_segment) if reply_segment else to_frames(encoded))
+            body = list(to_segment(encoded, reply_segment)) if reply_segment else to_frames(encoded)
+            count = len(encoded)
+            del encoded
+            yield self._reply_header(header, count)
+            yield from body
         except Exception as e:
             self._reply_failed(context, header, e)
 
     def _call_once(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         header, encoded, reply_segment = self._serve(unpack_message(request), context)
         try:
-            body = ((f,) for f in to_segment(encoded, reply_segment)) if reply_segment else frame_pieces(encoded, None)
-            return one_message(itertools.chain([(call_frame(pb.CallHeader(num_tensors=len(encoded))),)], body))
+            body = [(f,) for f in to_segment(encoded, reply_segment)] if reply_segment else list(frame_pieces(encoded, None))
+            count = len(encoded)
+            del encoded
+            return one_message([(self._reply_header(header, count),), *body])
         except Exception as e:
             self._reply_failed(context, header, e)
 
@@ -219,6 +234,7 @@ class DataPlaneChannel:
             reply = self._pool.acquire(payload_size(encoded) if reply_bytes is None else reply_bytes)
             segments = [request, reply]
             header.shm_request, header.shm_reply, header.shm_reply_capacity = request.name, reply.name, reply.size
+            header.shm_pool = self._pool.id
             body = list(to_segment(encoded, request))
         # One message each way when both fit (with shared memory, only headers travel).
         once = reply_bytes is not None and (bool(segments) or max(reply_bytes, payload_size(encoded)) <= ONE_MESSAGE_BYTES)
@@ -250,6 +266,7 @@ class DataPlaneChannel:
             if isinstance(first, memoryview) or first.WhichOneof("kind") != "call":
                 raise WireError("a reply must start with a call header frame")
             out = decode_tensors(replies, first.call.num_tensors, self.limits, segments[1] if segments else None, view_segment=True)
+            released = first.call.shm_released
             self._count_tensors(out)
             size = segment_bytes(t.numel() * t.element_size() for _, t in out if t is not None)
             self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
@@ -260,8 +277,14 @@ class DataPlaneChannel:
         except (WireError, StopIteration) as e:
             raise PeerError(self.org, self.address, None, f"malformed reply: {e}") from None
         finally:
-            for seg in segments:
-                (self._pool.release if done else self._pool.discard)(seg)
+            if segments and done:
+                request, reply = segments
+                self._pool.lend(request)
+                self._pool.release(reply)
+                self._pool.returned(released)
+            elif segments:
+                for seg in segments:
+                    self._pool.discard(seg)
 
     def reachable(self, timeout: float = 1.0) -> bool:
         """Whether a connection to the peer can be (or is) established within ``timeout``."""

@@ -2,9 +2,13 @@
 
 The caller owns every segment (one for the request, one for the reply), reuses them across
 calls and unlinks them when its channel closes, so a callee never creates or frees anything.
-Only control frames cross gRPC. Ownership: the caller's reply tensors are views of its reply
-segment, which is not reused while any of them lives (reference counts say when); the callee
-copies request tensors out, since the caller reuses its request segment after the reply.
+Only control frames cross gRPC, and no tensor is copied on arrival. Ownership: the caller's
+reply tensors are views of its reply segment, which is not reused while any of them lives
+(reference counts say when). The callee's request tensors are views of the request segment too,
+kept as long as the callee needs them (a forward's input until its backward): the caller *lends*
+the segment and reuses it only after a later reply names it as released. A caller can therefore
+still write into tensors its callee holds, so organisations that share a host this way must
+trust each other with that memory (the plan turns it on: ``transport.shared_memory``).
 Plain ``/dev/shm`` files with ``mmap`` (not ``multiprocessing.shared_memory``, whose resource
 tracker unlinks segments it merely attached to on Python 3.11).
 """
@@ -68,11 +72,13 @@ class Segment:
 
 class SegmentPool:
     """Reusable segments of a caller, handed out one per in-flight call and direction, and
-    again only once no tensor views them."""
+    again only once no tensor views them and the callee gave back what it was lent."""
 
     def __init__(self) -> None:
+        self.id = secrets.token_hex(8)  # how a callee tells this pool's segments from others'
         self._free: list[Segment] = []
         self._all: list[Segment] = []
+        self._lent: dict[str, Segment] = {}
         self._lock = threading.Lock()
 
     def acquire(self, nbytes: int) -> Segment:
@@ -91,6 +97,16 @@ class SegmentPool:
         with self._lock:
             self._free.append(seg)
 
+    def lend(self, seg: Segment) -> None:
+        """The callee may go on reading ``seg``: keep it until :meth:`returned` names it."""
+        with self._lock:
+            self._lent[seg.name] = seg
+
+    def returned(self, names) -> None:
+        """The callee no longer reads these lent segments (unknown names are ignored)."""
+        with self._lock:
+            self._free += [seg for seg in (self._lent.pop(n, None) for n in names) if seg is not None]
+
     def discard(self, seg: Segment) -> None:
         """Never reuse ``seg``: after a failed call the callee might still write into it."""
         with self._lock:
@@ -103,14 +119,32 @@ class SegmentPool:
                 seg.unlink()
             self._all.clear()
             self._free.clear()
+            self._lent.clear()
 
 
 class AttachedSegments:
-    """A callee's cache of the caller segments it has mapped, by name."""
+    """A callee's cache of the caller segments it has mapped, by name, and of the request
+    segments each caller's pool lent it that it still reads."""
 
     def __init__(self) -> None:
         self._segments: dict[str, Segment] = {}
+        self._lent: dict[tuple[str, str], list[Segment]] = {}  # (caller, pool) -> lent segments
         self._lock = threading.Lock()
+
+    def borrow(self, owner: tuple[str, str], seg: Segment) -> None:
+        with self._lock:
+            held = self._lent.setdefault(owner, [])
+            if seg not in held:
+                held.append(seg)
+
+    def released(self, owner: tuple[str, str]) -> list[str]:
+        """Names of ``owner``'s lent segments that no tensor here views any more; forgotten as
+        lent once said."""
+        with self._lock:
+            held = self._lent.get(owner, [])
+            done = [seg for seg in held if not seg.in_use()]
+            self._lent[owner] = [seg for seg in held if seg not in done]
+            return [seg.name for seg in done]
 
     def get(self, name: str, min_size: int = 0) -> Segment:
         with self._lock:

@@ -21,7 +21,7 @@ CONTROL: Phase
 EVALUATE: Phase
 
 class CallHeader(_message.Message):
-    __slots__ = ("run", "caller", "data_owner", "step", "micro_batch", "op", "phase", "num_tensors", "shm_request", "shm_reply", "shm_reply_capacity")
+    __slots__ = ("run", "caller", "data_owner", "step", "micro_batch", "op", "phase", "num_tensors", "shm_request", "shm_reply", "shm_reply_capacity", "shm_pool", "shm_released")
     RUN_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
     DATA_OWNER_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class CallHeader(_message.Message):
     SHM_REQUEST_FIELD_NUMBER: _ClassVar[int]
     SHM_REPLY_FIELD_NUMBER: _ClassVar[int]
     SHM_REPLY_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    SHM_POOL_FIELD_NUMBER: _ClassVar[int]
+    SHM_RELEASED_FIELD_NUMBER: _ClassVar[int]
     run: str
     caller: str
     data_owner: str
@@ -44,7 +46,9 @@ class CallHeader(_message.Message):
     shm_request: str
     shm_reply: str
     shm_reply_capacity: int
-    def __init__(self, run: _Optional[str] = ..., caller: _Optional[str] = ..., data_owner: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., op: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., shm_request: _Optional[str] = ..., shm_reply: _Optional[str] = ..., shm_reply_capacity: _Optional[int] = ...) -> None: ...
+    shm_pool: str
+    shm_released: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run: _Optional[str] = ..., caller: _Optional[str] = ..., data_owner: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., op: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., num_tensors: _Optional[int] = ..., shm_request: _Optional[str] = ..., shm_reply: _Optional[str] = ..., shm_reply_capacity: _Optional[int] = ..., shm_pool: _Optional[str] = ..., shm_released: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes", "absent", "codec", "in_shm", "shm_offset")
