@@ -371,6 +371,29 @@ def test_shared_memory_callee_reads_requests_in_place_and_its_kept_tensors_are_n
         server.stop(None)
 
 
+def test_calls_go_over_grpc_while_shared_memory_is_full_and_say_so(monkeypatch, caplog):
+    import errno
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    server = DataPlaneServer(_Echo(), tls=None, port=0).start()
+    channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=30, shared_memory=True)
+    x = torch.randn(1 << 16)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(os, "posix_fallocate", full)
+            assert torch.equal(channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])[0][1], x)
+        assert channel.wire_bytes > 2 * x.numel() * 4  # the tensor crossed gRPC both ways
+        assert "cannot reserve" in caplog.text and "/dev/shm" in caplog.text
+        before = channel.wire_bytes
+        assert torch.equal(channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])[0][1], x)
+        assert channel.wire_bytes - before < 1024  # room again: back to shared memory
+    finally:
+        channel.close()
+        server.stop(None)
+
+
 def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecure(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.host", str(PLANS / "layers" / "federation.yaml"), "--orgs", "compute-b",
                            "--run", "r", "--ready-file", str(tmp_path / "r")], capture_output=True, text=True)

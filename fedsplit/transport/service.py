@@ -184,6 +184,7 @@ class DataPlaneChannel:
         """``tls=None`` connects in plaintext: callers must ask for it explicitly.
         ``shared_memory``: the callee is on this host; tensors go through /dev/shm segments."""
         self._pool = SegmentPool() if shared_memory else None
+        self._shm_failed = False
         self._reply_bytes: dict[str, int] = {}
         self.org, self.address, self.caller, self.limits, self.timeout, self.retries = org, address, caller, limits, timeout, retries
         # A CallOnce reply holds whole tensors: accept one as large as the largest tensor allowed.
@@ -218,6 +219,25 @@ class DataPlaneChannel:
         self.tensor_bytes += n
         return n
 
+    def _segments(self, encoded: Sequence[Encoded], reply_bytes: int | None) -> list[Segment]:
+        """The request and reply segments of a call, or none: no shared memory here, or /dev/shm
+        has no room for them (the call then goes over gRPC, and the first time says so)."""
+        if self._pool is None:
+            return []
+        taken = []
+        try:
+            taken.append(self._pool.acquire(segment_bytes(e.header.nbytes for e in encoded)))
+            taken.append(self._pool.acquire(payload_size(encoded) if reply_bytes is None else reply_bytes))
+            return taken
+        except OSError as e:
+            for seg in taken:
+                self._pool.release(seg)
+            if not self._shm_failed:
+                log.warning("shared memory for calls to %s: %s; these calls go over gRPC until it has room "
+                            "(in a container, give /dev/shm more space, e.g. docker run --shm-size)", self.org, e)
+            self._shm_failed = True
+            return []
+
     def call(self, header: pb.CallHeader, tensors: Sequence[tuple[str, Tensor | None]], timeout: float | None = None,
              codec: str = "none") -> Named:
         header.caller = self.caller
@@ -228,11 +248,9 @@ class DataPlaneChannel:
         # The largest reply of this kind so far; before the first, a forward or backward is
         # expected to answer about what it was sent, a control operation anything.
         reply_bytes = self._reply_bytes.get(kind, payload_size(encoded) if header.phase != pb.CONTROL else None)
-        segments = []
-        if self._pool is not None:
-            request = self._pool.acquire(segment_bytes(e.header.nbytes for e in encoded))
-            reply = self._pool.acquire(payload_size(encoded) if reply_bytes is None else reply_bytes)
-            segments = [request, reply]
+        segments = self._segments(encoded, reply_bytes)
+        if segments:
+            request, reply = segments
             header.shm_request, header.shm_reply, header.shm_reply_capacity = request.name, reply.name, reply.size
             header.shm_pool = self._pool.id
             body = list(to_segment(encoded, request))

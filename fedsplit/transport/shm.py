@@ -36,7 +36,13 @@ class Segment:
         fd = os.open(path, (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # Reserve the pages now: a full /dev/shm then fails here with ENOSPC instead of
+                # killing the process with SIGBUS at the first write into the mapping.
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as e:
+                    path.unlink(missing_ok=True)
+                    raise OSError(e.errno, f"cannot reserve {size} bytes in {SHM_DIR}: {e.strerror}") from None
             self.size = os.fstat(fd).st_size
             self.buf = mmap.mmap(fd, self.size) if self.size else None
         finally:
