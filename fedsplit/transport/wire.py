@@ -5,12 +5,9 @@ No pickle, no ``torch.save``, no base64 and no fp32 inflation of bf16: a tensor 
 hand (``0x1a``, varint length, bytes) and decoded without copying; everything else is protobuf.
 A call small enough for one message packs its frames into one ``Frames`` message, by hand too.
 
-A large tensor that arrives in one chunk frame is a view of the received message: gRPC hands
-over a fresh ``bytes`` per message that nothing else uses, so copying it would only cost time.
-Tensors in several chunks are reassembled in buffers that are reused once no decoded tensor views
-them any more, so the steady state neither allocates nor page-faults per message. Either way a
-decoded tensor keeps its memory alive for as long as it lives; small tensors are copied, so that
-a kept scalar does not keep a large message alive.
+Received bytes land in buffers that are reused once no decoded tensor views them any more, so
+the steady state neither allocates nor page-faults per message, and a decoded tensor owns its
+memory for as long as it lives.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from __future__ import annotations
 import math
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -39,11 +35,6 @@ CODECS = ("none", "bf16", "fp16", "int8")
 _CHUNK_TAG = 0x1A  # field 3 (chunk), wire type 2 (length-delimited)
 _FRAMES_TAG = 0x0A  # Frames.frames: field 1, wire type 2
 SEGMENT_ALIGN = 64  # tensors in a shared-memory segment start at multiples of this
-VIEW_BYTES = 1 << 16  # a tensor of at least this many bytes in one chunk is a view of its message
-
-# A view of a received message is backed by an immutable ``bytes``, which torch warns about once
-# per process; nothing writes into received tensors, and the bytes belong to this process alone.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning, module=__name__)
 
 
 class WireError(ValueError):
@@ -160,7 +151,7 @@ def _wire_bytes(codec: str, shape: Sequence[int], dtype: torch.dtype) -> int:
 
 
 def _decompress(codec: str, buf, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """The tensor in ``buf`` (a buffer, mmap or received message) at ``offset``; uncompressed, a view of it."""
+    """The tensor in ``buf`` (a bytearray or mmap) at ``offset``; uncompressed, a view of it."""
     n = math.prod(shape)
     if not n:
         return torch.empty(shape, dtype=dtype)
@@ -346,7 +337,10 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], 
 
 
 def _read_chunks(name: str, header: pb.TensorHeader, frames: Iterator[bytes | memoryview], expected: int, dtype: torch.dtype) -> Tensor:
-    def next_chunk(filled: int) -> memoryview:
+    buf = RECEIVE_BUFFERS.take(expected)
+    view = memoryview(buf)
+    filled = 0
+    while filled < expected:
         frame = next(frames, None)
         if frame is None:
             raise WireError(f"tensor {name!r}: stream ended after {filled} of {expected} bytes")
@@ -355,20 +349,6 @@ def _read_chunks(name: str, header: pb.TensorHeader, frames: Iterator[bytes | me
             raise WireError(f"tensor {name!r}: expected a chunk frame after {filled} of {expected} bytes")
         if filled + len(chunk) > expected:
             raise WireError(f"tensor {name!r}: chunks carry more than the {expected} bytes declared")
-        return chunk
-
-    shape = tuple(header.shape)
-    if not expected:
-        return _decompress(header.codec, b"", 0, shape, dtype)
-    chunk = next_chunk(0)
-    if len(chunk) == expected and expected >= VIEW_BYTES:
-        return _decompress(header.codec, chunk, 0, shape, dtype)
-    buf = RECEIVE_BUFFERS.take(expected)
-    view = memoryview(buf)
-    view[: len(chunk)] = chunk
-    filled = len(chunk)
-    while filled < expected:
-        chunk = next_chunk(filled)
         view[filled : filled + len(chunk)] = chunk
         filled += len(chunk)
-    return _decompress(header.codec, buf, 0, shape, dtype)
+    return _decompress(header.codec, buf, 0, tuple(header.shape), dtype)
