@@ -221,9 +221,9 @@ def _dp_start_server(require_finite: bool, tls: bool = False, codec: str = "none
 
         kw = {"tls": _tls_config(opts, "bench-server") if tls else None}
         if tls:
-            from fedsplit.transport.security import load_tokens
+            from fedsplit.transport.security import load_verifiers
 
-            kw["credentials"] = Credentials(load_tokens(opts["tls_dir"]))
+            kw["credentials"] = Credentials(load_verifiers(opts["tls_dir"]))
         server = DataPlaneServer(_BenchHandler(codec), HOST, 0, limits=_dp_limits(opts, require_finite), **kw).start()
         _KEEP_ALIVE.append(server)
         return server.address
@@ -239,9 +239,9 @@ class _DPClient:
         self.pb = pb
         kw = {"tls": _tls_config(opts, "bench-client") if tls else None, "shared_memory": shm}
         if tls:
-            from fedsplit.transport.security import load_tokens
+            from fedsplit.transport.security import load_token
 
-            kw["token"] = load_tokens(opts["tls_dir"])["bench-client"]
+            kw["token"] = load_token(opts["tls_dir"], "bench-client")
             address = address.replace("127.0.0.1", "localhost")  # the certificate names both
         self.chan = DataPlaneChannel("bench-server", address, caller="bench-client",
                                      limits=_dp_limits(opts, require_finite), timeout=120.0, **kw)

@@ -136,8 +136,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     if plan is None:
         return 1
     out = generate_credentials([*plan.orgs, "coordinator"], args.out, hosts=args.hosts)
-    console.print(f"wrote a CA, a certificate and key per organisation and the coordinator, and tokens.yaml to {out}")
-    console.print("give each organisation ca.pem, its own NAME.pem/NAME.key and its token; keep ca.key offline")
+    console.print(f"wrote a CA, a certificate, key and token per organisation and the coordinator, and verifiers.yaml to {out}")
+    console.print("give each organisation ca.pem, verifiers.yaml and its own NAME.pem/NAME.key/NAME.token; keep ca.key offline")
     return 0
 
 
@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--superlink", metavar="HOST:PORT", help="use a running SuperLink (its control API) instead of starting one")
     coord.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
     coord.add_argument("--node-timeout", type=float, default=300.0, help="seconds to wait for every organisation to join")
-    _security_arguments(coord, "the coordinator's certificate (coordinator.pem) and every organisation's token")
+    _security_arguments(coord, "the coordinator's certificate (coordinator.pem) and verifiers.yaml (every organisation's token verifier)")
     coord.set_defaults(func=cmd_coordinator)
 
     client = sub.add_parser("client", help="serve one organisation: its worker (data plane) and its SuperNode (Flower)")
@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--device", help="this organisation's device (default: the plan's, cuda when present)")
     client.add_argument("--state-dir", default="fedsplit-state", help="optimizer state per round and Flower's home")
     client.add_argument("--supernode-port", type=int, default=0, help="the SuperNode's local API port (default: any free one)")
-    _security_arguments(client, "ca.pem, this organisation's NAME.pem/NAME.key and tokens.yaml")
+    _security_arguments(client, "ca.pem, verifiers.yaml and this organisation's NAME.pem/NAME.key/NAME.token")
     client.set_defaults(func=cmd_client)
 
     export = sub.add_parser("export", help="write the full model of a checkpoint as one safetensors file, or as a Hugging Face directory")

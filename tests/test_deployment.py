@@ -56,6 +56,16 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def own_credentials(creds: Path, name: str) -> Path:
+    """What one party is given of `fedsplit certs` output: the CA certificate, every token's
+    verifier, and its own certificate, key and token; nobody else's secrets."""
+    mine = creds.parent / f"creds-{name}"
+    mine.mkdir()
+    for file in ("ca.pem", "verifiers.yaml", f"{name}.pem", f"{name}.key", f"{name}.token"):
+        shutil.copy(creds / file, mine / file)
+    return mine
+
+
 def deploy(tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str], prefixes: dict[str, tuple[str, ...]]) -> Path:
     """Run the coordinator to the end with one client per organisation; returns the run directory."""
     fed = sgd_plan(tmp_path)
@@ -63,11 +73,12 @@ def deploy(tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str], pre
     made = subprocess.run([sys.executable, "-m", "fedsplit.cli", "certs", str(fed), "--out", str(creds),
                            "--hosts", "localhost", coordinator_host, *set(org_hosts.values())], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
+    own = {name: own_credentials(creds, name) for name in (*ORGS, "coordinator")}
     superlink = f"{coordinator_host}:{free_port()}"
-    coordinator = fedsplit("coordinator", str(fed), "--listen", superlink, "--credentials", str(creds),
+    coordinator = fedsplit("coordinator", str(fed), "--listen", superlink, "--credentials", str(own["coordinator"]),
                            "--runs-dir", str(tmp_path / "runs"), "--node-timeout", "240", log=tmp_path / "coordinator.log")
     clients = [fedsplit("client", "--org", org, "--plan", str(fed), "--superlink", superlink,
-                        "--data-plane-address", f"{org_hosts[org]}:{free_port()}", "--credentials", str(creds),
+                        "--data-plane-address", f"{org_hosts[org]}:{free_port()}", "--credentials", str(own[org]),
                         "--state-dir", str(tmp_path / org), prefix=prefixes.get(org, ()), log=tmp_path / f"{org}.log")
                for org in ORGS]
     try:

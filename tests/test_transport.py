@@ -133,7 +133,7 @@ def served():
     plan = load_plan(PLANS / "layers" / "federation.yaml")
     weights = initial_weights(plan)
     worker = Worker(plan, "compute-b", select(weights, plan.slices_of("compute-b")), "cpu")
-    creds = Credentials({"hospital-a": "secret-a", "compute-c": "secret-c"})
+    creds = Credentials.of_tokens({"hospital-a": "secret-a", "compute-c": "secret-c"})
     server = DataPlaneServer(WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
     yield plan, worker, server
     server.stop(None)
@@ -258,7 +258,7 @@ def test_replica_gradients_are_taken_only_from_co_holders_and_only_for_what_they
     plan = load_plan(PLANS / "two-hospitals" / "federation.yaml")
     plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
     worker = Worker(plan, "hospital-a", select(initial_weights(plan), plan.slices_of("hospital-a")), "cpu")
-    creds = Credentials({"hospital-b": "secret-b", "compute-c": "secret-c"})
+    creds = Credentials.of_tokens({"hospital-b": "secret-b", "compute-c": "secret-c"})
     server = DataPlaneServer(WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
     embed = worker.model.bindings["embed.weight"]
 
@@ -287,6 +287,21 @@ def test_replica_gradients_are_taken_only_from_co_holders_and_only_for_what_they
 class _Echo:
     def handle(self, header, tensors):
         return tensors, "none"
+
+
+def test_each_organisation_holds_only_its_own_token_and_servers_check_verifiers(tmp_path):
+    from fedsplit.transport.security import load_token, load_verifiers
+
+    creds = generate_credentials(["a", "b"], tmp_path)
+    tokens = {org: load_token(creds, org) for org in "ab"}
+    shared = (creds / "verifiers.yaml").read_text()
+    assert tokens["a"] != tokens["b"] and not any(t in shared for t in tokens.values())
+    assert oct((creds / "a.token").stat().st_mode & 0o777) == "0o600"
+    check = Credentials(load_verifiers(creds)).check
+    assert check("a", tokens["a"]) and check("b", tokens["b"])
+    assert not check("a", tokens["b"]) and not check("c", tokens["a"]) and not check("a", "")
+    with pytest.raises(FileNotFoundError, match="fedsplit certs"):
+        load_token(creds, "c")
 
 
 def test_mutual_tls_admits_only_certificates_of_the_federation_ca(tmp_path):

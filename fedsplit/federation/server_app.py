@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..plan import Plan, select
 from ..runtime.rounds import RoundSpec, path_orgs
-from ..transport.security import load_tokens
+from ..transport.security import load_verifiers, token_verifier
 from .aggregate import aggregate_round, make_aggregator
 from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .client_app import OK, WORKER_DOWN
@@ -91,7 +91,7 @@ class Coordinator:
         self.checkpoints = self.run_dir / "checkpoints"
         self.hash, self.layout = plan_hash(self.plan), layout_hash(self.plan)
         self.aggregator = make_aggregator(self.plan.aggregation)
-        self.tokens = load_tokens(settings.credentials) if settings.credentials else None
+        self.verifiers = load_verifiers(settings.credentials) if settings.credentials else None
         last = latest_checkpoint(self.checkpoints) if settings.resume else None
         if last is not None:
             if last.manifest.get("plan_hash") != self.hash:
@@ -149,7 +149,7 @@ class Coordinator:
     def _check_identity(self, org: str, info) -> None:
         """With credentials, a node proves it is ``org`` by its token; a deployed client also says
         which plan layout its worker was built from, which must be the coordinator's."""
-        if self.tokens is not None and not hmac.compare_digest(str(info["token"]), self.tokens.get(org, "")):
+        if self.verifiers is not None and not hmac.compare_digest(token_verifier(str(info["token"])), self.verifiers.get(org, "")):
             raise FederationError(f"a node says it is organisation {org!r} but does not hold its token; "
                                   f"give that organisation its credentials from `fedsplit certs`")
         layout = str(info["layout"])

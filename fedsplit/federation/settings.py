@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..plan import Plan, load_plan
 from ..plan.schema import RunSettings
-from ..transport.security import TLSConfig, load_tokens
+from ..transport.security import TLSConfig, load_token
 
 COORDINATOR_ENV = "FEDSPLIT_COORDINATOR_SETTINGS"
 SIMULATION_ENV = "FEDSPLIT_SIMULATION"
@@ -72,7 +72,7 @@ class ClientSite:
 
     @property
     def token(self) -> str | None:
-        return load_tokens(self.credentials)[self.org] if self.credentials else None
+        return load_token(self.credentials, self.org) if self.credentials else None
 
     @classmethod
     def of(cls, node_config: Mapping) -> "ClientSite":

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..data import batches_for, eval_batches_for
 from ..plan import Plan, load_plan, select
 from ..plan.schema import RunSettings
-from ..transport.security import TLSConfig, load_tokens
+from ..transport.security import TLSConfig, load_token, load_verifiers
 from ..transport.service import Credentials, DataPlaneServer
 from ..transport.wire import Limits
 from .remote import WORKER_THREADS, WorkerHandler
@@ -44,7 +44,7 @@ class WorkerHost:
         unknown = sorted(set(orgs) - set(plan.orgs))
         if unknown:
             raise ValueError(f"plan {plan.name!r} has no organisation {', '.join(map(repr, unknown))}")
-        tokens = load_tokens(credentials) if credentials else None
+        verifiers = Credentials(load_verifiers(credentials)) if credentials else None
         limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
         # Step-barrier calls block a server thread each: room for every data owner, twice over.
         threads = 32 + 2 * len(plan.data_owners)
@@ -56,9 +56,9 @@ class WorkerHost:
             Rounds(worker, batches_for(plan, org) if owner else None, state_dir / org if state_dir else None,
                    eval_batches=eval_batches_for(plan, org) if owner and plan.training.eval_tokens else ())
             tls = TLSConfig.load(credentials, org) if credentials else None
-            self.handlers[org] = WorkerHandler(worker, run, tls, tokens[org] if tokens else None)
+            self.handlers[org] = WorkerHandler(worker, run, tls, load_token(credentials, org) if credentials else None)
             self.servers[org] = DataPlaneServer(self.handlers[org], host, (ports or {}).get(org, 0), tls=tls,
-                                                credentials=Credentials(tokens) if tokens else None,
+                                                credentials=verifiers,
                                                 limits=limits, max_workers=threads).start()
 
     @property

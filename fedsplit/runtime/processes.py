@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..plan import Partition, Plan, reassemble, unit_slices
 from ..plan.schema import RunSettings
-from ..transport.security import TLSConfig, generate_credentials, load_tokens
+from ..transport.security import TLSConfig, generate_credentials, load_token
 from ..transport.service import Named
 from ..transport.shm import remove_segments_of
 from .remote import COORDINATOR, WorkerControl
@@ -80,7 +80,7 @@ class HostProcesses:
         return TLSConfig.load(self.credentials, org) if self.credentials else None
 
     def token_for(self, org: str) -> str | None:
-        return load_tokens(self.credentials)[org] if self.credentials else None
+        return load_token(self.credentials, org) if self.credentials else None
 
     def _wait_ready(self, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout

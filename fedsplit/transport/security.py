@@ -4,11 +4,16 @@
 as both server and client certificate, so mutual TLS works) and a random bearer token per
 organisation: enough for tests and first deployments. Production deployments bring their own
 CA; the files are the same shape.
+
+Each organisation gets its own token (``NAME.token``) and everyone's *verifiers*
+(``verifiers.yaml``: SHA-256 of each token), which is all a server needs to check a caller. So
+no organisation holds a file from which it could present another's token.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import secrets
@@ -23,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-TOKENS_FILE = "tokens.yaml"
+VERIFIERS_FILE = "verifiers.yaml"
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,26 @@ class TLSConfig:
         return grpc.ssl_channel_credentials(self.ca_cert)
 
 
-def load_tokens(directory: str | Path) -> dict[str, str]:
-    path = Path(directory) / TOKENS_FILE
-    tokens = yaml.safe_load(path.read_text())
-    if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
-        raise ValueError(f"{path}: expected a mapping of organisation name to token")
-    return tokens
+def token_verifier(token: str) -> str:
+    """What a server keeps to check ``token``: its SHA-256 (tokens are 256 random bits)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load_token(directory: str | Path, name: str) -> str:
+    path = Path(directory) / f"{name}.token"
+    if not path.exists():
+        raise FileNotFoundError(f"no token for '{name}': {path} is missing (make it with `fedsplit certs`)")
+    return path.read_text().strip()
+
+
+def load_verifiers(directory: str | Path) -> dict[str, str]:
+    path = Path(directory) / VERIFIERS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (make it with `fedsplit certs`)")
+    verifiers = yaml.safe_load(path.read_text())
+    if not isinstance(verifiers, dict) or not all(isinstance(v, str) for v in verifiers.values()):
+        raise ValueError(f"{path}: expected a mapping of organisation name to token verifier")
+    return verifiers
 
 
 def _name(common_name: str) -> x509.Name:
@@ -76,7 +95,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def generate_credentials(names: Iterable[str], out: str | Path, hosts: Iterable[str] = ("localhost", "127.0.0.1"), days: int = 365) -> Path:
-    """Write ``ca.pem``/``ca.key``, ``NAME.pem``/``NAME.key`` for each name, and ``tokens.yaml``."""
+    """Write ``ca.pem``/``ca.key``, ``NAME.pem``/``NAME.key``/``NAME.token`` for each name, and
+    ``verifiers.yaml``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
@@ -96,7 +116,7 @@ def generate_credentials(names: Iterable[str], out: str | Path, hosts: Iterable[
             alt.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             alt.append(x509.DNSName(h))
-    tokens = {}
+    verifiers = {}
     for name in names:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
@@ -109,6 +129,8 @@ def generate_credentials(names: Iterable[str], out: str | Path, hosts: Iterable[
         )
         (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_private(out / f"{name}.key", _key_pem(key))
-        tokens[name] = secrets.token_urlsafe(32)
-    _write_private(out / TOKENS_FILE, yaml.safe_dump(tokens).encode())
+        token = secrets.token_urlsafe(32)
+        _write_private(out / f"{name}.token", token.encode())
+        verifiers[name] = token_verifier(token)
+    (out / VERIFIERS_FILE).write_text(yaml.safe_dump(verifiers))
     return out

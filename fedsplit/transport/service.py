@@ -23,7 +23,7 @@ import grpc
 from torch import Tensor
 
 from .proto import dataplane_pb2 as pb
-from .security import TLSConfig
+from .security import TLSConfig, token_verifier
 from .shm import AttachedSegments, Segment, SegmentPool
 from .wire import (Encoded, Limits, WireError, call_frame, decode_tensors, frame_pieces, one_message, parse_frame, payload_size,
                    prepare, segment_bytes, to_frames, to_segment, unpack_message)
@@ -64,13 +64,18 @@ class Handler(Protocol):
 
 @dataclass(frozen=True)
 class Credentials:
-    """Per-organisation bearer tokens. A server checks the caller's; a client sends its own."""
+    """What a server checks callers' bearer tokens against: each organisation's token verifier
+    (:func:`~.security.token_verifier`), never the tokens themselves."""
 
-    tokens: Mapping[str, str]
+    verifiers: Mapping[str, str]
+
+    @classmethod
+    def of_tokens(cls, tokens: Mapping[str, str]) -> "Credentials":
+        return cls({org: token_verifier(token) for org, token in tokens.items()})
 
     def check(self, org: str, token: str) -> bool:
-        expected = self.tokens.get(org)
-        return expected is not None and hmac.compare_digest(expected, token)
+        expected = self.verifiers.get(org)
+        return expected is not None and hmac.compare_digest(expected, token_verifier(token))
 
 
 class DataPlaneServer:
