@@ -288,7 +288,12 @@ register(Transport(
     "dataplane-shm", _dp_start_server(True), lambda a, o: _DPClient(a, o, True, shm=True),
     "same as dataplane, tensors through /dev/shm segments, only control frames over gRPC",
 ))
-DEFAULT_TRANSPORTS = ["raw-tcp", "dataplane", "dataplane-nofinite", "dataplane-shm"]
+register(Transport(
+    "dataplane-shm-nofinite", _dp_start_server(False), lambda a, o: _DPClient(a, o, False, shm=True),
+    "same as dataplane-shm without the finite check (it is the only pass over the bytes on arrival)",
+))
+DEFAULT_TRANSPORTS = ["raw-tcp", "dataplane", "dataplane-nofinite", "dataplane-shm", "dataplane-shm-nofinite"]
+FINITE_PAIRS = [("dataplane", "dataplane-nofinite"), ("dataplane-shm", "dataplane-shm-nofinite")]
 
 # --------------------------------------------------------------------------------------------
 # Server process
@@ -495,7 +500,6 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
 
     print()
     base = {(v.pattern): v for v in variants if v.transport == BASELINE}
-    finite = {(v.pattern): v for v in variants if v.transport == "dataplane"}
     cols = ["variant", "pattern", "MiB", "calls", "GB/s median (min-max)", f"x {BASELINE} paired median (min-max)",
             "CPU-s/GB client / server"]
     rows = []
@@ -516,13 +520,15 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
     for r in rows:
         print(line(r))
 
-    if "dataplane" in args.transports and "dataplane-nofinite" in args.transports:
+    for checked, unchecked in FINITE_PAIRS:
+        if checked not in args.transports or unchecked not in args.transports:
+            continue
         print()
-        print("cost of require_finite: dataplane / dataplane-nofinite throughput, paired per trial")
-        nof = {v.pattern: v for v in variants if v.transport == "dataplane-nofinite"}
+        print(f"cost of require_finite: {checked} / {unchecked} throughput, paired per trial")
+        pair = {(v.transport, v.pattern): v for v in variants if v.transport in (checked, unchecked)}
         for pattern in PATTERNS:
             for size in args.sizes:
-                r = [a / b for a, b in zip(finite[pattern].results[size], nof[pattern].results[size])]
+                r = [a / b for a, b in zip(pair[checked, pattern].results[size], pair[unchecked, pattern].results[size])]
                 print(f"  {pattern:10s} {size:3d} MiB: {fmt_stats(r, 3)}")
 
     print()
