@@ -8,14 +8,18 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fedsplit.federation.checkpoint import latest_checkpoint
-from fedsplit.federation.deploy import free_port
+from fedsplit.federation.deploy import free_port, split_address
+from fedsplit.federation.rundir import MetricsLog
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
 
@@ -66,29 +70,64 @@ def own_credentials(creds: Path, name: str) -> Path:
     return mine
 
 
+@dataclass
+class Deployment:
+    """What starting the coordinator or a client takes: the plan, each party's own credentials,
+    the SuperLink's address and each organisation's host (and command prefix)."""
+
+    tmp_path: Path
+    fed: Path
+    own: dict[str, Path]
+    superlink: str
+    org_hosts: dict[str, str]
+    prefixes: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def prepare(cls, tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str],
+                prefixes: dict[str, tuple[str, ...]]) -> Deployment:
+        fed = sgd_plan(tmp_path)
+        creds = tmp_path / "creds"
+        made = subprocess.run([sys.executable, "-m", "fedsplit.cli", "certs", str(fed), "--out", str(creds),
+                               "--hosts", "localhost", coordinator_host, *set(org_hosts.values())], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        own = {name: own_credentials(creds, name) for name in (*ORGS, "coordinator")}
+        return cls(tmp_path, fed, own, f"{coordinator_host}:{free_port()}", org_hosts, prefixes)
+
+    @property
+    def runs(self) -> Path:
+        return self.tmp_path / "runs"
+
+    def coordinator(self, *extra: str, log: str = "coordinator.log") -> subprocess.Popen:
+        return fedsplit("coordinator", str(self.fed), "--listen", self.superlink, "--credentials", str(self.own["coordinator"]),
+                        "--runs-dir", str(self.runs), "--node-timeout", "240", *extra, log=self.tmp_path / log)
+
+    def clients(self) -> list[subprocess.Popen]:
+        return [fedsplit("client", "--org", org, "--plan", str(self.fed), "--superlink", self.superlink,
+                         "--data-plane-address", f"{self.org_hosts[org]}:{free_port()}", "--credentials", str(self.own[org]),
+                         "--state-dir", str(self.tmp_path / org), prefix=self.prefixes.get(org, ()), log=self.tmp_path / f"{org}.log")
+                for org in ORGS]
+
+    def run_dir(self) -> Path:
+        (run_dir,) = self.runs.iterdir()
+        return run_dir
+
+
+def finished(coordinator: subprocess.Popen, log: Path) -> None:
+    code = coordinator.wait(600)
+    assert code == 0, log.read_text()[-4000:]
+
+
 def deploy(tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str], prefixes: dict[str, tuple[str, ...]]) -> Path:
     """Run the coordinator to the end with one client per organisation; returns the run directory."""
-    fed = sgd_plan(tmp_path)
-    creds = tmp_path / "creds"
-    made = subprocess.run([sys.executable, "-m", "fedsplit.cli", "certs", str(fed), "--out", str(creds),
-                           "--hosts", "localhost", coordinator_host, *set(org_hosts.values())], capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr
-    own = {name: own_credentials(creds, name) for name in (*ORGS, "coordinator")}
-    superlink = f"{coordinator_host}:{free_port()}"
-    coordinator = fedsplit("coordinator", str(fed), "--listen", superlink, "--credentials", str(own["coordinator"]),
-                           "--runs-dir", str(tmp_path / "runs"), "--node-timeout", "240", log=tmp_path / "coordinator.log")
-    clients = [fedsplit("client", "--org", org, "--plan", str(fed), "--superlink", superlink,
-                        "--data-plane-address", f"{org_hosts[org]}:{free_port()}", "--credentials", str(own[org]),
-                        "--state-dir", str(tmp_path / org), prefix=prefixes.get(org, ()), log=tmp_path / f"{org}.log")
-               for org in ORGS]
+    deployment = Deployment.prepare(tmp_path, coordinator_host, org_hosts, prefixes)
+    coordinator = deployment.coordinator()
+    clients = deployment.clients()
     try:
-        code = coordinator.wait(600)
+        finished(coordinator, tmp_path / "coordinator.log")
     finally:
         for proc in (coordinator, *clients):
             stop(proc)
-    assert code == 0, (tmp_path / "coordinator.log").read_text()[-4000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    return run_dir
+    return deployment.run_dir()
 
 
 def check_run(run_dir: Path, tmp_path: Path) -> None:
@@ -102,6 +141,62 @@ def check_run(run_dir: Path, tmp_path: Path) -> None:
 def test_coordinator_and_clients_as_separate_processes_train_the_plan_exactly(tmp_path):
     run_dir = deploy(tmp_path, "127.0.0.1", {org: "127.0.0.1" for org in ORGS}, {})
     check_run(run_dir, tmp_path)
+
+
+def wait_for_round(deployment: Deployment, round: int, coordinator: subprocess.Popen, timeout: float = 600) -> Path:
+    """The run directory, once the checkpoint and the metrics of ``round`` are both written."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert coordinator.poll() is None, f"the coordinator exited ({coordinator.returncode}) before round {round} was done"
+        if deployment.runs.exists() and any(deployment.runs.iterdir()):
+            run_dir = deployment.run_dir()
+            ckpt = latest_checkpoint(run_dir / "checkpoints")
+            logged = {r["round"] for r in MetricsLog(run_dir / "metrics.jsonl").read() if r["event"] == "round"}
+            if ckpt is not None and ckpt.round >= round and round in logged:
+                return run_dir
+        time.sleep(0.2)
+    raise AssertionError(f"round {round} was not done within {timeout:.0f} s")
+
+
+def wait_until_closed(address: str, timeout: float = 60) -> None:
+    """Until nothing listens on ``address`` any more."""
+    host, port = split_address(address)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"something still listens on {address} after {timeout:.0f} s")
+
+
+def test_a_deployed_run_resumes_after_the_coordinator_dies_and_ends_as_an_uninterrupted_run(tmp_path):
+    """The coordinator is SIGKILLed (its process group, as in a crash) once round 1 is checkpointed;
+    the clients stay up, and `fedsplit coordinator --resume RUN_DIR` runs round 2 only and ends
+    with the weights of an uninterrupted run."""
+    deployment = Deployment.prepare(tmp_path, "127.0.0.1", {org: "127.0.0.1" for org in ORGS}, {})
+    crashed = deployment.coordinator(log="coordinator.log")
+    clients = deployment.clients()
+    procs = [crashed, *clients]
+    try:
+        run_dir = wait_for_round(deployment, 1, crashed)
+        os.killpg(crashed.pid, signal.SIGKILL)
+        crashed.wait()
+        assert latest_checkpoint(run_dir / "checkpoints").round == 1, "the coordinator was to die before round 2 was done"
+        wait_until_closed(deployment.superlink)  # its SuperLink goes with it (parent-death signal)
+        assert [c.poll() for c in clients] == [None] * len(ORGS), "a client exited when the coordinator died"
+        resumed = deployment.coordinator("--resume", str(run_dir), log="coordinator-resumed.log")
+        procs.append(resumed)
+        finished(resumed, tmp_path / "coordinator-resumed.log")
+        assert [c.poll() for c in clients] == [None] * len(ORGS), "a client exited during the resumed run"
+    finally:
+        for proc in procs:
+            stop(proc)
+    check_run(run_dir, tmp_path)
+    rounds = [(r["round"], r["event"]) for r in MetricsLog(run_dir / "metrics.jsonl").read() if r["event"] != "eval"]
+    assert rounds == [(1, "round"), (2, "round")]  # round 1 was not redone and round 2 did not fail
+    assert f"resuming {run_dir.name} after round 1" in (tmp_path / "coordinator-resumed.log").read_text()
 
 
 class Namespaces:
