@@ -396,6 +396,21 @@ def test_calls_go_over_grpc_while_shared_memory_is_full_and_say_so(monkeypatch, 
         server.stop(None)
 
 
+@pytest.mark.slow
+def test_a_one_gib_tensor_crosses_the_data_plane_both_ways():
+    """The default cap (``Limits.max_tensor_bytes``, 1 GiB) is reachable: 1024 chunks each way."""
+    server = DataPlaneServer(_Echo(), tls=None, port=0).start()
+    channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=300)
+    x = torch.arange(1 << 28, dtype=torch.float32)  # 1 GiB
+    try:
+        (name, y), = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])
+        assert name == "x" and torch.equal(y, x)
+        assert channel.tensor_bytes == 2 << 30
+    finally:
+        channel.close()
+        server.stop(None)
+
+
 def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecure(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.host", str(PLANS / "layers" / "federation.yaml"), "--orgs", "compute-b",
                            "--run", "r", "--ready-file", str(tmp_path / "r")], capture_output=True, text=True)
