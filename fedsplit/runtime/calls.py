@@ -11,7 +11,7 @@ import contextvars
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -103,22 +103,54 @@ def remote_call(peer: Peer, key: CallKey, op: str, inputs: Sequence[Tensor]) -> 
 # not asyncio: grpcio's sync stubs were as fast as aio here and release the GIL while waiting.
 _fan_out = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fedsplit-fanout")
 
+Call = tuple[Peer, CallKey, str, Sequence[Tensor]]
 
-def remote_calls(calls: Sequence[tuple[Peer, CallKey, str, Sequence[Tensor]]]) -> list[Future]:
-    """Start several calls at once (those to network peers on threads); each future yields
-    that call's outputs."""
+
+class _CallsTogether(torch.autograd.Function):
+    """Calls to network peers whose forwards went out together, as one node of the caller's
+    graph, so that their backwards go out together too (the autograd engine would run one
+    node's backward after another's). Forward only collects the replies; backward returns the
+    input gradients in call order, so the caller adds them up in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, calls: Sequence[Call], pending: Sequence[Future], anchor: Tensor, *inputs: Tensor):
+        ctx.calls = [call[:3] for call in calls]
+        ctx.input_devices = [t.device for t in inputs]
+        ctx.differentiable = [t.is_floating_point() for t in inputs]
+        replies = [f.result() for f in pending]
+        ctx.counts = [len(r) for r in replies]
+        return tuple(o.to(anchor.device) for reply in replies for o in reply)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        it = iter(grads)
+        pending = [_fan_out.submit(peer.backward, key, op, [next(it) for _ in range(n)])
+                   for (peer, key, op), n in zip(ctx.calls, ctx.counts)]
+        input_grads = [g for f in pending for g in f.result()]
+        out = [g.to(dev) if (g is not None and diff) else None for g, dev, diff in zip(input_grads, ctx.input_devices, ctx.differentiable)]
+        return (None, None, None, *out)
+
+
+def remote_calls(calls: Sequence[Call]) -> Callable[[], list[tuple[Tensor, ...]]]:
+    """Start several calls at once and return a function that waits for them and gives each
+    call's outputs; the caller computes its own share in between. Calls to network peers go out
+    on threads, both ways (see :class:`_CallsTogether`); in-process peers compute at once."""
     grad = torch.is_grad_enabled()
+    network = [c for c in calls if c[0].remote]
+    pending = [_fan_out.submit(peer.forward if grad else peer.evaluate, key, op, [t.detach() for t in inputs])
+               for peer, key, op, inputs in network]
+    local = {i: remote_call(*c) for i, c in enumerate(calls) if not c[0].remote}
 
-    def run(call):
-        with torch.set_grad_enabled(grad):
-            return remote_call(*call)
-
-    futures = []
-    for call in calls:
-        if call[0].remote:
-            futures.append(_fan_out.submit(run, call))
+    def results() -> list[tuple[Tensor, ...]]:
+        if not network:
+            replies = []
+        elif grad:
+            inputs = [t for c in network for t in c[3]]
+            flat = iter(_CallsTogether.apply(network, pending, torch.empty(0, device=inputs[0].device, requires_grad=True), *inputs))
+            replies = [tuple(next(flat) for _ in range(len(f.result()))) for f in pending]
         else:
-            done: Future = Future()
-            done.set_result(remote_call(*call))
-            futures.append(done)
-    return futures
+            replies = [tuple(o.to(c[3][0].device) for o in f.result()) for c, f in zip(network, pending)]
+        it = iter(replies)
+        return [local[i] if i in local else next(it) for i in range(len(calls))]
+
+    return results

@@ -55,11 +55,12 @@ class HeadGroups(nn.Module):
         peers = [(run, self.resolve(partition)) for run, partition in self.runs]
         key = current_call()
         remote = [(run, peer) for run, peer in peers if peer is not None]
-        pending = dict(zip([run for run, _ in remote], remote_calls([(peer, key, heads_op(self.layer, run), [x]) for run, peer in remote])))
+        results = remote_calls([(peer, key, heads_op(self.layer, run), [x]) for run, peer in remote])
+        partial = {run: self.local[f"{run[0]}-{run[1]}"](x, rope) for run, peer in peers if peer is None}  # while the remote ones work
+        partial.update((run, y) for (run, _), (y,) in zip(remote, results()))
         total = None
-        for run, peer in peers:  # local groups compute while the remote ones are in flight
-            y = self.local[f"{run[0]}-{run[1]}"](x, rope) if peer is None else pending[run].result()[0]
-            total = y if total is None else total + y
+        for run, _ in peers:
+            total = partial[run] if total is None else total + partial[run]
         return total
 
 
@@ -84,11 +85,10 @@ class SplitExperts(nn.Module):
                 remote.setdefault(peer.name, (peer, []))[1].append(e)
         key = current_call()
         counts = [{e: rows[e].shape[0] for e in experts} for _, experts in remote.values()]
-        pending = remote_calls([(peer, key, experts_op(self.layer, c), [torch.cat([rows[e] for e in c])])
+        results = remote_calls([(peer, key, experts_op(self.layer, c), [torch.cat([rows[e] for e in c])])
                                 for (peer, _), c in zip(remote.values(), counts)])
         out = {e: self.local[str(e)](rows[e]) for e in local}  # while the remote experts work
-        for c, future in zip(counts, pending):
-            (y,) = future.result()
+        for c, (y,) in zip(counts, results()):
             out.update(zip(c, y.split(list(c.values()))))
         return out
 
