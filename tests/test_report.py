@@ -10,7 +10,7 @@ import pytest
 
 from fedsplit.cli import main
 from fedsplit.federation.rundir import evaluation_record
-from fedsplit.report import ReportError, write_report
+from fedsplit.report import ReportError, read_rounds, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,3 +75,18 @@ def test_cli_report(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert "summary.md" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nowhere")]) == 1
+
+
+def test_a_resumed_run_repairs_a_metrics_log_that_a_crash_cut_short(tmp_path):
+    from fedsplit.federation.rundir import MetricsLog
+
+    run = _run(tmp_path / "run", [5.0, 4.2])
+    log = MetricsLog(run / "metrics.jsonl")
+    round_3 = {"event": "round", "round": 3, "loss": 3.6, "tokens": 1024, "checkpoint": "round-0003"}
+    with open(log.path, "a") as f:
+        f.write('{"event": "round", "round": 3, "lo')  # the crash: checkpoint 3 written, its log line half
+    assert [r["round"] for r in log.read() if r["event"] == "round"] == [1, 2]
+    log.resume_after(3, round_3)  # what the coordinator does when it resumes from checkpoint 3
+    log.resume_after(3, round_3)  # twice (a second crash before round 4): still one line for round 3
+    assert [r["round"] for r in log.read() if r["event"] == "round"] == [1, 2, 3]
+    assert [r["round"] for r in read_rounds(run)] == [1, 2, 3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +72,20 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """The records; a last line that a crash cut short is left out."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+
+    def resume_after(self, round: int, record: dict | None) -> None:
+        """Before a resumed run appends: drop a line that a crash cut short, and log ``round``'s
+        ``record`` (its checkpoint keeps it) when the crash came after the checkpoint was written
+        but before this log was."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if data[data.rfind(b"\n") + 1 :]:
+            os.truncate(self.path, data.rfind(b"\n") + 1)
+        logged = any(r.get("event") == "round" and r.get("round") == round for r in self.read())
+        if record is not None and not logged:
+            self.write(record)
 
 
 def evaluation_record(round: int, losses: dict[str, tuple[float, float]]) -> dict:

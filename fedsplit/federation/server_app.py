@@ -99,6 +99,8 @@ class Coordinator:
                                       f"this plan is {self.hash}); resume with the plan it was started with")
             self.weights, self.local, self.first_round = last.weights, last.local, last.round + 1
             self.aggregator.load_state_dict(last.server_state)
+            record = last.manifest.get("metrics")
+            self.metrics.resume_after(last.round, {**record, "checkpoint": str(last.path)} if record else None)
             log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
         else:
             self.weights = initial_weights(self.plan)
