@@ -8,7 +8,7 @@ the matching backward call, so a retried call can be recognised and is never app
 from __future__ import annotations
 
 import contextvars
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
@@ -69,36 +69,6 @@ class Peer(Protocol):
         ...
 
 
-class _RemoteCall(torch.autograd.Function):
-    """Forward runs ``op`` on a peer; backward sends the output gradients to the same peer and
-    returns the input gradients it computed. The anchor is an empty tensor that requires grad,
-    so that even a call whose only inputs are token ids is part of the caller's graph."""
-
-    @staticmethod
-    def forward(ctx, peer: Peer, key: CallKey, op: str, anchor: Tensor, *inputs: Tensor):
-        ctx.peer, ctx.key, ctx.op = peer, key, op
-        ctx.input_devices = [t.device for t in inputs]
-        ctx.differentiable = [t.is_floating_point() for t in inputs]
-        outputs = peer.forward(key, op, [t.detach() for t in inputs])
-        return tuple(o.to(anchor.device) for o in outputs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        input_grads = ctx.peer.backward(ctx.key, ctx.op, grads)
-        out = [g.to(dev) if (g is not None and diff) else None for g, dev, diff in zip(input_grads, ctx.input_devices, ctx.differentiable)]
-        return (None, None, None, None, *out)
-
-
-def remote_call(peer: Peer, key: CallKey, op: str, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """``op`` on ``peer`` as part of the caller's autograd graph; with gradients disabled
-    (evaluation), a plain forward that leaves nothing behind on the peer."""
-    device = inputs[0].device
-    if not torch.is_grad_enabled():
-        return tuple(o.to(device) for o in peer.evaluate(key, op, list(inputs)))
-    anchor = torch.empty(0, device=device, requires_grad=True)
-    return _RemoteCall.apply(peer, key, op, anchor, *inputs)
-
-
 # Calls of one layer to several organisations (head groups, experts) go out together. Threads,
 # not asyncio: grpcio's sync stubs were as fast as aio here and release the GIL while waiting.
 _fan_out = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fedsplit-fanout")
@@ -106,35 +76,55 @@ _fan_out = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fedsplit-fanou
 Call = tuple[Peer, CallKey, str, Sequence[Tensor]]
 
 
-class _CallsTogether(torch.autograd.Function):
-    """Calls to network peers whose forwards went out together, as one node of the caller's
-    graph, so that their backwards go out together too (the autograd engine would run one
-    node's backward after another's). Forward only collects the replies; backward returns the
-    input gradients in call order, so the caller adds them up in a fixed order."""
+class _Calls(torch.autograd.Function):
+    """Calls to peers as one node of the caller's graph. Forward collects their replies (already
+    on their way, or computed now); backward sends all their backwards at once (the autograd
+    engine would run one node's backward after another's) and returns the input gradients in
+    call order, so that the caller adds them up in a fixed order. The anchor is an empty tensor
+    that requires grad, so that even calls whose only inputs are token ids are in the graph."""
 
     @staticmethod
-    def forward(ctx, calls: Sequence[Call], pending: Sequence[Future], anchor: Tensor, *inputs: Tensor):
+    def forward(ctx, calls: Sequence[Call], collect: Callable[[], list[Sequence[Tensor]]], anchor: Tensor, *inputs: Tensor):
         ctx.calls = [call[:3] for call in calls]
         ctx.input_devices = [t.device for t in inputs]
         ctx.differentiable = [t.is_floating_point() for t in inputs]
-        replies = [f.result() for f in pending]
+        replies = collect()
         ctx.counts = [len(r) for r in replies]
         return tuple(o.to(anchor.device) for reply in replies for o in reply)
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
         it = iter(grads)
-        pending = [_fan_out.submit(peer.backward, key, op, [next(it) for _ in range(n)])
-                   for (peer, key, op), n in zip(ctx.calls, ctx.counts)]
-        input_grads = [g for f in pending for g in f.result()]
+        sends = [(peer, key, op, [next(it) for _ in range(n)]) for (peer, key, op), n in zip(ctx.calls, ctx.counts)]
+        if len(sends) == 1:  # nothing to overlap: no hand-off to another thread
+            peer, key, op, output_grads = sends[0]
+            input_grads = peer.backward(key, op, output_grads)
+        else:
+            futures = [_fan_out.submit(peer.backward, key, op, output_grads) for peer, key, op, output_grads in sends]
+            input_grads = [g for f in futures for g in f.result()]
         out = [g.to(dev) if (g is not None and diff) else None for g, dev, diff in zip(input_grads, ctx.input_devices, ctx.differentiable)]
         return (None, None, None, *out)
+
+
+def _in_graph(calls: Sequence[Call], collect: Callable[[], list[Sequence[Tensor]]]) -> tuple[Tensor, ...]:
+    """The calls' outputs, one after another, with the calls as one node of the caller's graph."""
+    inputs = [t for call in calls for t in call[3]]
+    anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
+    return _Calls.apply(calls, collect, anchor, *inputs)
+
+
+def remote_call(peer: Peer, key: CallKey, op: str, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``op`` on ``peer`` as part of the caller's autograd graph; with gradients disabled
+    (evaluation), a plain forward that leaves nothing behind on the peer."""
+    if not torch.is_grad_enabled():
+        return tuple(o.to(inputs[0].device) for o in peer.evaluate(key, op, list(inputs)))
+    return _in_graph([(peer, key, op, inputs)], lambda: [peer.forward(key, op, [t.detach() for t in inputs])])
 
 
 def remote_calls(calls: Sequence[Call]) -> Callable[[], list[tuple[Tensor, ...]]]:
     """Start several calls at once and return a function that waits for them and gives each
     call's outputs; the caller computes its own share in between. Calls to network peers go out
-    on threads, both ways (see :class:`_CallsTogether`); in-process peers compute at once."""
+    on threads, their backwards too (see :class:`_Calls`); in-process peers compute at once."""
     grad = torch.is_grad_enabled()
     network = [c for c in calls if c[0].remote]
     pending = [_fan_out.submit(peer.forward if grad else peer.evaluate, key, op, [t.detach() for t in inputs])
@@ -145,9 +135,8 @@ def remote_calls(calls: Sequence[Call]) -> Callable[[], list[tuple[Tensor, ...]]
         if not network:
             replies = []
         elif grad:
-            inputs = [t for c in network for t in c[3]]
-            flat = iter(_CallsTogether.apply(network, pending, torch.empty(0, device=inputs[0].device, requires_grad=True), *inputs))
-            replies = [tuple(next(flat) for _ in range(len(f.result()))) for f in pending]
+            flat = iter(_in_graph(network, lambda: [f.result() for f in pending]))
+            replies = [tuple(next(flat) for _ in f.result()) for f in pending]
         else:
             replies = [tuple(o.to(c[3][0].device) for o in f.result()) for c, f in zip(network, pending)]
         it = iter(replies)
