@@ -165,13 +165,22 @@ def _decompress(codec: str, buf, offset: int, shape: tuple[int, ...], dtype: tor
     return (values.to(torch.float32) * scale[:, None]).reshape(shape).to(dtype)
 
 
+def aligned(buf: bytearray) -> int:
+    """The offset in ``buf`` of its first byte at a multiple of :data:`SEGMENT_ALIGN` in memory.
+    Received tensors start there, like torch's own allocations: math libraries may pick another
+    kernel, with other rounding, for data at another alignment, and a received tensor's
+    alignment would otherwise depend on the heap (run-to-run differences in split training)."""
+    return -torch.frombuffer(buf, dtype=torch.uint8).data_ptr() % SEGMENT_ALIGN
+
+
 class ReceiveBuffers:
     """Buffers that received tensors are decoded into, each reused once nothing views it.
 
     A decoded tensor holds a reference to its buffer for as long as it (or any view of it)
     lives, so a buffer whose only reference is this pool's is free: there is no ownership rule
     for the receiver to follow. Sizes are rounded up (at most 1/8 more) so that buffers fit the
-    next tensors of about the same size; free buffers beyond ``max_free_bytes`` are dropped."""
+    next tensors of about the same size; free buffers beyond ``max_free_bytes`` are dropped.
+    Every buffer has :data:`SEGMENT_ALIGN` bytes of room to start its tensor aligned."""
 
     def __init__(self, min_bytes: int = 1 << 16, max_free_bytes: int = 128 << 20):
         self.min_bytes, self.max_free_bytes = min_bytes, max_free_bytes
@@ -182,7 +191,9 @@ class ReceiveBuffers:
         return sys.getrefcount(self._buffers[i]) == 2  # the list's reference and the argument's
 
     def take(self, nbytes: int) -> bytearray:
-        """A buffer of at least ``nbytes`` that nothing else uses; its contents are arbitrary."""
+        """A buffer with ``nbytes`` from :func:`aligned` on, that nothing else uses; its contents
+        are arbitrary."""
+        nbytes += SEGMENT_ALIGN
         if nbytes < self.min_bytes:
             return bytearray(nbytes)
         size = -(-nbytes // (step := 1 << max(nbytes.bit_length() - 4, 0))) * step
@@ -325,8 +336,9 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], 
             t = _decompress(header.codec, segment.buf, header.shm_offset, tuple(header.shape), dtype)
         else:
             buf = RECEIVE_BUFFERS.take(expected)
-            memoryview(buf)[:expected] = data
-            t = _decompress(header.codec, buf, 0, tuple(header.shape), dtype)
+            start = aligned(buf)
+            memoryview(buf)[start : start + expected] = data
+            t = _decompress(header.codec, buf, start, tuple(header.shape), dtype)
     else:
         t = _read_chunks(name, header, frames, expected, dtype)
     # A NaN or inf anywhere makes the sum non-finite; the sum is ~25x cheaper than isfinite().
@@ -338,7 +350,8 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], 
 
 def _read_chunks(name: str, header: pb.TensorHeader, frames: Iterator[bytes | memoryview], expected: int, dtype: torch.dtype) -> Tensor:
     buf = RECEIVE_BUFFERS.take(expected)
-    view = memoryview(buf)
+    start = aligned(buf)
+    view = memoryview(buf)[start : start + expected]
     filled = 0
     while filled < expected:
         frame = next(frames, None)
@@ -351,4 +364,4 @@ def _read_chunks(name: str, header: pb.TensorHeader, frames: Iterator[bytes | me
             raise WireError(f"tensor {name!r}: chunks carry more than the {expected} bytes declared")
         view[filled : filled + len(chunk)] = chunk
         filled += len(chunk)
-    return _decompress(header.codec, buf, 0, tuple(header.shape), dtype)
+    return _decompress(header.codec, buf, start, tuple(header.shape), dtype)
