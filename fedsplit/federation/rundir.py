@@ -71,18 +71,23 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _complete(self) -> tuple[bytes, int]:
+        """The file's bytes and where its complete lines end (a crash can cut the last one short)."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        return data, data.rfind(b"\n") + 1
+
     def read(self) -> list[dict]:
         """The records; a last line that a crash cut short is left out."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+        data, end = self._complete()
+        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
 
     def resume_after(self, round: int, record: dict | None) -> None:
         """Before a resumed run appends: drop a line that a crash cut short, and log ``round``'s
         ``record`` (its checkpoint keeps it) when the crash came after the checkpoint was written
         but before this log was."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        if data[data.rfind(b"\n") + 1 :]:
-            os.truncate(self.path, data.rfind(b"\n") + 1)
+        data, end = self._complete()
+        if end < len(data):
+            os.truncate(self.path, end)
         logged = any(r.get("event") == "round" and r.get("round") == round for r in self.read())
         if record is not None and not logged:
             self.write(record)

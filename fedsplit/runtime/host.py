@@ -44,7 +44,7 @@ class WorkerHost:
         unknown = sorted(set(orgs) - set(plan.orgs))
         if unknown:
             raise ValueError(f"plan {plan.name!r} has no organisation {', '.join(map(repr, unknown))}")
-        verifiers = Credentials(load_verifiers(credentials)) if credentials else None
+        callers = Credentials(load_verifiers(credentials)) if credentials else None  # what servers check tokens against
         limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
         # Step-barrier calls block a server thread each: room for every data owner, twice over.
         threads = 32 + 2 * len(plan.data_owners)
@@ -58,7 +58,7 @@ class WorkerHost:
             tls = TLSConfig.load(credentials, org) if credentials else None
             self.handlers[org] = WorkerHandler(worker, run, tls, load_token(credentials, org) if credentials else None)
             self.servers[org] = DataPlaneServer(self.handlers[org], host, (ports or {}).get(org, 0), tls=tls,
-                                                credentials=verifiers,
+                                                credentials=callers,
                                                 limits=limits, max_workers=threads).start()
 
     @property

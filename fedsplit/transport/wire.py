@@ -34,7 +34,7 @@ CHUNK_BYTES = 1 << 20  # the fastest chunk size measured on loopback (transport-
 CODECS = ("none", "bf16", "fp16", "int8")
 _CHUNK_TAG = 0x1A  # field 3 (chunk), wire type 2 (length-delimited)
 _FRAMES_TAG = 0x0A  # Frames.frames: field 1, wire type 2
-SEGMENT_ALIGN = 64  # tensors in a shared-memory segment start at multiples of this
+TENSOR_ALIGN = 64  # received tensors start at multiples of this, in segments and receive buffers
 
 
 class WireError(ValueError):
@@ -165,14 +165,6 @@ def _decompress(codec: str, buf, offset: int, shape: tuple[int, ...], dtype: tor
     return (values.to(torch.float32) * scale[:, None]).reshape(shape).to(dtype)
 
 
-def aligned(buf: bytearray) -> int:
-    """The offset in ``buf`` of its first byte at a multiple of :data:`SEGMENT_ALIGN` in memory.
-    Received tensors start there, like torch's own allocations: math libraries may pick another
-    kernel, with other rounding, for data at another alignment, and a received tensor's
-    alignment would otherwise depend on the heap (run-to-run differences in split training)."""
-    return -torch.frombuffer(buf, dtype=torch.uint8).data_ptr() % SEGMENT_ALIGN
-
-
 class ReceiveBuffers:
     """Buffers that received tensors are decoded into, each reused once nothing views it.
 
@@ -180,7 +172,11 @@ class ReceiveBuffers:
     lives, so a buffer whose only reference is this pool's is free: there is no ownership rule
     for the receiver to follow. Sizes are rounded up (at most 1/8 more) so that buffers fit the
     next tensors of about the same size; free buffers beyond ``max_free_bytes`` are dropped.
-    Every buffer has :data:`SEGMENT_ALIGN` bytes of room to start its tensor aligned."""
+
+    A tensor starts at a multiple of :data:`TENSOR_ALIGN` in memory, like torch's own
+    allocations: math libraries may pick another kernel, with other rounding, for data at another
+    alignment, and a received tensor's alignment would otherwise depend on the heap (run-to-run
+    differences in split training)."""
 
     def __init__(self, min_bytes: int = 1 << 16, max_free_bytes: int = 128 << 20):
         self.min_bytes, self.max_free_bytes = min_bytes, max_free_bytes
@@ -190,10 +186,13 @@ class ReceiveBuffers:
     def _unused(self, i: int) -> bool:
         return sys.getrefcount(self._buffers[i]) == 2  # the list's reference and the argument's
 
-    def take(self, nbytes: int) -> bytearray:
-        """A buffer with ``nbytes`` from :func:`aligned` on, that nothing else uses; its contents
-        are arbitrary."""
-        nbytes += SEGMENT_ALIGN
+    def take(self, nbytes: int) -> tuple[bytearray, int]:
+        """A buffer that nothing else uses, and the aligned offset in it of ``nbytes`` for a
+        tensor; its contents are arbitrary."""
+        buf = self._buffer(nbytes + TENSOR_ALIGN)
+        return buf, -torch.frombuffer(buf, dtype=torch.uint8).data_ptr() % TENSOR_ALIGN
+
+    def _buffer(self, nbytes: int) -> bytearray:
         if nbytes < self.min_bytes:
             return bytearray(nbytes)
         size = -(-nbytes // (step := 1 << max(nbytes.bit_length() - 4, 0))) * step
@@ -245,7 +244,7 @@ def payload_size(encoded: Sequence[Encoded]) -> int:
 
 def segment_bytes(nbytes: Iterable[int]) -> int:
     """Room that tensors of these byte counts take in a shared-memory segment."""
-    return sum(-(-n // SEGMENT_ALIGN) * SEGMENT_ALIGN for n in nbytes)
+    return sum(-(-n // TENSOR_ALIGN) * TENSOR_ALIGN for n in nbytes)
 
 
 def frame_pieces(encoded: Sequence[Encoded], chunk_bytes: int | None = CHUNK_BYTES) -> Iterator[Sequence[bytes | memoryview]]:
@@ -335,8 +334,7 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], 
         if view_segment:
             t = _decompress(header.codec, segment.buf, header.shm_offset, tuple(header.shape), dtype)
         else:
-            buf = RECEIVE_BUFFERS.take(expected)
-            start = aligned(buf)
+            buf, start = RECEIVE_BUFFERS.take(expected)
             memoryview(buf)[start : start + expected] = data
             t = _decompress(header.codec, buf, start, tuple(header.shape), dtype)
     else:
@@ -349,8 +347,7 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], 
 
 
 def _read_chunks(name: str, header: pb.TensorHeader, frames: Iterator[bytes | memoryview], expected: int, dtype: torch.dtype) -> Tensor:
-    buf = RECEIVE_BUFFERS.take(expected)
-    start = aligned(buf)
+    buf, start = RECEIVE_BUFFERS.take(expected)
     view = memoryview(buf)[start : start + expected]
     filled = 0
     while filled < expected:
