@@ -23,13 +23,22 @@ from ..plan.schema import RunSettings
 from ..transport.security import TLSConfig, generate_credentials, load_token
 from ..transport.service import Named
 from ..transport.shm import remove_segments_of
-from .remote import COORDINATOR, WorkerControl
+from .remote import COORDINATOR, WORKER_THREADS, WorkerControl
 
 
 def _worker_env() -> dict[str, str]:
-    """Keep multi-MiB tensor buffers in malloc's heap instead of fresh mmaps that page-fault on
-    every message (1.4-2.7x on gRPC paths in transport-probe.md); a user's setting wins."""
+    """The environment of a worker process.
+
+    * Every thread computes with ``WORKER_THREADS`` intra-op threads. ``torch.set_num_threads``
+      sets only the calling thread's OpenMP thread count: the gRPC server, fan-out and data-owner
+      threads that do a worker's arithmetic keep the process default, and MKL then blocks some
+      matrix products differently on them (a (9, 64) x (64, 64) product differs in its last bits
+      between the main thread and a new one), so results would depend on which thread served a
+      call. The environment sets the default of every thread.
+    * Multi-MiB tensor buffers stay in malloc's heap instead of fresh mmaps that page-fault on
+      every message (1.4-2.7x on gRPC paths in transport-probe.md); a user's setting wins."""
     env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(WORKER_THREADS)
     env.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824")
     return env
 
