@@ -1,5 +1,5 @@
 # The two commands of the README. Each sets up ./.venv first (a no-op when it is up to date).
-.PHONY: setup demo test test-fast bench bench-quick
+.PHONY: setup demo lint test test-fast bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -11,7 +11,14 @@ demo: setup
 	.venv/bin/fedsplit verify configs/plans/three-orgs/federation.yaml --steps 10
 	.venv/bin/fedsplit simulate configs/plans/demo/federation.yaml --sample "ROMEO:"
 
-test: setup
+# The formatter and linter (ruff, configured in pyproject.toml); `make test` runs it first.
+LINTED = fedsplit tests benchmarks scripts examples
+
+lint: setup
+	.venv/bin/ruff format --check $(LINTED)
+	.venv/bin/ruff check $(LINTED)
+
+test: setup lint
 	.venv/bin/python -m pytest -q
 
 test-fast: setup

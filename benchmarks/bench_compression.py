@@ -119,7 +119,7 @@ def parse_codec(spec: str) -> tuple[str, str]:
 
 def header_lines(args) -> list[str]:
     return [
-        *provenance('fedsplit'),
+        *provenance("fedsplit"),
         f"plan {short_path(str(args.plan))}  steps {args.steps}  warm-up steps excluded from tokens/s {args.warmup}  "
         f"codecs {args.codecs}  TLS on; workers and mono reference 1 intra-op thread each",
         f"load average at start: {loadavg()}",
@@ -131,11 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="10 steps (1-2 minutes on 2 cores)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per codec (default 30; --quick 10)")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s (default 2)")
-    ap.add_argument("--codecs", nargs="+", default=["none", "bf16", "int8"],
-                    help=f"codec for both roles, or ACT/GRAD (from {', '.join(CODECS)}); default: none bf16 int8")
+    ap.add_argument(
+        "--codecs",
+        nargs="+",
+        default=["none", "bf16", "int8"],
+        help=f"codec for both roles, or ACT/GRAD (from {', '.join(CODECS)}); default: none bf16 int8",
+    )
     ap.add_argument("--plan", type=Path, default=PLANS / "layers-2stage" / "federation.yaml")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="keep glibc's default malloc settings in this process instead of the ones fedsplit's workers use")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings in this process instead of the ones fedsplit's workers use",
+    )
     args = ap.parse_args(argv)
     codecs = [parse_codec(c) for c in args.codecs]
 
@@ -160,14 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     for act, grad in codecs:
         plan = load_plan(args.plan)
         plan.transport = plan.transport.model_copy(
-            update={"compression": CompressionConfig(activations=act, gradients=grad)})
+            update={"compression": CompressionConfig(activations=act, gradients=grad)}
+        )
         rec = Timing()
         with timed_verify_components(rec):
             res = verify(plan, args.steps, transport="grpc")
         # verify must hand back both loss curves, one value per step.
         if len(res.loss_split) != args.steps or len(res.loss_mono) != args.steps:
-            raise RuntimeError(f"verify returned {len(res.loss_split)} split / {len(res.loss_mono)} mono losses "
-                               f"for {args.steps} steps")
+            raise RuntimeError(
+                f"verify returned {len(res.loss_split)} split / {len(res.loss_mono)} mono losses for {args.steps} steps"
+            )
         if len(rec.split_s) != args.steps or len(rec.mono_s) != args.steps or not rec.traffic or not rec.split_final:
             raise RuntimeError("timing hooks did not see every step (did verify change?)")
         rec.update_error = update_error(initial_weights(plan), rec.split_final, rec.mono_final.state_dict())
@@ -175,32 +184,61 @@ def main(argv: list[str] | None = None) -> int:
         t = plan.training
         tokens = t.batch_size * t.seq_len * len(plan.data_owners)
         results.append((f"{act}" if act == grad else f"{act}/{grad}", plan, res, rec, tokens))
-        print(f"  {results[-1][0]}: {args.steps} steps (workers started in {rec.start_s:.1f} s), max abs diff "
-              f"{res.max_abs_diff:.3g}, at {time.perf_counter() - t_start:.1f} s, load {loadavg()}")
+        print(
+            f"  {results[-1][0]}: {args.steps} steps (workers started in {rec.start_s:.1f} s), max abs diff "
+            f"{res.max_abs_diff:.3g}, at {time.perf_counter() - t_start:.1f} s, load {loadavg()}"
+        )
         sys.stdout.flush()
     elapsed = time.perf_counter() - t_start
 
     mono_curves = [r[2].loss_mono for r in results]
     mono_same = all(c == mono_curves[0] for c in mono_curves)
     w = args.warmup
-    cols = ["codec (act/grad)", "MB/step on wire", "wire/tensor", "split tokens/s", "mono tokens/s", "split / mono (per step)",
-            "final loss split", "final loss mono", "max |dloss| over steps", "max abs param diff", "worst parameter", "update rel. error"]
+    cols = [
+        "codec (act/grad)",
+        "MB/step on wire",
+        "wire/tensor",
+        "split tokens/s",
+        "mono tokens/s",
+        "split / mono (per step)",
+        "final loss split",
+        "final loss mono",
+        "max |dloss| over steps",
+        "max abs param diff",
+        "worst parameter",
+        "update rel. error",
+    ]
     rows = []
-    for name, plan, res, rec, tokens in results:
+    for name, _plan, res, rec, tokens in results:
         split_tps = [tokens / s for s in rec.split_s[w:]]
         mono_tps = [tokens / s for s in rec.mono_s[w:]]
         ratios = [m / s for s, m in zip(rec.split_s[w:], rec.mono_s[w:])]
         wire, tensor = rec.traffic["wire_bytes"], rec.traffic["tensor_bytes"]
         dloss = max(abs(a - b) for a, b in zip(res.loss_split, res.loss_mono))
-        rows.append([name, f"{wire / args.steps / 1e6:.3f}", f"{wire / tensor:.4f}", fmt_int_stats(split_tps),
-                     fmt_int_stats(mono_tps), fmt_stats(ratios), f"{res.loss_split[-1]:.5f}", f"{res.loss_mono[-1]:.5f}",
-                     f"{dloss:.2e}", f"{res.max_abs_diff:.2e}", res.worst_parameter or "-",
-                     f"{rec.update_error:.2e}"])
+        rows.append(
+            [
+                name,
+                f"{wire / args.steps / 1e6:.3f}",
+                f"{wire / tensor:.4f}",
+                fmt_int_stats(split_tps),
+                fmt_int_stats(mono_tps),
+                fmt_stats(ratios),
+                f"{res.loss_split[-1]:.5f}",
+                f"{res.loss_mono[-1]:.5f}",
+                f"{dloss:.2e}",
+                f"{res.max_abs_diff:.2e}",
+                res.worst_parameter or "-",
+                f"{rec.update_error:.2e}",
+            ]
+        )
     print()
     print(*table(cols, rows), sep="\n")
     print()
-    print("Loss curves (split; mono is the same uncompressed run for every codec"
-          + ("" if mono_same else ": WARNING, the mono curves differ between codec runs") + "):")
+    print(
+        "Loss curves (split; mono is the same uncompressed run for every codec"
+        + ("" if mono_same else ": WARNING, the mono curves differ between codec runs")
+        + "):"
+    )
     every = max(1, args.steps // 10)
     idx = sorted(set(range(0, args.steps, every)) | {args.steps - 1})
     print("  step      " + " ".join(f"{i:>8d}" for i in idx))
@@ -211,29 +249,60 @@ def main(argv: list[str] | None = None) -> int:
     print("MB/step = 1e6 B of data-plane frames (sent + received by callers between organisations, over all steps)")
     print("per step; HTTP/2 and TLS framing not included. wire/tensor = those bytes / the fp32 tensors they carry.")
     print(f"tokens/s: median (min-max) over steps {w + 1}..{args.steps} of one run per codec (runs one after another,")
-    print("not interleaved: compare the per-step split/mono ratio rather than tokens/s across codecs on a busy machine).")
-    print(f"max abs param diff: verify()'s max |split - mono| over every parameter after step {args.steps}; mono is uncompressed.")
-    print(f"(AdamW moves a weight by at most ~lr = {plan.training.optimizer.lr:g} per step, so {args.steps} steps bound it by "
-          f"~{plan.training.optimizer.lr * args.steps:.1e}.)")
+    print(
+        "not interleaved: compare the per-step split/mono ratio rather than tokens/s across codecs on a busy machine)."
+    )
+    print(
+        f"max abs param diff: verify()'s max |split - mono| over every parameter after step {args.steps}; "
+        "mono is uncompressed."
+    )
+    print(
+        f"(AdamW moves a weight by at most ~lr = {plan.training.optimizer.lr:g} per step, so {args.steps} "
+        "steps bound it by "
+        f"~{plan.training.optimizer.lr * args.steps:.1e}.)"
+    )
     print("update rel. error: ||(split - init) - (mono - init)|| / ||mono - init||, L2 over all parameters.")
     print(f"ln(256) = {math.log(256):.3f}: the floor for these uniform random tokens.")
     print(f"total {elapsed:.1f} s; load average at end: {loadavg()} ({os.cpu_count()} cpus)")
 
     print()
     print("---- summary (paste into README) ----")
-    print(f"`{shlex.join(['benchmarks/bench_compression.py', *sys.argv[1:]])}`: `layers-2stage` (small model, batch "
-          f"{plan.training.batch_size}x{plan.training.seq_len}, {plan.training.micro_batches} micro-batches, AdamW), "
-          f"{args.steps} steps over gRPC + mutual TLS on {os.cpu_count()} CPU cores, vs the uncompressed monolithic run:")
+    print(
+        f"`{shlex.join(['benchmarks/bench_compression.py', *sys.argv[1:]])}`: `layers-2stage` (small model, batch "
+        f"{plan.training.batch_size}x{plan.training.seq_len}, {plan.training.micro_batches} micro-batches, AdamW), "
+        f"{args.steps} steps over gRPC + mutual TLS on {os.cpu_count()} CPU cores, vs the uncompressed monolithic run:"
+    )
     print()
     srows = []
-    for name, plan, res, rec, tokens in results:
+    for name, _plan, res, rec, _tokens in results:
         wire, tensor = rec.traffic["wire_bytes"], rec.traffic["tensor_bytes"]
         ratios = [m / s for s, m in zip(rec.split_s[w:], rec.mono_s[w:])]
-        srows.append([f"`{name}`", f"{wire / args.steps / 1e6:.2f}", f"{wire / tensor:.3f}", fmt_stats(ratios),
-                      f"{res.loss_split[-1]:.4f} (mono {res.loss_mono[-1]:.4f})", f"{res.max_abs_diff:.1e}",
-                      f"{rec.update_error:.1e}"])
-    print(*table(["compression", "MB/step", "wire/tensor", "tokens/s x mono", f"loss after {args.steps} steps",
-                  "max abs param diff", "update rel. error"], srows), sep="\n")
+        srows.append(
+            [
+                f"`{name}`",
+                f"{wire / args.steps / 1e6:.2f}",
+                f"{wire / tensor:.3f}",
+                fmt_stats(ratios),
+                f"{res.loss_split[-1]:.4f} (mono {res.loss_mono[-1]:.4f})",
+                f"{res.max_abs_diff:.1e}",
+                f"{rec.update_error:.1e}",
+            ]
+        )
+    print(
+        *table(
+            [
+                "compression",
+                "MB/step",
+                "wire/tensor",
+                "tokens/s x mono",
+                f"loss after {args.steps} steps",
+                "max abs param diff",
+                "update rel. error",
+            ],
+            srows,
+        ),
+        sep="\n",
+    )
     print(f"(load average at end {loadavg()})")
     return 0
 

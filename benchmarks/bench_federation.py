@@ -87,12 +87,35 @@ def deployed(orgs: int, work: Path, rounds: int, steps: int) -> list[tuple[float
     cli = [sys.executable, "-m", "fedsplit.cli"]
     logs = work / "deploy-logs"
     logs.mkdir(exist_ok=True)
-    coordinator = subprocess.Popen([*cli, "coordinator", str(fed), "--listen", superlink, "--insecure", "--runs-dir", str(work / "deploy-runs")],
-                                   stdout=open(logs / "coordinator.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    clients = [subprocess.Popen([*cli, "client", "--org", org, "--plan", str(fed), "--superlink", superlink, "--insecure",
-                                 "--data-plane-address", f"127.0.0.1:{free_port()}", "--state-dir", str(work / "state" / org)],
-                                stdout=open(logs / f"{org}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-               for org in plan.orgs]
+    coordinator = subprocess.Popen(
+        [*cli, "coordinator", str(fed), "--listen", superlink, "--insecure", "--runs-dir", str(work / "deploy-runs")],
+        stdout=open(logs / "coordinator.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    clients = [
+        subprocess.Popen(
+            [
+                *cli,
+                "client",
+                "--org",
+                org,
+                "--plan",
+                str(fed),
+                "--superlink",
+                superlink,
+                "--insecure",
+                "--data-plane-address",
+                f"127.0.0.1:{free_port()}",
+                "--state-dir",
+                str(work / "state" / org),
+            ],
+            stdout=open(logs / f"{org}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for org in plan.orgs
+    ]
     try:
         if coordinator.wait(3600):
             raise RuntimeError(f"the coordinator failed; see {logs / 'coordinator.log'}")
@@ -110,8 +133,15 @@ def overhead_rows(label: str, orgs: int, per_round: list[tuple[float, float]]) -
     training = [t for _, t in per_round]
     over = [s - t for s, t in per_round]
     share = [o / (ROUND_OF_TRAINING_S + o) for o in over]
-    return [label, str(orgs), str(len(per_round)), fmt_stats(seconds, 1), fmt_stats(training, 1), fmt_stats(over, 1),
-            f"{100 * statistics.median(share):.1f}%"]
+    return [
+        label,
+        str(orgs),
+        str(len(per_round)),
+        fmt_stats(seconds, 1),
+        fmt_stats(training, 1),
+        fmt_stats(over, 1),
+        f"{100 * statistics.median(share):.1f}%",
+    ]
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -119,8 +149,9 @@ def overhead_rows(label: str, orgs: int, per_round: list[tuple[float, float]]) -
 
 def fixed_process_rss() -> float:
     """Resident bytes of a Python that imported what a worker host imports, and nothing else."""
-    code = ("import torch, grpc, fedsplit.runtime.host, fedsplit.transport.service\n"
-            "print(open('/proc/self/status').read())")
+    code = (
+        "import torch, grpc, fedsplit.runtime.host, fedsplit.transport.service\nprint(open('/proc/self/status').read())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return _status_kib(out, "VmRSS") * 1024.0
 
@@ -146,27 +177,42 @@ def memory(work: Path, model: str) -> tuple[list[list[str]], float]:
                     except OSError:
                         continue
                     peaks[org] = max(peaks.get(org, 0.0), _status_kib(status, "VmHWM") * 1024.0)
+
         threading.Thread(target=sample, daemon=True).start()
 
-    simulate(plan, SimulationOptions(runs_root=work / "memory-runs", insecure=True, process_per_org=True), on_started=watch)
+    simulate(
+        plan, SimulationOptions(runs_root=work / "memory-runs", insecure=True, process_per_org=True), on_started=watch
+    )
     stop.set()
     fixed = fixed_process_rss()
     rows = []
     for org in plan.orgs:
         params = plan.parameter_count(org)
         state = 16.0 * params  # fp32 weights, gradients, AdamW's two moments
-        rows.append([org, f"{params:,}", f"{state / 2**20:.1f}", f"{peaks[org] / 2**20:.1f}",
-                     f"{(peaks[org] - fixed) / 2**20:.1f}", f"{(peaks[org] - fixed) / state:.2f}x"])
+        rows.append(
+            [
+                org,
+                f"{params:,}",
+                f"{state / 2**20:.1f}",
+                f"{peaks[org] / 2**20:.1f}",
+                f"{(peaks[org] - fixed) / 2**20:.1f}",
+                f"{(peaks[org] - fixed) / state:.2f}x",
+            ]
+        )
     return rows, fixed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 and 16 organisations, 2 rounds, no deployment")
-    parser.add_argument("--orgs", type=int, nargs="*", default=[4, 16, 64], help="organisation counts to simulate (none: skip)")
+    parser.add_argument(
+        "--orgs", type=int, nargs="*", default=[4, 16, 64], help="organisation counts to simulate (none: skip)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--deploy", type=int, nargs="*", default=[4], help="organisation counts to run as separate processes")
+    parser.add_argument(
+        "--deploy", type=int, nargs="*", default=[4], help="organisation counts to run as separate processes"
+    )
     parser.add_argument("--memory-model", default=str(REPO / "configs" / "models" / "small.yaml"))
     args = parser.parse_args()
     if args.quick:
@@ -181,14 +227,50 @@ def main() -> None:
             rows.append(overhead_rows("simulation", n, simulated(n, work / f"sim-{n}", args.rounds, args.steps)))
             print(f"  simulation, {n} organisations: {time.monotonic() - started:.0f} s", flush=True)
         for n in args.deploy:
-            rows.append(overhead_rows("deployment (loopback)", n, deployed(n, work / f"dep-{n}", args.rounds, args.steps)))
+            rows.append(
+                overhead_rows("deployment (loopback)", n, deployed(n, work / f"dep-{n}", args.rounds, args.steps))
+            )
         if rows:
-            print(f"\n## Control-plane overhead per round ({args.steps} steps per round; medians (min-max) over rounds)\n")
-            print("\n".join(table(["runtime", "orgs", "rounds", "round s", "training s", "overhead s", f"share of a {ROUND_OF_TRAINING_S:.0f} s round"], rows)))
+            print(
+                f"\n## Control-plane overhead per round ({args.steps} steps per round; medians (min-max) over rounds)\n"
+            )
+            print(
+                "\n".join(
+                    table(
+                        [
+                            "runtime",
+                            "orgs",
+                            "rounds",
+                            "round s",
+                            "training s",
+                            "overhead s",
+                            f"share of a {ROUND_OF_TRAINING_S:.0f} s round",
+                        ],
+                        rows,
+                    )
+                )
+            )
         mem_rows, fixed = memory(work, args.memory_model)
-        print(f"\n## Memory per organisation ({Path(args.memory_model).name}, one worker process each, AdamW, one round)\n")
+        print(
+            f"\n## Memory per organisation ({Path(args.memory_model).name}, one worker process each, AdamW, "
+            "one round)\n"
+        )
         print(f"fixed cost of a worker process (python + torch + grpc + fedsplit imported): {fixed / 2**20:.0f} MiB\n")
-        print("\n".join(table(["organisation", "parameters", "state MiB (16 B/param)", "peak RSS MiB", "peak - fixed MiB", "x state"], mem_rows)))
+        print(
+            "\n".join(
+                table(
+                    [
+                        "organisation",
+                        "parameters",
+                        "state MiB (16 B/param)",
+                        "peak RSS MiB",
+                        "peak - fixed MiB",
+                        "x state",
+                    ],
+                    mem_rows,
+                )
+            )
+        )
     print(f"\nload after: {loadavg()}")
     print(json.dumps({"overhead": rows, "memory": mem_rows, "fixed_mib": fixed / 2**20}))
 

@@ -29,8 +29,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
@@ -61,10 +61,22 @@ def plans_to_train(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, 
         return
     for by in args.splits:
         split = split_corpora(data_owner_names(args.data_owners), by, alpha=args.alpha, seed=args.seed)
-        plan = load_plan(generate_plan(args.orgs, work / by, data_owners=args.data_owners, split=split, rounds=args.rounds,
-                                       steps_per_round=args.steps, batch_size=8, seq_len=64, seed=args.seed))
-        plan.training = plan.training.model_copy(update={
-            "micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)})
+        plan = load_plan(
+            generate_plan(
+                args.orgs,
+                work / by,
+                data_owners=args.data_owners,
+                split=split,
+                rounds=args.rounds,
+                steps_per_round=args.steps,
+                batch_size=8,
+                seq_len=64,
+                seed=args.seed,
+            )
+        )
+        plan.training = plan.training.model_copy(
+            update={"micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)}
+        )
         yield (f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by), plan
 
 
@@ -101,14 +113,45 @@ def main() -> None:
                 fed_s = time.monotonic() - started
                 last = max(federated)
                 curves[label][f"federated, sync {sync}"] = federated
-                rows.append([label, sync, f"{federated[0]:.2f}", f"{federated[last]:.2f}", f"{central[last]:.2f}",
-                             f"{100 * (federated[last] / central[last] - 1):+.1f}%", f"{fed_s:.0f}", f"{base_s:.0f}"])
-                print(f"  {label}, replicas in step every {sync}: federated {fed_s:.0f} s, centralised {base_s:.0f} s", flush=True)
+                rows.append(
+                    [
+                        label,
+                        sync,
+                        f"{federated[0]:.2f}",
+                        f"{federated[last]:.2f}",
+                        f"{central[last]:.2f}",
+                        f"{100 * (federated[last] / central[last] - 1):+.1f}%",
+                        f"{fed_s:.0f}",
+                        f"{base_s:.0f}",
+                    ]
+                )
+                print(
+                    f"  {label}, replicas in step every {sync}: federated {fed_s:.0f} s, centralised {base_s:.0f} s",
+                    flush=True,
+                )
     t = plan.training
-    setting = (f"{len(plan.orgs)} organisations, {len(plan.data_owners)} data owners, AdamW lr {t.optimizer.lr:g}, "
-               f"{t.rounds} rounds x {t.steps_per_round} steps")
+    setting = (
+        f"{len(plan.orgs)} organisations, {len(plan.data_owners)} data owners, AdamW lr {t.optimizer.lr:g}, "
+        f"{t.rounds} rounds x {t.steps_per_round} steps"
+    )
     print(f"\n## Held-out perplexity, split-federated vs centralised ({setting})\n")
-    print("\n".join(table(["split", "replicas in step every", "initial", "federated", "centralised", "gap", "federated s", "centralised s"], rows)))
+    print(
+        "\n".join(
+            table(
+                [
+                    "split",
+                    "replicas in step every",
+                    "initial",
+                    "federated",
+                    "centralised",
+                    "gap",
+                    "federated s",
+                    "centralised s",
+                ],
+                rows,
+            )
+        )
+    )
     for label, c in curves.items():
         print(f"\n{label}, held-out perplexity by round:")
         for name, ppl in c.items():

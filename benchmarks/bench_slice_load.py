@@ -63,7 +63,11 @@ def child(federation: str, mode: str) -> None:
     seconds = time.perf_counter() - started
     peak = _status_kib("VmHWM")
     held = sum(t.numel() * t.element_size() for t in tensors.values())
-    print(json.dumps({"base_kib": base, "peak_kib": peak, "held_bytes": held, "tensors": len(tensors), "seconds": seconds}))
+    print(
+        json.dumps(
+            {"base_kib": base, "peak_kib": peak, "held_bytes": held, "tensors": len(tensors), "seconds": seconds}
+        )
+    )
 
 
 def write_checkpoint(root: Path, quick: bool) -> Path:
@@ -72,10 +76,24 @@ def write_checkpoint(root: Path, quick: bool) -> Path:
     from fedsplit.interop import save_hf
     from fedsplit.model import ModelConfig, parameter_shapes
 
-    size = dict(hidden_size=256, expert_ffn_size=512, num_layers=2) if quick else dict(hidden_size=512, expert_ffn_size=1024, num_layers=4)
-    cfg = ModelConfig(vocab_size=32000, num_heads=8, num_kv_heads=4, head_dim=size["hidden_size"] // 8, num_experts=16, top_k=2,
-                      num_shared_experts=1, shared_expert_gate=True, qkv_bias=True,
-                      **{k: v for k, v in size.items() if k != "hidden_size"}, hidden_size=size["hidden_size"])
+    size = (
+        dict(hidden_size=256, expert_ffn_size=512, num_layers=2)
+        if quick
+        else dict(hidden_size=512, expert_ffn_size=1024, num_layers=4)
+    )
+    cfg = ModelConfig(
+        vocab_size=32000,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=size["hidden_size"] // 8,
+        num_experts=16,
+        top_k=2,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+        qkv_bias=True,
+        **{k: v for k, v in size.items() if k != "hidden_size"},
+        hidden_size=size["hidden_size"],
+    )
     gen = torch.Generator().manual_seed(0)
     state = {name: torch.randn(shape, generator=gen) * 0.02 for name, shape in parameter_shapes(cfg).items()}
     save_hf(cfg, state, root / "hf-model", max_shard_bytes=256 * 2**20)
@@ -83,9 +101,19 @@ def write_checkpoint(root: Path, quick: bool) -> Path:
     (root / "data.txt").write_text("hello " * 100)
     fed = {"name": "slice-load", "model": "hf-model", "orgs": ["orgs/*.yaml"]}
     orgs = {
-        "owner": {"org": "owner", "data": {"train": "../data.txt"},
-                  "holds": ["embed", "layers.0.router", "layers.0.experts", "layers.0.shared_experts", "layers.1-3" if not quick else "layers.1",
-                            "final_norm", "lm_head"]},
+        "owner": {
+            "org": "owner",
+            "data": {"train": "../data.txt"},
+            "holds": [
+                "embed",
+                "layers.0.router",
+                "layers.0.experts",
+                "layers.0.shared_experts",
+                "layers.1-3" if not quick else "layers.1",
+                "final_norm",
+                "lm_head",
+            ],
+        },
         "heads-host": {"org": "heads-host", "holds": ["layers.0.attention.heads.0-1"]},
         "expert-host": {"org": "expert-host", "holds": ["layers.1.experts.3"]},
     }
@@ -97,13 +125,17 @@ def write_checkpoint(root: Path, quick: bool) -> Path:
 
 
 def run_child(federation: Path, mode: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(federation), mode], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(federation), mode], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 2-layer model (about 60 MB) instead of 4 layers (about 500 MB)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a 2-layer model (about 60 MB) instead of 4 layers (about 500 MB)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", nargs=2, metavar=("FEDERATION", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,10 +152,22 @@ def main() -> None:
     cost = {m: statistics.median((r["peak_kib"] - r["base_kib"]) / 1024 for r in rs) for m, rs in results.items()}
     rows = []
     for mode, rs in results.items():
-        rows.append([mode, f"{rs[0]['tensors']}", f"{rs[0]['held_bytes'] / 2**20:.2f}",
-                     f"{statistics.median(r['base_kib'] for r in rs) / 1024:.0f}", f"{statistics.median(r['peak_kib'] for r in rs) / 1024:.0f}",
-                     f"{cost[mode]:.1f}", f"{statistics.median(r['seconds'] for r in rs) * 1000:.0f}"])
-    print("\n".join(table(["load", "tensors", "held MiB", "baseline RSS MiB", "peak RSS MiB", "load cost MiB", "ms"], rows)))
+        rows.append(
+            [
+                mode,
+                f"{rs[0]['tensors']}",
+                f"{rs[0]['held_bytes'] / 2**20:.2f}",
+                f"{statistics.median(r['base_kib'] for r in rs) / 1024:.0f}",
+                f"{statistics.median(r['peak_kib'] for r in rs) / 1024:.0f}",
+                f"{cost[mode]:.1f}",
+                f"{statistics.median(r['seconds'] for r in rs) * 1000:.0f}",
+            ]
+        )
+    print(
+        "\n".join(
+            table(["load", "tensors", "held MiB", "baseline RSS MiB", "peak RSS MiB", "load cost MiB", "ms"], rows)
+        )
+    )
     print(f"medians of {args.repeats} child processes each; load cost = peak RSS during the load - RSS before it")
     for mode in ("expert", "heads"):
         print(f"whole model / {mode} partition load cost: {cost['whole'] / max(cost[mode], 0.1):.0f}x")

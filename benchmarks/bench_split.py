@@ -64,7 +64,6 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep gRPC's informational lines off the table
 
 import torch  # noqa: E402
-
 from report import fmt_int_stats, fmt_stats, loadavg, proc_cpu, provenance, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,28 +96,90 @@ def register(v: Variant) -> Variant:
     return v
 
 
-register(Variant("layers-2stage", "layers-2stage", {"schedule": "1f1b"},
-                 description="data owner: embed, layers 0-1, head; compute-b: layers 2-3 (1f1b)"))
-register(Variant("layers-4stage", "layers-4stage", {"schedule": "1f1b"},
-                 description="data owner: embed, layer 0, head; compute-b/c/d: layers 1, 2, 3 (1f1b)"))
-register(Variant("experts", "experts", {"schedule": "1f1b"},
-                 description="data owner: all but routed experts; experts 0-3 and 4-7 of every layer on two orgs"))
-register(Variant("heads", "heads", {"schedule": "1f1b"},
-                 description="data owner: all but attention heads; heads 0-3 and 4-7 of every layer on two orgs"))
-register(Variant("layers-2stage/sequential", "layers-2stage", {"schedule": "sequential"},
-                 description="layers-2stage, micro-batches one after another"))
-register(Variant("layers-2stage/gpipe", "layers-2stage", {"schedule": "gpipe"},
-                 description="layers-2stage, every forward in flight, then the backwards"))
+register(
+    Variant(
+        "layers-2stage",
+        "layers-2stage",
+        {"schedule": "1f1b"},
+        description="data owner: embed, layers 0-1, head; compute-b: layers 2-3 (1f1b)",
+    )
+)
+register(
+    Variant(
+        "layers-4stage",
+        "layers-4stage",
+        {"schedule": "1f1b"},
+        description="data owner: embed, layer 0, head; compute-b/c/d: layers 1, 2, 3 (1f1b)",
+    )
+)
+register(
+    Variant(
+        "experts",
+        "experts",
+        {"schedule": "1f1b"},
+        description="data owner: all but routed experts; experts 0-3 and 4-7 of every layer on two orgs",
+    )
+)
+register(
+    Variant(
+        "heads",
+        "heads",
+        {"schedule": "1f1b"},
+        description="data owner: all but attention heads; heads 0-3 and 4-7 of every layer on two orgs",
+    )
+)
+register(
+    Variant(
+        "layers-2stage/sequential",
+        "layers-2stage",
+        {"schedule": "sequential"},
+        description="layers-2stage, micro-batches one after another",
+    )
+)
+register(
+    Variant(
+        "layers-2stage/gpipe",
+        "layers-2stage",
+        {"schedule": "gpipe"},
+        description="layers-2stage, every forward in flight, then the backwards",
+    )
+)
 # Not in the default set (run them with e.g. --variants layers-2stage layers-2stage/plaintext):
-register(Variant("layers-2stage/plaintext", "layers-2stage", {"schedule": "1f1b"}, insecure=True,
-                 description="layers-2stage without TLS and tokens (shows the cost of TLS)"))
-register(Variant("layers-2stage/shm", "layers-2stage", {"schedule": "1f1b"}, {"shared_memory": True},
-                 description="layers-2stage, tensors through /dev/shm segments (same host)"))
-register(Variant("layers-2stage/bf16", "layers-2stage", {"schedule": "1f1b"},
-                 {"compression": {"activations": "bf16", "gradients": "bf16"}},
-                 description="layers-2stage, bf16 activations and gradients on the wire (lossy)"))
-DEFAULT_VARIANTS = ["layers-2stage", "layers-4stage", "experts", "heads",
-                    "layers-2stage/sequential", "layers-2stage/gpipe"]
+register(
+    Variant(
+        "layers-2stage/plaintext",
+        "layers-2stage",
+        {"schedule": "1f1b"},
+        insecure=True,
+        description="layers-2stage without TLS and tokens (shows the cost of TLS)",
+    )
+)
+register(
+    Variant(
+        "layers-2stage/shm",
+        "layers-2stage",
+        {"schedule": "1f1b"},
+        {"shared_memory": True},
+        description="layers-2stage, tensors through /dev/shm segments (same host)",
+    )
+)
+register(
+    Variant(
+        "layers-2stage/bf16",
+        "layers-2stage",
+        {"schedule": "1f1b"},
+        {"compression": {"activations": "bf16", "gradients": "bf16"}},
+        description="layers-2stage, bf16 activations and gradients on the wire (lossy)",
+    )
+)
+DEFAULT_VARIANTS = [
+    "layers-2stage",
+    "layers-4stage",
+    "experts",
+    "heads",
+    "layers-2stage/sequential",
+    "layers-2stage/gpipe",
+]
 SCHEDULES = {"sequential": "layers-2stage/sequential", "gpipe": "layers-2stage/gpipe", "1f1b": "layers-2stage"}
 
 
@@ -165,7 +226,9 @@ class Mono:
         self.trainer = MonolithicTrainer(plan, weights)
         self.step = 0
 
-    def run(self, steps: int, batches: list | None = None, budget_s: float | None = None) -> tuple[float, float, list[float]]:
+    def run(
+        self, steps: int, batches: list | None = None, budget_s: float | None = None
+    ) -> tuple[float, float, list[float]]:
         """Train ``steps`` steps, or fewer (at least one) once ``budget_s`` wall seconds have
         passed; (wall seconds, CPU seconds of this process, losses: one per step run)."""
         from fedsplit.runtime import synthetic_batches
@@ -254,13 +317,17 @@ class Run:
 
 def header_lines(args) -> list[str]:
     return [
-        *provenance('fedsplit'),
+        *provenance("fedsplit"),
         f"threads: worker processes 1 (WORKER_THREADS); mono reference paired with each split trial 1 "
         f"(torch.set_num_threads(1)); second mono reference {DEFAULT_THREADS} (this process's default)",
         f"trials {args.trials}  steps/trial {args.steps}  warm-up steps {args.warmup}  TLS on (mutual TLS + tokens)"
         f"  variants {args.variants}",
-        f"load average at start: {loadavg()}" + (f"; busy (load >= {os.cpu_count()} cpus): expect noisy wall-clock numbers"
-                                                   if _load1() >= (os.cpu_count() or 1) else ""),
+        f"load average at start: {loadavg()}"
+        + (
+            f"; busy (load >= {os.cpu_count()} cpus): expect noisy wall-clock numbers"
+            if _load1() >= (os.cpu_count() or 1)
+            else ""
+        ),
     ]
 
 
@@ -271,16 +338,29 @@ def header_lines(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 trials of 2 steps, 1 warm-up step (about 2 minutes on 2 cores)")
+    ap.add_argument(
+        "--quick", action="store_true", help="3 trials of 2 steps, 1 warm-up step (about 2 minutes on 2 cores)"
+    )
     ap.add_argument("--trials", type=int, default=None, help="interleaved trials (default 7; --quick 3)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per trial (default 4; --quick 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 2; --quick 1)")
-    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                    help=f"default: {' '.join(DEFAULT_VARIANTS)}")
-    ap.add_argument("--no-default-threads", action="store_true",
-                    help="leave out the mono reference with this process's default thread count")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="keep glibc's default malloc settings in this process instead of the ones fedsplit's workers use")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        choices=list(VARIANTS),
+        help=f"default: {' '.join(DEFAULT_VARIANTS)}",
+    )
+    ap.add_argument(
+        "--no-default-threads",
+        action="store_true",
+        help="leave out the mono reference with this process's default thread count",
+    )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings in this process instead of the ones fedsplit's workers use",
+    )
     args = ap.parse_args(argv)
 
     if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ:
@@ -302,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
 
     from fedsplit.federation.verify import initial_weights
-    from fedsplit.runtime.remote import WORKER_THREADS
     from fedsplit.runtime.processes import ProcessFederation
+    from fedsplit.runtime.remote import WORKER_THREADS
 
     assert WORKER_THREADS == 1, "this benchmark pairs workers with a 1-thread mono reference"
     t_start = time.perf_counter()
@@ -316,8 +396,14 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             fed = stack.enter_context(ProcessFederation(plan, weights, insecure=v.insecure))
             t = plan.training
-            run = Run(v, plan, fed, Mono(plan, weights, 1), t.batch_size * t.seq_len * len(plan.data_owners),
-                      start_s=time.perf_counter() - t0)
+            run = Run(
+                v,
+                plan,
+                fed,
+                Mono(plan, weights, 1),
+                t.batch_size * t.seq_len * len(plan.data_owners),
+                start_s=time.perf_counter() - t0,
+            )
             runs.append(run)
             print(f"  started {name}: {len(plan.orgs)} worker processes in {run.start_s:.1f} s, load {loadavg()}")
             sys.stdout.flush()
@@ -334,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         if mono_default:
             mono_default.run(1)  # one step: on a busy machine a step of it can take half a minute
         budget = 3 * args.steps * statistics.median(r.warm_mono_step_s for r in runs)
-        print(f"  warm-up done in {time.perf_counter() - t_warm:.1f} s, load {loadavg()}"
-              + (f"; mono {DEFAULT_THREADS} threads: at most {budget:.1f} s a trial" if mono_default else ""))
+        print(
+            f"  warm-up done in {time.perf_counter() - t_warm:.1f} s, load {loadavg()}"
+            + (f"; mono {DEFAULT_THREADS} threads: at most {budget:.1f} s a trial" if mono_default else "")
+        )
         sys.stdout.flush()
 
         tokens_per_step = runs[0].tokens_per_step
@@ -345,60 +433,97 @@ def main(argv: list[str] | None = None) -> int:
                 default_tps.append(tokens_per_step * len(done) / wall)
                 default_cpu.append(cpu / len(done))
                 default_steps.append(len(done))
-                one_thread = [x for r in runs for x in r.mono_tps] or [tokens_per_step / statistics.median(
-                    r.warm_mono_step_s for r in runs)]
+                one_thread = [x for r in runs for x in r.mono_tps] or [
+                    tokens_per_step / statistics.median(r.warm_mono_step_s for r in runs)
+                ]
                 if len(default_tps) >= 2 and max(default_tps[-2:]) < statistics.median(one_thread) / 3:
                     default_dropped = trial + 1
-                    print(f"  mono {DEFAULT_THREADS} threads below 1/3 of 1 thread in two trials in a row: "
-                          f"not measured after trial {default_dropped}")
+                    print(
+                        f"  mono {DEFAULT_THREADS} threads below 1/3 of 1 thread in two trials in a row: "
+                        f"not measured after trial {default_dropped}"
+                    )
             k = trial % len(runs)
             for run in runs[k:] + runs[:k]:
                 run.trial(args.steps)
             LOAD_SAMPLES.append(_load1())
-            print(f"  trial {trial + 1}/{args.trials} done at {time.perf_counter() - t_start:.1f} s, load {loadavg()}"
-                  + (f"; mono {DEFAULT_THREADS} threads {default_tps[-1]:,.0f} tokens/s over {default_steps[-1]} steps"
-                     if default_tps and len(default_tps) == trial + 1 else ""))
+            print(
+                f"  trial {trial + 1}/{args.trials} done at {time.perf_counter() - t_start:.1f} s, load {loadavg()}"
+                + (
+                    f"; mono {DEFAULT_THREADS} threads {default_tps[-1]:,.0f} tokens/s over {default_steps[-1]} steps"
+                    if default_tps and len(default_tps) == trial + 1
+                    else ""
+                )
+            )
             sys.stdout.flush()
     elapsed = time.perf_counter() - t_start
     report(args, runs, default_tps, default_cpu, default_steps, elapsed)
     return 0
 
 
-def report(args, runs: list[Run], default_tps: list[float], default_cpu: list[float], default_steps: list[int],
-           elapsed: float) -> None:
+def report(
+    args, runs: list[Run], default_tps: list[float], default_cpu: list[float], default_steps: list[int], elapsed: float
+) -> None:
     by_name = {r.variant.name: r for r in runs}
     all_mono = [x for r in runs for x in r.mono_tps]
     all_mono_cpu = [x for r in runs for x in r.mono_cpu]
     plan0 = runs[0].plan
     t0 = plan0.training
     print()
-    print(f"model {plan0.model_source.name}: batch {t0.batch_size} x seq "
-          f"{t0.seq_len} = {runs[0].tokens_per_step} tokens/step, {t0.micro_batches} micro-batches, "
-          f"{t0.optimizer.name} lr {t0.optimizer.lr:g}, fp32, CPU")
+    print(
+        f"model {plan0.model_source.name}: batch {t0.batch_size} x seq "
+        f"{t0.seq_len} = {runs[0].tokens_per_step} tokens/step, {t0.micro_batches} micro-batches, "
+        f"{t0.optimizer.name} lr {t0.optimizer.lr:g}, fp32, CPU"
+    )
     print()
     print("References (the monolithic model in this process):")
-    refs = [["mono, paired with each split trial (pooled)", "1", fmt_int_stats(all_mono),
-             f"{statistics.median(all_mono_cpu):.2f}", str(len(all_mono))]]
+    refs = [
+        [
+            "mono, paired with each split trial (pooled)",
+            "1",
+            fmt_int_stats(all_mono),
+            f"{statistics.median(all_mono_cpu):.2f}",
+            str(len(all_mono)),
+        ]
+    ]
     if default_tps:
         cut = sum(1 for n in default_steps if n < args.steps)
-        refs.append(["mono, default threads", str(DEFAULT_THREADS), fmt_int_stats(default_tps),
-                     f"{statistics.median(default_cpu):.2f}",
-                     f"{len(default_tps)} of {args.trials}" + (f" ({cut} cut short by the time cap)" if cut else "")])
+        refs.append(
+            [
+                "mono, default threads",
+                str(DEFAULT_THREADS),
+                fmt_int_stats(default_tps),
+                f"{statistics.median(default_cpu):.2f}",
+                f"{len(default_tps)} of {args.trials}" + (f" ({cut} cut short by the time cap)" if cut else ""),
+            ]
+        )
     print(*table(["reference", "threads", "tokens/s median (min-max)", "CPU-s/step", "trials"], refs), sep="\n")
     # Collapsed: slower than 1 thread by a third, or more CPU per step than its threads x the 1-thread CPU.
     oversubscribed = bool(default_tps) and (
         statistics.median(default_tps) < 0.67 * statistics.median(all_mono)
-        or statistics.median(default_cpu) > 1.5 * DEFAULT_THREADS * statistics.median(all_mono_cpu))
+        or statistics.median(default_cpu) > 1.5 * DEFAULT_THREADS * statistics.median(all_mono_cpu)
+    )
     if oversubscribed:
-        print(f"WARNING: mono with {DEFAULT_THREADS} threads: {statistics.median(default_cpu):.2f} CPU-s/step "
-              f"(1 thread: {statistics.median(all_mono_cpu):.2f}) at {statistics.median(default_tps):,.0f} tokens/s: its threads")
+        print(
+            f"WARNING: mono with {DEFAULT_THREADS} threads: {statistics.median(default_cpu):.2f} CPU-s/step "
+            f"(1 thread: {statistics.median(all_mono_cpu):.2f}) at {statistics.median(default_tps):,.0f} "
+            "tokens/s: its threads"
+        )
         print("wait for each other because other work holds the cores (see the load averages). Ratios against it say")
         print("more about the machine than about fedsplit.")
     print()
     print("Split over gRPC (TLS on), every organisation in its own process (1 thread each):")
-    cols = ["variant", "procs", "split tokens/s", "mono 1t tokens/s", "split / mono 1t (paired)",
-            f"split / mono {DEFAULT_THREADS}t", "CPU-s/step split / mono 1t", "MB/step on wire", "wire/tensor",
-            "max |dloss|"]
+    cols = [
+        "variant",
+        "procs",
+        "split tokens/s",
+        "mono 1t tokens/s",
+        "split / mono 1t (paired)",
+        f"split / mono {DEFAULT_THREADS}t",
+        "CPU-s/step split / mono 1t",
+        "MB/step on wire",
+        "wire/tensor",
+        "max |dloss|",
+    ]
     rows = []
     for r in runs:
         ratio1 = [s / m for s, m in zip(r.split_tps, r.mono_tps)]
@@ -406,10 +531,23 @@ def report(args, runs: list[Run], default_tps: list[float], default_cpu: list[fl
         cpu_ratio = [s / m for s, m in zip(r.split_cpu, r.mono_cpu)]
         wb = r.wire_bytes / r.measured_steps / 1e6 if r.measured_steps else float("nan")
         wt = r.wire_bytes / r.tensor_bytes if r.tensor_bytes else float("nan")
-        rows.append([r.variant.name, str(len(r.plan.orgs)), fmt_int_stats(r.split_tps), fmt_int_stats(r.mono_tps),
-                     fmt_stats(ratio1), fmt_stats(ratiod),
-                     (f"{statistics.median(r.split_cpu):.2f} / {statistics.median(r.mono_cpu):.2f} = "
-                      f"{statistics.median(cpu_ratio):.2f}x"), f"{wb:.2f}", f"{wt:.4f}", f"{r.max_loss_diff:.1e}"])
+        rows.append(
+            [
+                r.variant.name,
+                str(len(r.plan.orgs)),
+                fmt_int_stats(r.split_tps),
+                fmt_int_stats(r.mono_tps),
+                fmt_stats(ratio1),
+                fmt_stats(ratiod),
+                (
+                    f"{statistics.median(r.split_cpu):.2f} / {statistics.median(r.mono_cpu):.2f} = "
+                    f"{statistics.median(cpu_ratio):.2f}x"
+                ),
+                f"{wb:.2f}",
+                f"{wt:.4f}",
+                f"{r.max_loss_diff:.1e}",
+            ]
+        )
     print(*table(cols, rows), sep="\n")
 
     sched = {s: by_name[v] for s, v in SCHEDULES.items() if v in by_name}
@@ -419,46 +557,98 @@ def report(args, runs: list[Run], default_tps: list[float], default_cpu: list[fl
         srows = []
         base = sched.get("sequential")
         for s, r in sched.items():
-            vs_seq = "1" if r is base else (fmt_stats([a / b for a, b in zip(r.split_tps, base.split_tps)])
-                                            if base else "-")
-            srows.append([s, fmt_int_stats(r.split_tps), fmt_stats([a / b for a, b in zip(r.split_tps, r.mono_tps)]),
-                          fmt_stats([a / b for a, b in zip(r.split_tps, default_tps)]), vs_seq])
-        print(*table(["schedule", "split tokens/s", "x mono 1t (paired)", f"x mono {DEFAULT_THREADS}t", "x sequential"],
-                     srows), sep="\n")
+            vs_seq = (
+                "1" if r is base else (fmt_stats([a / b for a, b in zip(r.split_tps, base.split_tps)]) if base else "-")
+            )
+            srows.append(
+                [
+                    s,
+                    fmt_int_stats(r.split_tps),
+                    fmt_stats([a / b for a, b in zip(r.split_tps, r.mono_tps)]),
+                    fmt_stats([a / b for a, b in zip(r.split_tps, default_tps)]),
+                    vs_seq,
+                ]
+            )
+        print(
+            *table(
+                ["schedule", "split tokens/s", "x mono 1t (paired)", f"x mono {DEFAULT_THREADS}t", "x sequential"],
+                srows,
+            ),
+            sep="\n",
+        )
 
-    uncompressed = [r for r in runs if r.plan.transport.compression.activations == "none"
-                    and r.plan.transport.compression.gradients == "none" and r.tensor_bytes]
+    uncompressed = [
+        r
+        for r in runs
+        if r.plan.transport.compression.activations == "none"
+        and r.plan.transport.compression.gradients == "none"
+        and r.tensor_bytes
+    ]
     worst = max((r.wire_bytes / r.tensor_bytes for r in uncompressed), default=float("nan"))
     print()
-    print(f"wire/tensor, uncompressed variants: worst {worst:.4f} (target <= 1.02): "
-          f"{'OK' if worst <= 1.02 else 'ABOVE TARGET'}")
+    print(
+        f"wire/tensor, uncompressed variants: worst {worst:.4f} (target <= 1.02): "
+        f"{'OK' if worst <= 1.02 else 'ABOVE TARGET'}"
+    )
     print("Tokens/s: median (min-max) over interleaved trials; ratios per trial pair (split trial / the mono 1-thread")
-    print(f"trial run just before it on the same batches; / the mono {DEFAULT_THREADS}-thread trial of the same round).")
+    print(
+        f"trial run just before it on the same batches; / the mono {DEFAULT_THREADS}-thread trial of the same round)."
+    )
     print("MB/step = 1e6 B of data-plane frames (sent + received by callers, between organisations) per training")
     print("step; HTTP/2 and TLS framing not included. CPU-s/step: all worker processes + this one, user+system.")
     print("max |dloss|: largest difference between the split and the mono step objective seen (same batches).")
-    print(f"total {elapsed:.1f} s; 1-minute load average over the run {fmt_stats(LOAD_SAMPLES)}, at end: {loadavg()} "
-          f"({os.cpu_count()} cpus)")
+    print(
+        f"total {elapsed:.1f} s; 1-minute load average over the run {fmt_stats(LOAD_SAMPLES)}, at end: {loadavg()} "
+        f"({os.cpu_count()} cpus)"
+    )
 
     print()
     print("---- summary (paste into README) ----")
-    print(f"`{shlex.join(['benchmarks/bench_split.py', *sys.argv[1:]])}`, small model (~6M), batch {t0.batch_size}x"
-          f"{t0.seq_len}, {t0.micro_batches} micro-batches, fp32 on {os.cpu_count()} CPU cores, gRPC + mutual TLS on loopback;")
-    print(f"workers 1 thread each. mono 1 thread: {fmt_int_stats(all_mono)} tokens/s"
-          + (f"; mono {DEFAULT_THREADS} threads: {fmt_int_stats(default_tps)} tokens/s" if default_tps else "")
-          + (" (collapsed: cores busy with other work)." if oversubscribed else "."))
+    print(
+        f"`{shlex.join(['benchmarks/bench_split.py', *sys.argv[1:]])}`, small model (~6M), batch {t0.batch_size}x"
+        f"{t0.seq_len}, {t0.micro_batches} micro-batches, fp32 on {os.cpu_count()} CPU cores, gRPC + mutual "
+        "TLS on loopback;"
+    )
+    print(
+        f"workers 1 thread each. mono 1 thread: {fmt_int_stats(all_mono)} tokens/s"
+        + (f"; mono {DEFAULT_THREADS} threads: {fmt_int_stats(default_tps)} tokens/s" if default_tps else "")
+        + (" (collapsed: cores busy with other work)." if oversubscribed else ".")
+    )
     print()
     srow = []
     for r in runs:
         wt = r.wire_bytes / r.tensor_bytes if r.tensor_bytes else float("nan")
-        srow.append([f"`{r.variant.name}`", str(len(r.plan.orgs)), fmt_int_stats(r.split_tps),
-                     fmt_stats([s / m for s, m in zip(r.split_tps, r.mono_tps)]),
-                     fmt_stats([s / m for s, m in zip(r.split_tps, default_tps)]),
-                     f"{r.wire_bytes / max(r.measured_steps, 1) / 1e6:.1f}", f"{wt:.3f}"])
-    print(*table(["plan", "processes", "tokens/s", "x mono 1 thread", f"x mono {DEFAULT_THREADS} threads",
-                  "MB/step", "wire/tensor"], srow), sep="\n")
-    print(f"({args.trials} interleaved trials of {args.steps} steps; median (min-max); 1-minute load average over the run "
-          f"{fmt_stats(LOAD_SAMPLES)} on {os.cpu_count()} cpus)")
+        srow.append(
+            [
+                f"`{r.variant.name}`",
+                str(len(r.plan.orgs)),
+                fmt_int_stats(r.split_tps),
+                fmt_stats([s / m for s, m in zip(r.split_tps, r.mono_tps)]),
+                fmt_stats([s / m for s, m in zip(r.split_tps, default_tps)]),
+                f"{r.wire_bytes / max(r.measured_steps, 1) / 1e6:.1f}",
+                f"{wt:.3f}",
+            ]
+        )
+    print(
+        *table(
+            [
+                "plan",
+                "processes",
+                "tokens/s",
+                "x mono 1 thread",
+                f"x mono {DEFAULT_THREADS} threads",
+                "MB/step",
+                "wire/tensor",
+            ],
+            srow,
+        ),
+        sep="\n",
+    )
+    print(
+        f"({args.trials} interleaved trials of {args.steps} steps; median (min-max); 1-minute load average "
+        "over the run "
+        f"{fmt_stats(LOAD_SAMPLES)} on {os.cpu_count()} cpus)"
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,6 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no INFO lines (e.g. GOAWAY when a federation closes)
 
 import torch  # noqa: E402
-
 from report import loadavg, proc_cpu, provenance  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -239,8 +238,13 @@ class TorchPipeline:
         self.cmd_qs = [ctx.Queue(), ctx.Queue()]
         self.res_q = ctx.Queue()
         # torch.multiprocessing spawn, world size 2; every rank gets both command queues and reads its own.
-        self.context = mp.start_processes(_rank_main, args=(_free_port(), self.cmd_qs, self.res_q, os.getpid()),
-                                          nprocs=2, join=False, start_method="spawn")
+        self.context = mp.start_processes(
+            _rank_main,
+            args=(_free_port(), self.cmd_qs, self.res_q, os.getpid()),
+            nprocs=2,
+            join=False,
+            start_method="spawn",
+        )
         self.procs = list(self.context.processes)
         self.pids = {}
         try:
@@ -256,12 +260,14 @@ class TorchPipeline:
         while True:
             try:
                 msg = self.res_q.get(timeout=1)
-            except queue.Empty:
+            except queue.Empty as empty:
                 dead = [p for p in self.procs if p.exitcode is not None]
                 if dead:
-                    raise RuntimeError(f"torch-pp rank process(es) exited: {[(p.name, p.exitcode) for p in dead]}")
+                    raise RuntimeError(
+                        f"torch-pp rank process(es) exited: {[(p.name, p.exitcode) for p in dead]}"
+                    ) from empty
                 if time.monotonic() > deadline:
-                    raise TimeoutError("torch-pp ranks did not answer")
+                    raise TimeoutError("torch-pp ranks did not answer") from empty
                 continue
             if msg[0] == "error":
                 raise RuntimeError(f"torch-pp rank {msg[1]} failed:\n{msg[2]}")
@@ -356,26 +362,39 @@ def fmt(xs: list[float], digits: int = 0) -> str:
 
 def header_lines(args) -> list[str]:
     return [
-        *provenance('fedsplit'),
-        f"model small.yaml, split after layer {SPLIT - 1}; batch {TRAINING['batch_size']}, seq_len {TRAINING['seq_len']}, "
+        *provenance("fedsplit"),
+        f"model small.yaml, split after layer {SPLIT - 1}; batch {TRAINING['batch_size']}, seq_len "
+        f"{TRAINING['seq_len']}, "
         f"micro-batches {TRAINING['micro_batches']}, AdamW; schedules {args.schedules}",
-        f"rows: {BASELINE} + {' '.join(args.variants)}; warm-up {args.warmup} steps, {args.trials} trials x {args.steps} steps",
+        f"rows: {BASELINE} + {' '.join(args.variants)}; warm-up {args.warmup} steps, {args.trials} trials x "
+        f"{args.steps} steps",
         f"load average at start: {loadavg()}",
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="2 warm-up steps, 3 trials x 3 steps, no ushape-insecure row (about 2-3 min on 2 cores)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 warm-up steps, 3 trials x 3 steps, no ushape-insecure row (about 2-3 min on 2 cores)",
+    )
     ap.add_argument("--trials", type=int, default=None, help="interleaved trials per schedule (default 5; quick 3)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per trial (default 5; quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 3; quick 2)")
     ap.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
-    ap.add_argument("--variants", nargs="+", choices=list(FEDSPLIT_VARIANTS), default=None,
-                    help="fedsplit rows (default: all four; quick: all but fedsplit-ushape-insecure)")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="keep glibc's default malloc settings instead of the ones fedsplit's workers use (for all processes)")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(FEDSPLIT_VARIANTS),
+        default=None,
+        help="fedsplit rows (default: all four; quick: all but fedsplit-ushape-insecure)",
+    )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings instead of the ones fedsplit's workers use (for all processes)",
+    )
     args = ap.parse_args(argv)
     if args.trials is None:
         args.trials = 3 if args.quick else 5
@@ -405,8 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {PLANS.relative_to(REPO) / file}, {'plaintext' if insecure else 'TLS + tokens'}; path {path}")
         for w in plan.warnings:
             print(f"    plan warning: {w.message}")
-    print(f"  {BASELINE}: 2 ranks, gloo on 127.0.0.1, stage0 = embed + layers 0-{SPLIT - 1}, "
-          f"stage1 = layers {SPLIT}-3 + final_norm + lm_head + loss (CE + aux_loss_coef * aux)")
+    print(
+        f"  {BASELINE}: 2 ranks, gloo on 127.0.0.1, stage0 = embed + layers 0-{SPLIT - 1}, "
+        f"stage1 = layers {SPLIT}-3 + final_norm + lm_head + loss (CE + aux_loss_coef * aux)"
+    )
     sys.stdout.flush()
 
     # Stop cleanly (finally blocks run) on SIGTERM as on Ctrl-C.
@@ -429,8 +450,14 @@ def main(argv: list[str] | None = None) -> int:
             feds = []
             try:
                 tpp.reset()  # every row of a block starts from the same weights and step 0
-                block = [Row(BASELINE, schedule, [tpp.pids[0], tpp.pids[1]],
-                             lambda first, n, s=schedule: tpp.run(s, first, n))]
+                block = [
+                    Row(
+                        BASELINE,
+                        schedule,
+                        [tpp.pids[0], tpp.pids[1]],
+                        lambda first, n, s=schedule: tpp.run(s, first, n),
+                    )
+                ]
                 for name in args.variants:
                     file, insecure = FEDSPLIT_VARIANTS[name]
                     plan = load_plan_for(file, schedule)
@@ -440,8 +467,10 @@ def main(argv: list[str] | None = None) -> int:
                     row = Row(name, schedule, [p.pid for p in fed.procs.values()], fedsplit_runner(fed, plan))
                     row.startup_s = time.perf_counter() - t0
                     block.append(row)
-                print(f"[{schedule}] fedsplit federations up: "
-                      + ", ".join(f"{r.name} {r.startup_s:.1f} s" for r in block[1:]))
+                print(
+                    f"[{schedule}] fedsplit federations up: "
+                    + ", ".join(f"{r.name} {r.startup_s:.1f} s" for r in block[1:])
+                )
                 sys.stdout.flush()
                 for r in block:  # warm-up (step 0 onwards: same weights, same batch, for the loss check)
                     r.run(args.warmup, record=False)
@@ -449,9 +478,10 @@ def main(argv: list[str] | None = None) -> int:
                     k = trial % len(block)
                     for r in block[k:] + block[:k]:
                         r.run(args.steps, record=True)
-                    print(f"  [{schedule}] trial {trial + 1}/{args.trials} at {time.perf_counter() - t_start:.0f} s, "
-                          f"load {loadavg()}: "
-                          + ", ".join(f"{r.name} {r.tok_s[-1]:.0f}" for r in block) + " tok/s")
+                    print(
+                        f"  [{schedule}] trial {trial + 1}/{args.trials} at {time.perf_counter() - t_start:.0f} s, "
+                        f"load {loadavg()}: " + ", ".join(f"{r.name} {r.tok_s[-1]:.0f}" for r in block) + " tok/s"
+                    )
                     sys.stdout.flush()
                 rows += block
             finally:
@@ -464,8 +494,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- report ----------------------------------------------------------------------------
     print()
-    cols = ["schedule", "row", "tokens/s median (min-max)", f"x {BASELINE} paired median (min-max)",
-            "CPU-s/step", "step-0 objective"]
+    cols = [
+        "schedule",
+        "row",
+        "tokens/s median (min-max)",
+        f"x {BASELINE} paired median (min-max)",
+        "CPU-s/step",
+        "step-0 objective",
+    ]
     table = []
     base = {r.schedule: r for r in rows if r.name == BASELINE}
     for r in rows:
@@ -490,8 +526,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {schedule:5s} {r.name:26s} {fmt([a / c for a, c in zip(r.tok_s, b.tok_s)], 3)}{mark}")
     print()
     print("notes:")
-    print(f"  tokens/s = steps x {TRAINING['batch_size']} x {TRAINING['seq_len']} / wall time of {args.steps} optimizer steps; "
-          f"{args.trials} interleaved trials (order rotates) after {args.warmup} warm-up steps per row.")
+    print(
+        f"  tokens/s = steps x {TRAINING['batch_size']} x {TRAINING['seq_len']} / wall time of {args.steps} "
+        "optimizer steps; "
+        f"{args.trials} interleaved trials (order rotates) after {args.warmup} warm-up steps per row."
+    )
     print("  torch-pp cannot express fedsplit's U-shape; 'match' rows use the same placement as torch-pp")
     print("  (compute-b receives labels), 'ushape' rows add the B -> A hop of fedsplit's default placement.")
     print("  fedsplit '1f1b' = at most (path length) micro-batches in flight, backwards in order, threads on the")

@@ -40,16 +40,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 # Keep intra-op threads at 1 in both processes (set before torch is imported, and again below).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-
 from report import fmt_stats, loadavg, proc_cpu, provenance  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,10 +176,14 @@ class _RawClient:
         self.sock.close()
 
 
-register(Transport(
-    "raw-tcp", _raw_start_server, _RawClient,
-    "sendall(memoryview) / recv_into(preallocated, MSG_WAITALL), TCP_NODELAY, no validation",
-))
+register(
+    Transport(
+        "raw-tcp",
+        _raw_start_server,
+        _RawClient,
+        "sendall(memoryview) / recv_into(preallocated, MSG_WAITALL), TCP_NODELAY, no validation",
+    )
+)
 
 
 # ---- fedsplit data plane --------------------------------------------------------------------
@@ -232,7 +236,9 @@ def _dp_start_server(require_finite: bool, tls: bool = False, codec: str = "none
 
 
 class _DPClient:
-    def __init__(self, address: Any, opts: dict, require_finite: bool, tls: bool = False, codec: str = "none", shm: bool = False):
+    def __init__(
+        self, address: Any, opts: dict, require_finite: bool, tls: bool = False, codec: str = "none", shm: bool = False
+    ):
         from fedsplit.transport.proto import dataplane_pb2 as pb
         from fedsplit.transport.service import DataPlaneChannel
 
@@ -243,8 +249,9 @@ class _DPClient:
 
             kw["token"] = load_token(opts["tls_dir"], "bench-client")
             address = address.replace("127.0.0.1", "localhost")  # the certificate names both
-        self.chan = DataPlaneChannel("bench-server", address, caller="bench-client",
-                                     limits=_dp_limits(opts, require_finite), timeout=120.0, **kw)
+        self.chan = DataPlaneChannel(
+            "bench-server", address, caller="bench-client", limits=_dp_limits(opts, require_finite), timeout=120.0, **kw
+        )
         self.step = 0
         self.call_kw = {} if codec == "none" else {"codec": codec}
 
@@ -266,32 +273,56 @@ class _DPClient:
         self.chan.close()
 
 
-register(Transport(
-    "dataplane", _dp_start_server(True), lambda a, o: _DPClient(a, o, True),
-    "DataPlaneServer/DataPlaneChannel, Limits(require_finite=True) on both ends (the real path)",
-))
-register(Transport(
-    "dataplane-nofinite", _dp_start_server(False), lambda a, o: _DPClient(a, o, False),
-    "same, Limits(require_finite=False) on both ends (shows the cost of the finite check)",
-))
+register(
+    Transport(
+        "dataplane",
+        _dp_start_server(True),
+        lambda a, o: _DPClient(a, o, True),
+        "DataPlaneServer/DataPlaneChannel, Limits(require_finite=True) on both ends (the real path)",
+    )
+)
+register(
+    Transport(
+        "dataplane-nofinite",
+        _dp_start_server(False),
+        lambda a, o: _DPClient(a, o, False),
+        "same, Limits(require_finite=False) on both ends (shows the cost of the finite check)",
+    )
+)
 
 # Not in the default set (run them with e.g. --transports raw-tcp dataplane dataplane-tls):
-register(Transport(
-    "dataplane-tls", _dp_start_server(True, tls=True), lambda a, o: _DPClient(a, o, True, tls=True),
-    "same as dataplane, plus mutual TLS and a bearer token (throw-away certs in a temp dir)",
-))
-register(Transport(
-    "dataplane-bf16", _dp_start_server(True, codec="bf16"), lambda a, o: _DPClient(a, o, True, codec="bf16"),
-    "same as dataplane, bf16 wire codec both ways (lossy; GB/s counts the fp32 payload)",
-))
-register(Transport(
-    "dataplane-shm", _dp_start_server(True), lambda a, o: _DPClient(a, o, True, shm=True),
-    "same as dataplane, tensors through /dev/shm segments, only control frames over gRPC",
-))
-register(Transport(
-    "dataplane-shm-nofinite", _dp_start_server(False), lambda a, o: _DPClient(a, o, False, shm=True),
-    "same as dataplane-shm without the finite check (it is the only pass over the bytes on arrival)",
-))
+register(
+    Transport(
+        "dataplane-tls",
+        _dp_start_server(True, tls=True),
+        lambda a, o: _DPClient(a, o, True, tls=True),
+        "same as dataplane, plus mutual TLS and a bearer token (throw-away certs in a temp dir)",
+    )
+)
+register(
+    Transport(
+        "dataplane-bf16",
+        _dp_start_server(True, codec="bf16"),
+        lambda a, o: _DPClient(a, o, True, codec="bf16"),
+        "same as dataplane, bf16 wire codec both ways (lossy; GB/s counts the fp32 payload)",
+    )
+)
+register(
+    Transport(
+        "dataplane-shm",
+        _dp_start_server(True),
+        lambda a, o: _DPClient(a, o, True, shm=True),
+        "same as dataplane, tensors through /dev/shm segments, only control frames over gRPC",
+    )
+)
+register(
+    Transport(
+        "dataplane-shm-nofinite",
+        _dp_start_server(False),
+        lambda a, o: _DPClient(a, o, False, shm=True),
+        "same as dataplane-shm without the finite check (it is the only pass over the bytes on arrival)",
+    )
+)
 DEFAULT_TRANSPORTS = ["raw-tcp", "dataplane", "dataplane-nofinite", "dataplane-shm", "dataplane-shm-nofinite"]
 FINITE_PAIRS = [("dataplane", "dataplane-nofinite"), ("dataplane-shm", "dataplane-shm-nofinite")]
 
@@ -331,8 +362,14 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> dict:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", ",".join(self.names),
-               "--opts", json.dumps(self.opts)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve",
+            ",".join(self.names),
+            "--opts",
+            json.dumps(self.opts),
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             ready, _, _ = select.select([self.proc.stdout], [], [], self.start_timeout)
@@ -394,7 +431,9 @@ class Variant:
         cpu1, srv1 = time.process_time(), proc_cpu(self.server_pid)
         gb = t.numel() * t.element_size() * calls * (2 if self.pattern == ROUNDTRIP else 1) / 1e9
         self.results.setdefault(size, []).append(gb / elapsed)
-        self.cpu.setdefault(size, []).append(((cpu1 - cpu0) / gb, (srv1 - srv0) / gb if srv0 is not None else float("nan")))
+        self.cpu.setdefault(size, []).append(
+            ((cpu1 - cpu0) / gb, (srv1 - srv0) / gb if srv0 is not None else float("nan"))
+        )
 
 
 def activation_shape(size_mib: int) -> tuple[int, ...]:
@@ -405,7 +444,7 @@ def activation_shape(size_mib: int) -> tuple[int, ...]:
 
 def header_lines(args) -> list[str]:
     return [
-        *provenance('fedsplit/transport'),
+        *provenance("fedsplit/transport"),
         f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')!r}",
         f"sizes MiB {args.sizes}  trials {args.trials}  bytes/trial >= {args.bytes_per_trial} MiB  "
         f"transports {args.transports}  baseline {BASELINE}",
@@ -418,12 +457,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="fp32 tensor sizes in MiB (default 4 16 64)")
     ap.add_argument("--trials", type=int, default=None, help="interleaved trials (default 7)")
     ap.add_argument("--quick", action="store_true", help="sizes 4 16, 3 trials")
-    ap.add_argument("--bytes-per-trial", type=int, default=128,
-                    help="payload MiB per variant per trial; calls/trial = max(1, this / size) (default 128)")
-    ap.add_argument("--transports", nargs="+", default=list(DEFAULT_TRANSPORTS), choices=list(TRANSPORTS),
-                    help=f"default: {' '.join(DEFAULT_TRANSPORTS)}")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="keep glibc's default malloc settings instead of the ones fedsplit's worker processes use")
+    ap.add_argument(
+        "--bytes-per-trial",
+        type=int,
+        default=128,
+        help="payload MiB per variant per trial; calls/trial = max(1, this / size) (default 128)",
+    )
+    ap.add_argument(
+        "--transports",
+        nargs="+",
+        default=list(DEFAULT_TRANSPORTS),
+        choices=list(TRANSPORTS),
+        help=f"default: {' '.join(DEFAULT_TRANSPORTS)}",
+    )
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings instead of the ones fedsplit's worker processes use",
+    )
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--opts", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -469,8 +520,11 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
         print(f"server pid {info['pid']} (client pid {os.getpid()}), started in {time.perf_counter() - t0:.1f} s")
         clients = {name: TRANSPORTS[name].connect(info["addresses"][name], opts) for name in args.transports}
         try:
-            variants = [Variant(name, pattern, clients[name], server_pid=info["pid"])
-                        for pattern in PATTERNS for name in args.transports]
+            variants = [
+                Variant(name, pattern, clients[name], server_pid=info["pid"])
+                for pattern in PATTERNS
+                for name in args.transports
+            ]
             gen = torch.Generator().manual_seed(0)
             for size in args.sizes:
                 t = torch.randn(activation_shape(size), generator=gen, dtype=torch.float32)
@@ -479,15 +533,19 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
                     if v.pattern == ROUNDTRIP:
                         back = v.client.roundtrip(t)
                         lossy = v.transport.endswith("-bf16")
-                        if back.shape != t.shape or not (torch.allclose(back, t, rtol=1e-2, atol=1e-2) if lossy
-                                                         else torch.equal(back, t)):
+                        if back.shape != t.shape or not (
+                            torch.allclose(back, t, rtol=1e-2, atol=1e-2) if lossy else torch.equal(back, t)
+                        ):
                             raise RuntimeError(f"{v.label}: echoed tensor differs from the one sent")
                     else:
                         v.client.oneway(t)
-                for trial in range(args.trials):
+                for _ in range(args.trials):
                     for v in variants:
                         v.run(t, calls)
-                print(f"  {size} MiB done ({calls} calls/variant/trial) at {time.perf_counter() - t0:.1f} s, load {loadavg()}")
+                print(
+                    f"  {size} MiB done ({calls} calls/variant/trial) at {time.perf_counter() - t0:.1f} s, "
+                    f"load {loadavg()}"
+                )
                 sys.stdout.flush()
                 del t
         finally:
@@ -500,21 +558,42 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
 
     print()
     base = {(v.pattern): v for v in variants if v.transport == BASELINE}
-    cols = ["variant", "pattern", "MiB", "calls", "GB/s median (min-max)", f"x {BASELINE} paired median (min-max)",
-            "CPU-s/GB client / server"]
+    cols = [
+        "variant",
+        "pattern",
+        "MiB",
+        "calls",
+        "GB/s median (min-max)",
+        f"x {BASELINE} paired median (min-max)",
+        "CPU-s/GB client / server",
+    ]
     rows = []
     for pattern in PATTERNS:
         for size in args.sizes:
             for v in (v for v in variants if v.pattern == pattern):
                 gbs = v.results[size]
-                ratio = "1" if v.transport == BASELINE else fmt_stats(
-                    [a / b for a, b in zip(gbs, base[pattern].results[size])], 3)
+                ratio = (
+                    "1"
+                    if v.transport == BASELINE
+                    else fmt_stats([a / b for a, b in zip(gbs, base[pattern].results[size])], 3)
+                )
                 cpu = v.cpu[size]
-                rows.append([v.transport, pattern, str(size), str(max(1, args.bytes_per_trial // size)),
-                             fmt_stats(gbs), ratio, f"{statistics.median(c for c, _ in cpu):.2f} / "
-                                                    f"{statistics.median(s for _, s in cpu):.2f}"])
+                rows.append(
+                    [
+                        v.transport,
+                        pattern,
+                        str(size),
+                        str(max(1, args.bytes_per_trial // size)),
+                        fmt_stats(gbs),
+                        ratio,
+                        f"{statistics.median(c for c, _ in cpu):.2f} / {statistics.median(s for _, s in cpu):.2f}",
+                    ]
+                )
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda r: "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"
+
     print(line(cols))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
@@ -528,7 +607,9 @@ def _run(args: argparse.Namespace, opts: dict) -> int:
         pair = {(v.transport, v.pattern): v for v in variants if v.transport in (checked, unchecked)}
         for pattern in PATTERNS:
             for size in args.sizes:
-                r = [a / b for a, b in zip(pair[checked, pattern].results[size], pair[unchecked, pattern].results[size])]
+                r = [
+                    a / b for a, b in zip(pair[checked, pattern].results[size], pair[unchecked, pattern].results[size])
+                ]
                 print(f"  {pattern:10s} {size:3d} MiB: {fmt_stats(r, 3)}")
 
     print()

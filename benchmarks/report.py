@@ -83,6 +83,7 @@ def provenance(watched: str = "fedsplit") -> list[str]:
         f"command: (cd {shlex.quote(os.getcwd())} && {shlex.join([short_path(sys.executable), *sys.argv])})",
         f"python {platform.python_version()}  torch {torch.__version__}  grpcio {grpc.__version__}  "
         f"cpus {os.cpu_count()}  {platform.machine()}",
-        f"git {_git('rev-parse', '--short', 'HEAD')}" + (f"  ({watched} has uncommitted changes: {' '.join(dirty.split())})" if dirty else ""),
+        f"git {_git('rev-parse', '--short', 'HEAD')}"
+        + (f"  ({watched} has uncommitted changes: {' '.join(dirty.split())})" if dirty else ""),
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
     ]

@@ -10,9 +10,9 @@ recomputes the whole window for each new token: no KV cache, which is fine at th
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -45,8 +45,13 @@ def _find_plan(start: Path) -> Path | None:
     return None
 
 
-def load_model(source: str | Path, *, plan_file: str | Path | None = None, tokenizer_file: str | Path | None = None,
-               device: str = "cpu") -> LoadedModel:
+def load_model(
+    source: str | Path,
+    *,
+    plan_file: str | Path | None = None,
+    tokenizer_file: str | Path | None = None,
+    device: str = "cpu",
+) -> LoadedModel:
     """The checkpoint at ``source`` in a monolithic model, with its tokenizer."""
     source = Path(source)
     if source.is_file():
@@ -54,12 +59,16 @@ def load_model(source: str | Path, *, plan_file: str | Path | None = None, token
     else:
         ckpt = find_checkpoint(source)
         if ckpt is None:
-            raise GenerateError(f"no complete checkpoint in {source}: give a run directory, a checkpoints/round-NNNN "
-                                f"directory or a model.safetensors")
+            raise GenerateError(
+                f"no complete checkpoint in {source}: give a run directory, a checkpoints/round-NNNN "
+                f"directory or a model.safetensors"
+            )
         weights, description = ckpt.weights, f"round {ckpt.round} ({ckpt.path})"
     plan_path = Path(plan_file) if plan_file else _find_plan(source)
     if plan_path is None:
-        raise GenerateError(f"no {PLAN_FILE} beside or above {source}: give the run's plan with --plan RUN_DIR/{PLAN_FILE}")
+        raise GenerateError(
+            f"no {PLAN_FILE} beside or above {source}: give the run's plan with --plan RUN_DIR/{PLAN_FILE}"
+        )
     try:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
         cfg = ModelConfig.model_validate(plan["model"])
@@ -71,8 +80,10 @@ def load_model(source: str | Path, *, plan_file: str | Path | None = None, token
     except TokenizerError as e:
         raise GenerateError(str(e)) from None
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise GenerateError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size {cfg.vocab_size}: "
-                            f"give the tokenizer the run trained with (--tokenizer)")
+        raise GenerateError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size {cfg.vocab_size}: "
+            f"give the tokenizer the run trained with (--tokenizer)"
+        )
     model = MoETransformer(cfg)
     try:
         model.load_state_dict(weights, strict=True)
@@ -83,8 +94,17 @@ def load_model(source: str | Path, *, plan_file: str | Path | None = None, token
 
 
 @torch.no_grad()
-def sample(model: MoETransformer, prompt: Sequence[int], max_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-           seed: int = 0, context: int = 256, vocab_size: int | None = None) -> list[int]:
+def sample(
+    model: MoETransformer,
+    prompt: Sequence[int],
+    max_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    context: int = 256,
+    vocab_size: int | None = None,
+) -> list[int]:
     """``max_tokens`` new token ids after ``prompt``: temperature 0 is greedy, otherwise softmax
     sampling at ``temperature`` over the ``top_k`` most likely tokens (all when None), drawn
     from a generator seeded with ``seed``. Only ids below ``vocab_size`` (the tokenizer's) are
@@ -109,13 +129,28 @@ def sample(model: MoETransformer, prompt: Sequence[int], max_tokens: int, *, tem
             kth = logits.topk(top_k).values[-1]
             logits[logits < kth] = float("-inf")
         ids.append(int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
-def generate_text(loaded: LoadedModel, prompt: str, max_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                  seed: int = 0) -> str:
+def generate_text(
+    loaded: LoadedModel,
+    prompt: str,
+    max_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
     """``prompt`` followed by ``max_tokens`` sampled tokens, decoded."""
     ids = loaded.tokenizer.encode(prompt)
-    new = sample(loaded.model, ids, max_tokens, temperature=temperature, top_k=top_k, seed=seed, context=loaded.context,
-                 vocab_size=loaded.tokenizer.vocab_size)
+    new = sample(
+        loaded.model,
+        ids,
+        max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        context=loaded.context,
+        vocab_size=loaded.tokenizer.vocab_size,
+    )
     return loaded.tokenizer.decode(ids + new)

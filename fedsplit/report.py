@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 REPORT_DIR = "report"
 
@@ -43,7 +43,9 @@ def read_rounds(run_dir: str | Path) -> list[dict]:
     ``"eval"``; the initial model's evaluation is a record of round 0 with no training."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise ReportError(f"{path} does not exist: give the run directory that `fedsplit simulate` or `fedsplit baseline` printed")
+        raise ReportError(
+            f"{path} does not exist: give the run directory that `fedsplit simulate` or `fedsplit baseline` printed"
+        )
     rounds: dict[int, dict] = {}
     evals: dict[int, dict] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -133,8 +135,15 @@ def _plot_loss(rounds: list[dict], base: list[dict], directory: Path) -> tuple[P
     xs = [r["round"] for r in rounds]
     train = axes[0][0]
     for org in _data_owners(rounds):
-        train.plot(xs, [float(((r.get("orgs") or {}).get(org) or {}).get("loss", math.nan)) for r in rounds], marker="o", label=org)
-    train.plot(xs, [float(r.get("loss", math.nan)) for r in rounds], color="black", linewidth=2.5, marker="o", label="overall")
+        train.plot(
+            xs,
+            [float(((r.get("orgs") or {}).get(org) or {}).get("loss", math.nan)) for r in rounds],
+            marker="o",
+            label=org,
+        )
+    train.plot(
+        xs, [float(r.get("loss", math.nan)) for r in rounds], color="black", linewidth=2.5, marker="o", label="overall"
+    )
     _style(train, "train loss (token-weighted)", "loss")
     if with_eval:
         ppl = axes[0][1]
@@ -144,7 +153,12 @@ def _plot_loss(rounds: list[dict], base: list[dict], directory: Path) -> tuple[P
         _style(ppl, "held-out perplexity", "perplexity (log scale)")
         ppl.set_yscale("log")
     _save(fig, directory / "loss.png")
-    return directory / "loss.png", None if with_eval else "no held-out evaluation in the metrics (a run from before evaluation existed): perplexity not plotted"
+    return (
+        directory / "loss.png",
+        None
+        if with_eval
+        else "no held-out evaluation in the metrics (a run from before evaluation existed): perplexity not plotted",
+    )
 
 
 def _plot_baseline(rounds: list[dict], base: list[dict], directory: Path) -> tuple[Path | None, str | None]:
@@ -156,19 +170,31 @@ def _plot_baseline(rounds: list[dict], base: list[dict], directory: Path) -> tup
     fig, axes = plt.subplots(1, 2 if with_eval else 1, figsize=(12 if with_eval else 6.5, 4.2), squeeze=False)
     series = (("federated", rounds, "-"), ("centralised baseline", base, "--"))
     for name, records, style in series:
-        axes[0][0].plot([r["round"] for r in records], [float(r.get("loss", math.nan)) for r in records], style, marker="o", label=name)
+        axes[0][0].plot(
+            [r["round"] for r in records],
+            [float(r.get("loss", math.nan)) for r in records],
+            style,
+            marker="o",
+            label=name,
+        )
     _style(axes[0][0], "train loss, federated vs centralised", "loss")
     if with_eval:
         for name, records, style in series:
             axes[0][1].plot([r["round"] for r in records], [_eval(r) for r in records], style, marker="o", label=name)
         _style(axes[0][1], "held-out perplexity, federated vs centralised", "perplexity")
     _save(fig, directory / "baseline.png")
-    return directory / "baseline.png", None if with_eval else "the run or the baseline has no held-out evaluation: only train loss compared"
+    return (
+        directory / "baseline.png",
+        None if with_eval else "the run or the baseline has no held-out evaluation: only train loss compared",
+    )
 
 
 def _plot_wire(rounds: list[dict], base: list[dict], directory: Path) -> tuple[Path | None, str | None]:
-    orgs = [org for org in dict.fromkeys(o for r in rounds for o in (r.get("orgs") or {}))
-            if any("bytes_sent" in ((r.get("orgs") or {}).get(org) or {}) for r in rounds)]
+    orgs = [
+        org
+        for org in dict.fromkeys(o for r in rounds for o in (r.get("orgs") or {}))
+        if any("bytes_sent" in ((r.get("orgs") or {}).get(org) or {}) for r in rounds)
+    ]
     if not orgs:
         return None, "no bytes_sent per organisation in the metrics: traffic not plotted"
     import matplotlib.pyplot as plt
@@ -200,11 +226,21 @@ def _plot_expert_load(rounds: list[dict], base: list[dict], directory: Path) -> 
     for y, row in enumerate(grid):
         for x, value in enumerate(row):
             if not math.isnan(value):
-                ax.text(x, y, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < max(map(max, grid)) * 0.6 else "black")
+                ax.text(
+                    x,
+                    y,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value < max(map(max, grid)) * 0.6 else "black",
+                )
     ax.set_xticks(range(experts), [str(e) for e in range(experts)])
     ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
     ax.set_xlabel("expert")
-    ax.set_title(f"fraction of routed tokens per expert, round {last['round']} (uniform = {1 / experts:.3g})", fontsize=10)
+    ax.set_title(
+        f"fraction of routed tokens per expert, round {last['round']} (uniform = {1 / experts:.3g})", fontsize=10
+    )
     fig.colorbar(image, ax=ax)
     _save(fig, directory / "expert_load.png")
     return directory / "expert_load.png", None
@@ -228,23 +264,43 @@ def _summary(run_dir: Path, rounds: list[dict], base: list[dict], baseline: str 
     lines = [f"# Report: {run_dir.name}", ""]
     if baseline is not None:
         lines += [f"Baseline (centralised, same token budget): `{baseline}`", ""]
-    header = ["round", "train loss", "eval loss", "eval ppl"] + (["baseline eval ppl", "gap"] if base else []) + ["tokens", "seconds", "MB sent"]
+    header = (
+        ["round", "train loss", "eval loss", "eval ppl"]
+        + (["baseline eval ppl", "gap"] if base else [])
+        + ["tokens", "seconds", "MB sent"]
+    )
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rounds:
         ppl = _eval(r)
-        row = [str(r["round"]), _num(float(r.get("loss", math.nan)), ".4f"), _num(_eval(r, key="loss"), ".4f"), _num(ppl, ".2f")]
+        row = [
+            str(r["round"]),
+            _num(float(r.get("loss", math.nan)), ".4f"),
+            _num(_eval(r, key="loss"), ".4f"),
+            _num(ppl, ".2f"),
+        ]
         if base:
             b = _eval(by_round[r["round"]]) if r["round"] in by_round else math.nan
             row += [_num(b, ".2f"), _num(100 * (ppl / b - 1), "+.1f") + ("%" if not math.isnan(ppl / b) else "")]
-        row += [f"{int(r.get('tokens', 0)):,}", _num(float(r.get("seconds", math.nan)), ".1f"), _num(_mb_sent(r), ".2f")]
+        row += [
+            f"{int(r.get('tokens', 0)):,}",
+            _num(float(r.get("seconds", math.nan)), ".1f"),
+            _num(_mb_sent(r), ".2f"),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     owners = [o for o in _data_owners(rounds) if not math.isnan(_eval(rounds[-1], o))]
     if owners:
-        lines += ["", f"Held-out perplexity per data owner, round {rounds[-1]['round']}:", "",
-                  "| data owner | eval ppl | eval tokens |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Held-out perplexity per data owner, round {rounds[-1]['round']}:",
+            "",
+            "| data owner | eval ppl | eval tokens |",
+            "|---|---|---|",
+        ]
         for org in owners:
             tokens = (((rounds[-1].get("eval") or {}).get("orgs") or {}).get(org) or {}).get("tokens")
-            lines.append(f"| {org} | {_num(_eval(rounds[-1], org), '.2f')} | {'–' if tokens is None else f'{int(tokens):,}'} |")
+            lines.append(
+                f"| {org} | {_num(_eval(rounds[-1], org), '.2f')} | {'–' if tokens is None else f'{int(tokens):,}'} |"
+            )
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in report.plots]
     if report.notes:
         lines += ["", "## Not plotted", ""] + [f"* {n}" for n in report.notes]

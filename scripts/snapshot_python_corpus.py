@@ -18,15 +18,51 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODULES = sorted([
-    "abc.py", "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "colorsys.py",
-    "configparser.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "datetime.py",
-    "difflib.py", "enum.py", "fnmatch.py", "fractions.py", "functools.py", "glob.py", "heapq.py",
-    "ipaddress.py", "json/decoder.py", "json/encoder.py", "keyword.py", "linecache.py",
-    "numbers.py", "operator.py", "pathlib.py", "pprint.py", "queue.py", "random.py", "shlex.py",
-    "shutil.py", "statistics.py", "string.py", "textwrap.py", "threading.py", "tokenize.py",
-    "uuid.py", "warnings.py", "weakref.py",
-])
+MODULES = sorted(
+    [
+        "abc.py",
+        "argparse.py",
+        "ast.py",
+        "base64.py",
+        "bisect.py",
+        "calendar.py",
+        "colorsys.py",
+        "configparser.py",
+        "contextlib.py",
+        "copy.py",
+        "csv.py",
+        "dataclasses.py",
+        "datetime.py",
+        "difflib.py",
+        "enum.py",
+        "fnmatch.py",
+        "fractions.py",
+        "functools.py",
+        "glob.py",
+        "heapq.py",
+        "ipaddress.py",
+        "json/decoder.py",
+        "json/encoder.py",
+        "keyword.py",
+        "linecache.py",
+        "numbers.py",
+        "operator.py",
+        "pathlib.py",
+        "pprint.py",
+        "queue.py",
+        "random.py",
+        "shlex.py",
+        "shutil.py",
+        "statistics.py",
+        "string.py",
+        "textwrap.py",
+        "threading.py",
+        "tokenize.py",
+        "uuid.py",
+        "warnings.py",
+        "weakref.py",
+    ]
+)
 
 
 def snapshot(stdlib: Path, cap_bytes: int) -> tuple[str, list[str]]:
@@ -55,8 +91,10 @@ def main() -> None:
     licence = stdlib / "LICENSE.txt"
     if licence.exists():
         args.out.with_suffix(".LICENSE").write_text(licence.read_text(encoding="utf-8"), encoding="utf-8")
-    print(f"wrote {args.out}: {len(text.encode('utf-8')):,} bytes, {len(taken)} modules of CPython "
-          f"{platform.python_version()} ({taken[0]} .. {taken[-1]})")
+    print(
+        f"wrote {args.out}: {len(text.encode('utf-8')):,} bytes, {len(taken)} modules of CPython "
+        f"{platform.python_version()} ({taken[0]} .. {taken[-1]})"
+    )
 
 
 if __name__ == "__main__":

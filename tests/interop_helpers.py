@@ -22,9 +22,18 @@ def fedsplit_logits(cfg: ModelConfig, weights: dict, tokens: torch.Tensor) -> to
 def write_plan(root: Path, model: str, orgs: dict[str, list[str]], lr: float = 1e-2) -> Path:
     """A plan whose first organisation owns the data; ``model`` is relative to ``root``."""
     (root / "orgs").mkdir(parents=True, exist_ok=True)
-    fed = {"name": "hf", "model": model, "orgs": ["orgs/*.yaml"],
-           "training": {"steps_per_round": 3, "batch_size": 2, "seq_len": 12, "micro_batches": 2,
-                        "optimizer": {"name": "adamw", "lr": lr}}}
+    fed = {
+        "name": "hf",
+        "model": model,
+        "orgs": ["orgs/*.yaml"],
+        "training": {
+            "steps_per_round": 3,
+            "batch_size": 2,
+            "seq_len": 12,
+            "micro_batches": 2,
+            "optimizer": {"name": "adamw", "lr": lr},
+        },
+    }
     (root / "federation.yaml").write_text(json.dumps(fed))
     for i, (org, holds) in enumerate(orgs.items()):
         spec = {"org": org, "holds": holds, **({"data": {"train": str(SHAKESPEARE)}} if i == 0 else {})}

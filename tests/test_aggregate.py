@@ -33,10 +33,10 @@ def test_fedadam_takes_a_server_adam_step_along_the_averaged_update():
     new = FedAdamAggregator(config)("layers.0", 1, before, trained, weights)
     avg = average_replicas(trained, weights)
     b1, b2 = config.server_betas
-    eta = config.server_lr * math.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)  # Flower's bias correction at server round 1
+    eta = config.server_lr * math.sqrt(1 - b2**2) / (1 - b1**2)  # Flower's bias correction at server round 1
     for k, x in before.items():
         delta = avg[k] - x
-        m, v = (1 - b1) * delta, (1 - b2) * delta ** 2
+        m, v = (1 - b1) * delta, (1 - b2) * delta**2
         expected = x + eta * m / (v.sqrt() + config.server_tau)
         assert new[k].dtype == x.dtype
         torch.testing.assert_close(new[k], expected, rtol=1e-5, atol=1e-6)
@@ -50,7 +50,9 @@ def test_fedadam_moments_survive_a_resume():
     resumed = FedAdamAggregator(config)
     resumed.load_state_dict(first.state_dict())
     _, trained_again = replicas(3)
-    trained_again = {org: {k: after_one[k] + (v - v.mean()) * 0.01 for k, v in state.items()} for org, state in trained_again.items()}
+    trained_again = {
+        org: {k: after_one[k] + (v - v.mean()) * 0.01 for k, v in state.items()} for org, state in trained_again.items()
+    }
     a = first("layers.0", 2, after_one, trained_again, {"a": 1.0, "b": 1.0})
     b = resumed("layers.0", 2, after_one, trained_again, {"a": 1.0, "b": 1.0})
     fresh = FedAdamAggregator(config)("layers.0", 2, after_one, trained_again, {"a": 1.0, "b": 1.0})

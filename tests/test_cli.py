@@ -23,8 +23,16 @@ def test_plan_check_marks_replicated_partitions(capsys):
 
 def test_plan_check_says_how_replicas_are_kept_together(capsys, tmp_path):
     src = PLANS / "two-hospitals"
-    text = (src / "federation.yaml").read_text().replace("aggregation: {strategy: fedavg}", "aggregation: {strategy: fedavg, replica_sync: step}")
-    (tmp_path / "federation.yaml").write_text(text.replace("model: ../../models/", f"model: {ROOT}/configs/models/").replace("orgs: [orgs/*.yaml]", f"orgs: [{src}/orgs/*.yaml]"))
+    text = (
+        (src / "federation.yaml")
+        .read_text()
+        .replace("aggregation: {strategy: fedavg}", "aggregation: {strategy: fedavg, replica_sync: step}")
+    )
+    (tmp_path / "federation.yaml").write_text(
+        text.replace("model: ../../models/", f"model: {ROOT}/configs/models/").replace(
+            "orgs: [orgs/*.yaml]", f"orgs: [{src}/orgs/*.yaml]"
+        )
+    )
     assert main(["plan", "check", str(tmp_path / "federation.yaml")]) == 0
     assert "add up their gradients every step" in capsys.readouterr().out
     assert main(["plan", "check", str(src / "federation.yaml")]) == 0
@@ -33,8 +41,12 @@ def test_plan_check_says_how_replicas_are_kept_together(capsys, tmp_path):
 
 def test_plan_check_exits_1_and_names_the_problem_on_an_invalid_plan(capsys, tmp_path):
     (tmp_path / "orgs").mkdir()
-    (tmp_path / "federation.yaml").write_text(f"name: bad\nmodel: {ROOT}/configs/models/tiny.yaml\norgs: [orgs/*.yaml]\n")
-    (tmp_path / "orgs" / "a.yaml").write_text("org: a\ndata: {train: a.yaml}\nholds: [embed, layers.0-7, final_norm, lm_head]\n")
+    (tmp_path / "federation.yaml").write_text(
+        f"name: bad\nmodel: {ROOT}/configs/models/tiny.yaml\norgs: [orgs/*.yaml]\n"
+    )
+    (tmp_path / "orgs" / "a.yaml").write_text(
+        "org: a\ndata: {train: a.yaml}\nholds: [embed, layers.0-7, final_norm, lm_head]\n"
+    )
     assert main(["plan", "check", str(tmp_path / "federation.yaml")]) == 1
     err = capsys.readouterr().err
     assert "org 'a'" in err and "layers.0-7" in err and "outside the model" in err
@@ -42,8 +54,19 @@ def test_plan_check_exits_1_and_names_the_problem_on_an_invalid_plan(capsys, tmp
 
 def test_verify_json_reports_the_differences_and_both_loss_curves():
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsplit.cli", "verify", str(PLANS / "experts" / "federation.yaml"), "--steps", "2", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "fedsplit.cli",
+            "verify",
+            str(PLANS / "experts" / "federation.yaml"),
+            "--steps",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     result = json.loads(proc.stdout)
     assert set(result) >= {"max_abs_diff", "max_rel_diff", "loss_split", "loss_mono"}

@@ -17,7 +17,9 @@ TEXT = "to be or not to be, that is the question\n" * 20
 
 def test_plain_jsonl_and_globbed_files_are_one_corpus(tmp_path):
     (tmp_path / "a.txt").write_text(TEXT)
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "first doc", "domain": "x"}) + "\n\n" + json.dumps({"text": "second doc\n"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "first doc", "domain": "x"}) + "\n\n" + json.dumps({"text": "second doc\n"}) + "\n"
+    )
     plan = load_plan(write_plan(tmp_path, {"train": ["../*.txt", "../b.jsonl"]}))
     corpus = read_corpus("owner", plan.orgs["owner"].train_data)
     assert bytes(corpus.ids.tolist()).decode() == TEXT + "first doc\nsecond doc\n"
@@ -26,7 +28,7 @@ def test_plain_jsonl_and_globbed_files_are_one_corpus(tmp_path):
 def test_a_missing_file_is_a_plan_error_naming_org_and_path(tmp_path):
     with pytest.raises(PlanError) as e:
         load_plan(write_plan(tmp_path, {"train": "../nowhere/*.txt"}))
-    problem, = e.value.problems
+    (problem,) = e.value.problems
     assert problem.org == "owner" and "nowhere/*.txt" in problem.message and problem.field == "data.train"
 
 

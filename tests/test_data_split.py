@@ -65,7 +65,11 @@ def test_domain_split_gives_each_org_one_domain(splits):
 
 def test_domain_split_with_fewer_orgs_than_domains_still_deals_every_domain():
     split = split_corpora(ORGS[:2], "domain", seed=0)
-    assert {c.domain for org in ORGS[:2] for c in split.train[org]} == {"arithmetic", "python-stdlib", "tinyshakespeare"}
+    assert {c.domain for org in ORGS[:2] for c in split.train[org]} == {
+        "arithmetic",
+        "python-stdlib",
+        "tinyshakespeare",
+    }
 
 
 def test_dirichlet_split_is_skewed(splits):
@@ -93,8 +97,27 @@ def test_cli_writes_each_orgs_files_and_prints_tokens_per_domain(tmp_path, capsy
 
 def test_generated_plan_points_each_data_owner_at_its_split(tmp_path, capsys):
     out = tmp_path / "plan"
-    assert main(["plan", "generate", "--orgs", "4", "--data-owners", "2", "--out", str(out), "--split", "dirichlet",
-                 "--alpha", "0.5", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "generate",
+                "--orgs",
+                "4",
+                "--data-owners",
+                "2",
+                "--out",
+                str(out),
+                "--split",
+                "dirichlet",
+                "--alpha",
+                "0.5",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "--split dirichlet --alpha 0.5" in (out / "federation.yaml").read_text()
     plan = load_plan(out / "federation.yaml")
     for org in ("data-00", "data-01"):

@@ -37,7 +37,7 @@ def sgd_plan(tmp_path: Path) -> Path:
     source = PLANS / "u-shape-3"
     fed = tmp_path / "federation.yaml"
     fed.write_text(f"""name: u-shape-3-sgd
-model: {(PLANS.parent / 'models' / 'tiny.yaml').resolve()}
+model: {(PLANS.parent / "models" / "tiny.yaml").resolve()}
 training: {{rounds: 2, steps_per_round: 1, batch_size: 4, seq_len: 64, micro_batches: 2,
            optimizer: {{name: sgd, lr: 0.05}}, seed: 0}}
 orgs: [{source.resolve()}/orgs/*.yaml]
@@ -46,8 +46,12 @@ orgs: [{source.resolve()}/orgs/*.yaml]
 
 
 def fedsplit(*args: str, prefix: tuple[str, ...] = (), log: Path) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, sys.executable, "-m", "fedsplit.cli", *args], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", "fedsplit.cli", *args],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -83,12 +87,28 @@ class Deployment:
     prefixes: dict[str, tuple[str, ...]]
 
     @classmethod
-    def prepare(cls, tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str],
-                prefixes: dict[str, tuple[str, ...]]) -> Deployment:
+    def prepare(
+        cls, tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str], prefixes: dict[str, tuple[str, ...]]
+    ) -> Deployment:
         fed = sgd_plan(tmp_path)
         creds = tmp_path / "creds"
-        made = subprocess.run([sys.executable, "-m", "fedsplit.cli", "certs", str(fed), "--out", str(creds),
-                               "--hosts", "localhost", coordinator_host, *set(org_hosts.values())], capture_output=True, text=True)
+        made = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedsplit.cli",
+                "certs",
+                str(fed),
+                "--out",
+                str(creds),
+                "--hosts",
+                "localhost",
+                coordinator_host,
+                *set(org_hosts.values()),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert made.returncode == 0, made.stderr
         own = {name: own_credentials(creds, name) for name in (*ORGS, "coordinator")}
         return cls(tmp_path, fed, own, f"{coordinator_host}:{free_port()}", org_hosts, prefixes)
@@ -98,14 +118,42 @@ class Deployment:
         return self.tmp_path / "runs"
 
     def coordinator(self, *extra: str, log: str = "coordinator.log") -> subprocess.Popen:
-        return fedsplit("coordinator", str(self.fed), "--listen", self.superlink, "--credentials", str(self.own["coordinator"]),
-                        "--runs-dir", str(self.runs), "--node-timeout", "240", *extra, log=self.tmp_path / log)
+        return fedsplit(
+            "coordinator",
+            str(self.fed),
+            "--listen",
+            self.superlink,
+            "--credentials",
+            str(self.own["coordinator"]),
+            "--runs-dir",
+            str(self.runs),
+            "--node-timeout",
+            "240",
+            *extra,
+            log=self.tmp_path / log,
+        )
 
     def clients(self) -> list[subprocess.Popen]:
-        return [fedsplit("client", "--org", org, "--plan", str(self.fed), "--superlink", self.superlink,
-                         "--data-plane-address", f"{self.org_hosts[org]}:{free_port()}", "--credentials", str(self.own[org]),
-                         "--state-dir", str(self.tmp_path / org), prefix=self.prefixes.get(org, ()), log=self.tmp_path / f"{org}.log")
-                for org in ORGS]
+        return [
+            fedsplit(
+                "client",
+                "--org",
+                org,
+                "--plan",
+                str(self.fed),
+                "--superlink",
+                self.superlink,
+                "--data-plane-address",
+                f"{self.org_hosts[org]}:{free_port()}",
+                "--credentials",
+                str(self.own[org]),
+                "--state-dir",
+                str(self.tmp_path / org),
+                prefix=self.prefixes.get(org, ()),
+                log=self.tmp_path / f"{org}.log",
+            )
+            for org in ORGS
+        ]
 
     def run_dir(self) -> Path:
         (run_dir,) = self.runs.iterdir()
@@ -117,7 +165,9 @@ def finished(coordinator: subprocess.Popen, log: Path) -> None:
     assert code == 0, log.read_text()[-4000:]
 
 
-def deploy(tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str], prefixes: dict[str, tuple[str, ...]]) -> Path:
+def deploy(
+    tmp_path: Path, coordinator_host: str, org_hosts: dict[str, str], prefixes: dict[str, tuple[str, ...]]
+) -> Path:
     """Run the coordinator to the end with one client per organisation; returns the run directory."""
     deployment = Deployment.prepare(tmp_path, coordinator_host, org_hosts, prefixes)
     coordinator = deployment.coordinator()
@@ -147,7 +197,9 @@ def wait_for_round(deployment: Deployment, round: int, coordinator: subprocess.P
     """The run directory, once the checkpoint and the metrics of ``round`` are both written."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert coordinator.poll() is None, f"the coordinator exited ({coordinator.returncode}) before round {round} was done"
+        assert coordinator.poll() is None, (
+            f"the coordinator exited ({coordinator.returncode}) before round {round} was done"
+        )
         if deployment.runs.exists() and any(deployment.runs.iterdir()):
             run_dir = deployment.run_dir()
             ckpt = latest_checkpoint(run_dir / "checkpoints")
@@ -183,7 +235,9 @@ def test_a_deployed_run_resumes_after_the_coordinator_dies_and_ends_as_an_uninte
         run_dir = wait_for_round(deployment, 1, crashed)
         os.killpg(crashed.pid, signal.SIGKILL)
         crashed.wait()
-        assert latest_checkpoint(run_dir / "checkpoints").round == 1, "the coordinator was to die before round 2 was done"
+        assert latest_checkpoint(run_dir / "checkpoints").round == 1, (
+            "the coordinator was to die before round 2 was done"
+        )
         wait_until_closed(deployment.superlink)  # its SuperLink goes with it (parent-death signal)
         assert [c.poll() for c in clients] == [None] * len(ORGS), "a client exited when the coordinator died"
         resumed = deployment.coordinator("--resume", str(run_dir), log="coordinator-resumed.log")

@@ -61,5 +61,7 @@ def test_eval_text_shorter_than_a_batch_says_what_to_do(tmp_path):
     (tmp_path / "train.txt").write_text(SHAKESPEARE)
     (tmp_path / "eval.txt").write_text("too short")
     plan = load_plan(write_plan(tmp_path, {"train": "../train.txt", "eval": "../eval.txt"}))
-    with pytest.raises(DataError, match=r"organisation 'owner': 9 tokens of eval data, fewer than one evaluation batch"):
+    with pytest.raises(
+        DataError, match=r"organisation 'owner': 9 tokens of eval data, fewer than one evaluation batch"
+    ):
         eval_batches_for(plan, "owner")

@@ -18,12 +18,12 @@ import torch
 from fedsplit.data import eval_batches_for
 from fedsplit.federation.baseline import held_out_loss
 from fedsplit.federation.checkpoint import latest_checkpoint, load_checkpoint
-from fedsplit.federation.verify import initial_weights
-from fedsplit.runtime import MonolithicTrainer
 from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
+from fedsplit.federation.verify import initial_weights
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
 from fedsplit.plan.schema import OptimizerConfig
+from fedsplit.runtime import MonolithicTrainer
 
 from .reference_training import max_diff, monolithic
 
@@ -60,9 +60,16 @@ def test_held_out_evaluation_through_the_split_model_equals_the_reassembled_mode
     evaluates the last model. Each equals the monolithic model's evaluation of the checkpoint."""
     plan = small_plan("three-orgs", rounds=2, steps=2, eval_tokens=512)
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
-    evals = {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == "eval"}
+    evals = {
+        r["round"]: r
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["event"] == "eval"
+    }
     assert sorted(evals) == [0, 1, 2]
-    models = {0: initial_weights(plan), **{r: load_checkpoint(run_dir / "checkpoints" / f"round-{r:04d}").weights for r in (1, 2)}}
+    models = {
+        0: initial_weights(plan),
+        **{r: load_checkpoint(run_dir / "checkpoints" / f"round-{r:04d}").weights for r in (1, 2)},
+    }
     for r, weights in models.items():
         for owner in plan.data_owners:
             expected, tokens = held_out_loss(MonolithicTrainer(plan, weights), eval_batches_for(plan, owner))
@@ -84,7 +91,9 @@ def test_three_org_plan_with_every_partition_kind_averages_replicas_exactly(tmp_
 def test_replicas_kept_in_step_make_rounds_of_adamw_equal_centralised_training(tmp_path):
     """With ``replica_sync: step`` the replicated ends add up their gradients every step, so R
     rounds of S AdamW steps through Flower equal R*S monolithic steps on all owners' batches."""
-    plan = small_plan("u-shape-3", rounds=2, steps=2, optimizer=OptimizerConfig(name="adamw", lr=3e-4))  # as in test_split_exactness
+    plan = small_plan(
+        "u-shape-3", rounds=2, steps=2, optimizer=OptimizerConfig(name="adamw", lr=3e-4)
+    )  # as in test_split_exactness
     plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
     assert max_diff(latest_checkpoint(run_dir / "checkpoints").weights, monolithic(plan, 4)) <= 1e-5
@@ -97,7 +106,9 @@ def test_deterministic_runs_with_several_data_owners_repeat_bitwise(tmp_path):
     runs = [simulate(plan, SimulationOptions(runs_root=tmp_path / str(i), insecure=True)) for i in range(2)]
     first, second = (latest_checkpoint(r / "checkpoints").weights for r in runs)
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert max_diff(first, monolithic(plan, 6)) > 0  # replicas averaged per round: not the monolith, but the same every time
+    assert (
+        max_diff(first, monolithic(plan, 6)) > 0
+    )  # replicas averaged per round: not the monolith, but the same every time
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -116,8 +127,12 @@ def test_a_killed_and_resumed_coordinator_reaches_the_weights_of_a_clean_run(tmp
     common = ["--rounds", "3", "--steps", "2", "--insecure"]
     clean = run_cli("simulate", fed, "--runs-dir", str(tmp_path / "clean"), *common)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, "-m", "fedsplit.cli", "simulate", fed, "--runs-dir", str(tmp_path / "killed"), *common],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsplit.cli", "simulate", fed, "--runs-dir", str(tmp_path / "killed"), *common],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not list((tmp_path / "killed").glob("*/checkpoints/round-0001/manifest.json")):
@@ -134,7 +149,9 @@ def test_a_killed_and_resumed_coordinator_reaches_the_weights_of_a_clean_run(tmp
     assert final.round == 3
     # Not bitwise: a worker that serves two data owners adds their gradients in the order their
     # backward calls arrive, which differs from run to run by a rounding step (7e-9 seen).
-    assert max_diff(final.weights, latest_checkpoint(next((tmp_path / "clean").iterdir()) / "checkpoints").weights) <= 1e-6
+    assert (
+        max_diff(final.weights, latest_checkpoint(next((tmp_path / "clean").iterdir()) / "checkpoints").weights) <= 1e-6
+    )
 
 
 def kill_after_round_one(org: str):
@@ -154,8 +171,11 @@ def test_a_dead_data_owner_is_reported_and_the_others_go_on_with_its_replicas(tm
     (it does not wait for it) and the rerun keeps the survivors' replicas in step without it."""
     plan = small_plan("two-hospitals", rounds=3, steps=20)
     plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": replica_sync})
-    run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),
-                       on_started=kill_after_round_one("hospital-b"))
+    run_dir = simulate(
+        plan,
+        SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),
+        on_started=kill_after_round_one("hospital-b"),
+    )
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     failed = [e for e in events if e["event"] == "round-failed"]
     assert failed and failed[0]["gone"] == ["hospital-b"] and "hospital-b" in failed[0]["failed"]
@@ -168,7 +188,10 @@ def test_a_dead_data_owner_is_reported_and_the_others_go_on_with_its_replicas(tm
 def test_a_dead_organisation_without_replicas_stops_the_run_with_a_clear_error(tmp_path):
     plan = small_plan("u-shape-3", rounds=3, steps=20)
     with pytest.raises(SimulationFailed) as err:
-        simulate(plan, SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),
-                 on_started=kill_after_round_one("hospital-b"))
+        simulate(
+            plan,
+            SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),
+            on_started=kill_after_round_one("hospital-b"),
+        )
     assert "layers.2.experts.4-7" in str(err.value) and "no organisation left" in str(err.value)
     assert latest_checkpoint(next(tmp_path.iterdir()) / "checkpoints").round >= 1  # the last good weights stay

@@ -49,7 +49,7 @@ def test_sampling_gives_the_tokens_asked_for_and_repeats_with_its_seed(run_dir):
 def test_greedy_sampling_takes_the_most_likely_token(run_dir):
     model = load_model(run_dir).model
     prompt = list(b"to be")
-    token, = sample(model, prompt, 1, temperature=0.0)
+    (token,) = sample(model, prompt, 1, temperature=0.0)
     logits, _ = model(torch.tensor([prompt]))
     assert token == int(logits[0, -1].argmax())
 

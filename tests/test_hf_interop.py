@@ -20,17 +20,51 @@ transformers = pytest.importorskip("transformers")
 
 from .interop_helpers import fedsplit_logits, write_plan  # noqa: E402
 
-COMMON = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              num_experts_per_tok=2, rms_norm_eps=1e-6)
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    rms_norm_eps=1e-6,
+)
 MODELS = {
     # head_dim differs from hidden/heads, and a sliding window shorter than the sequence
-    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(intermediate_size=16, num_local_experts=4, head_dim=12,
-                                                            sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
-    "qwen2-moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(moe_intermediate_size=16, num_experts=4, intermediate_size=48,
-                                                                shared_expert_intermediate_size=24, norm_topk_prob=True)),
-    "qwen2-moe-tied": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(moe_intermediate_size=16, num_experts=4, intermediate_size=48,
-                                                                     shared_expert_intermediate_size=24, norm_topk_prob=False,
-                                                                     tie_word_embeddings=True)),
+    "mixtral": (
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        dict(
+            intermediate_size=16,
+            num_local_experts=4,
+            head_dim=12,
+            sliding_window=5,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+        ),
+    ),
+    "qwen2-moe": (
+        "Qwen2MoeForCausalLM",
+        "Qwen2MoeConfig",
+        dict(
+            moe_intermediate_size=16,
+            num_experts=4,
+            intermediate_size=48,
+            shared_expert_intermediate_size=24,
+            norm_topk_prob=True,
+        ),
+    ),
+    "qwen2-moe-tied": (
+        "Qwen2MoeForCausalLM",
+        "Qwen2MoeConfig",
+        dict(
+            moe_intermediate_size=16,
+            num_experts=4,
+            intermediate_size=48,
+            shared_expert_intermediate_size=24,
+            norm_topk_prob=False,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -163,15 +197,26 @@ def _edit_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps({**cfg, **changes}))
 
 
-@pytest.mark.parametrize("kind, changes, field", [
-    ("qwen2-moe", {"architectures": ["GPT2LMHeadModel"]}, "architectures"),
-    ("qwen2-moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
-    ("qwen2-moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
-    ("qwen2-moe", {"use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
-    ("mixtral", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters.rope_type"),
-    ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
-    ("mixtral", {"attention_dropout": 0.1}, "attention_dropout"),
-])
+@pytest.mark.parametrize(
+    "kind, changes, field",
+    [
+        ("qwen2-moe", {"architectures": ["GPT2LMHeadModel"]}, "architectures"),
+        ("qwen2-moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+        ("qwen2-moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+        (
+            "qwen2-moe",
+            {"use_sliding_window": True, "layer_types": ["sliding_attention", "full_attention"]},
+            "layer_types",
+        ),
+        (
+            "mixtral",
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+            "rope_parameters.rope_type",
+        ),
+        ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
+        ("mixtral", {"attention_dropout": 0.1}, "attention_dropout"),
+    ],
+)
 def test_unsupported_config_fields_are_refused_by_name(tmp_path, kind, changes, field):
     hf_model(kind).save_pretrained(tmp_path)
     _edit_config(tmp_path, **changes)
@@ -183,6 +228,7 @@ def test_unsupported_config_fields_are_refused_by_name(tmp_path, kind, changes, 
 def test_a_tensor_fedsplit_has_no_place_for_is_refused_by_name(tmp_path):
     hf_model("mixtral").save_pretrained(tmp_path)
     from safetensors.torch import load_file
+
     weights = load_file(tmp_path / "model.safetensors")
     weights["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(32)
     save_file(weights, tmp_path / "model.safetensors")
@@ -200,8 +246,18 @@ def test_a_plan_naming_an_unsupported_checkpoint_says_which_field(tmp_path):
 
 
 def test_export_refuses_shared_experts_without_a_gate():
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-                      num_experts=4, top_k=2, expert_ffn_size=16, num_shared_experts=1)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_experts=4,
+        top_k=2,
+        expert_ffn_size=16,
+        num_shared_experts=1,
+    )
     with pytest.raises(CheckpointError) as exc:
         save_hf(cfg, MoETransformer(cfg).state_dict(), "unused")
     assert exc.value.field == "shared_expert_gate"

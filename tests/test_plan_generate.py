@@ -58,17 +58,22 @@ def test_generation_is_deterministic(tmp_path):
 def test_shipped_generated_plans_are_up_to_date(orgs):
     shipped = PLANS / f"generated-{orgs}"
     fresh = {path: text.encode() for path, text in render_plan(orgs, shipped).items()}
-    assert _files(shipped) == fresh, f"regenerate: fedsplit plan generate --orgs {orgs} --out configs/plans/generated-{orgs}"
+    assert _files(shipped) == fresh, (
+        f"regenerate: fedsplit plan generate --orgs {orgs} --out configs/plans/generated-{orgs}"
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"orgs": 1}, "at least 2"),
-    ({"orgs": 4, "data_owners": 4}, "--data-owners must be between 1 and"),
-    ({"orgs": 4, "data_owners": 0}, "--data-owners must be between 1 and"),
-    ({"orgs": 41, "data_owners": 1}, "cannot all host a piece"),
-    ({"orgs": 4, "model": "no-such-model.yaml"}, "cannot read the model file"),
-    ({"orgs": 4, "batch_size": 0}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"orgs": 1}, "at least 2"),
+        ({"orgs": 4, "data_owners": 4}, "--data-owners must be between 1 and"),
+        ({"orgs": 4, "data_owners": 0}, "--data-owners must be between 1 and"),
+        ({"orgs": 41, "data_owners": 1}, "cannot all host a piece"),
+        ({"orgs": 4, "model": "no-such-model.yaml"}, "cannot read the model file"),
+        ({"orgs": 4, "batch_size": 0}, "batch_size"),
+    ],
+)
 def test_bad_arguments_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_plan(out_dir=tmp_path, **kwargs)

@@ -44,7 +44,9 @@ def write_plan(tmp_path):
         for stem, text in orgs.items():
             (tmp_path / "orgs" / f"{stem}.yaml").write_text(dedent(text))
         fed = tmp_path / "federation.yaml"
-        fed.write_text(dedent(federation) if federation is not None else f"name: test\nmodel: {model}\norgs: [orgs/*.yaml]\n")
+        fed.write_text(
+            dedent(federation) if federation is not None else f"name: test\nmodel: {model}\norgs: [orgs/*.yaml]\n"
+        )
         return fed
 
     return write
@@ -107,8 +109,9 @@ def test_unheld_parameters_are_named(write_plan):
 
 
 def test_partial_overlap_names_both_orgs_selectors_and_the_shared_layer(write_plan, tmp_path):
-    fed = write_plan({
-        "alpha": f"""\
+    fed = write_plan(
+        {
+            "alpha": f"""\
             org: alpha
             {DATA}
             holds:
@@ -117,8 +120,9 @@ def test_partial_overlap_names_both_orgs_selectors_and_the_shared_layer(write_pl
               - final_norm
               - lm_head
             """,
-        "beta": "org: beta\nholds: [layers.1-3]\n",
-    })
+            "beta": "org: beta\nholds: [layers.1-3]\n",
+        }
+    )
     problem, text = only_problem(fed)
     assert problem.file == tmp_path / "orgs" / "alpha.yaml"
     assert problem.line == 5  # the "- layers.0-1" entry
@@ -133,14 +137,16 @@ def test_partial_overlap_names_both_orgs_selectors_and_the_shared_layer(write_pl
 
 
 def test_exact_replicas_are_one_partition_with_two_holders(write_plan):
-    fed = write_plan({
-        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-1, final_norm, lm_head]\n",
-        "compute-b": "org: compute-b\nholds: [layers.2-3]\nlocal: [layers.2-3]\n",
-        "compute-c": "org: compute-c\nholds: [layers.2-3]\n",
-        # the same units written differently are still the same piece
-        "heads-d": "org: heads-d\nholds: [layers.1.attention]\n",
-        "heads-e": "org: heads-e\nholds: [layers.1-1.attention.heads.0-7]\n",
-    })
+    fed = write_plan(
+        {
+            "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-1, final_norm, lm_head]\n",
+            "compute-b": "org: compute-b\nholds: [layers.2-3]\nlocal: [layers.2-3]\n",
+            "compute-c": "org: compute-c\nholds: [layers.2-3]\n",
+            # the same units written differently are still the same piece
+            "heads-d": "org: heads-d\nholds: [layers.1.attention]\n",
+            "heads-e": "org: heads-e\nholds: [layers.1-1.attention.heads.0-7]\n",
+        }
+    )
     plan = load_plan(fed)
     cfg = plan.model
     by_units = {p.units: p for p in plan.partitions}
@@ -155,11 +161,13 @@ def test_exact_replicas_are_one_partition_with_two_holders(write_plan):
 
 
 def test_carve_outs_go_to_the_carving_org_only(write_plan):
-    fed = write_plan({
-        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-1, final_norm, lm_head]\n",
-        "compute-b": "org: compute-b\nholds: [layers.2-3]\n",
-        "experts-c": "org: experts-c\nholds: [layers.2-3.experts.4-7, layers.3.attention.heads.0-3]\n",
-    })
+    fed = write_plan(
+        {
+            "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-1, final_norm, lm_head]\n",
+            "compute-b": "org: compute-b\nholds: [layers.2-3]\n",
+            "experts-c": "org: experts-c\nholds: [layers.2-3.experts.4-7, layers.3.attention.heads.0-3]\n",
+        }
+    )
     plan = load_plan(fed)
     carved = {Unit("expert", layer, e) for layer in (2, 3) for e in range(4, 8)}
     heads = {Unit("kv", 3, 0), Unit("kv", 3, 1)}
@@ -177,7 +185,9 @@ def test_carve_outs_go_to_the_carving_org_only(write_plan):
 
 def holds_selector(write_plan, selector: str) -> Path:
     """A valid plan plus one extra holds entry, on line 6 of hospital-a's file."""
-    return write_plan({"hospital-a": f"""\
+    return write_plan(
+        {
+            "hospital-a": f"""\
         org: hospital-a
         {DATA}
         holds:
@@ -186,7 +196,9 @@ def holds_selector(write_plan, selector: str) -> Path:
           - {selector}
           - final_norm
           - lm_head
-        """})
+        """
+        }
+    )
 
 
 def assert_selector_problem(write_plan, tmp_path, selector: str, *words: str) -> Problem:
@@ -201,28 +213,39 @@ def assert_selector_problem(write_plan, tmp_path, selector: str, *words: str) ->
 
 
 def test_layer_range_outside_the_model_gives_the_layer_count(write_plan, tmp_path):
-    assert_selector_problem(write_plan, tmp_path, "layers.0-9", "layer 0-9 is outside the model", "it has 4 layers, 0-3")
+    assert_selector_problem(
+        write_plan, tmp_path, "layers.0-9", "layer 0-9 is outside the model", "it has 4 layers, 0-3"
+    )
 
 
 def test_expert_range_outside_the_model_gives_the_expert_count(write_plan, tmp_path):
-    assert_selector_problem(write_plan, tmp_path, "layers.1.experts.6-8", "expert 6-8 is outside the model", "it has 8 experts, 0-7")
+    assert_selector_problem(
+        write_plan, tmp_path, "layers.1.experts.6-8", "expert 6-8 is outside the model", "it has 8 experts, 0-7"
+    )
 
 
 def test_head_range_outside_the_model_gives_the_head_count(write_plan, tmp_path):
-    assert_selector_problem(write_plan, tmp_path, "layers.1.attention.heads.4-9", "head 4-9 is outside the model", "it has 8 heads, 0-7")
+    assert_selector_problem(
+        write_plan, tmp_path, "layers.1.attention.heads.4-9", "head 4-9 is outside the model", "it has 8 heads, 0-7"
+    )
 
 
 def test_empty_range_is_rejected(write_plan, tmp_path):
     assert_selector_problem(write_plan, tmp_path, "layers.3-1", "layer range 3-1 is empty")
 
 
-@pytest.mark.parametrize("selector, kv, serves", [
-    ("layers.1.attention.heads.0-2", 1, "(2-3)"),  # ends inside KV head 1
-    ("layers.1.attention.heads.1-2", 0, "(0-1)"),  # starts inside KV head 0
-    ("layers.1.attention.heads.3", 1, "(2-3)"),
-])
+@pytest.mark.parametrize(
+    "selector, kv, serves",
+    [
+        ("layers.1.attention.heads.0-2", 1, "(2-3)"),  # ends inside KV head 1
+        ("layers.1.attention.heads.1-2", 0, "(0-1)"),  # starts inside KV head 0
+        ("layers.1.attention.heads.3", 1, "(2-3)"),
+    ],
+)
 def test_head_group_that_splits_a_kv_head_names_the_alignment(write_plan, tmp_path, selector, kv, serves):
-    problem = assert_selector_problem(write_plan, tmp_path, selector, f"split KV head {kv}", "each KV head serves 2 query heads", serves)
+    problem = assert_selector_problem(
+        write_plan, tmp_path, selector, f"split KV head {kv}", "each KV head serves 2 query heads", serves
+    )
     assert "8 query heads and 4 KV heads" in problem.message
     assert "multiple of 2" in problem.message
 
@@ -232,7 +255,9 @@ def test_kv_aligned_head_group_is_accepted(write_plan):
     assert {Unit("kv", 1, 1), Unit("kv", 1, 2)} in [set(p.units) for p in plan.partitions]
 
 
-@pytest.mark.parametrize("selector", ["layer.0-1", "layers.x", "layers.0.expert.1", "layers.0.heads.0-1", "layers.0-1-2", "Embed"])
+@pytest.mark.parametrize(
+    "selector", ["layer.0-1", "layers.x", "layers.0.expert.1", "layers.0.heads.0-1", "layers.0-1-2", "Embed"]
+)
 def test_malformed_selector_cannot_be_parsed(write_plan, tmp_path, selector):
     problem = assert_selector_problem(write_plan, tmp_path, selector, "cannot parse selector")
     assert GRAMMAR in problem.message  # says what a selector looks like
@@ -240,7 +265,9 @@ def test_malformed_selector_cannot_be_parsed(write_plan, tmp_path, selector):
 
 def test_shared_experts_selector_on_a_model_without_them(write_plan, write_model, tmp_path):
     model = write_model(num_shared_experts=0)
-    fed = write_plan({"hospital-a": f"""\
+    fed = write_plan(
+        {
+            "hospital-a": f"""\
         org: hospital-a
         {DATA}
         holds:
@@ -249,7 +276,10 @@ def test_shared_experts_selector_on_a_model_without_them(write_plan, write_model
           - layers.1.shared_experts
           - final_norm
           - lm_head
-        """}, model=model)
+        """
+        },
+        model=model,
+    )
     problem, _ = only_problem(fed)
     assert (problem.file, problem.line) == (tmp_path / "orgs" / "hospital-a.yaml", 6)
     assert (problem.org, problem.selector) == ("hospital-a", "layers.1.shared_experts")
@@ -257,8 +287,9 @@ def test_shared_experts_selector_on_a_model_without_them(write_plan, write_model
 
 
 def test_several_problems_are_reported_together(write_plan, tmp_path):
-    fed = write_plan({
-        "hospital-a": f"""\
+    fed = write_plan(
+        {
+            "hospital-a": f"""\
             org: hospital-a
             {DATA}
             holds:
@@ -268,12 +299,17 @@ def test_several_problems_are_reported_together(write_plan, tmp_path):
               - final_norm
               - lm_head
             """,
-        "compute-b": "org: compute-b\nhodls: [layers.0]\n",
-    })
+            "compute-b": "org: compute-b\nhodls: [layers.0]\n",
+        }
+    )
     err = plan_error(fed)
     assert len(err.problems) == 3, str(err)
     found = {(p.file.name, p.line, p.selector or p.field) for p in err.problems}
-    assert found == {("hospital-a.yaml", 5, "layer.0-3"), ("hospital-a.yaml", 6, "layers.0-9"), ("compute-b.yaml", 2, "hodls")}
+    assert found == {
+        ("hospital-a.yaml", 5, "layer.0-3"),
+        ("hospital-a.yaml", 6, "layers.0-9"),
+        ("compute-b.yaml", 2, "hodls"),
+    }
     text = str(err)
     assert "cannot parse selector" in text and "outside the model" in text and "unknown field" in text
 
@@ -291,7 +327,9 @@ def test_unknown_field_in_an_org_file_gives_field_and_line(write_plan, tmp_path)
 
 
 def test_unknown_nested_field_in_the_federation_file_gives_its_path_and_line(write_plan):
-    fed = write_plan({"hospital-a": OWNER}, federation=f"""\
+    fed = write_plan(
+        {"hospital-a": OWNER},
+        federation=f"""\
         name: test
         model: {TINY}
         training:
@@ -299,7 +337,8 @@ def test_unknown_nested_field_in_the_federation_file_gives_its_path_and_line(wri
           optimiser:
             name: adamw
         orgs: [orgs/*.yaml]
-        """)
+        """,
+    )
     problem, text = only_problem(fed)
     assert (problem.file, problem.line, problem.field) == (fed, 5, "training.optimiser")
     assert problem.org is None
@@ -308,14 +347,17 @@ def test_unknown_nested_field_in_the_federation_file_gives_its_path_and_line(wri
 
 
 def test_wrong_type_names_the_field_the_value_and_the_line(write_plan):
-    fed = write_plan({"hospital-a": OWNER}, federation=f"""\
+    fed = write_plan(
+        {"hospital-a": OWNER},
+        federation=f"""\
         name: test
         model: {TINY}
         training:
           rounds: 2
           batch_size: "eight"
         orgs: [orgs/*.yaml]
-        """)
+        """,
+    )
     problem, _ = only_problem(fed)
     assert (problem.file, problem.line, problem.field) == (fed, 5, "training.batch_size")
     assert "valid integer" in problem.message and "'eight'" in problem.message
@@ -337,14 +379,17 @@ def test_yaml_syntax_error_gives_the_line(write_plan, tmp_path):
 
 
 def test_batch_size_must_be_a_multiple_of_micro_batches(write_plan):
-    fed = write_plan({"hospital-a": OWNER}, federation=f"""\
+    fed = write_plan(
+        {"hospital-a": OWNER},
+        federation=f"""\
         name: test
         model: {TINY}
         training:
           batch_size: 6
           micro_batches: 4
         orgs: [orgs/*.yaml]
-        """)
+        """,
+    )
     problem, _ = only_problem(fed)
     assert (problem.file, problem.line, problem.field) == (fed, 3, "training")
     assert "batch_size (6) must be a multiple of micro_batches (4)" in problem.message
@@ -362,23 +407,29 @@ def test_duplicate_org_name_names_both_files(write_plan, tmp_path):
 
 
 def test_a_file_matched_by_two_org_globs_is_one_org_not_a_duplicate(write_plan):
-    fed = write_plan({"hospital-a": OWNER, "compute-b": "org: compute-b\nholds: [layers.3]\n"}, federation=f"""\
+    fed = write_plan(
+        {"hospital-a": OWNER, "compute-b": "org: compute-b\nholds: [layers.3]\n"},
+        federation=f"""\
         name: test
         model: {TINY}
         orgs: [orgs/*.yaml, orgs/hospital-a.yaml, ./orgs/compute-b.yaml]
-        """)
+        """,
+    )
     plan = load_plan(fed)
     assert sorted(plan.orgs) == ["compute-b", "hospital-a"]
 
 
 def test_org_glob_that_matches_no_file(write_plan):
-    fed = write_plan({"hospital-a": OWNER}, federation=f"""\
+    fed = write_plan(
+        {"hospital-a": OWNER},
+        federation=f"""\
         name: test
         model: {TINY}
         orgs:
           - orgs/*.yaml
           - partners/*.yaml
-        """)
+        """,
+    )
     problem, _ = only_problem(fed)
     assert (problem.file, problem.line, problem.field) == (fed, 5, "orgs")
     assert "no organisation file matches 'partners/*.yaml'" in problem.message
@@ -399,18 +450,24 @@ def test_invalid_model_file_names_its_field(write_plan, write_model, tmp_path):
     fed = write_plan({"hospital-a": OWNER}, model=write_model(num_kv_heads=3))
     err = plan_error(fed)
     assert err.problems[0].field == "model"
-    assert any(p.file == tmp_path / "model.yaml" and "multiple of num_kv_heads" in p.message for p in err.problems), str(err)
+    assert any(p.file == tmp_path / "model.yaml" and "multiple of num_kv_heads" in p.message for p in err.problems), (
+        str(err)
+    )
 
 
 def test_local_selector_must_be_one_of_the_orgs_holds(write_plan, tmp_path):
-    fed = write_plan({"hospital-a": f"""\
+    fed = write_plan(
+        {
+            "hospital-a": f"""\
         org: hospital-a
         {DATA}
         holds: [embed, layers.0-3, final_norm, lm_head]
         local:
           - layers.0-3
           - layers.2-3
-        """})
+        """
+        }
+    )
     problem, _ = only_problem(fed)
     assert (problem.file, problem.line) == (tmp_path / "orgs" / "hospital-a.yaml", 6)
     assert (problem.org, problem.selector, problem.field) == ("hospital-a", "layers.2-3", "local")
@@ -418,7 +475,12 @@ def test_local_selector_must_be_one_of_the_orgs_holds(write_plan, tmp_path):
 
 
 def test_missing_data_file_names_org_and_path(write_plan, tmp_path):
-    fed = write_plan({"hospital-a": "org: hospital-a\nholds: [embed, layers.0-3, final_norm, lm_head]\ndata:\n  train: ../data/nope.txt\n"})
+    fed = write_plan(
+        {
+            "hospital-a": "org: hospital-a\nholds: [embed, layers.0-3, final_norm, lm_head]\ndata:\n  train: "
+            "../data/nope.txt\n"
+        }
+    )
     problem, text = only_problem(fed)
     assert (problem.file, problem.line) == (tmp_path / "orgs" / "hospital-a.yaml", 4)
     assert (problem.org, problem.field) == ("hospital-a", "data.train")
@@ -439,10 +501,13 @@ def test_no_org_has_training_data(write_plan):
 
 def test_tied_embeddings_must_be_held_by_the_same_orgs(write_plan, write_model):
     model = write_model(tie_embeddings=True)
-    fed = write_plan({
-        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-3, final_norm]\n",
-        "head-b": "org: head-b\nholds: [lm_head]\n",
-    }, model=model)
+    fed = write_plan(
+        {
+            "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-3, final_norm]\n",
+            "head-b": "org: head-b\nholds: [lm_head]\n",
+        },
+        model=model,
+    )
     problem, _ = only_problem(fed)
     assert problem.file == fed
     assert "ties lm_head to embed" in problem.message
@@ -472,10 +537,14 @@ def test_org_that_holds_nothing_and_has_no_data(write_plan, tmp_path):
     ],
 )
 def test_data_owner_is_warned_when_its_tokens_or_labels_leave(write_plan, tmp_path, owner_holds, other_holds, text):
-    plan = load_plan(write_plan({
-        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [{owner_holds}]\n",
-        "compute-b": f"org: compute-b\nholds: [{other_holds}]\n",
-    }))
+    plan = load_plan(
+        write_plan(
+            {
+                "hospital-a": f"org: hospital-a\n{DATA}\nholds: [{owner_holds}]\n",
+                "compute-b": f"org: compute-b\nholds: [{other_holds}]\n",
+            }
+        )
+    )
     assert len(plan.warnings) == 1, plan.warnings
     (w,) = plan.warnings
     assert (w.file, w.org) == (tmp_path / "orgs" / "hospital-a.yaml", "hospital-a")
@@ -483,10 +552,14 @@ def test_data_owner_is_warned_when_its_tokens_or_labels_leave(write_plan, tmp_pa
 
 
 def test_each_data_owner_is_warned_about_the_replica_it_is_routed_to(write_plan):
-    plan = load_plan(write_plan({
-        "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-3, final_norm, lm_head]\n",
-        "hospital-d": f"org: hospital-d\n{DATA}\nholds: [layers.0-3, final_norm]\n",
-    }))
+    plan = load_plan(
+        write_plan(
+            {
+                "hospital-a": f"org: hospital-a\n{DATA}\nholds: [embed, layers.0-3, final_norm, lm_head]\n",
+                "hospital-d": f"org: hospital-d\n{DATA}\nholds: [layers.0-3, final_norm]\n",
+            }
+        )
+    )
     assert {w.org for w in plan.warnings} == {"hospital-d"}
     messages = sorted(w.message for w in plan.warnings)
     assert len(messages) == 2

@@ -18,9 +18,18 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _round(r: int, loss: float, full: bool = True) -> list[dict]:
     """A round line and, with ``full``, its expert load and the eval line the coordinator writes."""
     org = {"aux_loss": 0.02, "step_s": 0.1, "bytes_sent": 1_500_000 * r, "bytes_received": 900_000}
-    record = {"event": "round", "round": r, "seconds": 2.0 + r, "loss": loss, "tokens": 1024,
-              "orgs": {"hospital-a": {**org, "loss": loss + 0.1, "tokens": 512}, "hospital-b": {**org, "loss": loss - 0.1, "tokens": 512},
-                       "compute-c": {**org, "loss": 0.0, "tokens": 0}}}
+    record = {
+        "event": "round",
+        "round": r,
+        "seconds": 2.0 + r,
+        "loss": loss,
+        "tokens": 1024,
+        "orgs": {
+            "hospital-a": {**org, "loss": loss + 0.1, "tokens": 512},
+            "hospital-b": {**org, "loss": loss - 0.1, "tokens": 512},
+            "compute-c": {**org, "loss": 0.0, "tokens": 0},
+        },
+    }
     if not full:
         return [record]
     record["expert_load"] = {str(layer): [0.1, 0.15, 0.125, 0.125, 0.1, 0.15, 0.125, 0.125] for layer in range(4)}
@@ -36,7 +45,11 @@ def _run(path, losses, full=True, extra=()):
 
 
 def test_report_writes_plots_and_summary(tmp_path):
-    run = _run(tmp_path / "run", [5.0, 4.2, 3.6], extra=[{"event": "round-failed", "round": 4, "failed": [], "gone": ["compute-c"]}])
+    run = _run(
+        tmp_path / "run",
+        [5.0, 4.2, 3.6],
+        extra=[{"event": "round-failed", "round": 4, "failed": [], "gone": ["compute-c"]}],
+    )
     report = write_report(run)
     assert report.directory == run / "report"
     assert {p.name for p in report.plots} == {"loss.png", "wire.png", "expert_load.png"}
@@ -53,7 +66,11 @@ def test_report_compares_with_a_baseline(tmp_path):
     report = write_report(run, baseline=base, out=tmp_path / "out")
     assert (tmp_path / "out" / "baseline.png").read_bytes()[:8] == PNG
     summary = report.summary.read_text()
-    assert "baseline eval ppl" in summary and f"{math.exp(4.0):.2f}" in summary and f"{100 * (math.exp(0.2) - 1):+.1f}%" in summary
+    assert (
+        "baseline eval ppl" in summary
+        and f"{math.exp(4.0):.2f}" in summary
+        and f"{100 * (math.exp(0.2) - 1):+.1f}%" in summary
+    )
 
 
 def test_older_metrics_skip_their_plots_and_say_so(tmp_path):

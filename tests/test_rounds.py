@@ -22,8 +22,10 @@ def run_rounds(plan, rounds: int, order: list[str], state_dir: Path | None = Non
     """Each round: begin every organisation in ``order`` (data owners first means they start
     before the organisations they call have their weights), collect, average replicas."""
     host = WorkerHost(plan, list(plan.orgs), run="r", credentials=None, state_dir=state_dir)
-    controls = {org: WorkerControl(org, addr, caller=COORDINATOR, run="r", tls=None, token=None)
-                for org, addr in host.addresses.items()}
+    controls = {
+        org: WorkerControl(org, addr, caller=COORDINATOR, run="r", tls=None, token=None)
+        for org, addr in host.addresses.items()
+    }
     try:
         for c in controls.values():
             c.connect(host.addresses)
@@ -63,7 +65,9 @@ def test_two_data_owners_step_together_through_their_shared_partitions():
     hospitals finished it. With one step per round and plain SGD, averaging the replicas after
     each round is exactly the monolithic step on both batches."""
     plan = load_plan(PLANS / "two-hospitals" / "federation.yaml")
-    plan.training = plan.training.model_copy(update={"steps_per_round": 1, "optimizer": OptimizerConfig(name="sgd", lr=0.05)})
+    plan.training = plan.training.model_copy(
+        update={"steps_per_round": 1, "optimizer": OptimizerConfig(name="sgd", lr=0.05)}
+    )
     weights, _ = run_rounds(plan, 3, ["hospital-b", "hospital-a", "compute-c", "experts-d"])
     assert max_diff(weights, monolithic(plan, 3)) <= 1e-5
 
@@ -77,7 +81,10 @@ def test_a_restarted_worker_resumes_from_the_optimizer_state_of_the_last_round(t
     assert sorted(p.name for p in (tmp_path / "compute-b").iterdir()) == ["optimizer-round-0001.safetensors"]
 
     host = WorkerHost(plan, list(plan.orgs), run="r2", credentials=None, state_dir=tmp_path)  # fresh processes' state
-    controls = {org: WorkerControl(org, addr, caller=COORDINATOR, run="r2", tls=None, token=None) for org, addr in host.addresses.items()}
+    controls = {
+        org: WorkerControl(org, addr, caller=COORDINATOR, run="r2", tls=None, token=None)
+        for org, addr in host.addresses.items()
+    }
     try:
         for c in controls.values():
             c.connect(host.addresses)
@@ -89,5 +96,8 @@ def test_a_restarted_worker_resumes_from_the_optimizer_state_of_the_last_round(t
         states = {org: controls[org].state() for org in plan.orgs}
     finally:
         host.stop()
-    resumed = reassemble(plan.model, [{s.key: states[p.holders[0]][s.key] for s in unit_slices(plan.model, p.units)} for p in plan.partitions])
+    resumed = reassemble(
+        plan.model,
+        [{s.key: states[p.holders[0]][s.key] for s in unit_slices(plan.model, p.units)} for p in plan.partitions],
+    )
     assert max_diff(resumed, clean) == 0.0

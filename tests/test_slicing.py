@@ -8,7 +8,7 @@ by each partition, reassemble, and require every tensor back bit for bit.
 from __future__ import annotations
 
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,7 @@ CONFIGS = {
 ORGS = ["hospital-a", "org-b", "org-c", "org-d"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def monolithic(name: str) -> dict[str, torch.Tensor]:
     """A state dict with every element random (norm weights too, which init to ones), so a
     misplaced slice cannot go unnoticed."""
@@ -42,7 +42,7 @@ def monolithic(name: str) -> dict[str, torch.Tensor]:
     return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in sd.items()}
 
 
-@lru_cache(maxsize=None)
+@cache
 def empty_model(name: str) -> MoETransformer:
     """A model to load reassembled state dicts into (built once: construction dominates)."""
     return MoETransformer(CONFIGS[name])
@@ -147,7 +147,9 @@ def test_random_plans_slice_and_reassemble_bit_exactly(spec, rng):
     for org in plan.orgs.values():
         for e in org.entries:
             for u in e.units - plan.units_of(org.name):
-                assert any(u in other.units and other.units < e.units for o in plan.orgs.values() for other in o.entries)
+                assert any(
+                    u in other.units and other.units < e.units for o in plan.orgs.values() for other in o.entries
+                )
 
     # slice, one state dict per holder (replicas carry equal copies), in random order
     full = monolithic(name)
@@ -226,7 +228,10 @@ def test_reassembly_rejects_overlapping_slices_that_disagree():
     other = {"layers.3.attention.q_proj.weight[16:48]": q[16:48].clone()}
     assert reassemble(TINY, [pieces, other])  # an equal overlap (a replica) is fine
     other["layers.3.attention.q_proj.weight[16:48]"][20, 5] += 1.0
-    with pytest.raises(ReassemblyError, match=r"'layers\.3\.attention\.q_proj\.weight\[16:48\]' overlaps another partition with different values"):
+    with pytest.raises(
+        ReassemblyError,
+        match=r"'layers\.3\.attention\.q_proj\.weight\[16:48\]' overlaps another partition with different values",
+    ):
         reassemble(TINY, [pieces, other])
 
 
@@ -242,15 +247,20 @@ def test_reassembly_rejects_unknown_names_and_wrong_shapes():
     pieces = whole_model_pieces()
     with pytest.raises(ReassemblyError, match=r"'layers\.9\.moe\.router\.weight' is not a parameter"):
         reassemble(TINY, [pieces, {"layers.9.moe.router.weight": torch.zeros(8, 64)}])
-    with pytest.raises(ReassemblyError, match=r"'layers\.0\.attention\.k_proj\.weight\[0:8\]' has shape \(4, 64\), expected \(8, 64\)"):
+    with pytest.raises(
+        ReassemblyError, match=r"'layers\.0\.attention\.k_proj\.weight\[0:8\]' has shape \(4, 64\), expected \(8, 64\)"
+    ):
         reassemble(TINY, [pieces, {"layers.0.attention.k_proj.weight[0:8]": torch.zeros(4, 64)}])
 
 
-@pytest.mark.parametrize("key, expected", [
-    ("embed.weight", TensorSlice("embed.weight")),
-    ("layers.3.attention.q_proj.weight[0:32]", TensorSlice("layers.3.attention.q_proj.weight", 0, 0, 32)),
-    ("layers.3.attention.o_proj.weight[:, 16:48]", TensorSlice("layers.3.attention.o_proj.weight", 1, 16, 48)),
-])
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        ("embed.weight", TensorSlice("embed.weight")),
+        ("layers.3.attention.q_proj.weight[0:32]", TensorSlice("layers.3.attention.q_proj.weight", 0, 0, 32)),
+        ("layers.3.attention.o_proj.weight[:, 16:48]", TensorSlice("layers.3.attention.o_proj.weight", 1, 16, 48)),
+    ],
+)
 def test_tensor_slice_parse_reads_whole_rows_and_columns(key, expected):
     assert TensorSlice.parse(key) == expected
     assert expected.key == key

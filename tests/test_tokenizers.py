@@ -12,7 +12,12 @@ from fedsplit.plan import PlanError, load_plan
 from .conftest import ROOT
 from .data_plans import write_model, write_plan
 
-SAMPLES = ["", "to be or not to be\n", "héllo wörld ☃ — 𝄞\n\ttabs  and   spaces\r\n", "def f(x):\n    return x ** 2  # ok\n"]
+SAMPLES = [
+    "",
+    "to be or not to be\n",
+    "héllo wörld ☃ — 𝄞\n\ttabs  and   spaces\r\n",
+    "def f(x):\n    return x ** 2  # ok\n",
+]
 TRAINING_TEXT = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:60_000]
 
 
@@ -63,7 +68,11 @@ def test_a_broken_tokenizer_file_is_named(tmp_path):
 def test_plan_with_a_bpe_tokenizer_trains_on_its_ids(bpe, tmp_path):
     (tmp_path / "train.txt").write_text(TRAINING_TEXT[:20_000])
     bpe.save(tmp_path / "bpe.json")
-    plan = load_plan(write_plan(tmp_path, {"train": "../train.txt"}, tokenizer="bpe.json", model=write_model(tmp_path, vocab_size=512)))
+    plan = load_plan(
+        write_plan(
+            tmp_path, {"train": "../train.txt"}, tokenizer="bpe.json", model=write_model(tmp_path, vocab_size=512)
+        )
+    )
     assert isinstance(tokenizer_for(plan), BPETokenizer)
     tokens, labels = batches_for(plan, "owner")(0)
     assert int(tokens.max()) < bpe.vocab_size and int(tokens.max()) >= 256  # merged tokens are used
@@ -75,8 +84,12 @@ def test_plan_refuses_a_tokenizer_larger_than_the_model_vocabulary(bpe, tmp_path
     # tiny.yaml has vocab_size 256; the BPE has more tokens
     with pytest.raises(PlanError) as e:
         load_plan(write_plan(tmp_path, {"train": "../train.txt"}, tokenizer="bpe.json"))
-    problem, = e.value.problems
-    assert problem.field == "tokenizer" and f"has {bpe.vocab_size} tokens" in problem.message and "vocab_size is 256" in problem.message
+    (problem,) = e.value.problems
+    assert (
+        problem.field == "tokenizer"
+        and f"has {bpe.vocab_size} tokens" in problem.message
+        and "vocab_size is 256" in problem.message
+    )
 
 
 def test_plan_refuses_a_model_too_small_for_bytes(tmp_path):
@@ -88,8 +101,34 @@ def test_plan_refuses_a_model_too_small_for_bytes(tmp_path):
 def test_cli_trains_a_tokenizer(tmp_path, capsys):
     (tmp_path / "a.txt").write_text(TRAINING_TEXT[:20_000])
     (tmp_path / "b.jsonl").write_text('{"text": "import os\\nprint(os.getcwd())"}\n')
-    assert main(["tokenizer", "train", str(tmp_path / "*.txt"), str(tmp_path / "b.jsonl"), "--vocab-size", "300",
-                 "--out", str(tmp_path / "tok.json")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                str(tmp_path / "*.txt"),
+                str(tmp_path / "b.jsonl"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "tok.json"),
+            ]
+        )
+        == 0
+    )
     assert load_tokenizer(tmp_path / "tok.json").vocab_size == 300
-    assert main(["tokenizer", "train", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(tmp_path / "x.json")]) == 2
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                str(tmp_path / "missing.txt"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 2
+    )
     assert "missing.txt" in capsys.readouterr().err

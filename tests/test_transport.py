@@ -21,11 +21,19 @@ from fedsplit.runtime.remote import WorkerHandler
 from fedsplit.transport.proto import dataplane_pb2 as pb
 from fedsplit.transport.security import TLSConfig, generate_credentials
 from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError
-from fedsplit.transport.wire import (Limits, WireError, chunk_frame, decode_tensors, encode_tensors, frame_pieces, one_message,
-                                     prepare, unpack_message)
+from fedsplit.transport.wire import (
+    Limits,
+    WireError,
+    chunk_frame,
+    decode_tensors,
+    encode_tensors,
+    frame_pieces,
+    one_message,
+    prepare,
+    unpack_message,
+)
 
 from .conftest import PLANS, ROOT
-
 
 # -- wire format ---------------------------------------------------------------------------
 
@@ -51,8 +59,18 @@ def test_large_tensor_streams_in_one_mib_chunks_past_grpc_message_limits():
 @pytest.mark.parametrize(
     "mutate, reason",
     [
-        (lambda f: [pb.Frame(tensor=pb.TensorHeader(name="x", dtype="complex64", shape=[2], nbytes=16)).SerializeToString()], "not allowed"),
-        (lambda f: [pb.Frame(tensor=pb.TensorHeader(name="x", dtype="float32", shape=[2, 2], nbytes=12)).SerializeToString()], "needs 16"),
+        (
+            lambda f: [
+                pb.Frame(tensor=pb.TensorHeader(name="x", dtype="complex64", shape=[2], nbytes=16)).SerializeToString()
+            ],
+            "not allowed",
+        ),
+        (
+            lambda f: [
+                pb.Frame(tensor=pb.TensorHeader(name="x", dtype="float32", shape=[2, 2], nbytes=12)).SerializeToString()
+            ],
+            "needs 16",
+        ),
         (lambda f: f[:-1], "stream ended"),
         (lambda f: f + [chunk_frame(memoryview(b"xxxx"))], None),
         (lambda f: f[:1] + [chunk_frame(memoryview(b"\0" * 64))], "more than"),
@@ -97,7 +115,13 @@ def test_one_message_decoder_fuzz_raises_only_wire_errors(raw, count):
 def test_one_message_carries_the_same_frames_and_is_a_protobuf_frames_message():
     tensors = [("x", torch.randn(3, 4)), ("none", None), ("i", torch.arange(5))]
     message = one_message(frame_pieces(prepare(tensors), None))
-    assert [f.WhichOneof("kind") for f in pb.Frames.FromString(message).frames] == ["tensor", "chunk", "tensor", "tensor", "chunk"]
+    assert [f.WhichOneof("kind") for f in pb.Frames.FromString(message).frames] == [
+        "tensor",
+        "chunk",
+        "tensor",
+        "tensor",
+        "chunk",
+    ]
     out = decode_tensors(unpack_message(message), 3, Limits())
     assert torch.equal(out[0][1], tensors[0][1]) and out[1] == ("none", None) and torch.equal(out[2][1], tensors[2][1])
 
@@ -134,7 +158,9 @@ def served():
     weights = initial_weights(plan)
     worker = Worker(plan, "compute-b", select(weights, plan.slices_of("compute-b")), "cpu")
     creds = Credentials.of_tokens({"hospital-a": "secret-a", "compute-c": "secret-c"})
-    server = DataPlaneServer(WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
+    server = DataPlaneServer(
+        WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)
+    ).start()
     yield plan, worker, server
     server.stop(None)
 
@@ -166,15 +192,24 @@ def test_valid_call_is_served(served):
 
 def test_wrong_credential_is_unauthenticated_and_changes_nothing(served):
     _, worker, server = served
-    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "guess"), grpc.StatusCode.UNAUTHENTICATED, "no valid credential")
+    _assert_rejected(
+        worker, lambda: _forward(server, "hospital-a", "guess"), grpc.StatusCode.UNAUTHENTICATED, "no valid credential"
+    )
 
 
 def test_calling_a_partition_the_plan_does_not_allow_is_permission_denied(served):
     _, worker, server = served
     # compute-c is a real organisation with a valid credential, but only hospital-a drives its
     # own batch through compute-b's layers.
-    _assert_rejected(worker, lambda: _forward(server, "compute-c", "secret-c"), grpc.StatusCode.PERMISSION_DENIED, "may not call")
-    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "secret-a", op="segment/0,1"), grpc.StatusCode.PERMISSION_DENIED, "computes no segment")
+    _assert_rejected(
+        worker, lambda: _forward(server, "compute-c", "secret-c"), grpc.StatusCode.PERMISSION_DENIED, "may not call"
+    )
+    _assert_rejected(
+        worker,
+        lambda: _forward(server, "hospital-a", "secret-a", op="segment/0,1"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "computes no segment",
+    )
 
 
 @pytest.mark.parametrize(
@@ -189,7 +224,12 @@ def test_calling_a_partition_the_plan_does_not_allow_is_permission_denied(served
 )
 def test_inconsistent_tensors_are_invalid_argument_and_the_server_keeps_serving(served, x, text):
     _, worker, server = served
-    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "secret-a", x=x, mb=x.shape[0]), grpc.StatusCode.INVALID_ARGUMENT, text)
+    _assert_rejected(
+        worker,
+        lambda: _forward(server, "hospital-a", "secret-a", x=x, mb=x.shape[0]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        text,
+    )
     assert _forward(server, "hospital-a", "secret-a")[0][1].shape == (4, 16, 64)
 
 
@@ -197,8 +237,18 @@ def test_inconsistent_tensors_are_invalid_argument_and_the_server_keeps_serving(
     "mutate, text",
     [
         (lambda h, t: setattr(t, "in_shm", True), "has no segment"),
-        (lambda h, t: (setattr(t, "in_shm", True), setattr(h, "shm_request", "../../etc/passwd")), "not a fedsplit shared-memory segment"),
-        (lambda h, t: (setattr(t, "in_shm", True), setattr(t, "shm_offset", 1 << 40), setattr(h, "shm_request", "SEG")), "outside segment"),
+        (
+            lambda h, t: (setattr(t, "in_shm", True), setattr(h, "shm_request", "../../etc/passwd")),
+            "not a fedsplit shared-memory segment",
+        ),
+        (
+            lambda h, t: (
+                setattr(t, "in_shm", True),
+                setattr(t, "shm_offset", 1 << 40),
+                setattr(h, "shm_request", "SEG"),
+            ),
+            "outside segment",
+        ),
     ],
 )
 def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text):
@@ -208,7 +258,9 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
     _, worker, server = served
     seg = Segment.create(1 << 20)
     try:
-        header = pb.CallHeader(run=RUN, caller="hospital-a", data_owner="hospital-a", op="segment/1,2", phase=pb.FORWARD, num_tensors=1)
+        header = pb.CallHeader(
+            run=RUN, caller="hospital-a", data_owner="hospital-a", op="segment/1,2", phase=pb.FORWARD, num_tensors=1
+        )
         (enc,) = prepare([("0", torch.randn(4, 16, 64))])
         mutate(header, enc.header)
         if header.shm_request == "SEG":
@@ -217,7 +269,13 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
         channel = grpc.insecure_channel(server.address)
         rpc = channel.stream_stream("/fedsplit.v1.DataPlane/Call")
         with pytest.raises(grpc.RpcError) as err:
-            list(rpc(iter(frames), metadata=[("x-fedsplit-org", "hospital-a"), ("authorization", "Bearer secret-a")], timeout=10))
+            list(
+                rpc(
+                    iter(frames),
+                    metadata=[("x-fedsplit-org", "hospital-a"), ("authorization", "Bearer secret-a")],
+                    timeout=10,
+                )
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()
         assert not worker._records
     finally:
@@ -226,7 +284,12 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
 
 def test_calls_of_another_run_are_refused(served):
     _, worker, server = served
-    _assert_rejected(worker, lambda: _forward(server, "hospital-a", "secret-a", run="old-run"), grpc.StatusCode.FAILED_PRECONDITION, "run 'old-run'")
+    _assert_rejected(
+        worker,
+        lambda: _forward(server, "hospital-a", "secret-a", run="old-run"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "run 'old-run'",
+    )
 
 
 def test_a_repeated_call_is_recognised_and_never_applied_twice(served):
@@ -259,23 +322,39 @@ def test_replica_gradients_are_taken_only_from_co_holders_and_only_for_what_they
     plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
     worker = Worker(plan, "hospital-a", select(initial_weights(plan), plan.slices_of("hospital-a")), "cpu")
     creds = Credentials.of_tokens({"hospital-b": "secret-b", "compute-c": "secret-c"})
-    server = DataPlaneServer(WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
+    server = DataPlaneServer(
+        WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)
+    ).start()
     embed = worker.model.bindings["embed.weight"]
 
     def send(caller, token, grads):
         channel = DataPlaneChannel("hospital-a", server.address, caller=caller, tls=None, token=token, timeout=10)
         try:
-            return channel.call(pb.CallHeader(run=RUN, data_owner=caller, step=3, op="replica-grads", phase=pb.CONTROL), grads)
+            return channel.call(
+                pb.CallHeader(run=RUN, data_owner=caller, step=3, op="replica-grads", phase=pb.CONTROL), grads
+            )
         finally:
             channel.close()
 
     try:
-        _assert_rejected(worker, lambda: send("compute-c", "secret-c", [("embed.weight", torch.ones_like(embed))]),
-                         grpc.StatusCode.PERMISSION_DENIED, "holds no replica")
-        _assert_rejected(worker, lambda: send("hospital-b", "secret-b", [("embed.weight", torch.ones(3, 3))]),
-                         grpc.StatusCode.INVALID_ARGUMENT, "gradient of embed.weight must be")
-        _assert_rejected(worker, lambda: send("hospital-b", "secret-b", [("embed.weight", torch.full_like(embed, float("nan")))]),
-                         grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite")
+        _assert_rejected(
+            worker,
+            lambda: send("compute-c", "secret-c", [("embed.weight", torch.ones_like(embed))]),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "holds no replica",
+        )
+        _assert_rejected(
+            worker,
+            lambda: send("hospital-b", "secret-b", [("embed.weight", torch.ones(3, 3))]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "gradient of embed.weight must be",
+        )
+        _assert_rejected(
+            worker,
+            lambda: send("hospital-b", "secret-b", [("embed.weight", torch.full_like(embed, float("nan")))]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or infinite",
+        )
         assert not worker._replica_grads  # nothing of a rejected message is kept
         send("hospital-b", "secret-b", [("embed.weight", torch.ones_like(embed))])
         worker.gather_replica_grads(3)  # hospital-a itself has no gradient: the co-holder's is the sum
@@ -403,7 +482,7 @@ def test_a_one_gib_tensor_crosses_the_data_plane_both_ways():
     channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=300)
     x = torch.arange(1 << 28, dtype=torch.float32)  # 1 GiB
     try:
-        (name, y), = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])
+        ((name, y),) = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])
         assert name == "x" and torch.equal(y, x)
         assert channel.tensor_bytes == 2 << 30
     finally:
@@ -412,8 +491,22 @@ def test_a_one_gib_tensor_crosses_the_data_plane_both_ways():
 
 
 def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecure(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedsplit.runtime.host", str(PLANS / "layers" / "federation.yaml"), "--orgs", "compute-b",
-                           "--run", "r", "--ready-file", str(tmp_path / "r")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsplit.runtime.host",
+            str(PLANS / "layers" / "federation.yaml"),
+            "--orgs",
+            "compute-b",
+            "--run",
+            "r",
+            "--ready-file",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "--insecure explicitly" in proc.stderr
 
 
@@ -431,7 +524,9 @@ def test_split_training_over_grpc_matches_monolithic(name):
 def test_replicas_kept_in_step_over_grpc_match_monolithic_adamw():
     plan = load_plan(PLANS / "u-shape-3" / "federation.yaml")
     plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
-    result = verify(plan, steps=10, transport="grpc", optimizer=OptimizerConfig(name="adamw", lr=3e-4))  # as in test_split_exactness
+    result = verify(
+        plan, steps=10, transport="grpc", optimizer=OptimizerConfig(name="adamw", lr=3e-4)
+    )  # as in test_split_exactness
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
 
 
@@ -455,6 +550,7 @@ def test_pipelined_schedules_over_grpc_compute_what_the_sequential_schedule_comp
     monolith, and a mixed plan trains to the parameters of its sequential run within 1e-5 (its
     distance to the monolith is head-group rounding that AdamW magnifies on near-zero gradients:
     2.2e-5 for three-orgs at 4 micro-batches, see the README)."""
+
     def plan_of(name: str, s: str):
         plan = load_plan(PLANS / name / "federation.yaml")
         plan.training = plan.training.model_copy(update={"schedule": s, "micro_batches": 4, "max_in_flight": 2})
@@ -487,7 +583,11 @@ def test_killed_worker_gives_a_clear_error_within_the_deadline():
 @pytest.mark.slow
 @pytest.mark.parametrize("codec, max_bytes_ratio", [("none", 1.02), ("bf16", 0.52), ("int8", 0.27)])
 def test_wire_bytes_per_step_match_the_tensors_they_carry_and_shrink_with_compression(tmp_path, codec, max_bytes_ratio):
-    fed_yaml = (PLANS / "layers" / "federation.yaml").read_text().replace("../../models/tiny.yaml", str(ROOT / "configs/models/tiny.yaml"))
+    fed_yaml = (
+        (PLANS / "layers" / "federation.yaml")
+        .read_text()
+        .replace("../../models/tiny.yaml", str(ROOT / "configs/models/tiny.yaml"))
+    )
     fed_yaml = fed_yaml.replace("orgs: [orgs/*.yaml]", f"orgs: [{PLANS / 'layers' / 'orgs'}/*.yaml]")
     fed_yaml += f"transport: {{compression: {{activations: {codec}, gradients: {codec}}}}}\n"
     (tmp_path / "federation.yaml").write_text(fed_yaml)

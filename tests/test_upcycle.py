@@ -16,8 +16,18 @@ from fedsplit.plan import load_plan
 
 from .interop_helpers import fedsplit_logits, write_plan
 
-DENSE = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                    num_experts=1, top_k=1, expert_ffn_size=96, aux_loss_coef=0.0)
+DENSE = ModelConfig(
+    vocab_size=256,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    num_experts=1,
+    top_k=1,
+    expert_ffn_size=96,
+    aux_loss_coef=0.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +42,12 @@ def test_every_expert_at_unit_gate_reproduces_the_dense_ffn(dense, method):
     assert cfg.num_experts == 4 and cfg.top_k == 2
     assert cfg.expert_ffn_size * 4 + (cfg.shared_expert_ffn_size or 0) == DENSE.expert_ffn_size
     report = check_upcycle(DENSE, dense, cfg, moe)
-    print(f"{method}: all experts, unit gates: max |diff| {report.all_experts_max_abs_diff:.2e}; top-2 of 4: FFN rel. error "
-          f"{report.top_k_ffn_rel_error:.3f}, logits max |diff| {report.top_k_logits_max_abs_diff:.3e} "
-          f"(rel. {report.top_k_logits_rel_error:.3f})")
+    print(
+        f"{method}: all experts, unit gates: max |diff| {report.all_experts_max_abs_diff:.2e}; top-2 of 4: "
+        "FFN rel. error "
+        f"{report.top_k_ffn_rel_error:.3f}, logits max |diff| {report.top_k_logits_max_abs_diff:.3e} "
+        f"(rel. {report.top_k_logits_rel_error:.3f})"
+    )
     assert report.all_experts_max_abs_diff <= 1e-5
     assert report.top_k_ffn_rel_error > 1e-3  # top-k < N does move the output; the report says how far
 
@@ -52,7 +65,9 @@ def test_clustering_groups_neurons_that_read_alike(dense):
     gen = torch.Generator().manual_seed(3)
     directions = torch.randn(4, DENSE.hidden_size, generator=gen)
     planted = dict(dense)
-    planted["layers.0.moe.experts.0.w1.weight"] = directions[torch.randperm(96, generator=gen) % 4] + 0.3 * torch.randn(96, 32, generator=gen)
+    planted["layers.0.moe.experts.0.w1.weight"] = directions[torch.randperm(96, generator=gen) % 4] + 0.3 * torch.randn(
+        96, 32, generator=gen
+    )
     clustered = _within_expert_similarity(upcycle(DENSE, planted, 4, "cluster")[1], 4)
     random = _within_expert_similarity(upcycle(DENSE, planted, 4, "random")[1], 4)
     assert clustered > 0.8 > random
@@ -80,9 +95,17 @@ def test_upcycling_refuses_what_does_not_split(dense):
 def test_llama_upcycled_on_the_command_line_is_a_model_a_plan_splits_by_expert(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-6)).eval()
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+        )
+    ).eval()
     llama.save_pretrained(tmp_path / "llama")
     tokens = torch.randint(0, 256, (2, 12))
     imported = open_checkpoint(tmp_path / "llama")
@@ -90,17 +113,50 @@ def test_llama_upcycled_on_the_command_line_is_a_model_a_plan_splits_by_expert(t
         diff = (fedsplit_logits(imported.config, imported.reader.read_all(), tokens) - llama(tokens).logits).abs().max()
     assert diff <= 1e-5  # the dense model reads as a one-expert MoE
 
-    assert main(["upcycle", str(tmp_path / "llama"), "--experts", "4", "--method", "cluster", "--out", str(tmp_path / "moe")]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                str(tmp_path / "llama"),
+                "--experts",
+                "4",
+                "--method",
+                "cluster",
+                "--out",
+                str(tmp_path / "moe"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "moe" / "upcycle.json").read_text())
     assert report["all_experts_max_abs_diff"] <= 1e-5
-    plan = load_plan(write_plan(tmp_path, "moe", {
-        "owner": ["embed", "layers.0-1.router", "layers.0-1.attention", "layers.0-1.experts.0-1", "final_norm", "lm_head"],
-        "expert-host": ["layers.0-1.experts.2-3"]}))
+    plan = load_plan(
+        write_plan(
+            tmp_path,
+            "moe",
+            {
+                "owner": [
+                    "embed",
+                    "layers.0-1.router",
+                    "layers.0-1.attention",
+                    "layers.0-1.experts.0-1",
+                    "final_norm",
+                    "lm_head",
+                ],
+                "expert-host": ["layers.0-1.experts.2-3"],
+            },
+        )
+    )
     assert plan.model.num_experts == 4
     assert verify(plan, steps=2).max_abs_diff <= 1e-5
 
 
 def test_a_fedsplit_dense_directory_upcycles_too(tmp_path, dense):
     save_fedsplit(DENSE, dense, tmp_path / "dense")
-    assert main(["upcycle", str(tmp_path / "dense"), "--experts", "4", "--method", "shared", "--out", str(tmp_path / "moe")]) == 0
+    assert (
+        main(
+            ["upcycle", str(tmp_path / "dense"), "--experts", "4", "--method", "shared", "--out", str(tmp_path / "moe")]
+        )
+        == 0
+    )
     assert open_checkpoint(tmp_path / "moe").config.num_shared_experts == 1

@@ -16,9 +16,20 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 def main(out: str) -> None:
     torch.manual_seed(0)
-    config = Qwen2MoeConfig(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-                            intermediate_size=128, norm_topk_prob=False, rms_norm_eps=1e-6)
+    config = Qwen2MoeConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        intermediate_size=128,
+        norm_topk_prob=False,
+        rms_norm_eps=1e-6,
+    )
     model = Qwen2MoeForCausalLM(config)
     with torch.no_grad():  # transformers starts biases at zero; give them values so that their mapping shows
         for name, p in model.named_parameters():

@@ -6,8 +6,8 @@ file (and the line) and what to do."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 class DataError(ValueError):
@@ -28,8 +28,10 @@ def read_documents(paths: Sequence[Path], *, org: str | None = None, role: str =
         except UnicodeDecodeError as e:
             raise DataError(f"{_owner(org)}{role} data {path} is not UTF-8 text ({e}); convert it to UTF-8") from None
         except OSError as e:
-            raise DataError(f"{_owner(org)}cannot read {role} data {path}: {e.strerror or e}; "
-                            f"check that the path exists and is a readable file") from None
+            raise DataError(
+                f"{_owner(org)}cannot read {role} data {path}: {e.strerror or e}; "
+                f"check that the path exists and is a readable file"
+            ) from None
         found = _jsonl_documents(text, path, org, role) if path.suffix == ".jsonl" else [text] if text.strip() else []
         if not found:
             raise DataError(f"{_owner(org)}{role} data {path} holds no text; fill it or remove it from data.{role}")
@@ -45,11 +47,15 @@ def _jsonl_documents(text: str, path: Path, org: str | None, role: str) -> list[
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{_owner(org)}{role} data {path}:{number}: not valid JSON ({e.msg}); "
-                            f"each line of a .jsonl file must be an object like {{\"text\": \"...\"}}") from None
+            raise DataError(
+                f"{_owner(org)}{role} data {path}:{number}: not valid JSON ({e.msg}); "
+                f'each line of a .jsonl file must be an object like {{"text": "..."}}'
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{_owner(org)}{role} data {path}:{number}: no string field 'text'; "
-                            f"each line of a .jsonl file must be an object like {{\"text\": \"...\"}}")
+            raise DataError(
+                f"{_owner(org)}{role} data {path}:{number}: no string field 'text'; "
+                f'each line of a .jsonl file must be an object like {{"text": "..."}}'
+            )
         if record["text"]:
             documents.append(record["text"] if record["text"].endswith("\n") else record["text"] + "\n")
     return documents

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from .tokenizer import ByteTokenizer, Tokenizer
 
@@ -62,8 +63,10 @@ class CorpusSplit:
 
     @property
     def domains(self) -> list[str]:
-        return sorted({c.domain for chunks in self.train.values() for c in chunks}
-                      | {c.domain for chunks in self.eval.values() for c in chunks})
+        return sorted(
+            {c.domain for chunks in self.train.values() for c in chunks}
+            | {c.domain for chunks in self.eval.values() for c in chunks}
+        )
 
     def files(self, prefix: str = "") -> dict[str, str]:
         """The split's files by path relative to its output directory, under ``prefix``."""
@@ -71,10 +74,18 @@ class CorpusSplit:
         out = {}
         for org in self.train:
             for role, chunks in (("train", self.train[org]), ("eval", self.eval[org])):
-                out[f"{base}{org}/{role}.jsonl"] = "".join(json.dumps({"text": c.text, "domain": c.domain}) + "\n" for c in chunks)
-        manifest = {"by": self.by, "alpha": self.alpha if self.by == "dirichlet" else None, "seed": self.seed,
-                    "heldout": self.heldout, "corpora": [p.name for p in self.corpora], "chunk_chars": CHUNK_CHARS,
-                    "orgs": {org: {"train": len(self.train[org]), "eval": len(self.eval[org])} for org in self.train}}
+                out[f"{base}{org}/{role}.jsonl"] = "".join(
+                    json.dumps({"text": c.text, "domain": c.domain}) + "\n" for c in chunks
+                )
+        manifest = {
+            "by": self.by,
+            "alpha": self.alpha if self.by == "dirichlet" else None,
+            "seed": self.seed,
+            "heldout": self.heldout,
+            "corpora": [p.name for p in self.corpora],
+            "chunk_chars": CHUNK_CHARS,
+            "orgs": {org: {"train": len(self.train[org]), "eval": len(self.eval[org])} for org in self.train},
+        }
         out[f"{base}split.json"] = json.dumps(manifest, indent=2) + "\n"
         return out
 
@@ -120,8 +131,16 @@ def chunk_corpora(corpora: Sequence[Path], chunk_chars: int = CHUNK_CHARS) -> li
     return chunks
 
 
-def split_corpora(orgs: Sequence[str], by: Method = "iid", *, alpha: float = 0.5, seed: int = 0, heldout: float = 0.1,
-                  corpora: Sequence[Path] | None = None, chunk_chars: int = CHUNK_CHARS) -> CorpusSplit:
+def split_corpora(
+    orgs: Sequence[str],
+    by: Method = "iid",
+    *,
+    alpha: float = 0.5,
+    seed: int = 0,
+    heldout: float = 0.1,
+    corpora: Sequence[Path] | None = None,
+    chunk_chars: int = CHUNK_CHARS,
+) -> CorpusSplit:
     """Deal the chunks of ``corpora`` (default: the shipped ones) to ``orgs``; see the module doc."""
     corpora = [Path(p) for p in (corpora if corpora is not None else shipped_corpora())]
     if by not in METHODS:
@@ -136,14 +155,18 @@ def split_corpora(orgs: Sequence[str], by: Method = "iid", *, alpha: float = 0.5
         raise SplitError("no corpora to split: give text files with --corpora")
     chunks = chunk_corpora(corpora, chunk_chars)
     if len(chunks) < 2 * len(orgs):
-        raise SplitError(f"{len(chunks)} chunks of text for {len(orgs)} organisations: each needs at least two (train and "
-                         f"held-out); give more text or fewer organisations")
+        raise SplitError(
+            f"{len(chunks)} chunks of text for {len(orgs)} organisations: each needs at least two (train and "
+            f"held-out); give more text or fewer organisations"
+        )
     shares = _partition([c.domain for c in chunks], len(orgs), by, alpha, seed)
     split = CorpusSplit(by, alpha, seed, heldout, corpora)
     for org, indices in zip(orgs, shares):
         if len(indices) < 2:
-            raise SplitError(f"organisation '{org}' got {len(indices)} chunk(s) of text, too few for train and held-out; "
-                             f"use a larger --alpha, fewer organisations or more text")
+            raise SplitError(
+                f"organisation '{org}' got {len(indices)} chunk(s) of text, too few for train and held-out; "
+                f"use a larger --alpha, fewer organisations or more text"
+            )
         n_eval = max(1, round(heldout * len(indices)))
         split.train[org] = [chunks[i] for i in indices[:-n_eval]]
         split.eval[org] = [chunks[i] for i in indices[-n_eval:]]
@@ -161,11 +184,24 @@ def _partition(domains: list[str], n: int, by: str, alpha: float, seed: int) -> 
         dataset = dataset.shuffle(seed=seed)  # IidPartitioner cuts contiguous shards
     elif by == "domain":
         per_org = math.ceil(len(set(domains)) / n)
-        partitioner = PathologicalPartitioner(num_partitions=n, partition_by="domain", num_classes_per_partition=per_org,
-                                              class_assignment_mode="deterministic", shuffle=True, seed=seed)
+        partitioner = PathologicalPartitioner(
+            num_partitions=n,
+            partition_by="domain",
+            num_classes_per_partition=per_org,
+            class_assignment_mode="deterministic",
+            shuffle=True,
+            seed=seed,
+        )
     else:
-        partitioner = DirichletPartitioner(num_partitions=n, partition_by="domain", alpha=alpha, min_partition_size=2,
-                                           self_balancing=False, shuffle=True, seed=seed)
+        partitioner = DirichletPartitioner(
+            num_partitions=n,
+            partition_by="domain",
+            alpha=alpha,
+            min_partition_size=2,
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
     partitioner.dataset = dataset
     try:
         with warnings.catch_warnings():

@@ -8,8 +8,9 @@ This module knows nothing of plans: the plan loader imports it to check the mode
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as HFTokenizer
@@ -84,8 +85,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return BPETokenizer(tokenizer)
 
@@ -96,7 +102,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"cannot read the tokenizer file {path}: {e}; write one with `fedsplit tokenizer train`") from None
+        raise TokenizerError(
+            f"cannot read the tokenizer file {path}: {e}; write one with `fedsplit tokenizer train`"
+        ) from None
     if spec == _BYTE_SPEC:
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTokenizer
@@ -104,4 +112,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return BPETokenizer(HFTokenizer.from_str(json.dumps(spec)))
     except Exception as e:  # tokenizers raises plain Exceptions for malformed files
-        raise TokenizerError(f"{path} is not a tokenizer file ({e}); write one with `fedsplit tokenizer train`") from None
+        raise TokenizerError(
+            f"{path} is not a tokenizer file ({e}); write one with `fedsplit tokenizer train`"
+        ) from None

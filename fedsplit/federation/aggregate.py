@@ -5,8 +5,8 @@ partition) when the plan asks for it. FedProx changes the clients' objective, no
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -15,9 +15,8 @@ from flwr.serverapp.strategy import FedAdam
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import Tensor
 
-from ..plan.schema import AggregationConfig
-
 from ..plan import Plan, reassemble, select, unit_slices
+from ..plan.schema import AggregationConfig
 
 
 def average_replicas(replicas: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float]) -> dict[str, Tensor]:
@@ -37,9 +36,18 @@ def average_replicas(replicas: Mapping[str, Mapping[str, Tensor]], weights: Mapp
 WEIGHT = "num-examples"  # the metric Flower's strategies weight replies by
 
 
-def _records(replicas: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float], orgs: Iterable[str]) -> list[RecordDict]:
-    return [RecordDict({"arrays": ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in replicas[org].items()}),
-                        "metrics": MetricRecord({WEIGHT: float(weights[org])})}) for org in orgs]
+def _records(
+    replicas: Mapping[str, Mapping[str, Tensor]], weights: Mapping[str, float], orgs: Iterable[str]
+) -> list[RecordDict]:
+    return [
+        RecordDict(
+            {
+                "arrays": ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in replicas[org].items()}),
+                "metrics": MetricRecord({WEIGHT: float(weights[org])}),
+            }
+        )
+        for org in orgs
+    ]
 
 
 @dataclass
@@ -57,8 +65,14 @@ class FedAvgAggregator:
     """Called per partition with (its name, the round, its weights before the round, its replicas
     after the round, their weights); returns its new weights. FedAvg keeps no state."""
 
-    def __call__(self, partition: str, round: int, before: Mapping[str, Tensor], replicas: Mapping[str, Mapping[str, Tensor]],
-                 weights: Mapping[str, float]) -> dict[str, Tensor]:
+    def __call__(
+        self,
+        partition: str,
+        round: int,
+        before: Mapping[str, Tensor],
+        replicas: Mapping[str, Mapping[str, Tensor]],
+        weights: Mapping[str, float],
+    ) -> dict[str, Tensor]:
         return average_replicas(replicas, weights)
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -80,11 +94,19 @@ class FedAdamAggregator(FedAvgAggregator):
     def _strategy(self, partition: str) -> FedAdam:
         if partition not in self.strategies:
             c = self.config
-            self.strategies[partition] = FedAdam(eta=c.server_lr, beta_1=c.server_betas[0], beta_2=c.server_betas[1], tau=c.server_tau)
+            self.strategies[partition] = FedAdam(
+                eta=c.server_lr, beta_1=c.server_betas[0], beta_2=c.server_betas[1], tau=c.server_tau
+            )
         return self.strategies[partition]
 
-    def __call__(self, partition: str, round: int, before: Mapping[str, Tensor], replicas: Mapping[str, Mapping[str, Tensor]],
-                 weights: Mapping[str, float]) -> dict[str, Tensor]:
+    def __call__(
+        self,
+        partition: str,
+        round: int,
+        before: Mapping[str, Tensor],
+        replicas: Mapping[str, Mapping[str, Tensor]],
+        weights: Mapping[str, float],
+    ) -> dict[str, Tensor]:
         trained = [org for org in replicas if weights.get(org, 0) > 0]
         if not trained:
             return {k: v.clone() for k, v in before.items()}
@@ -123,10 +145,16 @@ def make_aggregator(config: AggregationConfig) -> FedAvgAggregator:
     return FedAdamAggregator(config) if config.strategy == "fedadam" else FedAvgAggregator()
 
 
-def aggregate_round(plan: Plan, model: Mapping[str, Tensor], local: Mapping[str, Mapping[str, Tensor]],
-                    trained: Mapping[str, Mapping[str, Tensor]], metrics: Mapping[str, Mapping[str, float]],
-                    alive: Iterable[str], round: int = 0, aggregator: FedAvgAggregator = FedAvgAggregator()
-                    ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+def aggregate_round(
+    plan: Plan,
+    model: Mapping[str, Tensor],
+    local: Mapping[str, Mapping[str, Tensor]],
+    trained: Mapping[str, Mapping[str, Tensor]],
+    metrics: Mapping[str, Mapping[str, float]],
+    alive: Iterable[str],
+    round: int = 0,
+    aggregator: FedAvgAggregator = FedAvgAggregator(),
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """The reassembled full model after a round, and each organisation's local pieces.
 
     Each partition is averaged within its replica group only: the holders that did not mark it

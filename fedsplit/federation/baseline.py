@@ -6,8 +6,8 @@ checkpoints as a federated run, so the two compare round by round (``fedsplit re
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from torch import Tensor
 
@@ -28,7 +28,9 @@ def held_out_loss(trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor
     return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), sum(tokens)
 
 
-def run_baseline(plan: Plan, runs_root: Path = Path("runs"), device: str = "cpu", on_step: Progress | None = None) -> Path:
+def run_baseline(
+    plan: Plan, runs_root: Path = Path("runs"), device: str = "cpu", on_step: Progress | None = None
+) -> Path:
     t = plan.training
     run_dir = new_run_dir(plan, runs_root, suffix="baseline")
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -56,12 +58,23 @@ def run_baseline(plan: Plan, runs_root: Path = Path("runs"), device: str = "cpu"
             if on_step:
                 on_step(step + 1, total, out)
         all_tokens = sum(tokens.values())
-        record = {"round": r, "event": "round", "steps": t.steps_per_round, "seconds": time.monotonic() - started,
-                  "loss": sum(ce[d] * tokens[d] for d in owners) / all_tokens, "tokens": all_tokens,
-                  "orgs": {d: {"loss": ce[d], "tokens": tokens[d]} for d in owners}, "alive": owners}
-        path = write_checkpoint(run_dir / "checkpoints", r, trainer.state_dict(), {},
-                                {"plan": plan.name, "plan_hash": plan_hash(plan), "run": run_dir.name, "baseline": True,
-                                 "metrics": record})
+        record = {
+            "round": r,
+            "event": "round",
+            "steps": t.steps_per_round,
+            "seconds": time.monotonic() - started,
+            "loss": sum(ce[d] * tokens[d] for d in owners) / all_tokens,
+            "tokens": all_tokens,
+            "orgs": {d: {"loss": ce[d], "tokens": tokens[d]} for d in owners},
+            "alive": owners,
+        }
+        path = write_checkpoint(
+            run_dir / "checkpoints",
+            r,
+            trainer.state_dict(),
+            {},
+            {"plan": plan.name, "plan_hash": plan_hash(plan), "run": run_dir.name, "baseline": True, "metrics": record},
+        )
         metrics.write({**record, "checkpoint": str(path)})
         evaluate(r)
     return run_dir

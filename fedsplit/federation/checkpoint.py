@@ -8,9 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -23,8 +23,14 @@ SERVER_STATE_FILE = "server-optimizer.safetensors"
 
 
 def _digest(plan: Plan, training: dict) -> str:
-    spec = {"model": plan.model.model_dump(mode="json"), "training": training, "replica_sync": plan.aggregation.replica_sync,
-            "partitions": [[p.name, sorted(map(str, p.units)), list(p.holders), sorted(p.local_holders)] for p in plan.partitions]}
+    spec = {
+        "model": plan.model.model_dump(mode="json"),
+        "training": training,
+        "replica_sync": plan.aggregation.replica_sync,
+        "partitions": [
+            [p.name, sorted(map(str, p.units)), list(p.holders), sorted(p.local_holders)] for p in plan.partitions
+        ],
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -54,8 +60,14 @@ def _contiguous(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def write_checkpoint(directory: Path, round: int, weights: Mapping[str, Tensor], local: Mapping[str, Mapping[str, Tensor]],
-                     manifest: dict, server_state: Mapping[str, Tensor] | None = None) -> Path:
+def write_checkpoint(
+    directory: Path,
+    round: int,
+    weights: Mapping[str, Tensor],
+    local: Mapping[str, Mapping[str, Tensor]],
+    manifest: dict,
+    server_state: Mapping[str, Tensor] | None = None,
+) -> Path:
     final = Path(directory) / f"round-{round:04d}"
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +104,6 @@ def find_checkpoint(source: Path) -> Checkpoint | None:
 def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
-    local = {f.name[len("local-"):-len(".safetensors")]: load_file(f) for f in path.glob("local-*.safetensors")}
+    local = {f.name[len("local-") : -len(".safetensors")]: load_file(f) for f in path.glob("local-*.safetensors")}
     server = load_file(path / SERVER_STATE_FILE) if (path / SERVER_STATE_FILE).exists() else {}
     return Checkpoint(int(manifest["round"]), path, load_file(path / MODEL_FILE), local, manifest, server)

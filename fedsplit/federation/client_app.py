@@ -47,7 +47,11 @@ def _failure(msg: Message, site: ClientSite, e: PeerError) -> Message:
 @app.query("register")
 def register(msg: Message, context: Context) -> Message:
     site = ClientSite.of(context.node_config)
-    return _reply(msg, OK, info=ConfigRecord({"org": site.org, "address": site.address, "token": site.token or "", "layout": site.layout}))
+    return _reply(
+        msg,
+        OK,
+        info=ConfigRecord({"org": site.org, "address": site.address, "token": site.token or "", "layout": site.layout}),
+    )
 
 
 def _begin(control: WorkerControl, msg: Message) -> None:
@@ -58,8 +62,12 @@ def _begin(control: WorkerControl, msg: Message) -> None:
 
 def _trained(control: WorkerControl, msg: Message) -> Message:
     metrics = control.wait(float(msg.content["config"]["wait_s"]))
-    return _reply(msg, OK, arrays=ArrayRecord(torch_state_dict=control.state()),
-                  metrics=MetricRecord({"num-examples": int(metrics.get("tokens", 0)), **metrics}))
+    return _reply(
+        msg,
+        OK,
+        arrays=ArrayRecord(torch_state_dict=control.state()),
+        metrics=MetricRecord({"num-examples": int(metrics.get("tokens", 0)), **metrics}),
+    )
 
 
 @app.train("begin")

@@ -147,15 +147,35 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
     flwr_home.mkdir(parents=True, exist_ok=True)
     security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n')
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
+    )
 
 
 def superlink_command(listen: str, credentials: Path | None, database: Path) -> list[str]:
     host, port = split_address(listen)
-    tls = (["--ssl-ca-certfile", str(credentials / "ca.pem"), "--ssl-certfile", str(credentials / f"{COORDINATOR_CERT}.pem"),
-            "--ssl-keyfile", str(credentials / f"{COORDINATOR_CERT}.key")] if credentials else ["--insecure"])
-    return [executable("flower-superlink"), "--host", host, "--port", str(port), *tls, "--database", str(database),
-            "--disable-runtime-dependency-installation"]
+    tls = (
+        [
+            "--ssl-ca-certfile",
+            str(credentials / "ca.pem"),
+            "--ssl-certfile",
+            str(credentials / f"{COORDINATOR_CERT}.pem"),
+            "--ssl-keyfile",
+            str(credentials / f"{COORDINATOR_CERT}.key"),
+        ]
+        if credentials
+        else ["--insecure"]
+    )
+    return [
+        executable("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *tls,
+        "--database",
+        str(database),
+        "--disable-runtime-dependency-installation",
+    ]
 
 
 def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
@@ -167,17 +187,26 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     flwr_home = run_dir / "flwr"
     env = flower_env(flwr_home)
-    settings = CoordinatorSettings(plan=str(Path(plan.file).resolve()), run_dir=str(run_dir.resolve()), resume=options.resume is not None,
-                                   node_timeout_s=options.node_timeout_s, run_settings=RunSettings.of(plan),
-                                   one_message_per_round=True,
-                                   credentials=str(options.credentials.resolve()) if options.credentials else None)
+    settings = CoordinatorSettings(
+        plan=str(Path(plan.file).resolve()),
+        run_dir=str(run_dir.resolve()),
+        resume=options.resume is not None,
+        node_timeout_s=options.node_timeout_s,
+        run_settings=RunSettings.of(plan),
+        one_message_per_round=True,
+        credentials=str(options.credentials.resolve()) if options.credentials else None,
+    )
     settings_file = settings.write(run_dir / "coordinator.json").resolve()
     superlink = None
     try:
         if options.superlink is None:
             log = open(run_dir / "logs" / "superlink.log", "ab")
-            superlink = start(superlink_command(options.listen, options.credentials, run_dir / "superlink.db"),
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
+            superlink = start(
+                superlink_command(options.listen, options.credentials, run_dir / "superlink.db"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
             host, port = split_address(options.listen)
             address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
             wait_for_port(address, options.start_timeout_s, superlink, "SuperLink")
@@ -185,15 +214,27 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
             address = options.superlink
         write_connection(flwr_home, address, options.credentials / "ca.pem" if options.credentials else None)
         app_dir = write_app(run_dir / "app")
-        flwr = subprocess.run([executable("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-                               "-c", f"fedsplit-settings='{settings_file}'"], env={**env, COORDINATOR_ENV: str(settings_file)},
-                              preexec_fn=_terminate_with_parent)
+        flwr = subprocess.run(
+            [
+                executable("flwr"),
+                "run",
+                str(app_dir),
+                CONNECTION,
+                "--stream",
+                "-c",
+                f"fedsplit-settings='{settings_file}'",
+            ],
+            env={**env, COORDINATOR_ENV: str(settings_file)},
+            preexec_fn=_terminate_with_parent,
+        )
     finally:
         if superlink is not None:
             stop(superlink)
     result = run_dir / RESULT_FILE
     if not result.exists():  # `flwr run` exits 0 even when the ServerApp failed: the result file decides
-        raise DeploymentError(f"the coordinator did not finish (flwr run exited {flwr.returncode}); see {run_dir / 'logs'}")
+        raise DeploymentError(
+            f"the coordinator did not finish (flwr run exited {flwr.returncode}); see {run_dir / 'logs'}"
+        )
     outcome = json.loads(result.read_text())
     if outcome["status"] != "finished":
         raise DeploymentError(outcome.get("error", "the coordinator failed"))
@@ -223,16 +264,28 @@ def free_port() -> int:
 
 
 def supernode_command(plan: Plan, options: ClientOptions, port: int) -> list[str]:
-    site = {"org": options.org, "worker": options.data_plane_address, "address": options.data_plane_address,
-            "layout": layout_hash(plan)}
+    site = {
+        "org": options.org,
+        "worker": options.data_plane_address,
+        "address": options.data_plane_address,
+        "layout": layout_hash(plan),
+    }
     if options.credentials:
         site["credentials"] = str(options.credentials.resolve())
     else:
         site["insecure"] = True
     node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in site.items())
     tls = ["--root-certificates", str(options.credentials / "ca.pem")] if options.credentials else ["--insecure"]
-    return [executable("flower-supernode"), "--superlink", options.superlink, *tls, "--port", str(port),
-            "--node-config", node_config]
+    return [
+        executable("flower-supernode"),
+        "--superlink",
+        options.superlink,
+        *tls,
+        "--port",
+        str(port),
+        "--node-config",
+        node_config,
+    ]
 
 
 def run_client(plan: Plan, options: ClientOptions) -> int:
@@ -244,9 +297,19 @@ def run_client(plan: Plan, options: ClientOptions) -> int:
         raise DeploymentError(f"plan {plan.name!r} has no organisation {options.org!r}; it has {', '.join(plan.orgs)}")
     _, port = split_address(options.data_plane_address)
     state_dir = Path(options.state_dir)
-    host = WorkerHost(plan, [options.org], run=None, credentials=options.credentials, host=options.bind,
-                      ports={options.org: port}, device=options.device, state_dir=state_dir / "optimizer")
-    supernode = start(supernode_command(plan, options, options.supernode_port or free_port()), env=flower_env(state_dir / "flwr"))
+    host = WorkerHost(
+        plan,
+        [options.org],
+        run=None,
+        credentials=options.credentials,
+        host=options.bind,
+        ports={options.org: port},
+        device=options.device,
+        state_dir=state_dir / "optimizer",
+    )
+    supernode = start(
+        supernode_command(plan, options, options.supernode_port or free_port()), env=flower_env(state_dir / "flwr")
+    )
     ended = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: ended.append(signum))

@@ -49,14 +49,33 @@ class RunPlace:
 def write_merged_plan(plan: Plan, path: Path) -> None:
     """The plan as the coordinator understood it: every organisation's files merged."""
     merged = {
-        "name": plan.name, "file": str(plan.file), "model": plan.model.model_dump(mode="json"),
-        "training": plan.training.model_dump(mode="json"), "aggregation": plan.aggregation.model_dump(mode="json"),
+        "name": plan.name,
+        "file": str(plan.file),
+        "model": plan.model.model_dump(mode="json"),
+        "training": plan.training.model_dump(mode="json"),
+        "aggregation": plan.aggregation.model_dump(mode="json"),
         "transport": plan.transport.model_dump(mode="json"),
-        "orgs": {name: {"file": str(o.file), "device": o.device, "train_data": [str(p) for p in o.train_data],
-                        "eval_data": [str(p) for p in o.eval_data], "holds": [e.selector for e in o.entries],
-                        "local": o.local, "address": o.address} for name, o in plan.orgs.items()},
-        "partitions": [{"name": p.name, "units": describe(p.units, plan.model), "holders": list(p.holders),
-                        "local": sorted(p.local_holders)} for p in plan.partitions],
+        "orgs": {
+            name: {
+                "file": str(o.file),
+                "device": o.device,
+                "train_data": [str(p) for p in o.train_data],
+                "eval_data": [str(p) for p in o.eval_data],
+                "holds": [e.selector for e in o.entries],
+                "local": o.local,
+                "address": o.address,
+            }
+            for name, o in plan.orgs.items()
+        },
+        "partitions": [
+            {
+                "name": p.name,
+                "units": describe(p.units, plan.model),
+                "holders": list(p.holders),
+                "local": sorted(p.local_holders),
+            }
+            for p in plan.partitions
+        ],
     }
     path.write_text(json.dumps(merged, indent=2))
 
@@ -99,5 +118,11 @@ def evaluation_record(round: int, losses: dict[str, tuple[float, float]]) -> dic
     overall (token-weighted)."""
     tokens = sum(n for _, n in losses.values())
     loss = sum(value * n for value, n in losses.values()) / tokens
-    return {"round": round, "event": "eval", "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
-            "orgs": {d: {"loss": value, "ppl": math.exp(value), "tokens": n} for d, (value, n) in losses.items()}}
+    return {
+        "round": round,
+        "event": "eval",
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "tokens": tokens,
+        "orgs": {d: {"loss": value, "ppl": math.exp(value), "tokens": n} for d, (value, n) in losses.items()},
+    }

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import log
@@ -95,8 +95,10 @@ class Coordinator:
         last = latest_checkpoint(self.checkpoints) if settings.resume else None
         if last is not None:
             if last.manifest.get("plan_hash") != self.hash:
-                raise FederationError(f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
-                                      f"this plan is {self.hash}); resume with the plan it was started with")
+                raise FederationError(
+                    f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
+                    f"this plan is {self.hash}); resume with the plan it was started with"
+                )
             self.weights, self.local, self.first_round = last.weights, last.local, last.round + 1
             self.aggregator.load_state_dict(last.server_state)
             record = last.manifest.get("metrics")
@@ -104,7 +106,9 @@ class Coordinator:
             log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
         else:
             self.weights = initial_weights(self.plan)
-            self.local = {org: select(self.weights, self.plan.slices_of(org, local_only=True)) for org in self.plan.orgs}
+            self.local = {
+                org: select(self.weights, self.plan.slices_of(org, local_only=True)) for org in self.plan.orgs
+            }
             self.first_round = 1
         self.evaluates = self.plan.training.eval_tokens > 0
         self.node_of: dict[str, int] = {}
@@ -127,17 +131,23 @@ class Coordinator:
         deadline = time.monotonic() + self.settings.node_timeout_s
         while len(nodes := list(self.grid.get_node_ids())) < expected:
             if time.monotonic() > deadline:
-                raise FederationError(f"{len(nodes)} of {expected} organisations connected within {self.settings.node_timeout_s:.0f} s")
+                raise FederationError(
+                    f"{len(nodes)} of {expected} organisations connected within {self.settings.node_timeout_s:.0f} s"
+                )
             time.sleep(0.5)
         msgs = {str(nid): Message(RecordDict(), dst_node_id=nid, message_type="query.register") for nid in nodes}
         outcome = self._exchange(msgs, self.settings.message_timeout_s)
         if outcome.failed:
-            raise FederationError("nodes failed to register: " + "; ".join(f"node {n}: {r}" for n, r in outcome.failed.items()))
+            raise FederationError(
+                "nodes failed to register: " + "; ".join(f"node {n}: {r}" for n, r in outcome.failed.items())
+            )
         for nid_text, reply in outcome.replies.items():
             info = reply.content["info"]
             org = str(info["org"])
             if org not in self.plan.orgs:
-                raise FederationError(f"node {nid_text} says it is organisation {org!r}, which plan {self.plan.name!r} does not have")
+                raise FederationError(
+                    f"node {nid_text} says it is organisation {org!r}, which plan {self.plan.name!r} does not have"
+                )
             if org in self.node_of:
                 raise FederationError(f"two nodes say they are organisation {org!r}")
             self._check_identity(org, info)
@@ -151,37 +161,74 @@ class Coordinator:
     def _check_identity(self, org: str, info) -> None:
         """With credentials, a node proves it is ``org`` by its token; a deployed client also says
         which plan layout its worker was built from, which must be the coordinator's."""
-        if self.verifiers is not None and not hmac.compare_digest(token_verifier(str(info["token"])), self.verifiers.get(org, "")):
-            raise FederationError(f"a node says it is organisation {org!r} but does not hold its token; "
-                                  f"give that organisation its credentials from `fedsplit certs`")
+        if self.verifiers is not None and not hmac.compare_digest(
+            token_verifier(str(info["token"])), self.verifiers.get(org, "")
+        ):
+            raise FederationError(
+                f"a node says it is organisation {org!r} but does not hold its token; "
+                f"give that organisation its credentials from `fedsplit certs`"
+            )
         layout = str(info["layout"])
         if layout and layout != self.layout:
-            raise FederationError(f"organisation {org!r} runs a different plan (layout {layout}, the coordinator's is {self.layout}): "
-                                  f"every organisation needs the same model, partitions and batch settings")
+            raise FederationError(
+                f"organisation {org!r} runs a different plan (layout {layout}, the coordinator's is {self.layout}): "
+                f"every organisation needs the same model, partitions and batch settings"
+            )
 
     def train_round(self, r: int) -> None:
         t = self.plan.training
         started = time.monotonic()
         spec, outcome = self._run_round(lambda: self._round_spec(r, t.steps_per_round))
         metrics = outcome.metrics()
-        org_metrics = {org: {k: v for k, v in m.items() if not k.startswith("expert_load/")} for org, m in metrics.items()}
+        org_metrics = {
+            org: {k: v for k, v in m.items() if not k.startswith("expert_load/")} for org, m in metrics.items()
+        }
         self._log_evaluation(r - 1, spec, org_metrics)
         trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
-        self.weights, self.local = aggregate_round(self.plan, self.weights, self.local, trained, org_metrics, self.alive,
-                                                   round=r, aggregator=self.aggregator)
+        self.weights, self.local = aggregate_round(
+            self.plan, self.weights, self.local, trained, org_metrics, self.alive, round=r, aggregator=self.aggregator
+        )
         seconds = time.monotonic() - started
         owners = spec.data_owners
         tokens = sum(org_metrics[d]["tokens"] for d in owners)
         loss = sum(org_metrics[d]["loss"] * org_metrics[d]["tokens"] for d in owners) / max(tokens, 1)
-        record = {"round": r, "event": "round", "steps": t.steps_per_round, "seconds": seconds, "loss": loss,
-                  "tokens": tokens, "orgs": org_metrics, "expert_load": expert_load(metrics, self.plan.model.num_experts),
-                  "alive": sorted(self.alive)}
-        path = write_checkpoint(self.checkpoints, r, self.weights, self.local,
-                                {"plan": self.plan.name, "plan_hash": self.hash, "run": self.run_id, "next_step": spec.last_step + 1,
-                                 "metrics": record, "optimizer_state": "kept by each organisation's worker (state dir), per round"},
-                                server_state=self.aggregator.state_dict())
+        record = {
+            "round": r,
+            "event": "round",
+            "steps": t.steps_per_round,
+            "seconds": seconds,
+            "loss": loss,
+            "tokens": tokens,
+            "orgs": org_metrics,
+            "expert_load": expert_load(metrics, self.plan.model.num_experts),
+            "alive": sorted(self.alive),
+        }
+        path = write_checkpoint(
+            self.checkpoints,
+            r,
+            self.weights,
+            self.local,
+            {
+                "plan": self.plan.name,
+                "plan_hash": self.hash,
+                "run": self.run_id,
+                "next_step": spec.last_step + 1,
+                "metrics": record,
+                "optimizer_state": "kept by each organisation's worker (state dir), per round",
+            },
+            server_state=self.aggregator.state_dict(),
+        )
         self.metrics.write({**record, "checkpoint": str(path)})
-        log(INFO, "fedsplit: round %d/%d: loss %.4f, %d tokens, %.1f s -> %s", r, t.rounds, loss, record["tokens"], seconds, path)
+        log(
+            INFO,
+            "fedsplit: round %d/%d: loss %.4f, %d tokens, %.1f s -> %s",
+            r,
+            t.rounds,
+            loss,
+            record["tokens"],
+            seconds,
+            path,
+        )
 
     def evaluate_final(self) -> None:
         """The last round's model on held-out data: a round of zero steps that only evaluates."""
@@ -193,12 +240,23 @@ class Coordinator:
     def _log_evaluation(self, r: int, spec: RoundSpec, metrics: dict[str, dict[str, float]]) -> None:
         """Held-out loss and perplexity of the model after round ``r`` (0: the initial model), per
         data owner and overall (token-weighted), as the data owners measured it through the split model."""
-        losses = {d: (metrics[d]["eval_loss"], metrics[d]["eval_tokens"]) for d in spec.data_owners if "eval_loss" in metrics.get(d, {})}
+        losses = {
+            d: (metrics[d]["eval_loss"], metrics[d]["eval_tokens"])
+            for d in spec.data_owners
+            if "eval_loss" in metrics.get(d, {})
+        }
         if not losses:
             return
         record = evaluation_record(r, losses)
         self.metrics.write(record)
-        log(INFO, "fedsplit: held-out after round %d: loss %.4f, perplexity %.2f (%d tokens)", r, record["loss"], record["ppl"], record["tokens"])
+        log(
+            INFO,
+            "fedsplit: held-out after round %d: loss %.4f, perplexity %.2f (%d tokens)",
+            r,
+            record["loss"],
+            record["ppl"],
+            record["tokens"],
+        )
 
     def _run_round(self, make_spec) -> tuple[RoundSpec, Outcome]:
         """Begin and collect a round; rerun it without organisations that are gone, or stop."""
@@ -216,12 +274,21 @@ class Coordinator:
                 return spec, outcome
             for org, reason in sorted(outcome.failed.items()):
                 log(WARNING, "fedsplit: round %d: organisation %s failed: %s", spec.round, org, reason)
-            self.metrics.write({"round": spec.round, "event": "round-failed", "failed": outcome.failed, "gone": sorted(outcome.gone)})
+            self.metrics.write(
+                {"round": spec.round, "event": "round-failed", "failed": outcome.failed, "gone": sorted(outcome.gone)}
+            )
             if not outcome.gone:
-                raise FederationError(f"round {spec.round} failed and no organisation is gone to exclude: {outcome.failed}")
+                raise FederationError(
+                    f"round {spec.round} failed and no organisation is gone to exclude: {outcome.failed}"
+                )
             self.alive -= outcome.gone
             self.failures.update({org: outcome.failed[org] for org in outcome.gone})
-            log(WARNING, "fedsplit: round %d: rerunning from the last good weights without %s", spec.round, ", ".join(sorted(outcome.gone)))
+            log(
+                WARNING,
+                "fedsplit: round %d: rerunning from the last good weights without %s",
+                spec.round,
+                ", ".join(sorted(outcome.gone)),
+            )
 
     # -- the messages ------------------------------------------------------------------------
 
@@ -242,26 +309,46 @@ class Coordinator:
         return {**select(self.weights, self.plan.slices_of(org)), **self.local.get(org, {})}
 
     def _config(self, spec: RoundSpec) -> dict:
-        return {"run": self.run_id, "round": spec.to_json(), "wait_s": self.settings.round_timeout_s,
-                "addresses": json.dumps({o: a for o, a in self.addresses.items() if o in self.alive})}
+        return {
+            "run": self.run_id,
+            "round": spec.to_json(),
+            "wait_s": self.settings.round_timeout_s,
+            "addresses": json.dumps({o: a for o, a in self.addresses.items() if o in self.alive}),
+        }
 
     def _begin(self, spec: RoundSpec) -> Outcome:
         return self._exchange(self._with_weights(spec, "train.begin"), self.settings.message_timeout_s)
 
     def _whole_round(self, spec: RoundSpec) -> Outcome:
-        return self._exchange(self._with_weights(spec, "train.round"), self.settings.round_timeout_s + self.settings.message_timeout_s)
+        return self._exchange(
+            self._with_weights(spec, "train.round"), self.settings.round_timeout_s + self.settings.message_timeout_s
+        )
 
     def _with_weights(self, spec: RoundSpec, message_type: str) -> dict[str, Message]:
         config = self._config(spec)
-        return {org: Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": ConfigRecord(config)}),
-                             dst_node_id=self.node_of[org], message_type=message_type, group_id=str(spec.round))
-                for org in sorted(self.alive)}
+        return {
+            org: Message(
+                RecordDict(
+                    {"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": ConfigRecord(config)}
+                ),
+                dst_node_id=self.node_of[org],
+                message_type=message_type,
+                group_id=str(spec.round),
+            )
+            for org in sorted(self.alive)
+        }
 
     def _collect(self, spec: RoundSpec, orgs: Iterable[str] | None = None) -> Outcome:
         config = self._config(spec)
-        msgs = {org: Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=self.node_of[org],
-                             message_type="train", group_id=str(spec.round))
-                for org in sorted(self.alive if orgs is None else orgs)}
+        msgs = {
+            org: Message(
+                RecordDict({"config": ConfigRecord(config)}),
+                dst_node_id=self.node_of[org],
+                message_type="train",
+                group_id=str(spec.round),
+            )
+            for org in sorted(self.alive if orgs is None else orgs)
+        }
         return self._exchange(msgs, self.settings.round_timeout_s + self.settings.message_timeout_s)
 
     def _exchange(self, msgs: dict[str, Message], timeout: float) -> Outcome:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,11 +32,18 @@ class CoordinatorSettings(BaseModel):
     node_timeout_s: float = Field(default=300.0, gt=0, description="how long to wait for every organisation to connect")
     message_timeout_s: float = Field(default=600.0, gt=0, description="deadline of a round's begin messages")
     round_timeout_s: float = Field(default=3600.0, gt=0, description="deadline of a round's training")
-    run_settings: RunSettings | None = Field(default=None, description="replaces the plan file's training, transport and aggregation")
-    one_message_per_round: bool = Field(default=False, description=(
-        "begin and collect a round with one message (deployment: every organisation runs its own client apps)"))
-    credentials: str | None = Field(default=None, description=(
-        "`fedsplit certs` output: each organisation's token is checked when it registers"))
+    run_settings: RunSettings | None = Field(
+        default=None, description="replaces the plan file's training, transport and aggregation"
+    )
+    one_message_per_round: bool = Field(
+        default=False,
+        description=(
+            "begin and collect a round with one message (deployment: every organisation runs its own client apps)"
+        ),
+    )
+    credentials: str | None = Field(
+        default=None, description=("`fedsplit certs` output: each organisation's token is checked when it registers")
+    )
 
     def load_plan(self) -> Plan:
         plan = load_plan(self.plan)
@@ -49,10 +56,12 @@ class CoordinatorSettings(BaseModel):
         return Path(path)
 
     @classmethod
-    def find(cls, run_config: Mapping) -> "CoordinatorSettings":
+    def find(cls, run_config: Mapping) -> CoordinatorSettings:
         path = run_config.get("fedsplit-settings") or os.environ.get(COORDINATOR_ENV)
         if not path:
-            raise RuntimeError(f"no coordinator settings: pass -c \"fedsplit-settings='PATH'\" to flwr run or set {COORDINATOR_ENV}")
+            raise RuntimeError(
+                f"no coordinator settings: pass -c \"fedsplit-settings='PATH'\" to flwr run or set {COORDINATOR_ENV}"
+            )
         return cls.model_validate_json(Path(str(path)).read_text())
 
 
@@ -64,7 +73,9 @@ class ClientSite:
     worker: str  # where this client reaches its own worker
     address: str  # where the other organisations reach it
     credentials: Path | None  # None: plaintext without tokens (explicitly insecure)
-    layout: str = ""  # layout_hash of the plan the organisation's worker was built from ("" in simulation: the same file)
+    layout: str = (
+        ""  # layout_hash of the plan the organisation's worker was built from ("" in simulation: the same file)
+    )
 
     @property
     def tls(self) -> TLSConfig | None:
@@ -75,7 +86,7 @@ class ClientSite:
         return load_token(self.credentials, self.org) if self.credentials else None
 
     @classmethod
-    def of(cls, node_config: Mapping) -> "ClientSite":
+    def of(cls, node_config: Mapping) -> ClientSite:
         """From the SuperNode's node config (deployment: ``org``, ``worker``, ``address``,
         ``credentials`` or ``insecure``, and ``layout``), or in simulation from the registry that ``fedsplit
         simulate`` wrote, by partition id."""
@@ -84,8 +95,13 @@ class ClientSite:
                 raise RuntimeError("the node config needs credentials=DIR, or insecure=true explicitly")
             creds = node_config.get("credentials")
             worker = str(node_config["worker"])
-            return cls(str(node_config["org"]), worker, str(node_config.get("address") or worker), Path(str(creds)) if creds else None,
-                       str(node_config.get("layout", "")))
+            return cls(
+                str(node_config["org"]),
+                worker,
+                str(node_config.get("address") or worker),
+                Path(str(creds)) if creds else None,
+                str(node_config.get("layout", "")),
+            )
         registry = json.loads(Path(os.environ[SIMULATION_ENV]).read_text())
         org = registry["orgs"][int(node_config["partition-id"])]
         creds = registry.get("credentials")

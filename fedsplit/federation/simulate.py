@@ -56,24 +56,48 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
     run_dir = options.directory(plan)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     groups = [[org] for org in plan.orgs] if options.process_per_org else [list(plan.orgs)]
-    hosts = HostProcesses(plan, groups, run_dir / "workers", run=run_dir.name, device=options.device, insecure=options.insecure,
-                          state_dir=run_dir / "workers" / "state")
+    hosts = HostProcesses(
+        plan,
+        groups,
+        run_dir / "workers",
+        run=run_dir.name,
+        device=options.device,
+        insecure=options.insecure,
+        state_dir=run_dir / "workers" / "state",
+    )
     try:
         registry = run_dir / "simulation.json"
-        registry.write_text(json.dumps({"orgs": list(plan.orgs), "workers": hosts.addresses,
-                                        "credentials": str(hosts.credentials) if hosts.credentials else None}))
-        settings = CoordinatorSettings(plan=str(plan.file), run_dir=str(run_dir), resume=options.resume is not None,
-                                       run_settings=RunSettings.of(plan),
-                                       credentials=str(hosts.credentials) if hosts.credentials else None)
+        registry.write_text(
+            json.dumps(
+                {
+                    "orgs": list(plan.orgs),
+                    "workers": hosts.addresses,
+                    "credentials": str(hosts.credentials) if hosts.credentials else None,
+                }
+            )
+        )
+        settings = CoordinatorSettings(
+            plan=str(plan.file),
+            run_dir=str(run_dir),
+            resume=options.resume is not None,
+            run_settings=RunSettings.of(plan),
+            credentials=str(hosts.credentials) if hosts.credentials else None,
+        )
         os.environ[SIMULATION_ENV] = str(registry)
         os.environ[COORDINATOR_ENV] = str(settings.write(run_dir / "coordinator.json"))
         if on_started:
             on_started(hosts, run_dir)
         logging.getLogger("flwr").setLevel(logging.INFO)
         try:
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(plan.orgs),
-                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                           "init_args": {"num_cpus": max(1, options.actors), "include_dashboard": False}})
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(plan.orgs),
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": max(1, options.actors), "include_dashboard": False},
+                },
+            )
         except Exception as e:  # the ServerApp's own exception, re-raised by Flower; result.json says why
             crash = e
         else:

@@ -46,7 +46,14 @@ def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
     return MoETransformer(plan.model).state_dict()
 
 
-def verify(plan: Plan, steps: int, device: str = "cpu", optimizer: OptimizerConfig | None = None, transport: str = "inprocess", insecure: bool = False) -> VerifyResult:
+def verify(
+    plan: Plan,
+    steps: int,
+    device: str = "cpu",
+    optimizer: OptimizerConfig | None = None,
+    transport: str = "inprocess",
+    insecure: bool = False,
+) -> VerifyResult:
     """Train ``steps`` steps both ways and compare.
 
     With replicated partitions the replicas see different batches between averagings, so the

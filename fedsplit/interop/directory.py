@@ -12,9 +12,9 @@ Either can be a plan's ``model:``; the plan then starts from its weights.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 from pydantic import ValidationError
@@ -68,11 +68,17 @@ def open_checkpoint(path: str | Path) -> ModelCheckpoint:
         names = set(parameter_shapes(cfg))
         if files.keys != names:
             wrong = sorted(files.keys ^ names)
-            raise CheckpointError(f"the weights do not match model.yaml: {', '.join(wrong[:5])} "
-                                  f"{'missing' if wrong[0] in names else 'unexpected'}", file=path / SINGLE_FILE, field=wrong[0])
+            raise CheckpointError(
+                f"the weights do not match model.yaml: {', '.join(wrong[:5])} "
+                f"{'missing' if wrong[0] in names else 'unexpected'}",
+                file=path / SINGLE_FILE,
+                field=wrong[0],
+            )
         return ModelCheckpoint(path, cfg, "fedsplit", None, CheckpointReader(cfg, files, {n: Stored(n) for n in names}))
-    raise CheckpointError(f"is not a model directory: it has neither {HF_CONFIG} (Hugging Face) nor {FEDSPLIT_CONFIG} (fedsplit)",
-                          file=path)
+    raise CheckpointError(
+        f"is not a model directory: it has neither {HF_CONFIG} (Hugging Face) nor {FEDSPLIT_CONFIG} (fedsplit)",
+        file=path,
+    )
 
 
 def save_fedsplit(cfg: ModelConfig, state: Mapping[str, Tensor], out: str | Path) -> Path:
@@ -80,11 +86,15 @@ def save_fedsplit(cfg: ModelConfig, state: Mapping[str, Tensor], out: str | Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / FEDSPLIT_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / SINGLE_FILE, metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, out / SINGLE_FILE, metadata={"format": "pt"}
+    )
     return out
 
 
-def save_hf(cfg: ModelConfig, state: Mapping[str, Tensor], out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save_hf(
+    cfg: ModelConfig, state: Mapping[str, Tensor], out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Path:
     """Write a HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``
     and the weights in one file, or in shards of at most ``max_shard_bytes`` with an index."""
     arch = hf_architecture(cfg)

@@ -35,8 +35,11 @@ def architecture_of(hf: dict[str, Any], file: Path) -> str:
     names = hf.get("architectures") or []
     supported = [a for a in names if a in ARCHITECTURES]
     if not supported:
-        raise CheckpointError(f"unsupported architecture {', '.join(names) or '(none given)'}: fedsplit reads "
-                              f"{', '.join(ARCHITECTURES)}", file=file, field="architectures")
+        raise CheckpointError(
+            f"unsupported architecture {', '.join(names) or '(none given)'}: fedsplit reads {', '.join(ARCHITECTURES)}",
+            file=file,
+            field="architectures",
+        )
     return supported[0]
 
 
@@ -47,7 +50,9 @@ def config_from_hf(hf: dict[str, Any], file: Path) -> tuple[ModelConfig, str]:
     fields.require("hidden_act", lambda v: v == "silu", "only SwiGLU with silu is supported")
     fields.require("attention_dropout", lambda v: not v, "attention dropout changes training maths; set it to 0.0")
     fields.require("mlp_bias", lambda v: not v, "fedsplit's feed-forward layers have no biases")
-    fields.require("pretraining_tp", lambda v: v in (None, 1), "tensor-parallel slicing of the projections is not supported")
+    fields.require(
+        "pretraining_tp", lambda v: v in (None, 1), "tensor-parallel slicing of the projections is not supported"
+    )
     heads = fields.get("num_attention_heads")
     common = dict(
         vocab_size=fields.get("vocab_size"),
@@ -63,20 +68,30 @@ def config_from_hf(hf: dict[str, Any], file: Path) -> tuple[ModelConfig, str]:
     )
     if arch == MIXTRAL:
         specific = dict(
-            num_experts=fields.get("num_local_experts"), top_k=fields.get("num_experts_per_tok"),
-            expert_ffn_size=fields.get("intermediate_size"), normalize_top_k=True,
-            router_jitter=fields.get("router_jitter_noise", 0.0), aux_loss_coef=fields.get("router_aux_loss_coef", 0.0),
-            sliding_window=fields.get("sliding_window", None))
+            num_experts=fields.get("num_local_experts"),
+            top_k=fields.get("num_experts_per_tok"),
+            expert_ffn_size=fields.get("intermediate_size"),
+            normalize_top_k=True,
+            router_jitter=fields.get("router_jitter_noise", 0.0),
+            aux_loss_coef=fields.get("router_aux_loss_coef", 0.0),
+            sliding_window=fields.get("sliding_window", None),
+        )
     elif arch == QWEN2_MOE:
         fields.require("decoder_sparse_step", lambda v: v in (None, 1), "every layer must be a MoE layer (1)")
         fields.require("mlp_only_layers", lambda v: not v, "every layer must be a MoE layer (no dense-only layers)")
         fields.require("shared_expert_intermediate_size", lambda v: v > 0, "a Qwen2-MoE layer needs its shared expert")
         specific = dict(
-            num_experts=fields.get("num_experts"), top_k=fields.get("num_experts_per_tok"),
-            expert_ffn_size=fields.get("moe_intermediate_size"), normalize_top_k=bool(fields.get("norm_topk_prob", False)),
-            num_shared_experts=1, shared_expert_ffn_size=fields.get("shared_expert_intermediate_size"),
-            shared_expert_gate=True, qkv_bias=bool(fields.get("qkv_bias", True)),
-            aux_loss_coef=fields.get("router_aux_loss_coef", 0.0), sliding_window=_qwen_window(fields))
+            num_experts=fields.get("num_experts"),
+            top_k=fields.get("num_experts_per_tok"),
+            expert_ffn_size=fields.get("moe_intermediate_size"),
+            normalize_top_k=bool(fields.get("norm_topk_prob", False)),
+            num_shared_experts=1,
+            shared_expert_ffn_size=fields.get("shared_expert_intermediate_size"),
+            shared_expert_gate=True,
+            qkv_bias=bool(fields.get("qkv_bias", True)),
+            aux_loss_coef=fields.get("router_aux_loss_coef", 0.0),
+            sliding_window=_qwen_window(fields),
+        )
     else:
         fields.require("attention_bias", lambda v: not v, "fedsplit's attention has no o_proj bias")
         specific = dict(num_experts=1, top_k=1, expert_ffn_size=fields.get("intermediate_size"), aux_loss_coef=0.0)
@@ -84,21 +99,26 @@ def config_from_hf(hf: dict[str, Any], file: Path) -> tuple[ModelConfig, str]:
         return ModelConfig(**common, **specific), arch
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        raise CheckpointError(f"the config does not describe a model fedsplit can build: {problems}", file=file) from None
+        raise CheckpointError(
+            f"the config does not describe a model fedsplit can build: {problems}", file=file
+        ) from None
 
 
-def _rope_theta(fields: "_Fields") -> float:
+def _rope_theta(fields: _Fields) -> float:
     """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta``/``rope_scaling`` (4)."""
     params = fields.get("rope_parameters", None) or {}
     scaling = fields.get("rope_scaling", None) or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise CheckpointError(f"RoPE type {kind!r} is not supported (only the default rotary embedding)",
-                              file=fields.file, field="rope_parameters.rope_type" if params else "rope_scaling")
+        raise CheckpointError(
+            f"RoPE type {kind!r} is not supported (only the default rotary embedding)",
+            file=fields.file,
+            field="rope_parameters.rope_type" if params else "rope_scaling",
+        )
     return float(params.get("rope_theta") or fields.get("rope_theta", 10000.0))
 
 
-def _qwen_window(fields: "_Fields") -> int | None:
+def _qwen_window(fields: _Fields) -> int | None:
     """Qwen2-MoE chooses sliding or full attention per layer; fedsplit has one kind for all."""
     if not fields.get("use_sliding_window", False):
         return None
@@ -106,8 +126,11 @@ def _qwen_window(fields: "_Fields") -> int | None:
     if kinds == {"full_attention"}:
         return None
     if kinds != {"sliding_attention"}:
-        raise CheckpointError("mixes sliding-window and full-attention layers; fedsplit uses one kind for every layer",
-                              file=fields.file, field="layer_types")
+        raise CheckpointError(
+            "mixes sliding-window and full-attention layers; fedsplit uses one kind for every layer",
+            file=fields.file,
+            field="layer_types",
+        )
     return fields.get("sliding_window")
 
 
@@ -136,14 +159,21 @@ def hf_architecture(cfg: ModelConfig) -> str:
     that no supported architecture can express."""
     if cfg.num_shared_experts:
         if not cfg.shared_expert_gate:
-            raise CheckpointError("Qwen2-MoE, the HF architecture with shared experts, always gates them: "
-                                  "export needs shared_expert_gate: true", field="shared_expert_gate")
+            raise CheckpointError(
+                "Qwen2-MoE, the HF architecture with shared experts, always gates them: "
+                "export needs shared_expert_gate: true",
+                field="shared_expert_gate",
+            )
         return QWEN2_MOE
     if cfg.qkv_bias:
-        raise CheckpointError("no supported HF architecture has q/k/v biases without a gated shared expert", field="qkv_bias")
+        raise CheckpointError(
+            "no supported HF architecture has q/k/v biases without a gated shared expert", field="qkv_bias"
+        )
     if not cfg.normalize_top_k:
-        raise CheckpointError("Mixtral always renormalises the top-k weights; without shared experts normalize_top_k "
-                              "must be true", field="normalize_top_k")
+        raise CheckpointError(
+            "Mixtral always renormalises the top-k weights; without shared experts normalize_top_k must be true",
+            field="normalize_top_k",
+        )
     return MIXTRAL
 
 
@@ -151,22 +181,45 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """``config.json`` of the HF architecture that computes what ``cfg`` does."""
     arch = hf_architecture(cfg)
     hf: dict[str, Any] = {
-        "architectures": [arch], "model_type": _MODEL_TYPE[arch], "dtype": "float32",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps, "initializer_range": cfg.init_std,
+        "architectures": [arch],
+        "model_type": _MODEL_TYPE[arch],
+        "dtype": "float32",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "initializer_range": cfg.init_std,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
-        "num_experts_per_tok": cfg.top_k, "router_aux_loss_coef": cfg.aux_loss_coef,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": cfg.top_k,
+        "router_aux_loss_coef": cfg.aux_loss_coef,
     }
     if arch == MIXTRAL:
-        hf.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.expert_ffn_size,
-                  router_jitter_noise=cfg.router_jitter, sliding_window=cfg.sliding_window)
+        hf.update(
+            num_local_experts=cfg.num_experts,
+            intermediate_size=cfg.expert_ffn_size,
+            router_jitter_noise=cfg.router_jitter,
+            sliding_window=cfg.sliding_window,
+        )
     else:
         window = cfg.sliding_window is not None
-        hf.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_ffn_size,
-                  intermediate_size=cfg.shared_ffn_size, shared_expert_intermediate_size=cfg.shared_ffn_size,
-                  norm_topk_prob=cfg.normalize_top_k, qkv_bias=cfg.qkv_bias, decoder_sparse_step=1, mlp_only_layers=[],
-                  use_sliding_window=window, sliding_window=cfg.sliding_window, max_window_layers=cfg.num_layers,
-                  layer_types=["sliding_attention" if window else "full_attention"] * cfg.num_layers)
+        hf.update(
+            num_experts=cfg.num_experts,
+            moe_intermediate_size=cfg.expert_ffn_size,
+            intermediate_size=cfg.shared_ffn_size,
+            shared_expert_intermediate_size=cfg.shared_ffn_size,
+            norm_topk_prob=cfg.normalize_top_k,
+            qkv_bias=cfg.qkv_bias,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=window,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=cfg.num_layers,
+            layer_types=["sliding_attention" if window else "full_attention"] * cfg.num_layers,
+        )
     return hf

@@ -14,9 +14,9 @@ Exports use the per-expert layout, which every transformers version loads.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from torch import Tensor
 
@@ -41,7 +41,10 @@ ZEROS = None  # a fedsplit tensor with no stored counterpart: the router of a on
 
 def hf_names(cfg: ModelConfig, arch: str) -> dict[str, str | None]:
     """fedsplit name -> HF name (per-expert layout), or :data:`ZEROS` where HF stores nothing."""
-    names: dict[str, str | None] = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
+    names: dict[str, str | None] = {
+        "embed.weight": "model.embed_tokens.weight",
+        "final_norm.weight": "model.norm.weight",
+    }
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
     attn_params = ("weight", "bias") if cfg.qkv_bias else ("weight",)
@@ -63,14 +66,22 @@ def hf_names(cfg: ModelConfig, arch: str) -> dict[str, str | None]:
         else:
             names[f"{ours}.moe.router.weight"] = f"{hf}.mlp.gate.weight"
             for e in range(cfg.num_experts):
-                names.update(_swiglu(f"{ours}.moe.experts.{e}", f"{hf}.mlp.experts.{e}", "gate_proj", "down_proj", "up_proj"))
-            names.update(_swiglu(f"{ours}.moe.shared_experts", f"{hf}.mlp.shared_expert", "gate_proj", "down_proj", "up_proj"))
+                names.update(
+                    _swiglu(f"{ours}.moe.experts.{e}", f"{hf}.mlp.experts.{e}", "gate_proj", "down_proj", "up_proj")
+                )
+            names.update(
+                _swiglu(f"{ours}.moe.shared_experts", f"{hf}.mlp.shared_expert", "gate_proj", "down_proj", "up_proj")
+            )
             names[f"{ours}.moe.shared_experts.gate.weight"] = f"{hf}.mlp.shared_expert_gate.weight"
     return names
 
 
 def _swiglu(ours: str, hf: str, w1: str, w2: str, w3: str) -> dict[str, str]:
-    return {f"{ours}.w1.weight": f"{hf}.{w1}.weight", f"{ours}.w2.weight": f"{hf}.{w2}.weight", f"{ours}.w3.weight": f"{hf}.{w3}.weight"}
+    return {
+        f"{ours}.w1.weight": f"{hf}.{w1}.weight",
+        f"{ours}.w2.weight": f"{hf}.{w2}.weight",
+        f"{ours}.w3.weight": f"{hf}.{w3}.weight",
+    }
 
 
 def _fused(cfg: ModelConfig, ours: str) -> Stored | None:
@@ -105,8 +116,11 @@ def locate(cfg: ModelConfig, arch: str, keys: set[str], file: Path) -> dict[str,
     extra = sorted(k for k in keys - used - tied_head if not k.endswith(_IGNORED_SUFFIXES))
     if extra:
         more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-        raise CheckpointError(f"tensors fedsplit's {arch} mapping has no place for: {', '.join(extra[:5])}{more}",
-                              file=file, field=extra[0])
+        raise CheckpointError(
+            f"tensors fedsplit's {arch} mapping has no place for: {', '.join(extra[:5])}{more}",
+            file=file,
+            field=extra[0],
+        )
     return found
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -91,8 +91,12 @@ class CheckpointReader:
         view = f.get_slice(stored.key)
         index, shape = _compose(stored.index, list(view.get_shape()))
         if tuple(shape) != tuple(self.shapes[name]):
-            raise CheckpointError(f"{stored.key!r} has shape {tuple(shape)} where the config implies "
-                                  f"{tuple(self.shapes[name])} for {name}", file=path, field=stored.key)
+            raise CheckpointError(
+                f"{stored.key!r} has shape {tuple(shape)} where the config implies "
+                f"{tuple(self.shapes[name])} for {name}",
+                file=path,
+                field=stored.key,
+            )
         if dim is not None:
             index = _narrow(index, dim, start, stop)
         return view[tuple(index)].to(torch.float32).contiguous()
@@ -100,7 +104,7 @@ class CheckpointReader:
 
 def _compose(prefix: tuple[int | slice, ...], stored_shape: list[int]) -> tuple[list[int | slice], list[int]]:
     """The full index of a stored tensor given its leading ``prefix``, and the shape it selects."""
-    index: list[int | slice] = list(prefix) + [slice(0, n) for n in stored_shape[len(prefix):]]
+    index: list[int | slice] = list(prefix) + [slice(0, n) for n in stored_shape[len(prefix) :]]
     shape = []
     for entry, n in zip(index, stored_shape):
         if isinstance(entry, slice):
@@ -113,7 +117,7 @@ def _narrow(index: list[int | slice], dim: int, start: int, stop: int) -> list[i
     positions = [p for p, entry in enumerate(index) if isinstance(entry, slice)]
     p = positions[dim]
     base = index[p].start or 0
-    return [*index[:p], slice(base + start, base + stop), *index[p + 1:]]
+    return [*index[:p], slice(base + start, base + stop), *index[p + 1 :]]
 
 
 def _narrow_shape_zeros(shape: torch.Size, dim: int | None, start: int, stop: int) -> Tensor:

@@ -25,14 +25,15 @@ The input is a dense model: a fedsplit model with one expert and no shared exper
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import MoE, ModelConfig, MoETransformer, cross_entropy
+from ..model import ModelConfig, MoE, MoETransformer, cross_entropy
 from .errors import CheckpointError
 
 Method = Literal["random", "cluster", "shared"]
@@ -41,8 +42,11 @@ METHODS: tuple[str, ...] = ("random", "cluster", "shared")
 
 def check_dense(cfg: ModelConfig) -> None:
     if cfg.num_experts != 1 or cfg.num_shared_experts:
-        raise CheckpointError(f"upcycling needs a dense model (one expert, no shared experts); this one has "
-                              f"{cfg.num_experts} experts and {cfg.num_shared_experts} shared", field="num_experts")
+        raise CheckpointError(
+            f"upcycling needs a dense model (one expert, no shared experts); this one has "
+            f"{cfg.num_experts} experts and {cfg.num_shared_experts} shared",
+            field="num_experts",
+        )
 
 
 def default_shared_neurons(ffn: int, experts: int) -> int:
@@ -50,9 +54,18 @@ def default_shared_neurons(ffn: int, experts: int) -> int:
     return ffn - experts * (ffn // (experts + 1))
 
 
-def upcycle(cfg: ModelConfig, state: Mapping[str, Tensor], experts: int, method: Method, *, top_k: int = 2,
-            shared_neurons: int | None = None, seed: int = 0, calibration: Tensor | None = None,
-            aux_loss_coef: float = 0.01) -> tuple[ModelConfig, dict[str, Tensor]]:
+def upcycle(
+    cfg: ModelConfig,
+    state: Mapping[str, Tensor],
+    experts: int,
+    method: Method,
+    *,
+    top_k: int = 2,
+    shared_neurons: int | None = None,
+    seed: int = 0,
+    calibration: Tensor | None = None,
+    aux_loss_coef: float = 0.01,
+) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The MoE config and weights made from a dense model's; see the module docstring.
 
     ``calibration`` (token ids, ``(B, T)``) scores neurons for ``method="shared"``; by default a
@@ -62,17 +75,36 @@ def upcycle(cfg: ModelConfig, state: Mapping[str, Tensor], experts: int, method:
     if method not in METHODS:
         raise ValueError(f"unknown upcycling method {method!r}: use one of {', '.join(METHODS)}")
     ffn = cfg.expert_ffn_size
-    shared = (default_shared_neurons(ffn, experts) if shared_neurons is None else shared_neurons) if method == "shared" else 0
+    shared = (
+        (default_shared_neurons(ffn, experts) if shared_neurons is None else shared_neurons)
+        if method == "shared"
+        else 0
+    )
     if not 0 <= shared < ffn:
         raise ValueError(f"shared neurons ({shared}) must be fewer than the FFN's {ffn}")
     if (ffn - shared) % experts:
-        raise ValueError(f"the FFN's {ffn} intermediate neurons{f' less {shared} shared' if shared else ''} do not "
-                         f"split into {experts} equal experts; pick a number of experts (or shared neurons) that divides them")
+        raise ValueError(
+            f"the FFN's {ffn} intermediate neurons{f' less {shared} shared' if shared else ''} do not "
+            f"split into {experts} equal experts; pick a number of experts (or shared neurons) that divides them"
+        )
     gen = torch.Generator().manual_seed(seed)
-    moe_cfg = ModelConfig(**{**cfg.model_dump(), "num_experts": experts, "top_k": top_k, "normalize_top_k": True,
-                             "expert_ffn_size": (ffn - shared) // experts, "num_shared_experts": 1 if shared else 0,
-                             "shared_expert_ffn_size": shared or None, "aux_loss_coef": aux_loss_coef})
-    scores = taylor_importance(cfg, state, calibration if calibration is not None else _random_tokens(cfg, gen)) if shared else None
+    moe_cfg = ModelConfig(
+        **{
+            **cfg.model_dump(),
+            "num_experts": experts,
+            "top_k": top_k,
+            "normalize_top_k": True,
+            "expert_ffn_size": (ffn - shared) // experts,
+            "num_shared_experts": 1 if shared else 0,
+            "shared_expert_ffn_size": shared or None,
+            "aux_loss_coef": aux_loss_coef,
+        }
+    )
+    scores = (
+        taylor_importance(cfg, state, calibration if calibration is not None else _random_tokens(cfg, gen))
+        if shared
+        else None
+    )
 
     out = {k: v.clone() for k, v in state.items() if ".moe." not in k}
     for i in range(cfg.num_layers):
@@ -83,15 +115,20 @@ def upcycle(cfg: ModelConfig, state: Mapping[str, Tensor], experts: int, method:
             order = scores[i].argsort(descending=True)
             routed = order[shared:].sort().values
             _put(out, f"{p}.shared_experts", w1, w2, w3, order[:shared].sort().values, 1.0)
-        groups = (_balanced_kmeans(F.normalize(w1[routed], dim=1), experts, gen) if method == "cluster"
-                  else _random_split(len(routed), experts, gen))
+        groups = (
+            _balanced_kmeans(F.normalize(w1[routed], dim=1), experts, gen)
+            if method == "cluster"
+            else _random_split(len(routed), experts, gen)
+        )
         for e, group in enumerate(groups):
             _put(out, f"{p}.experts.{e}", w1, w2, w3, routed[group], float(experts))
         out[f"{p}.router.weight"] = torch.randn(experts, cfg.hidden_size, generator=gen) * cfg.init_std
     return moe_cfg, out
 
 
-def _put(out: dict[str, Tensor], prefix: str, w1: Tensor, w2: Tensor, w3: Tensor, neurons: Tensor, scale: float) -> None:
+def _put(
+    out: dict[str, Tensor], prefix: str, w1: Tensor, w2: Tensor, w3: Tensor, neurons: Tensor, scale: float
+) -> None:
     out[f"{prefix}.w1.weight"] = w1[neurons].clone()
     out[f"{prefix}.w3.weight"] = w3[neurons].clone()
     out[f"{prefix}.w2.weight"] = w2[:, neurons] * scale
@@ -171,8 +208,14 @@ class UpcycleReport:
 
 
 @torch.no_grad()
-def check_upcycle(dense_cfg: ModelConfig, dense_state: Mapping[str, Tensor], moe_cfg: ModelConfig,
-                  moe_state: Mapping[str, Tensor], tokens: Tensor | None = None, seed: int = 0) -> UpcycleReport:
+def check_upcycle(
+    dense_cfg: ModelConfig,
+    dense_state: Mapping[str, Tensor],
+    moe_cfg: ModelConfig,
+    moe_state: Mapping[str, Tensor],
+    tokens: Tensor | None = None,
+    seed: int = 0,
+) -> UpcycleReport:
     """Compare each upcycled FFN with its dense original on the dense model's own FFN inputs, for
     ``tokens`` (default: a seeded batch of random ones)."""
     if tokens is None:
@@ -190,7 +233,7 @@ def check_upcycle(dense_cfg: ModelConfig, dense_state: Mapping[str, Tensor], moe
     for i, x in enumerate(inputs):
         target, _ = dense.layers[i].moe(x)
         prefix = f"layers.{i}.moe."
-        weights = {k[len(prefix):]: v for k, v in moe_state.items() if k.startswith(prefix)}
+        weights = {k[len(prefix) :]: v for k, v in moe_state.items() if k.startswith(prefix)}
         all_active = _moe_layer(uniform, i, {**weights, "router.weight": torch.zeros_like(weights["router.weight"])})
         exact = max(exact, float((all_active(x)[0] - target).abs().max()))
         routed, _ = _moe_layer(moe_cfg, i, weights)(x)

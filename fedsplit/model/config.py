@@ -36,13 +36,18 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = False
     qkv_bias: bool = Field(default=False, description="q, k and v projections add a bias (Qwen2-MoE)")
     shared_expert_gate: bool = Field(
-        default=False, description="scale the shared experts' output per token by sigmoid(Linear(hidden, 1)) (Qwen2-MoE)")
+        default=False,
+        description="scale the shared experts' output per token by sigmoid(Linear(hidden, 1)) (Qwen2-MoE)",
+    )
     sliding_window: int | None = Field(
-        default=None, gt=0, description="a query attends to at most this many latest positions, itself included (Mixtral)")
+        default=None,
+        gt=0,
+        description="a query attends to at most this many latest positions, itself included (Mixtral)",
+    )
     init_std: float = Field(default=0.02, gt=0)
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
+    def _check_shapes(self) -> ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -67,6 +72,6 @@ class ModelConfig(BaseModel):
         return self.num_shared_experts * (self.shared_expert_ffn_size or self.expert_ffn_size)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+    def from_yaml(cls, path: str | Path) -> ModelConfig:
         with open(path, encoding="utf-8") as f:
             return cls.model_validate(yaml.safe_load(f))

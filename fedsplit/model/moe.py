@@ -177,7 +177,9 @@ class MoE(nn.Module):
     def forward(self, x: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs, weights, chosen = route(self.router(self.jitter(x, noise_seed)), self.cfg.top_k, self.cfg.normalize_top_k)
+        probs, weights, chosen = route(
+            self.router(self.jitter(x, noise_seed)), self.cfg.top_k, self.cfg.normalize_top_k
+        )
         aux = load_balancing_loss(probs, chosen, self.cfg.num_experts)
 
         # Dispatch loops over experts, never over tokens: gather each expert's rows once.

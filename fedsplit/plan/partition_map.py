@@ -33,17 +33,27 @@ class MapRow:
 def partition_map(plan: Plan) -> tuple[list[str], list[MapRow]]:
     """(column labels, rows) of ``plan``'s partition map."""
     cfg = plan.model
-    columns = (["router"] + [f"kv {g}" for g in range(cfg.num_kv_heads)] + [f"expert {e}" for e in range(cfg.num_experts)]
-               + (["shared"] if cfg.num_shared_experts else []))
+    columns = (
+        ["router"]
+        + [f"kv {g}" for g in range(cfg.num_kv_heads)]
+        + [f"expert {e}" for e in range(cfg.num_experts)]
+        + (["shared"] if cfg.num_shared_experts else [])
+    )
 
     def row(label: str, units: list[Unit]) -> MapRow:
         return MapRow(label, units, [plan.partition_of(u).holders for u in units])
 
     rows = [row("embed", [Unit("embed")])]
     for layer in range(cfg.num_layers):
-        rows.append(row(f"layer {layer}", [Unit("router", layer)] + [Unit("kv", layer, g) for g in range(cfg.num_kv_heads)]
-                        + [Unit("expert", layer, e) for e in range(cfg.num_experts)]
-                        + ([Unit("shared_experts", layer)] if cfg.num_shared_experts else [])))
+        rows.append(
+            row(
+                f"layer {layer}",
+                [Unit("router", layer)]
+                + [Unit("kv", layer, g) for g in range(cfg.num_kv_heads)]
+                + [Unit("expert", layer, e) for e in range(cfg.num_experts)]
+                + ([Unit("shared_experts", layer)] if cfg.num_shared_experts else []),
+            )
+        )
     rows += [row("final_norm", [Unit("final_norm")]), row("lm_head", [Unit("lm_head")])]
     return columns, rows
 
@@ -69,20 +79,40 @@ def draw_partition_map(plan: Plan, path: str | Path) -> Path:
     columns, rows = partition_map(plan)
     numbers = org_numbers(plan)
     palette = matplotlib.colormaps["tab20" if len(numbers) <= 20 else "turbo"]
-    colour = {org: palette(i % 20 if len(numbers) <= 20 else i / max(len(numbers) - 1, 1)) for i, org in enumerate(numbers)}
+    colour = {
+        org: palette(i % 20 if len(numbers) <= 20 else i / max(len(numbers) - 1, 1)) for i, org in enumerate(numbers)
+    }
     width = len(columns)
     fig, ax = plt.subplots(figsize=(2.5 + 0.55 * width + 3.0, 1.2 + 0.45 * len(rows)))
     for y, row in enumerate(rows):
         cell_width = width if row.whole else 1
         for x, holders in enumerate(row.cells):
             replicated = len(holders) > 1
-            ax.add_patch(Rectangle((x, y), cell_width, 1, facecolor=colour[holders[0]], edgecolor="white", linewidth=1.5,
-                                   hatch="///" if replicated else None))
+            ax.add_patch(
+                Rectangle(
+                    (x, y),
+                    cell_width,
+                    1,
+                    facecolor=colour[holders[0]],
+                    edgecolor="white",
+                    linewidth=1.5,
+                    hatch="///" if replicated else None,
+                )
+            )
             label = cell_label(holders, numbers)
             if row.whole:
                 label = f"{row.label}: {', '.join(holders) if len(holders) <= 4 else label}"
-            ax.text(x + cell_width / 2, y + 0.5, label, ha="center", va="center", fontsize=7 if replicated else 8,
-                    bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0} if replicated or row.whole else None)
+            ax.text(
+                x + cell_width / 2,
+                y + 0.5,
+                label,
+                ha="center",
+                va="center",
+                fontsize=7 if replicated else 8,
+                bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0}
+                if replicated or row.whole
+                else None,
+            )
     ax.set_xlim(0, width)
     ax.set_ylim(len(rows), 0)
     ax.set_xticks([x + 0.5 for x in range(width)], columns, rotation=60, ha="right", fontsize=8)
@@ -92,8 +122,14 @@ def draw_partition_map(plan: Plan, path: str | Path) -> Path:
         side.set_visible(False)
     handles = [Patch(facecolor=colour[org], label=f"{n} {org}") for org, n in numbers.items()]
     handles.append(Patch(facecolor="white", edgecolor="grey", hatch="///", label="replicated (numbers: all holders)"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False,
-              ncol=1 if len(handles) <= 24 else 2)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        fontsize=8,
+        frameon=False,
+        ncol=1 if len(handles) <= 24 else 2,
+    )
     ax.set_title(f"plan '{plan.name}': {len(plan.orgs)} organisations, {len(plan.partitions)} partitions", fontsize=10)
     fig.tight_layout()
     path = Path(path)

@@ -123,7 +123,9 @@ class Plan:
         if self.checkpoint is None:
             raise ValueError(f"plan '{self.name}' starts from a seeded initialisation, not a checkpoint")
         slices = self.slices_of(org)
-        return dict(zip((s.key for s in slices), self.checkpoint.reader.read((s.name, s.dim, s.start, s.stop) for s in slices)))
+        return dict(
+            zip((s.key for s in slices), self.checkpoint.reader.read((s.name, s.dim, s.start, s.stop) for s in slices))
+        )
 
     def units_of(self, org: str) -> frozenset[Unit]:
         return frozenset(u for p in self.partitions if org in p.holders for u in p.units)
@@ -145,7 +147,9 @@ def load_plan(path: str | Path) -> Plan:
     model_path = (path.parent / fed.model).resolve()
     model, checkpoint, model_problems = _load_model(model_path)
     if model is None:
-        where = Problem(f"the model {fed.model!r} is invalid (below)", file=path, line=line_of(fed_lines, ("model",)), field="model")
+        where = Problem(
+            f"the model {fed.model!r} is invalid (below)", file=path, line=line_of(fed_lines, ("model",)), field="model"
+        )
         raise PlanError([where, *model_problems])
 
     orgs: dict[str, Org] = {}
@@ -153,7 +157,14 @@ def load_plan(path: str | Path) -> Plan:
     for i, pattern in enumerate(fed.orgs):
         files = sorted(glob.glob(str(path.parent / pattern)))
         if not files:
-            problems.append(Problem(f"no organisation file matches {pattern!r}", file=path, line=line_of(fed_lines, ("orgs", i)), field="orgs"))
+            problems.append(
+                Problem(
+                    f"no organisation file matches {pattern!r}",
+                    file=path,
+                    line=line_of(fed_lines, ("orgs", i)),
+                    field="orgs",
+                )
+            )
         for f in files:
             # Overlapping globs (``orgs/*.yaml`` and ``orgs/a.yaml``) name a file once, not twice:
             # loading it again would report the org as a duplicate of itself.
@@ -164,7 +175,14 @@ def load_plan(path: str | Path) -> Plan:
             if org is None:
                 continue
             if org.name in orgs:
-                problems.append(Problem(f"organisation name already used by {orgs[org.name].file}", file=org.file, org=org.name, field="org"))
+                problems.append(
+                    Problem(
+                        f"organisation name already used by {orgs[org.name].file}",
+                        file=org.file,
+                        org=org.name,
+                        field="org",
+                    )
+                )
                 continue
             orgs[org.name] = org
     if problems:
@@ -175,7 +193,9 @@ def load_plan(path: str | Path) -> Plan:
     tokenizer = _checked_tokenizer(path, fed, fed_lines, model, problems)
     if problems:
         raise PlanError(problems)
-    plan = Plan(fed.name, path, model, model_path, fed.training, fed.aggregation, orgs, partitions, fed.transport, tokenizer)
+    plan = Plan(
+        fed.name, path, model, model_path, fed.training, fed.aggregation, orgs, partitions, fed.transport, tokenizer
+    )
     plan.warnings = _privacy_warnings(plan)
     plan.checkpoint = checkpoint
     return plan
@@ -208,11 +228,26 @@ def _load_org(file: Path, model: ModelConfig, problems: list[Problem]) -> Org | 
     held = {e.selector for e in entries}
     for i, selector in enumerate(spec.local):
         if selector.strip() not in held:
-            problems.append(Problem("a local selector must be one of the org's own 'holds' entries", file=file, line=line_of(lines, ("local", i)), org=spec.org, selector=selector, field="local"))
+            problems.append(
+                Problem(
+                    "a local selector must be one of the org's own 'holds' entries",
+                    file=file,
+                    line=line_of(lines, ("local", i)),
+                    org=spec.org,
+                    selector=selector,
+                    field="local",
+                )
+            )
     train = _data_paths(file, lines, spec, "train", problems)
     evals = _data_paths(file, lines, spec, "eval", problems)
     if not spec.holds and not train:
-        problems.append(Problem("holds no part of the model and has no data: it has nothing to do in this federation", file=file, org=spec.org))
+        problems.append(
+            Problem(
+                "holds no part of the model and has no data: it has nothing to do in this federation",
+                file=file,
+                org=spec.org,
+            )
+        )
     return Org(spec.org, file, spec.device, train, evals, entries, [s.strip() for s in spec.local], spec.address)
 
 
@@ -224,7 +259,15 @@ def _data_paths(file: Path, lines: dict, spec: OrgFile, split: str, problems: li
     for pattern in [value] if isinstance(value, str) else value:
         matches = sorted(glob.glob(str(file.parent / pattern)))
         if not matches:
-            problems.append(Problem(f"data file {pattern!r} does not exist (paths are relative to {file.parent})", file=file, line=line_of(lines, ("data", split)), org=spec.org, field=f"data.{split}"))
+            problems.append(
+                Problem(
+                    f"data file {pattern!r} does not exist (paths are relative to {file.parent})",
+                    file=file,
+                    line=line_of(lines, ("data", split)),
+                    org=spec.org,
+                    field=f"data.{split}",
+                )
+            )
         paths += [Path(m).resolve() for m in matches]
     return paths
 
@@ -235,11 +278,18 @@ def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], proble
         for b in entries[i + 1 :]:
             shared = a.units & b.units
             if shared and not (a.units <= b.units or b.units <= a.units):
-                problems.append(Problem(
-                    f"overlaps '{b.selector}' of org '{b.org}' ({b.file}) on {describe(shared)}, but the two are neither "
-                    f"the same piece (replicas hold identical selections) nor one inside the other (a carve-out); "
-                    f"split them so that each unit has one smallest holder",
-                    file=a.file, line=a.line, org=a.org, selector=a.selector))
+                problems.append(
+                    Problem(
+                        f"overlaps '{b.selector}' of org '{b.org}' ({b.file}) on {describe(shared)}, but the "
+                        "two are neither "
+                        f"the same piece (replicas hold identical selections) nor one inside the other (a carve-out); "
+                        f"split them so that each unit has one smallest holder",
+                        file=a.file,
+                        line=a.line,
+                        org=a.org,
+                        selector=a.selector,
+                    )
+                )
     if problems:
         return []
 
@@ -250,7 +300,11 @@ def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], proble
                 smallest[u] = e.units
     missing = all_units(model) - smallest.keys()
     if missing:
-        problems.append(Problem(f"held by no organisation: {describe(missing)}; add them to some organisation's 'holds'", file=fed_file))
+        problems.append(
+            Problem(
+                f"held by no organisation: {describe(missing)}; add them to some organisation's 'holds'", file=fed_file
+            )
+        )
 
     by_key: dict[frozenset[Unit], list[Unit]] = {}
     for u, key in smallest.items():
@@ -266,32 +320,51 @@ def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], proble
     if model.tie_embeddings and smallest:
         embed, head = (next((p for p in partitions if Unit(k) in p.units), None) for k in ("embed", "lm_head"))
         if embed and head and set(embed.holders) != set(head.holders):
-            problems.append(Problem(
-                f"the model ties lm_head to embed, so the same organisations must hold both "
-                f"(embed: {', '.join(embed.holders)}; lm_head: {', '.join(head.holders)})", file=fed_file))
+            problems.append(
+                Problem(
+                    f"the model ties lm_head to embed, so the same organisations must hold both "
+                    f"(embed: {', '.join(embed.holders)}; lm_head: {', '.join(head.holders)})",
+                    file=fed_file,
+                )
+            )
     return partitions
 
 
 def _check_data_owners(fed_file: Path, orgs: dict[str, Org], problems: list[Problem]) -> None:
     if orgs and not any(o.holds_data for o in orgs.values()):
-        problems.append(Problem("no organisation has training data (give at least one org a 'data: {train: ...}')", file=fed_file))
+        problems.append(
+            Problem("no organisation has training data (give at least one org a 'data: {train: ...}')", file=fed_file)
+        )
 
 
-def _checked_tokenizer(fed_file: Path, fed: FederationFile, lines: dict, model: ModelConfig, problems: list[Problem]) -> Path | None:
+def _checked_tokenizer(
+    fed_file: Path, fed: FederationFile, lines: dict, model: ModelConfig, problems: list[Problem]
+) -> Path | None:
     """The plan's tokenizer file (None: bytes), whose vocabulary must fit the model's."""
     from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer  # fedsplit.data imports the plan
 
     path = (fed_file.parent / fed.tokenizer).resolve() if fed.tokenizer else None
-    where = {"file": fed_file, "line": line_of(lines, ("tokenizer",) if path else ("model",)), "field": "tokenizer" if path else "model"}
+    where = {
+        "file": fed_file,
+        "line": line_of(lines, ("tokenizer",) if path else ("model",)),
+        "field": "tokenizer" if path else "model",
+    }
     try:
         vocab = load_tokenizer(path).vocab_size if path else ByteTokenizer.vocab_size
     except TokenizerError as e:
         problems.append(Problem(str(e), **where))
         return path
     if model.vocab_size < vocab:
-        name = f"the tokenizer {fed.tokenizer}" if path else "the byte-level tokenizer (the default: no 'tokenizer' given)"
-        problems.append(Problem(f"{name} has {vocab} tokens but the model's vocab_size is {model.vocab_size}: raise vocab_size "
-                                f"in {fed.model} to at least {vocab}, or train a smaller tokenizer", **where))
+        name = (
+            f"the tokenizer {fed.tokenizer}" if path else "the byte-level tokenizer (the default: no 'tokenizer' given)"
+        )
+        problems.append(
+            Problem(
+                f"{name} has {vocab} tokens but the model's vocab_size is {model.vocab_size}: raise vocab_size "
+                f"in {fed.model} to at least {vocab}, or train a smaller tokenizer",
+                **where,
+            )
+        )
     return path
 
 
@@ -301,7 +374,21 @@ def _privacy_warnings(plan: Plan) -> list[Problem]:
         route = plan.route(d)
         org = plan.orgs[d]
         if route[Unit("embed")] != d:
-            warnings.append(Problem(f"raw tokens leave the organisation: it does not hold 'embed', so its token ids go to '{route[Unit('embed')]}'", file=org.file, org=d))
+            warnings.append(
+                Problem(
+                    "raw tokens leave the organisation: it does not hold 'embed', so its token ids go to "
+                    f"'{route[Unit('embed')]}'",
+                    file=org.file,
+                    org=d,
+                )
+            )
         if route[Unit("lm_head")] != d:
-            warnings.append(Problem(f"labels leave the organisation: it does not hold 'lm_head', so its next-token labels go to '{route[Unit('lm_head')]}'", file=org.file, org=d))
+            warnings.append(
+                Problem(
+                    "labels leave the organisation: it does not hold 'lm_head', so its next-token labels go "
+                    f"to '{route[Unit('lm_head')]}'",
+                    file=org.file,
+                    org=d,
+                )
+            )
     return warnings

@@ -30,20 +30,32 @@ class TrainingConfig(_Strict):
     seq_len: int = Field(default=64, gt=1)
     micro_batches: int = Field(default=1, gt=0)
     schedule: Literal["gpipe", "1f1b", "sequential"] = Field(
-        default="1f1b", description="how a data owner's micro-batches are in flight across organisations")
-    max_in_flight: int = Field(default=0, ge=0, description="micro-batches in flight at once; 0 = one per stage of the path")
+        default="1f1b", description="how a data owner's micro-batches are in flight across organisations"
+    )
+    max_in_flight: int = Field(
+        default=0, ge=0, description="micro-batches in flight at once; 0 = one per stage of the path"
+    )
     optimizer: OptimizerConfig = OptimizerConfig()
     seed: int = 0
-    eval_tokens: int = Field(default=4096, ge=0, description=(
-        "held-out tokens evaluated per data owner each round (whole batches of batch_size x seq_len, "
-        "at least one); 0: no evaluation"))
-    deterministic: bool = Field(default=False, description=(
-        "add up the gradients that several data owners' batches leave on a partition in data-owner order, "
-        "not in the order their backwards arrive, so that a run repeats bitwise; costs one gradient buffer "
-        "per extra data owner on such partitions"))
+    eval_tokens: int = Field(
+        default=4096,
+        ge=0,
+        description=(
+            "held-out tokens evaluated per data owner each round (whole batches of batch_size x seq_len, "
+            "at least one); 0: no evaluation"
+        ),
+    )
+    deterministic: bool = Field(
+        default=False,
+        description=(
+            "add up the gradients that several data owners' batches leave on a partition in data-owner order, "
+            "not in the order their backwards arrive, so that a run repeats bitwise; costs one gradient buffer "
+            "per extra data owner on such partitions"
+        ),
+    )
 
     @model_validator(mode="after")
-    def _micro_batches_divide_batch(self) -> "TrainingConfig":
+    def _micro_batches_divide_batch(self) -> TrainingConfig:
         if self.batch_size % self.micro_batches:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batches ({self.micro_batches})"
@@ -53,15 +65,24 @@ class TrainingConfig(_Strict):
 
 class AggregationConfig(_Strict):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
-    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx: weight of mu/2 |w - w_round|^2 in each organisation's objective")
+    proximal_mu: float = Field(
+        default=0.0, ge=0, description="FedProx: weight of mu/2 |w - w_round|^2 in each organisation's objective"
+    )
     server_lr: float = Field(default=1e-2, gt=0, description="FedAdam: the server's step size (eta)")
-    server_betas: tuple[float, float] = Field(default=(0.9, 0.99), description="FedAdam: the server's moment decay rates")
+    server_betas: tuple[float, float] = Field(
+        default=(0.9, 0.99), description="FedAdam: the server's moment decay rates"
+    )
     server_tau: float = Field(default=1e-3, gt=0, description="FedAdam: adaptivity (epsilon of the server's Adam)")
-    replica_sync: Literal["round", "step"] = Field(default="round", description=(
-        "round: each replica trains on the batches it serves and replicas are averaged after the round; "
-        "step: replica holders add up their gradients before every optimizer step (FedSGD within the replica group), "
-        "so replicas stay identical and training equals centralised training, at the cost of exchanging "
-        "the replicated pieces' gradients every step"))
+    replica_sync: Literal["round", "step"] = Field(
+        default="round",
+        description=(
+            "round: each replica trains on the batches it serves and replicas are averaged after the round; "
+            "step: replica holders add up their gradients before every optimizer step (FedSGD within the "
+            "replica group), "
+            "so replicas stay identical and training equals centralised training, at the cost of exchanging "
+            "the replicated pieces' gradients every step"
+        ),
+    )
 
 
 Codec = Literal["none", "bf16", "fp16", "int8"]
@@ -81,8 +102,13 @@ class TransportConfig(_Strict):
     retries: int = Field(default=2, ge=0, description="retries of a call whose peer was unreachable (UNAVAILABLE)")
     max_tensor_mib: int = Field(default=1024, gt=0, description="largest tensor a worker accepts")
     shared_memory: bool = Field(default=False, description="move tensors through /dev/shm between workers on one host")
-    step_timeout_s: float = Field(default=300.0, gt=0, description=(
-        "longest a worker waits for the other data owners to finish a step, or for an organisation to begin a round"))
+    step_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "longest a worker waits for the other data owners to finish a step, or for an organisation to begin a round"
+        ),
+    )
 
 
 class RunSettings(_Strict):
@@ -95,20 +121,26 @@ class RunSettings(_Strict):
     aggregation: AggregationConfig
 
     @classmethod
-    def of(cls, plan: "Plan") -> "RunSettings":
+    def of(cls, plan: Plan) -> RunSettings:
         return cls(training=plan.training, transport=plan.transport, aggregation=plan.aggregation)
 
-    def apply(self, plan: "Plan") -> None:
+    def apply(self, plan: Plan) -> None:
         plan.training, plan.transport, plan.aggregation = self.training, self.transport, self.aggregation
 
 
 class FederationFile(_Strict):
     name: str = Field(min_length=1)
-    model: str = Field(min_length=1, description=(
-        "relative to this file: a model YAML (seeded initial weights), or a Hugging Face or fedsplit model "
-        "directory to start from its weights"))
-    tokenizer: str | None = Field(default=None, description=(
-        "a tokenizer file (`fedsplit tokenizer train`), relative to this file; default: UTF-8 bytes"))
+    model: str = Field(
+        min_length=1,
+        description=(
+            "relative to this file: a model YAML (seeded initial weights), or a Hugging Face or fedsplit model "
+            "directory to start from its weights"
+        ),
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description=("a tokenizer file (`fedsplit tokenizer train`), relative to this file; default: UTF-8 bytes"),
+    )
     training: TrainingConfig = TrainingConfig()
     aggregation: AggregationConfig = AggregationConfig()
     transport: TransportConfig = TransportConfig()

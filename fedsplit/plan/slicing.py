@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ class TensorSlice:
         return full.narrow(self.dim, self.start, self.stop - self.start)
 
     @classmethod
-    def parse(cls, key: str) -> "TensorSlice":
+    def parse(cls, key: str) -> TensorSlice:
         m = _KEY.match(key)
         if not m:
             return cls(key)
@@ -90,7 +90,11 @@ def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
                 out.append(TensorSlice("lm_head.weight"))
         elif u.kind == "router":
             p = f"layers.{u.layer}"
-            out += [TensorSlice(f"{p}.attn_norm.weight"), TensorSlice(f"{p}.ffn_norm.weight"), TensorSlice(f"{p}.moe.router.weight")]
+            out += [
+                TensorSlice(f"{p}.attn_norm.weight"),
+                TensorSlice(f"{p}.ffn_norm.weight"),
+                TensorSlice(f"{p}.moe.router.weight"),
+            ]
         elif u.kind == "kv":
             kv[u.layer].append(u.index)
         elif u.kind == "expert":
@@ -151,5 +155,7 @@ def reassemble(cfg: ModelConfig, state_dicts: Iterable[Mapping[str, Tensor]]) ->
             mask.fill_(True)
     missing = [name for name in shapes if name not in written or not bool(written[name].all())]
     if missing:
-        raise ReassemblyError(f"no partition holds (all of) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise ReassemblyError(
+            f"no partition holds (all of) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     return {name: full[name] for name in shapes}

@@ -47,10 +47,24 @@ def load_yaml(path: Path, schema: type[Schema]) -> tuple[Schema | None, dict[tup
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        return None, {}, [Problem(f"not valid YAML: {getattr(e, 'problem', None) or e}", file=path, line=mark.line + 1 if mark else None)]
+        return (
+            None,
+            {},
+            [
+                Problem(
+                    f"not valid YAML: {getattr(e, 'problem', None) or e}",
+                    file=path,
+                    line=mark.line + 1 if mark else None,
+                )
+            ],
+        )
     lines = _line_map(node) if node is not None else {}
     if not isinstance(data, dict):
-        return None, lines, [Problem(f"expected a mapping of fields at the top level, got {type(data).__name__}", file=path)]
+        return (
+            None,
+            lines,
+            [Problem(f"expected a mapping of fields at the top level, got {type(data).__name__}", file=path)],
+        )
     try:
         return schema.model_validate(data), lines, []
     except ValidationError as e:
@@ -66,5 +80,9 @@ def _problem(err: dict, path: Path, lines: dict[tuple, int], data: dict) -> Prob
     elif err["type"] == "missing":
         message = "required field is missing"
     else:
-        message = f"{err['msg']} (got {err.get('input')!r})" if "input" in err and not isinstance(err.get("input"), dict) else err["msg"]
+        message = (
+            f"{err['msg']} (got {err.get('input')!r})"
+            if "input" in err and not isinstance(err.get("input"), dict)
+            else err["msg"]
+        )
     return Problem(message, file=path, line=line_of(lines, loc), org=org, field=field)

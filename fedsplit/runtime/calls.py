@@ -8,10 +8,11 @@ the matching backward call, so a retried call can be recognised and is never app
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -45,7 +46,9 @@ def current_call() -> CallKey:
     try:
         return _current.get()
     except LookupError:
-        raise RuntimeError("a partitioned layer ran outside a fedsplit call (no data owner, step, micro-batch)") from None
+        raise RuntimeError(
+            "a partitioned layer ran outside a fedsplit call (no data owner, step, micro-batch)"
+        ) from None
 
 
 class Peer(Protocol):
@@ -84,7 +87,9 @@ class _Calls(torch.autograd.Function):
     that requires grad, so that even calls whose only inputs are token ids are in the graph."""
 
     @staticmethod
-    def forward(ctx, calls: Sequence[Call], collect: Callable[[], list[Sequence[Tensor]]], anchor: Tensor, *inputs: Tensor):
+    def forward(
+        ctx, calls: Sequence[Call], collect: Callable[[], list[Sequence[Tensor]]], anchor: Tensor, *inputs: Tensor
+    ):
         ctx.calls = [call[:3] for call in calls]
         ctx.input_devices = [t.device for t in inputs]
         ctx.differentiable = [t.is_floating_point() for t in inputs]
@@ -102,7 +107,10 @@ class _Calls(torch.autograd.Function):
         else:
             futures = [_fan_out.submit(peer.backward, key, op, output_grads) for peer, key, op, output_grads in sends]
             input_grads = [g for f in futures for g in f.result()]
-        out = [g.to(dev) if (g is not None and diff) else None for g, dev, diff in zip(input_grads, ctx.input_devices, ctx.differentiable)]
+        out = [
+            g.to(dev) if (g is not None and diff) else None
+            for g, dev, diff in zip(input_grads, ctx.input_devices, ctx.differentiable)
+        ]
         return (None, None, None, *out)
 
 
@@ -127,8 +135,10 @@ def remote_calls(calls: Sequence[Call]) -> Callable[[], list[tuple[Tensor, ...]]
     on threads, their backwards too (see :class:`_Calls`); in-process peers compute at once."""
     grad = torch.is_grad_enabled()
     network = [c for c in calls if c[0].remote]
-    pending = [_fan_out.submit(peer.forward if grad else peer.evaluate, key, op, [t.detach() for t in inputs])
-               for peer, key, op, inputs in network]
+    pending = [
+        _fan_out.submit(peer.forward if grad else peer.evaluate, key, op, [t.detach() for t in inputs])
+        for peer, key, op, inputs in network
+    ]
     local = {i: remote_call(*c) for i, c in enumerate(calls) if not c[0].remote}
 
     def results() -> list[tuple[Tensor, ...]]:

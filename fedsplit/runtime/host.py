@@ -15,8 +15,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -36,9 +36,19 @@ from .worker import Worker
 class WorkerHost:
     """Organisations' workers, each behind its own data-plane server."""
 
-    def __init__(self, plan: Plan, orgs: Sequence[str], *, run: str | None, credentials: Path | None,
-                 weights: Mapping[str, Tensor] | None = None, host: str = "127.0.0.1", ports: Mapping[str, int] | None = None,
-                 device: str | None = None, state_dir: Path | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        orgs: Sequence[str],
+        *,
+        run: str | None,
+        credentials: Path | None,
+        weights: Mapping[str, Tensor] | None = None,
+        host: str = "127.0.0.1",
+        ports: Mapping[str, int] | None = None,
+        device: str | None = None,
+        state_dir: Path | None = None,
+    ):
         """``credentials=None`` serves in plaintext without tokens (ask for it explicitly).
         Without ``weights`` the partitions hold zeros until a round's weights arrive."""
         unknown = sorted(set(orgs) - set(plan.orgs))
@@ -53,13 +63,23 @@ class WorkerHost:
         for org in orgs:
             worker = Worker(plan, org, select(weights, plan.slices_of(org)) if weights is not None else None, device)
             owner = org in plan.data_owners
-            Rounds(worker, batches_for(plan, org) if owner else None, state_dir / org if state_dir else None,
-                   eval_batches=eval_batches_for(plan, org) if owner and plan.training.eval_tokens else ())
+            Rounds(
+                worker,
+                batches_for(plan, org) if owner else None,
+                state_dir / org if state_dir else None,
+                eval_batches=eval_batches_for(plan, org) if owner and plan.training.eval_tokens else (),
+            )
             tls = TLSConfig.load(credentials, org) if credentials else None
             self.handlers[org] = WorkerHandler(worker, run, tls, load_token(credentials, org) if credentials else None)
-            self.servers[org] = DataPlaneServer(self.handlers[org], host, (ports or {}).get(org, 0), tls=tls,
-                                                credentials=callers,
-                                                limits=limits, max_workers=threads).start()
+            self.servers[org] = DataPlaneServer(
+                self.handlers[org],
+                host,
+                (ports or {}).get(org, 0),
+                tls=tls,
+                credentials=callers,
+                limits=limits,
+                max_workers=threads,
+            ).start()
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -80,16 +100,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("plan", help="the federation YAML file")
     parser.add_argument("--orgs", nargs="+", required=True, help="the organisations to host")
     parser.add_argument("--run", help="run id; calls of any other run are refused (default: the first round's)")
-    parser.add_argument("--weights", help="safetensors file of the full initial model (default: zeros until a round begins)")
+    parser.add_argument(
+        "--weights", help="safetensors file of the full initial model (default: zeros until a round begins)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="data-plane port (one organisation only; default: any free one)")
+    parser.add_argument(
+        "--port", type=int, default=0, help="data-plane port (one organisation only; default: any free one)"
+    )
     parser.add_argument("--ready-file", required=True, help="where to write {org: host:port} as JSON once serving")
     parser.add_argument("--device")
     parser.add_argument("--state-dir", type=Path, help="where each organisation keeps its optimizer state per round")
     parser.add_argument("--credentials", type=Path, help="directory of `fedsplit certs` output (TLS and tokens)")
     parser.add_argument("--insecure", action="store_true", help="plaintext and no tokens (tests on loopback only)")
     parser.add_argument("--exit-with-parent", action="store_true", help="stop when standard input closes")
-    parser.add_argument("--settings", help="JSON of the coordinator's training, transport and aggregation settings, overriding the file's")
+    parser.add_argument(
+        "--settings",
+        help="JSON of the coordinator's training, transport and aggregation settings, overriding the file's",
+    )
     args = parser.parse_args(argv)
     if not args.credentials and not args.insecure:
         parser.error("give --credentials DIR, or --insecure explicitly")
@@ -101,8 +128,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.settings:
         RunSettings.model_validate_json(args.settings).apply(plan)
     weights = load_file(args.weights) if args.weights else None
-    host = WorkerHost(plan, args.orgs, run=args.run, credentials=args.credentials, weights=weights, host=args.host,
-                      ports={args.orgs[0]: args.port}, device=args.device, state_dir=args.state_dir)
+    host = WorkerHost(
+        plan,
+        args.orgs,
+        run=args.run,
+        credentials=args.credentials,
+        weights=weights,
+        host=args.host,
+        ports={args.orgs[0]: args.port},
+        device=args.device,
+        state_dir=args.state_dir,
+    )
     signal.signal(signal.SIGTERM, lambda signum, frame: host.stop())
     if args.exit_with_parent:  # the parent holds our stdin: its end (even a SIGKILL) ends us too
         threading.Thread(target=lambda: (sys.stdin.read(), os.kill(os.getpid(), signal.SIGTERM)), daemon=True).start()

@@ -7,7 +7,7 @@ organisation steps exactly like the same elements of the whole parameter.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -26,8 +26,11 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[
     """The optimizer's per-parameter state as flat tensors ``"<parameter name>::<field>"``
     (``names`` in the optimizer's parameter order), for a safetensors file."""
     state = optimizer.state_dict()["state"]
-    return {f"{names[i]}::{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-            for i, fields in state.items() for k, v in fields.items()}
+    return {
+        f"{names[i]}::{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        for i, fields in state.items()
+        for k, v in fields.items()
+    }
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], flat: dict[str, torch.Tensor]) -> None:

@@ -14,7 +14,7 @@ Every parameter is bound to its monolithic name (or slice name, see :mod:`fedspl
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,13 @@ def shared_op(layer: int) -> str:
 class HeadGroups(nn.Module):
     """Stands in for ``Block.attention``: sums the partial outputs of the layer's head groups."""
 
-    def __init__(self, layer: int, runs: list[tuple[tuple[int, int], Partition]], local: Mapping[str, Attention], resolve: Resolver):
+    def __init__(
+        self,
+        layer: int,
+        runs: list[tuple[tuple[int, int], Partition]],
+        local: Mapping[str, Attention],
+        resolve: Resolver,
+    ):
         super().__init__()
         self.layer = layer
         self.runs = runs
@@ -56,7 +62,9 @@ class HeadGroups(nn.Module):
         key = current_call()
         remote = [(run, peer) for run, peer in peers if peer is not None]
         results = remote_calls([(peer, key, heads_op(self.layer, run), [x]) for run, peer in remote])
-        partial = {run: self.local[f"{run[0]}-{run[1]}"](x, rope) for run, peer in peers if peer is None}  # while the remote ones work
+        partial = {
+            run: self.local[f"{run[0]}-{run[1]}"](x, rope) for run, peer in peers if peer is None
+        }  # while the remote ones work
         partial.update((run, y) for (run, _), (y,) in zip(remote, results()))
         total = None
         for run, _ in peers:
@@ -67,7 +75,9 @@ class HeadGroups(nn.Module):
 class SplitExperts(nn.Module):
     """Stands in for ``MoE.experts``: one call per serving organisation, not one per expert."""
 
-    def __init__(self, layer: int, partition_of: Mapping[int, Partition], local: Mapping[int, SwiGLU], resolve: Resolver):
+    def __init__(
+        self, layer: int, partition_of: Mapping[int, Partition], local: Mapping[int, SwiGLU], resolve: Resolver
+    ):
         super().__init__()
         self.layer = layer
         self.partition_of = partition_of
@@ -85,8 +95,12 @@ class SplitExperts(nn.Module):
                 remote.setdefault(peer.name, (peer, []))[1].append(e)
         key = current_call()
         counts = [{e: rows[e].shape[0] for e in experts} for _, experts in remote.values()]
-        results = remote_calls([(peer, key, experts_op(self.layer, c), [torch.cat([rows[e] for e in c])])
-                                for (peer, _), c in zip(remote.values(), counts)])
+        results = remote_calls(
+            [
+                (peer, key, experts_op(self.layer, c), [torch.cat([rows[e] for e in c])])
+                for (peer, _), c in zip(remote.values(), counts)
+            ]
+        )
         out = {e: self.local[str(e)](rows[e]) for e in local}  # while the remote experts work
         for c, (y,) in zip(counts, results()):
             out.update(zip(c, y.split(list(c.values()))))
@@ -117,7 +131,11 @@ class PartialModel(nn.Module):
         with torch.device("meta"):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if Unit("embed") in units else None
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if Unit("final_norm") in units else None
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if Unit("lm_head") in units and not cfg.tie_embeddings else None
+            self.lm_head = (
+                nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                if Unit("lm_head") in units and not cfg.tie_embeddings
+                else None
+            )
             self.heads = nn.ModuleDict()
             self.experts = nn.ModuleDict()
             self.shared = nn.ModuleDict()
@@ -163,7 +181,9 @@ class PartialModel(nn.Module):
         block.moe.experts = SplitExperts(i, partition_of, local_experts, resolve)
         if cfg.num_shared_experts:
             shared = plan.partition_of(Unit("shared_experts", i))
-            block.moe.shared_experts = self.shared[str(i)] if str(i) in self.shared else RemoteShared(i, shared, resolve)
+            block.moe.shared_experts = (
+                self.shared[str(i)] if str(i) in self.shared else RemoteShared(i, shared, resolve)
+            )
         return block
 
     def _bind(self, units: set[Unit]) -> None:

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from safetensors.torch import save_file
 from torch import Tensor
@@ -49,16 +49,30 @@ class HostProcesses:
     Security material for the run is made under ``work_dir`` unless ``insecure``; processes
     end with this object (and with the parent process, even if it is killed)."""
 
-    def __init__(self, plan: Plan, groups: Sequence[Sequence[str]], work_dir: Path, *, run: str | None = None,
-                 weights: Mapping[str, Tensor] | None = None, device: str | None = None, insecure: bool = False,
-                 state_dir: Path | None = None, start_timeout: float = 120.0):
+    def __init__(
+        self,
+        plan: Plan,
+        groups: Sequence[Sequence[str]],
+        work_dir: Path,
+        *,
+        run: str | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+        device: str | None = None,
+        insecure: bool = False,
+        state_dir: Path | None = None,
+        start_timeout: float = 120.0,
+    ):
         self.plan, self.work_dir = plan, Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.credentials: Path | None = None
         if not insecure:
             self.credentials = generate_credentials([*plan.orgs, COORDINATOR], self.work_dir / "credentials")
-        common = ["--settings", RunSettings.of(plan).model_dump_json(), "--exit-with-parent",
-                  *(["--credentials", str(self.credentials)] if self.credentials else ["--insecure"])]
+        common = [
+            "--settings",
+            RunSettings.of(plan).model_dump_json(),
+            "--exit-with-parent",
+            *(["--credentials", str(self.credentials)] if self.credentials else ["--insecure"]),
+        ]
         if run:
             common += ["--run", run]
         if weights is not None:
@@ -72,10 +86,20 @@ class HostProcesses:
         self.group_of: dict[str, int] = {}
         for i, orgs in enumerate(groups):
             self._ready(i).unlink(missing_ok=True)  # a previous run's (resume in the same directory)
-            cmd = [sys.executable, "-m", "fedsplit.runtime.host", str(plan.file), "--orgs", *orgs,
-                   "--ready-file", str(self._ready(i)), *common]
-            self.procs[i] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                             stderr=open(self.log(i), "wb"), env=_worker_env())
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedsplit.runtime.host",
+                str(plan.file),
+                "--orgs",
+                *orgs,
+                "--ready-file",
+                str(self._ready(i)),
+                *common,
+            ]
+            self.procs[i] = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=open(self.log(i), "wb"), env=_worker_env()
+            )
             self.group_of.update({org: i for org in orgs})
         self.addresses = self._wait_ready(start_timeout)
 
@@ -104,7 +128,9 @@ class HostProcesses:
                     addresses.update(json.loads(self._ready(i).read_text()))
             if time.monotonic() > deadline:
                 self.close()
-                raise TimeoutError(f"workers not ready after {timeout:.0f} s: {sorted(set(self.group_of) - set(addresses))}")
+                raise TimeoutError(
+                    f"workers not ready after {timeout:.0f} s: {sorted(set(self.group_of) - set(addresses))}"
+                )
             time.sleep(0.05)
         return addresses
 
@@ -129,18 +155,35 @@ class ProcessFederation:
     """One worker process per organisation on loopback, driven over gRPC like the in-process
     :class:`~fedsplit.runtime.InProcessFederation`."""
 
-    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, timeout: float = 60.0,
-                 start_timeout: float = 120.0, insecure: bool = False):
+    def __init__(
+        self,
+        plan: Plan,
+        weights: Mapping[str, Tensor],
+        device: str | None = None,
+        timeout: float = 60.0,
+        start_timeout: float = 120.0,
+        insecure: bool = False,
+    ):
         """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
         self.plan = plan
         self.run = f"{plan.name}-{secrets.token_hex(4)}"
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
-        self.hosts = HostProcesses(plan, [[org] for org in plan.orgs], Path(self._tmp.name), run=self.run, weights=weights,
-                                   device=device, insecure=insecure, start_timeout=start_timeout)
+        self.hosts = HostProcesses(
+            plan,
+            [[org] for org in plan.orgs],
+            Path(self._tmp.name),
+            run=self.run,
+            weights=weights,
+            device=device,
+            insecure=insecure,
+            start_timeout=start_timeout,
+        )
         self.addresses = self.hosts.addresses
         tls, token = self.hosts.tls_for(COORDINATOR), self.hosts.token_for(COORDINATOR)
-        self.controls = {org: WorkerControl(org, addr, caller=COORDINATOR, run=self.run, tls=tls, token=token, timeout=timeout)
-                         for org, addr in self.addresses.items()}
+        self.controls = {
+            org: WorkerControl(org, addr, caller=COORDINATOR, run=self.run, tls=tls, token=token, timeout=timeout)
+            for org, addr in self.addresses.items()
+        }
         for control in self.controls.values():
             control.connect(self.addresses)
 
@@ -181,9 +224,13 @@ class ProcessFederation:
 
     def reassembled(self) -> dict[str, Tensor]:
         states = {org: self.state(org) for org in self.plan.orgs}
-        return reassemble(self.plan.model, [
-            {s.key: states[p.holders[0]][s.key] for s in unit_slices(self.plan.model, p.units)} for p in self.plan.partitions
-        ])
+        return reassemble(
+            self.plan.model,
+            [
+                {s.key: states[p.holders[0]][s.key] for s in unit_slices(self.plan.model, p.units)}
+                for p in self.plan.partitions
+            ],
+        )
 
     def close(self) -> None:
         for control in getattr(self, "controls", {}).values():
@@ -192,7 +239,7 @@ class ProcessFederation:
             self.hosts.close()
         self._tmp.cleanup()
 
-    def __enter__(self) -> "ProcessFederation":
+    def __enter__(self) -> ProcessFederation:
         return self
 
     def __exit__(self, *exc) -> None:

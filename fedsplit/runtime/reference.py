@@ -9,7 +9,7 @@ accumulates gradients over the same micro-batches.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -58,8 +58,13 @@ class MonolithicTrainer:
         self.model.eval()
         try:
             with torch.no_grad():
-                return sum(cross_entropy(self.model(tok.to(self.device))[0], lab.to(self.device)).item()
-                           for tok, lab in zip(tokens.chunk(micro), labels.chunk(micro))) / micro
+                return (
+                    sum(
+                        cross_entropy(self.model(tok.to(self.device))[0], lab.to(self.device)).item()
+                        for tok, lab in zip(tokens.chunk(micro), labels.chunk(micro))
+                    )
+                    / micro
+                )
         finally:
             self.model.train()
 

@@ -10,7 +10,7 @@ organisations.
 from __future__ import annotations
 
 import json
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 import torch
@@ -18,9 +18,9 @@ from torch import Tensor
 
 from ..plan.schema import CompressionConfig
 from ..transport.proto import dataplane_pb2 as pb
-from ..transport.wire import Limits
 from ..transport.security import TLSConfig
 from ..transport.service import CallRejected, DataPlaneChannel, Named
+from ..transport.wire import Limits
 from .calls import CallKey
 from .rounds import RoundFailed, RoundSpec, path_orgs
 from .worker import Worker
@@ -38,7 +38,9 @@ def is_local(address: str) -> bool:
 
 
 def _header(run: str, key: CallKey, op: str, phase: int) -> pb.CallHeader:
-    return pb.CallHeader(run=run, data_owner=key.data_owner, step=key.step, micro_batch=key.micro_batch, op=op, phase=phase)
+    return pb.CallHeader(
+        run=run, data_owner=key.data_owner, step=key.step, micro_batch=key.micro_batch, op=op, phase=phase
+    )
 
 
 def _positional(tensors: Sequence[Tensor | None]) -> Named:
@@ -51,21 +53,32 @@ class GrpcPeer:
 
     remote = True
 
-    def __init__(self, channel: DataPlaneChannel, run: str, compression: CompressionConfig = CompressionConfig(),
-                 step_timeout: float = 300.0):
+    def __init__(
+        self,
+        channel: DataPlaneChannel,
+        run: str,
+        compression: CompressionConfig = CompressionConfig(),
+        step_timeout: float = 300.0,
+    ):
         self.channel, self.run, self.compression, self.step_timeout = channel, run, compression, step_timeout
         self.name = channel.org
 
     def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        reply = self.channel.call(_header(self.run, key, op, pb.FORWARD), _positional(inputs), codec=self.compression.activations)
+        reply = self.channel.call(
+            _header(self.run, key, op, pb.FORWARD), _positional(inputs), codec=self.compression.activations
+        )
         return [t for _, t in reply]
 
     def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        reply = self.channel.call(_header(self.run, key, op, pb.BACKWARD), _positional(grads), codec=self.compression.gradients)
+        reply = self.channel.call(
+            _header(self.run, key, op, pb.BACKWARD), _positional(grads), codec=self.compression.gradients
+        )
         return [t for _, t in reply]
 
     def evaluate(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        reply = self.channel.call(_header(self.run, key, op, pb.EVALUATE), _positional(inputs), codec=self.compression.activations)
+        reply = self.channel.call(
+            _header(self.run, key, op, pb.EVALUATE), _positional(inputs), codec=self.compression.activations
+        )
         return [t for _, t in reply]
 
     # RoundControl: these wait on the callee's step barrier, so their deadline is the barrier's.
@@ -79,7 +92,9 @@ class GrpcPeer:
         self.channel.call(pb.CallHeader(run=self.run, op=f"abort/{round}/{reason}", phase=pb.CONTROL), [], timeout=10)
 
     def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
-        self.channel.call(pb.CallHeader(run=self.run, op="replica-grads", phase=pb.CONTROL, data_owner=org, step=step), list(grads))
+        self.channel.call(
+            pb.CallHeader(run=self.run, op="replica-grads", phase=pb.CONTROL, data_owner=org, step=step), list(grads)
+        )
 
     def _control(self, op: str, **fields) -> None:
         header = pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL, **fields)
@@ -102,7 +117,11 @@ class WorkerHandler:
         self._addresses: dict[str, str] = {}
 
     def handle(self, header: pb.CallHeader, tensors: Named) -> tuple[Named, str]:
-        if header.phase == pb.CONTROL and header.op.partition("/")[0] in ("connect", "begin") and header.run != self.run:
+        if (
+            header.phase == pb.CONTROL
+            and header.op.partition("/")[0] in ("connect", "begin")
+            and header.run != self.run
+        ):
             self._check_owner(header)
             self.run = header.run  # a new run: channels to peers and optimizer state start afresh
             self._addresses = {}
@@ -110,9 +129,16 @@ class WorkerHandler:
                 self.worker.rounds.last_finished = -1
         # A data owner may ask whether this worker has begun the round (and a co-holder may send
         # its replica gradients) before this worker's own client connected it to the run.
-        waiting_for_run = self.run is None and header.phase == pb.CONTROL and (header.op.startswith("ready/") or header.op == "replica-grads")
+        waiting_for_run = (
+            self.run is None
+            and header.phase == pb.CONTROL
+            and (header.op.startswith("ready/") or header.op == "replica-grads")
+        )
         if header.run != self.run and not waiting_for_run:
-            raise CallRejected(grpc.StatusCode.FAILED_PRECONDITION, f"a call of run {header.run!r} reached a worker of run {self.run!r}")
+            raise CallRejected(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a call of run {header.run!r} reached a worker of run {self.run!r}",
+            )
         try:
             if header.phase == pb.CONTROL:
                 return self._control(header, tensors), "none"
@@ -136,7 +162,10 @@ class WorkerHandler:
 
     def _check_owner(self, header: pb.CallHeader) -> None:
         if header.caller not in (COORDINATOR, self.worker.name):
-            raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"{header.caller!r} may not send control operations to {self.worker.name}")
+            raise CallRejected(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{header.caller!r} may not send control operations to {self.worker.name}",
+            )
 
     def _control(self, header: pb.CallHeader, tensors: Named) -> Named:
         op, _, arg = header.op.partition("/")
@@ -160,8 +189,10 @@ class WorkerHandler:
             return []
         if op == "wait":
             metrics = self._rounds().wait(float(arg))
-            return [(k, torch.tensor(int(v)) if float(v).is_integer() else torch.tensor(v, dtype=torch.float32))
-                    for k, v in metrics.items()]
+            return [
+                (k, torch.tensor(int(v)) if float(v).is_integer() else torch.tensor(v, dtype=torch.float32))
+                for k, v in metrics.items()
+            ]
         if op == "train":
             metrics = w.train_batch(int(arg), tensors[0][1], tensors[1][1])
             return [(k, torch.tensor(v, dtype=torch.float32)) for k, v in metrics.items()]
@@ -178,8 +209,10 @@ class WorkerHandler:
             w.load_state({k: v for k, v in tensors})
             return []
         channels = [p.channel for p in w.peers.values() if isinstance(p, GrpcPeer)]
-        return [("wire_bytes", torch.tensor(sum(c.wire_bytes for c in channels), dtype=torch.int64)),
-                ("tensor_bytes", torch.tensor(sum(c.tensor_bytes for c in channels), dtype=torch.int64))]
+        return [
+            ("wire_bytes", torch.tensor(sum(c.wire_bytes for c in channels), dtype=torch.int64)),
+            ("tensor_bytes", torch.tensor(sum(c.tensor_bytes for c in channels), dtype=torch.int64)),
+        ]
 
     def _rounds(self):
         if self.worker.rounds is None:
@@ -208,10 +241,26 @@ class WorkerHandler:
         self.close()
         t = w.plan.transport
         limits = Limits(max_tensor_bytes=t.max_tensor_mib << 20)
-        peers = {org: GrpcPeer(DataPlaneChannel(org, addr, caller=w.name, tls=self.tls, token=self.token, timeout=t.timeout_s,
-                                                limits=limits, retries=t.retries, shared_memory=t.shared_memory and is_local(addr)),
-                               self.run, t.compression, t.step_timeout_s)
-                 for org, addr in addresses.items() if org != w.name}
+        peers = {
+            org: GrpcPeer(
+                DataPlaneChannel(
+                    org,
+                    addr,
+                    caller=w.name,
+                    tls=self.tls,
+                    token=self.token,
+                    timeout=t.timeout_s,
+                    limits=limits,
+                    retries=t.retries,
+                    shared_memory=t.shared_memory and is_local(addr),
+                ),
+                self.run,
+                t.compression,
+                t.step_timeout_s,
+            )
+            for org, addr in addresses.items()
+            if org != w.name
+        }
         w.connect({**peers, w.name: w})
         self._addresses = dict(addresses)
 
@@ -225,8 +274,17 @@ class WorkerControl:
     """Drives one organisation's worker over its control operations: what that organisation's
     Flower client (or the coordinator, in ``verify``) does once per round, never per batch."""
 
-    def __init__(self, org: str, address: str, *, caller: str, run: str, tls: TLSConfig | None, token: str | None,
-                 timeout: float = 60.0):
+    def __init__(
+        self,
+        org: str,
+        address: str,
+        *,
+        caller: str,
+        run: str,
+        tls: TLSConfig | None,
+        token: str | None,
+        timeout: float = 60.0,
+    ):
         self.org, self.run = org, run
         self.channel = DataPlaneChannel(org, address, caller=caller, tls=tls, token=token, timeout=timeout)
 

@@ -18,10 +18,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -29,7 +30,6 @@ from torch import Tensor
 from ..plan import Plan
 from .optim import load_optimizer_state, make_optimizer, optimizer_state
 from .worker import Worker
-
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class RoundSpec:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "RoundSpec":
+    def from_json(cls, text: str) -> RoundSpec:
         d = json.loads(text)
         return cls(**{**d, "data_owners": tuple(d["data_owners"])})
 
@@ -85,8 +85,13 @@ class Rounds:
     that drives its batches. ``state_dir`` keeps the optimizer state of each complete round, so
     that a restarted worker resumes exactly."""
 
-    def __init__(self, worker: Worker, batches: Callable[[int], tuple[Tensor, Tensor]] | None = None,
-                 state_dir: Path | None = None, eval_batches: Sequence[tuple[Tensor, Tensor]] = ()):
+    def __init__(
+        self,
+        worker: Worker,
+        batches: Callable[[int], tuple[Tensor, Tensor]] | None = None,
+        state_dir: Path | None = None,
+        eval_batches: Sequence[tuple[Tensor, Tensor]] = (),
+    ):
         self.worker, self.batches, self.state_dir, self.eval_batches = worker, batches, state_dir, list(eval_batches)
         self.timeout = worker.plan.transport.step_timeout_s
         self.spec: RoundSpec | None = None
@@ -122,12 +127,19 @@ class Rounds:
             self._restore_optimizer(spec.restore_round)
             mu = w.plan.aggregation.proximal_mu
             self._anchor = {k: p.detach().clone() for k, p in w.model.bindings.items()} if mu > 0 else {}
-            self.spec, self._error, self._metrics, self._arrived = spec, self._early_aborts.pop(spec.round, None), {}, {}
+            self.spec, self._error, self._metrics, self._arrived = (
+                spec,
+                self._early_aborts.pop(spec.round, None),
+                {},
+                {},
+            )
             self._expected = frozenset(d for d in spec.data_owners if w.name in path_orgs(w.plan, d))
             self._completed = spec.first_step - 1 if self._expected else spec.last_step
             self._cond.notify_all()
         if w.name in spec.data_owners and self._error is None:
-            self._driver = threading.Thread(target=self._drive, args=(spec,), name=f"fedsplit-round-{w.name}", daemon=True)
+            self._driver = threading.Thread(
+                target=self._drive, args=(spec,), name=f"fedsplit-round-{w.name}", daemon=True
+            )
             self._driver.start()
 
     def wait(self, timeout: float) -> dict[str, float]:
@@ -148,15 +160,21 @@ class Rounds:
                     progress, last_progress = self._completed, now
                 waiting = sorted(self._expected - self._arrived.get(self._completed + 1, set()))
                 if now > deadline or now - last_progress > self.timeout:
-                    raise TimeoutError(f"{self.worker.name}: round {spec.round} stuck after step {self._completed} "
-                                       f"of {spec.last_step}, waiting for {', '.join(waiting)}")
+                    raise TimeoutError(
+                        f"{self.worker.name}: round {spec.round} stuck after step {self._completed} "
+                        f"of {spec.last_step}, waiting for {', '.join(waiting)}"
+                    )
                 if not self._cond.wait(PROBE_INTERVAL_S):
                     self._fail_if_unreachable(waiting)
             if self._error:
                 raise RoundFailed(self._error)
         self._save_optimizer(spec.round)
         self.last_finished = spec.round
-        load = {f"expert_load/{layer}/{e}": float(n) for layer, counts in self.worker.expert_load.items() for e, n in enumerate(counts)}
+        load = {
+            f"expert_load/{layer}/{e}": float(n)
+            for layer, counts in self.worker.expert_load.items()
+            for e, n in enumerate(counts)
+        }
         return {**self._metrics, **load}
 
     # -- what data owners ask (RoundControl) -----------------------------------------------------
@@ -187,7 +205,10 @@ class Rounds:
                 left = deadline - time.monotonic()
                 missing = sorted(self._expected - self._arrived.get(step, set()))
                 if left <= 0:
-                    raise TimeoutError(f"{self.worker.name}: step {step} still waits for {', '.join(missing)} after {self.timeout:.0f} s")
+                    raise TimeoutError(
+                        f"{self.worker.name}: step {step} still waits for {', '.join(missing)} after "
+                        f"{self.timeout:.0f} s"
+                    )
                 if not self._cond.wait(min(left, PROBE_INTERVAL_S)):
                     self._fail_if_unreachable(missing)
             if self._error:
@@ -266,8 +287,16 @@ class Rounds:
             return
         traffic = {k: v - traffic_before[k] for k, v in w.traffic().items()}
         n = max(spec.steps, 1)
-        trained = {"loss": totals["loss"] / n, "aux_loss": totals["aux_loss"] / n, "last_loss": totals["last_loss"],
-                   "step_s": totals["step_s"] / n} if spec.steps else {}
+        trained = (
+            {
+                "loss": totals["loss"] / n,
+                "aux_loss": totals["aux_loss"] / n,
+                "last_loss": totals["last_loss"],
+                "step_s": totals["step_s"] / n,
+            }
+            if spec.steps
+            else {}
+        )
         self._metrics = {**trained, "tokens": totals["tokens"], **evaluated, **traffic}
 
     def _evaluate(self) -> dict[str, float]:
@@ -300,8 +329,10 @@ class Rounds:
         if round > 0:
             path = self._optimizer_file(round) if self.state_dir else None
             if path is None or not path.exists():
-                raise RuntimeError(f"{w.name}: cannot resume after round {round}: its optimizer state "
-                                   f"{path or '(no state directory)'} is missing")
+                raise RuntimeError(
+                    f"{w.name}: cannot resume after round {round}: its optimizer state "
+                    f"{path or '(no state directory)'} is missing"
+                )
             load_optimizer_state(w.optimizer, list(w.model.bindings), load_file(path))
         self.last_finished = round
 

@@ -3,7 +3,7 @@ to the others through in-process peers. The gRPC runtime wires the same workers 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor
 
@@ -17,19 +17,20 @@ class InProcessFederation:
     gains nothing, and torch's intra-op thread pools in concurrent threads would make rounding
     depend on timing. Pass ``schedule`` to exercise another one."""
 
-    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, schedule: str = "sequential"):
+    def __init__(
+        self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, schedule: str = "sequential"
+    ):
         self.plan, self.schedule = plan, schedule
-        self.workers = {
-            org: Worker(plan, org, select(weights, plan.slices_of(org)), device)
-            for org in plan.orgs
-        }
+        self.workers = {org: Worker(plan, org, select(weights, plan.slices_of(org)), device) for org in plan.orgs}
         for w in self.workers.values():
             w.connect(self.workers)
 
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
         """One optimizer step: every data owner's batch forward and backward, then every
         organisation steps its partitions."""
-        metrics = {d: self.workers[d].train_batch(step, *batches[d], schedule=self.schedule) for d in self.plan.data_owners}
+        metrics = {
+            d: self.workers[d].train_batch(step, *batches[d], schedule=self.schedule) for d in self.plan.data_owners
+        }
         for w in self.workers.values():
             w.share_replica_grads(step)
         for w in self.workers.values():
@@ -47,4 +48,6 @@ class InProcessFederation:
     def reassembled(self) -> dict[str, Tensor]:
         """The full model, taking each partition from its first holder (so average replicas
         first when the replicas' own weights matter)."""
-        return reassemble(self.plan.model, [self.workers[p.holders[0]].partition_state(p) for p in self.plan.partitions])
+        return reassemble(
+            self.plan.model, [self.workers[p.holders[0]].partition_state(p) for p in self.plan.partitions]
+        )

@@ -18,9 +18,9 @@ its plan gives it (consecutive blocks computed by one organisation), then backwa
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -120,11 +120,15 @@ class Worker:
                     p.zero_()
         self.model.train()
         self.partitions = [p for p in plan.partitions if org in p.holders]
-        self.optimizer = make_optimizer(self.model.bindings.values(), plan.training.optimizer) if self.model.bindings else None
+        self.optimizer = (
+            make_optimizer(self.model.bindings.values(), plan.training.optimizer) if self.model.bindings else None
+        )
         self.owner_index = {d: i for i, d in enumerate(plan.data_owners)}
         self._grad_scale: dict[str, dict[str, float]] = {}
         self._sync_keys: dict[str, list[str]] = {}  # co-holder -> keys whose gradients we add up with it each step
-        self._ordered: set[str] = set()  # keys several data owners train: with training.deterministic, added up in owner order
+        self._ordered: set[str] = (
+            set()
+        )  # keys several data owners train: with training.deterministic, added up in owner order
         self._owner_grads: dict[str, dict[str, Tensor]] = {}  # data owner -> its gradients on those keys this step
         self.set_live_owners(plan.data_owners)
         self._replica_grads: dict[int, dict[str, dict[str, Tensor]]] = {}  # step -> co-holder -> its gradients
@@ -146,6 +150,7 @@ class Worker:
                 counts[e] = rows.shape[0]
             with self._grad_lock:
                 self.expert_load[layer] = self.expert_load.get(layer, torch.zeros(self.cfg.num_experts)) + counts
+
         return hook
 
     def connect(self, peers: Mapping[str, Peer]) -> None:
@@ -188,8 +193,11 @@ class Worker:
         among them; empty when it does not take part."""
         if self.plan.aggregation.replica_sync != "step" or self.name in partition.local_holders:
             return []
-        group = [h for h in partition.holders if h not in partition.local_holders
-                 and any(d in live for d in self.plan.users(partition, h))]
+        group = [
+            h
+            for h in partition.holders
+            if h not in partition.local_holders and any(d in live for d in self.plan.users(partition, h))
+        ]
         return group if self.name in group and len(group) > 1 else []
 
     # -- serving -------------------------------------------------------------------------------
@@ -227,12 +235,16 @@ class Worker:
         names = list(self.model.bindings)
         params = [self.model.bindings[n] for n in names]
         with calling(key):
-            result = torch.autograd.grad(
-                [o for o, _ in pairs], wrt_inputs + params, [g for _, g in pairs], allow_unused=True
-            ) if pairs else [None] * (len(wrt_inputs) + len(params))
+            result = (
+                torch.autograd.grad(
+                    [o for o, _ in pairs], wrt_inputs + params, [g for _, g in pairs], allow_unused=True
+                )
+                if pairs
+                else [None] * (len(wrt_inputs) + len(params))
+            )
         scale = self._grad_scale.get(key.data_owner, {})
         with self._grad_lock:
-            for name, param, grad in zip(names, params, result[len(wrt_inputs):]):
+            for name, param, grad in zip(names, params, result[len(wrt_inputs) :]):
                 if grad is None:
                     continue
                 factor = scale.get(name, 1.0)
@@ -281,7 +293,9 @@ class Worker:
         else:
             raise ValueError(f"unknown operation {op!r}")
         if caller != expected_caller:
-            raise PermissionError(f"{caller!r} may not call {op} for {key.data_owner}'s batches (only {expected_caller!r} may)")
+            raise PermissionError(
+                f"{caller!r} may not call {op} for {key.data_owner}'s batches (only {expected_caller!r} may)"
+            )
         not_mine = [str(u) for u in units if route.get(u) != self.name]
         if not_mine:
             raise PermissionError(f"{self.name} does not serve {', '.join(not_mine)} for {key.data_owner}'s batches")
@@ -313,7 +327,12 @@ class Worker:
             expect(0, torch.float32, lambda s: s == (total, cfg.hidden_size), f"rows ({total}, {cfg.hidden_size})")
         elif kind == "shared":
             rows = mb * t.seq_len
-            expect(0, torch.float32, lambda s: len(s) == 2 and 1 <= s[0] <= rows and s[1] == cfg.hidden_size, f"token rows (<= {rows}, {cfg.hidden_size})")
+            expect(
+                0,
+                torch.float32,
+                lambda s: len(s) == 2 and 1 <= s[0] <= rows and s[1] == cfg.hidden_size,
+                f"token rows (<= {rows}, {cfg.hidden_size})",
+            )
         else:
             expect(0, torch.float32, hidden, f"hidden states ({mb}, <= {t.seq_len}, {cfg.hidden_size})")
         if "lm_head" in blocks:
@@ -350,7 +369,9 @@ class Worker:
                 raise PermissionError(f"{org!r} and {self.name} do not keep {k!r} in step")
             param = self.model.bindings[k]  # values are finite: the data plane checks every tensor it receives
             if g.shape != param.shape or g.dtype != param.dtype:
-                raise ValueError(f"gradient of {k} must be {tuple(param.shape)} {param.dtype}, got {tuple(g.shape)} {g.dtype}")
+                raise ValueError(
+                    f"gradient of {k} must be {tuple(param.shape)} {param.dtype}, got {tuple(g.shape)} {g.dtype}"
+                )
         copies = {k: g.to(self.device, copy=True) for k, g in grads}
         with self._sync_cond:
             self._replica_grads.setdefault(step, {})[org] = copies
@@ -366,7 +387,9 @@ class Worker:
             arrived = lambda: set(self._replica_grads.get(step, {})) >= set(self._sync_keys)  # noqa: E731
             if not self._sync_cond.wait_for(arrived, timeout):
                 missing = sorted(set(self._sync_keys) - set(self._replica_grads.get(step, {})))
-                raise TimeoutError(f"{self.name}: step {step} has no replica gradients from {', '.join(missing)} after {timeout:.0f} s")
+                raise TimeoutError(
+                    f"{self.name}: step {step} has no replica gradients from {', '.join(missing)} after {timeout:.0f} s"
+                )
             received = self._replica_grads.pop(step)
         keys = {k for keys in self._sync_keys.values() for k in keys}
         for k in sorted(keys):
@@ -408,8 +431,10 @@ class Worker:
     def traffic(self) -> dict[str, float]:
         """Data-plane bytes this worker's calls to other organisations sent and received."""
         channels = [p.channel for p in self.peers.values() if getattr(p, "remote", False)]
-        return {"bytes_sent": float(sum(c.sent_bytes for c in channels)),
-                "bytes_received": float(sum(c.received_bytes for c in channels))}
+        return {
+            "bytes_sent": float(sum(c.sent_bytes for c in channels)),
+            "bytes_received": float(sum(c.received_bytes for c in channels)),
+        }
 
     def _run(self, key: CallKey, op: str, x: list[Tensor]) -> tuple[Tensor, ...]:
         kind, _, rest = op.partition("/")

@@ -17,9 +17,9 @@ import hashlib
 import ipaddress
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import grpc
 import yaml
@@ -41,16 +41,23 @@ class TLSConfig:
     mutual: bool = True
 
     @classmethod
-    def load(cls, directory: str | Path, name: str, mutual: bool = True) -> "TLSConfig":
+    def load(cls, directory: str | Path, name: str, mutual: bool = True) -> TLSConfig:
         d = Path(directory)
         missing = [p for p in (d / "ca.pem", d / f"{name}.pem", d / f"{name}.key") if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"TLS files missing for '{name}': {', '.join(map(str, missing))} (make them with `fedsplit certs`)")
-        return cls((d / "ca.pem").read_bytes(), (d / f"{name}.pem").read_bytes(), (d / f"{name}.key").read_bytes(), mutual)
+            raise FileNotFoundError(
+                f"TLS files missing for '{name}': {', '.join(map(str, missing))} (make them with `fedsplit certs`)"
+            )
+        return cls(
+            (d / "ca.pem").read_bytes(), (d / f"{name}.pem").read_bytes(), (d / f"{name}.key").read_bytes(), mutual
+        )
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca_cert if self.mutual else None,
-                                           require_client_auth=self.mutual)
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)],
+            root_certificates=self.ca_cert if self.mutual else None,
+            require_client_auth=self.mutual,
+        )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         if self.mutual:
@@ -81,7 +88,12 @@ def load_verifiers(directory: str | Path) -> dict[str, str]:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsplit"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedsplit"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -91,10 +103,14 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def generate_credentials(names: Iterable[str], out: str | Path, hosts: Iterable[str] = ("localhost", "127.0.0.1"), days: int = 365) -> Path:
+def generate_credentials(
+    names: Iterable[str], out: str | Path, hosts: Iterable[str] = ("localhost", "127.0.0.1"), days: int = 365
+) -> Path:
     """Write ``ca.pem``/``ca.key``, ``NAME.pem``/``NAME.key``/``NAME.token`` for each name, and
     ``verifiers.yaml``."""
     out = Path(out)
@@ -102,9 +118,13 @@ def generate_credentials(names: Iterable[str], out: str | Path, hosts: Iterable[
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
-        x509.CertificateBuilder().subject_name(_name("fedsplit CA")).issuer_name(_name("fedsplit CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(_name("fedsplit CA"))
+        .issuer_name(_name("fedsplit CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -120,11 +140,18 @@ def generate_credentials(names: Iterable[str], out: str | Path, hosts: Iterable[
     for name in names:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
-            x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
             .sign(ca_key, hashes.SHA256())
         )
         (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))

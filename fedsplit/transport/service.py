@@ -1,23 +1,24 @@
 """The gRPC data plane: a server that hands validated calls to a handler, and a client channel.
 
 The methods are registered without (de)serializers: frames are bytes that :mod:`.wire` builds
-and parses, so tensor bytes are never copied by protobuf. A call whose tensors (both ways) fit in
-``ONE_MESSAGE_BYTES`` goes as one message each way (``CallOnce``); larger ones stream in chunks. Every failure reaches the caller as a
-gRPC status with a reason (``INVALID_ARGUMENT`` for a malformed or inconsistent message,
-``UNAUTHENTICATED``/``PERMISSION_DENIED`` for credentials, ``DEADLINE_EXCEEDED`` and
-``UNAVAILABLE`` for a slow or dead peer, ``ABORTED`` when a nested call to a third organisation
-failed); the server keeps serving.
+and parses, so tensor bytes are never copied by protobuf. A call whose tensors (both ways) fit
+in ``ONE_MESSAGE_BYTES`` goes as one message each way (``CallOnce``); larger ones stream in
+chunks. Every failure reaches the caller as a gRPC status with a reason (``INVALID_ARGUMENT``
+for a malformed or inconsistent message, ``UNAUTHENTICATED``/``PERMISSION_DENIED`` for
+credentials, ``DEADLINE_EXCEEDED`` and ``UNAVAILABLE`` for a slow or dead peer, ``ABORTED`` when
+a nested call to a third organisation failed); the server keeps serving.
 """
 
 from __future__ import annotations
 
 import hmac
 import itertools
-import time
 import logging
+import time
+from collections.abc import Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 import grpc
 from torch import Tensor
@@ -25,8 +26,22 @@ from torch import Tensor
 from .proto import dataplane_pb2 as pb
 from .security import TLSConfig, token_verifier
 from .shm import AttachedSegments, Segment, SegmentPool
-from .wire import (Encoded, Limits, WireError, call_frame, decode_tensors, frame_pieces, one_message, parse_frame, payload_size,
-                   prepare, segment_bytes, to_frames, to_segment, unpack_message)
+from .wire import (
+    Encoded,
+    Limits,
+    WireError,
+    call_frame,
+    decode_tensors,
+    frame_pieces,
+    one_message,
+    parse_frame,
+    payload_size,
+    prepare,
+    segment_bytes,
+    to_frames,
+    to_segment,
+    unpack_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +85,7 @@ class Credentials:
     verifiers: Mapping[str, str]
 
     @classmethod
-    def of_tokens(cls, tokens: Mapping[str, str]) -> "Credentials":
+    def of_tokens(cls, tokens: Mapping[str, str]) -> Credentials:
         return cls({org: token_verifier(token) for org, token in tokens.items()})
 
     def check(self, org: str, token: str) -> bool:
@@ -79,8 +94,17 @@ class Credentials:
 
 
 class DataPlaneServer:
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0, *, tls: TLSConfig | None,
-                 credentials: Credentials | None = None, limits: Limits = Limits(), max_workers: int = 32):
+    def __init__(
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls: TLSConfig | None,
+        credentials: Credentials | None = None,
+        limits: Limits = Limits(),
+        max_workers: int = 32,
+    ):
         """``tls=None`` serves in plaintext: callers must ask for it explicitly."""
         self.handler, self.credentials, self.limits = handler, credentials, limits
         self._segments = AttachedSegments()
@@ -88,14 +112,22 @@ class DataPlaneServer:
         # caller's own limit (its largest tensor) is the one that matters.
         options = [("grpc.max_receive_message_length", _MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-        handlers = {"Call": grpc.stream_stream_rpc_method_handler(self._call),
-                    "CallOnce": grpc.unary_unary_rpc_method_handler(self._call_once)}
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedsplit.v1.DataPlane", handlers),))
+        handlers = {
+            "Call": grpc.stream_stream_rpc_method_handler(self._call),
+            "CallOnce": grpc.unary_unary_rpc_method_handler(self._call_once),
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("fedsplit.v1.DataPlane", handlers),)
+        )
         bind = f"{host}:{port}"
-        self.port = self._server.add_secure_port(bind, tls.server_credentials()) if tls else self._server.add_insecure_port(bind)
+        self.port = (
+            self._server.add_secure_port(bind, tls.server_credentials())
+            if tls
+            else self._server.add_insecure_port(bind)
+        )
         self.address = f"{host}:{self.port}"
 
-    def start(self) -> "DataPlaneServer":
+    def start(self) -> DataPlaneServer:
         self._server.start()
         return self
 
@@ -113,7 +145,9 @@ class DataPlaneServer:
         if not self.credentials.check(org, token):
             raise CallRejected(grpc.StatusCode.UNAUTHENTICATED, f"no valid credential for organisation {org!r}")
         if header.caller != org:
-            raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f"organisation {org!r} cannot call on behalf of {header.caller!r}")
+            raise CallRejected(
+                grpc.StatusCode.PERMISSION_DENIED, f"organisation {org!r} cannot call on behalf of {header.caller!r}"
+            )
 
     def _serve(self, frames, context: grpc.ServicerContext) -> tuple[pb.CallHeader, list[Encoded], Segment | None]:
         """Check and run one call; its header, encoded outputs and the segment to reply in. Request
@@ -173,7 +207,11 @@ class DataPlaneServer:
     def _call_once(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         header, encoded, reply_segment = self._serve(unpack_message(request), context)
         try:
-            body = [(f,) for f in to_segment(encoded, reply_segment)] if reply_segment else list(frame_pieces(encoded, None))
+            body = (
+                [(f,) for f in to_segment(encoded, reply_segment)]
+                if reply_segment
+                else list(frame_pieces(encoded, None))
+            )
             count = len(encoded)
             del encoded
             return one_message([(self._reply_header(header, count),), *body])
@@ -184,17 +222,37 @@ class DataPlaneServer:
 class DataPlaneChannel:
     """A client of one organisation's data-plane server."""
 
-    def __init__(self, org: str, address: str, *, caller: str, tls: TLSConfig | None, token: str | None = None,
-                 limits: Limits = Limits(), timeout: float = 60.0, retries: int = 0, shared_memory: bool = False):
+    def __init__(
+        self,
+        org: str,
+        address: str,
+        *,
+        caller: str,
+        tls: TLSConfig | None,
+        token: str | None = None,
+        limits: Limits = Limits(),
+        timeout: float = 60.0,
+        retries: int = 0,
+        shared_memory: bool = False,
+    ):
         """``tls=None`` connects in plaintext: callers must ask for it explicitly.
         ``shared_memory``: the callee is on this host; tensors go through /dev/shm segments."""
         self._pool = SegmentPool() if shared_memory else None
         self._shm_failed = False
         self._reply_bytes: dict[str, int] = {}
-        self.org, self.address, self.caller, self.limits, self.timeout, self.retries = org, address, caller, limits, timeout, retries
+        self.org, self.address, self.caller, self.limits, self.timeout, self.retries = (
+            org,
+            address,
+            caller,
+            limits,
+            timeout,
+            retries,
+        )
         # A CallOnce reply holds whole tensors: accept one as large as the largest tensor allowed.
-        options = [("grpc.max_receive_message_length", max(_MESSAGE_BYTES, limits.max_tensor_bytes + (1 << 20))),
-                   ("grpc.max_send_message_length", -1)]
+        options = [
+            ("grpc.max_receive_message_length", max(_MESSAGE_BYTES, limits.max_tensor_bytes + (1 << 20))),
+            ("grpc.max_send_message_length", -1),
+        ]
         if tls:
             self._channel = grpc.secure_channel(address, tls.channel_credentials(), options=options)
         else:
@@ -238,13 +296,22 @@ class DataPlaneChannel:
             for seg in taken:
                 self._pool.release(seg)
             if not self._shm_failed:
-                log.warning("shared memory for calls to %s: %s; these calls go over gRPC until it has room "
-                            "(in a container, give /dev/shm more space, e.g. docker run --shm-size)", self.org, e)
+                log.warning(
+                    "shared memory for calls to %s: %s; these calls go over gRPC until it has room "
+                    "(in a container, give /dev/shm more space, e.g. docker run --shm-size)",
+                    self.org,
+                    e,
+                )
             self._shm_failed = True
             return []
 
-    def call(self, header: pb.CallHeader, tensors: Sequence[tuple[str, Tensor | None]], timeout: float | None = None,
-             codec: str = "none") -> Named:
+    def call(
+        self,
+        header: pb.CallHeader,
+        tensors: Sequence[tuple[str, Tensor | None]],
+        timeout: float | None = None,
+        codec: str = "none",
+    ) -> Named:
         header.caller = self.caller
         header.num_tensors = len(tensors)
         self._count_tensors(tensors)
@@ -260,9 +327,15 @@ class DataPlaneChannel:
             header.shm_pool = self._pool.id
             body = list(to_segment(encoded, request))
         # One message each way when both fit (with shared memory, only headers travel).
-        once = reply_bytes is not None and (bool(segments) or max(reply_bytes, payload_size(encoded)) <= ONE_MESSAGE_BYTES)
+        once = reply_bytes is not None and (
+            bool(segments) or max(reply_bytes, payload_size(encoded)) <= ONE_MESSAGE_BYTES
+        )
         if once:
-            message = one_message(itertools.chain([(call_frame(header),)], [(f,) for f in body] if segments else frame_pieces(encoded, None)))
+            message = one_message(
+                itertools.chain(
+                    [(call_frame(header),)], [(f,) for f in body] if segments else frame_pieces(encoded, None)
+                )
+            )
         deadline = time.monotonic() + (timeout or self.timeout)
         done = False
         try:
@@ -275,7 +348,9 @@ class DataPlaneChannel:
                         self.received_bytes += len(answer)
                         replies = unpack_message(answer)
                     else:
-                        frames = self._sent(itertools.chain([call_frame(header)], body if segments else to_frames(encoded)))
+                        frames = self._sent(
+                            itertools.chain([call_frame(header)], body if segments else to_frames(encoded))
+                        )
                         replies = self._received(self._rpc(frames, timeout=remaining, metadata=self._metadata))
                     first = parse_frame(next(replies))
                     break
@@ -283,12 +358,18 @@ class DataPlaneChannel:
                     # Unreachable: try again (the callee recognises a call it already did by its
                     # identity and never applies it twice) while the deadline allows.
                     pause = 0.2 * 2**attempt
-                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries or time.monotonic() + pause >= deadline:
+                    if (
+                        e.code() != grpc.StatusCode.UNAVAILABLE
+                        or attempt >= self.retries
+                        or time.monotonic() + pause >= deadline
+                    ):
                         raise
                     time.sleep(pause)
             if isinstance(first, memoryview) or first.WhichOneof("kind") != "call":
                 raise WireError("a reply must start with a call header frame")
-            out = decode_tensors(replies, first.call.num_tensors, self.limits, segments[1] if segments else None, view_segment=True)
+            out = decode_tensors(
+                replies, first.call.num_tensors, self.limits, segments[1] if segments else None, view_segment=True
+            )
             released = first.call.shm_released
             self._count_tensors(out)
             size = segment_bytes(t.numel() * t.element_size() for _, t in out if t is not None)

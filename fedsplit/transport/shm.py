@@ -49,11 +49,11 @@ class Segment:
             os.close(fd)
 
     @classmethod
-    def create(cls, size: int) -> "Segment":
+    def create(cls, size: int) -> Segment:
         return cls(f"fedsplit-{os.getpid()}-{secrets.token_hex(8)}", size, create=True)
 
     @classmethod
-    def attach(cls, name: str) -> "Segment":
+    def attach(cls, name: str) -> Segment:
         return cls(name, 0, create=False)
 
     def view(self, offset: int, nbytes: int) -> memoryview:

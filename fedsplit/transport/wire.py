@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -233,7 +233,9 @@ def prepare(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "none") -
         t = t.detach().to("cpu").contiguous()
         used, parts = compress(t, codec)
         views = [_bytes(p) for p in parts]
-        header = pb.TensorHeader(name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=sum(len(v) for v in views), codec=used)
+        header = pb.TensorHeader(
+            name=name, dtype=DTYPE_NAMES[t.dtype], shape=list(t.shape), nbytes=sum(len(v) for v in views), codec=used
+        )
         out.append(Encoded(header, views))
     return out
 
@@ -247,7 +249,9 @@ def segment_bytes(nbytes: Iterable[int]) -> int:
     return sum(-(-n // TENSOR_ALIGN) * TENSOR_ALIGN for n in nbytes)
 
 
-def frame_pieces(encoded: Sequence[Encoded], chunk_bytes: int | None = CHUNK_BYTES) -> Iterator[Sequence[bytes | memoryview]]:
+def frame_pieces(
+    encoded: Sequence[Encoded], chunk_bytes: int | None = CHUNK_BYTES
+) -> Iterator[Sequence[bytes | memoryview]]:
     """Each tensor's header frame followed by its bytes in chunk frames (``None``: one chunk per
     part, for a single message), each frame as the pieces it is made of."""
     for e in encoded:
@@ -278,13 +282,16 @@ def to_segment(encoded: Sequence[Encoded], segment) -> Iterator[bytes]:
         yield pb.Frame(tensor=header).SerializeToString()
 
 
-def encode_tensors(tensors: Sequence[tuple[str, Tensor | None]], codec: str = "none", chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def encode_tensors(
+    tensors: Sequence[tuple[str, Tensor | None]], codec: str = "none", chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
     """Frames for named tensors (``None`` for an absent gradient), compressed with ``codec``."""
     return to_frames(prepare(tensors, codec), chunk_bytes)
 
 
-def decode_tensors(frames: Iterable[bytes | memoryview], count: int, limits: Limits, segment=None,
-                   view_segment: bool = False) -> list[tuple[str, Tensor | None]]:
+def decode_tensors(
+    frames: Iterable[bytes | memoryview], count: int, limits: Limits, segment=None, view_segment: bool = False
+) -> list[tuple[str, Tensor | None]]:
     """Read exactly ``count`` tensors from ``frames`` (and the call's shared-memory ``segment``
     for tensors sent that way), validating each before it is used. ``view_segment``: the
     segment is the receiver's own and is not reused while a tensor views it, so its tensors are
@@ -308,7 +315,9 @@ def decode_tensors(frames: Iterable[bytes | memoryview], count: int, limits: Lim
     return out
 
 
-def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], limits: Limits, segment, view_segment: bool) -> Tensor:
+def _read_tensor(
+    header: pb.TensorHeader, frames: Iterator[bytes | memoryview], limits: Limits, segment, view_segment: bool
+) -> Tensor:
     name = header.name or "<unnamed>"
     dtype = DTYPES.get(header.dtype)
     if dtype is None:
@@ -321,7 +330,10 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], 
         raise WireError(f"tensor {name!r}: int8 needs a non-empty last dimension")
     expected = _wire_bytes(header.codec, header.shape, dtype)
     if header.nbytes != expected:
-        raise WireError(f"tensor {name!r}: {header.nbytes} bytes declared but shape {list(header.shape)} of {header.dtype} needs {expected}")
+        raise WireError(
+            f"tensor {name!r}: {header.nbytes} bytes declared but shape {list(header.shape)} of "
+            f"{header.dtype} needs {expected}"
+        )
     if expected > limits.max_tensor_bytes:
         raise WireError(f"tensor {name!r}: {expected} bytes exceeds the limit of {limits.max_tensor_bytes}")
     if header.in_shm:
@@ -341,12 +353,19 @@ def _read_tensor(header: pb.TensorHeader, frames: Iterator[bytes | memoryview], 
         t = _read_chunks(name, header, frames, expected, dtype)
     # A NaN or inf anywhere makes the sum non-finite; the sum is ~25x cheaper than isfinite().
     # Only a non-finite sum (a bad value, or an overflow of large finite ones) needs the full check.
-    if limits.require_finite and t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+    if (
+        limits.require_finite
+        and t.is_floating_point()
+        and not bool(torch.isfinite(t.sum()))
+        and not bool(torch.isfinite(t).all())
+    ):
         raise WireError(f"tensor {name!r}: contains NaN or infinite values")
     return t
 
 
-def _read_chunks(name: str, header: pb.TensorHeader, frames: Iterator[bytes | memoryview], expected: int, dtype: torch.dtype) -> Tensor:
+def _read_chunks(
+    name: str, header: pb.TensorHeader, frames: Iterator[bytes | memoryview], expected: int, dtype: torch.dtype
+) -> Tensor:
     buf, start = RECEIVE_BUFFERS.take(expected)
     view = memoryview(buf)[start : start + expected]
     filled = 0
