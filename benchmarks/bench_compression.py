@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     codecs = [parse_codec(c) for c in args.codecs]
 
     if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ:
-        from fedsplit.runtime.processes import _worker_env
+        from fedsplit.hosting.processes import _worker_env
 
         os.execve(sys.executable, [sys.executable, *sys.argv], _worker_env())
 
@@ -158,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     sys.stdout.flush()
 
-    from fedsplit.federation.verify import initial_weights, verify
+    from fedsplit.federation.verify import verify
     from fedsplit.plan import load_plan
     from fedsplit.plan.schema import CompressionConfig
+    from fedsplit.runtime import initial_weights
 
     t_start = time.perf_counter()
     results = []

@@ -50,7 +50,7 @@ from fedsplit.federation.deploy import free_port  # noqa: E402
 from fedsplit.federation.rundir import MetricsLog  # noqa: E402
 from fedsplit.federation.simulate import SimulationOptions, simulate  # noqa: E402
 from fedsplit.plan import load_plan  # noqa: E402
-from fedsplit.plan.generate import generate_plan  # noqa: E402
+from fedsplit.plan.templates import generate_plan  # noqa: E402
 
 ROUND_OF_TRAINING_S = 60.0
 
@@ -150,7 +150,7 @@ def overhead_rows(label: str, orgs: int, per_round: list[tuple[float, float]]) -
 def fixed_process_rss() -> float:
     """Resident bytes of a Python that imported what a worker host imports, and nothing else."""
     code = (
-        "import torch, grpc, fedsplit.runtime.host, fedsplit.transport.service\nprint(open('/proc/self/status').read())"
+        "import torch, grpc, fedsplit.hosting.host, fedsplit.transport.service\nprint(open('/proc/self/status').read())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return _status_kib(out, "VmRSS") * 1024.0

@@ -40,13 +40,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fedsplit.data.split import split_corpora  # noqa: E402
+from fedsplit.data.corpus_split import split_corpora  # noqa: E402
 from fedsplit.federation.baseline import run_baseline  # noqa: E402
 from fedsplit.federation.rundir import MetricsLog  # noqa: E402
 from fedsplit.federation.simulate import SimulationOptions, simulate  # noqa: E402
 from fedsplit.plan import Plan, load_plan  # noqa: E402
-from fedsplit.plan.generate import data_owner_names, generate_plan  # noqa: E402
 from fedsplit.plan.schema import OptimizerConfig  # noqa: E402
+from fedsplit.plan.templates import data_owner_names, generate_plan  # noqa: E402
 
 
 def held_out_ppl(run_dir: Path) -> dict[int, float]:

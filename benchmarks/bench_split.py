@@ -6,7 +6,7 @@
 
 Every *variant* (a plan in ``benchmarks/plans/`` plus in-memory overrides, e.g. another
 schedule) is a :class:`Variant` in ``VARIANTS``. For each one this process starts a
-:class:`~fedsplit.runtime.processes.ProcessFederation`: one worker process per organisation on
+:class:`~fedsplit.hosting.processes.ProcessFederation`: one worker process per organisation on
 loopback, mutual TLS and bearer tokens on (fresh throw-away credentials), every activation and
 gradient over the gRPC data plane. All federations are started first and stay up for the whole
 run; the idle ones only wait on their sockets.
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ:
         # The mono reference runs with the malloc settings fedsplit's worker processes get.
-        from fedsplit.runtime.processes import _worker_env
+        from fedsplit.hosting.processes import _worker_env
 
         os.execve(sys.executable, [sys.executable, *sys.argv], _worker_env())
 
@@ -381,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: {VARIANTS[name].description}")
     sys.stdout.flush()
 
-    from fedsplit.federation.verify import initial_weights
-    from fedsplit.runtime.processes import ProcessFederation
-    from fedsplit.runtime.remote import WORKER_THREADS
+    from fedsplit.hosting.host import WORKER_THREADS
+    from fedsplit.hosting.processes import ProcessFederation
+    from fedsplit.runtime import initial_weights
 
     assert WORKER_THREADS == 1, "this benchmark pairs workers with a 1-thread mono reference"
     t_start = time.perf_counter()

@@ -158,7 +158,7 @@ def _rank_main(rank: int, port: int, cmd_qs, res_q, parent: int) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
         plan = load_plan_for("match.yaml", "1f1b")
         cfg = plan.model
-        torch.manual_seed(plan.training.seed)  # == fedsplit.federation.verify.initial_weights(plan)
+        torch.manual_seed(plan.training.seed)  # == fedsplit.runtime.initial_weights(plan)
         full = MoETransformer(cfg)
         full.train()
         module = FirstStage(full) if rank == 0 else LastStage(full)
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ:
         # fedsplit's worker processes get these malloc settings (ProcessFederation); give the torch-pp
         # ranks the same by re-executing with them (the spawned ranks inherit the environment).
-        from fedsplit.runtime.processes import _worker_env
+        from fedsplit.hosting.processes import _worker_env
 
         os.execve(sys.executable, [sys.executable, *sys.argv], _worker_env())
 
@@ -436,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
-    from fedsplit.federation.verify import initial_weights
-    from fedsplit.runtime.processes import ProcessFederation
+    from fedsplit.hosting.processes import ProcessFederation
+    from fedsplit.runtime import initial_weights
 
     t_start = time.perf_counter()
     rows: list[Row] = []

@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.default_malloc and "GLIBC_TUNABLES" not in os.environ and args.serve is None:
         # Measure what fedsplit's worker processes run with (both benchmark processes inherit it).
-        from fedsplit.runtime.processes import _worker_env
+        from fedsplit.hosting.processes import _worker_env
 
         os.execve(sys.executable, [sys.executable, *sys.argv], _worker_env())
 

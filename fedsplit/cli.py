@@ -21,7 +21,7 @@ from .plan.units import describe
 
 if TYPE_CHECKING:
     from .data import Tokenizer
-    from .data.split import CorpusSplit
+    from .data.corpus_split import CorpusSplit
 
 console = Console()
 err_console = Console(stderr=True)
@@ -85,7 +85,7 @@ def cmd_plan_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_generate(args: argparse.Namespace) -> int:
-    from .plan.generate import generate_plan
+    from .plan.templates import generate_plan
 
     given = {k: getattr(args, k) for k in ("model", "seed", "rounds", "steps_per_round", "batch_size", "seq_len")}
     try:
@@ -121,8 +121,8 @@ def _split_for_generated_plan(args: argparse.Namespace) -> CorpusSplit | None:
     by the plan's seed."""
     if args.split is None:
         return None
-    from .data.split import split_corpora
-    from .plan.generate import data_owner_names, default_data_owners
+    from .data.corpus_split import split_corpora
+    from .plan.templates import data_owner_names, default_data_owners
 
     owners = args.data_owners if args.data_owners is not None else default_data_owners(args.orgs)
     return split_corpora(data_owner_names(owners), args.split, alpha=args.alpha, seed=args.seed or 0)
@@ -276,8 +276,8 @@ def _run_rounds(plan: Plan, options, run, failure: type[Exception], what: str, s
 def finish_run(run_dir: Path, prompt: str | None) -> None:
     """What a user wants to see at the end of a run: the rounds, the plots and where the model is,
     and (with a prompt) a sample of what it learned."""
-    from .generate import generate_text, load_model
     from .report import ReportError, write_report
+    from .sampling import generate_text, load_model
 
     print_rounds(run_dir)
     try:
@@ -568,8 +568,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from .data import TokenizerError, load_tokenizer
-    from .data.split import SplitError, split_corpora
-    from .plan.generate import data_owner_names
+    from .data.corpus_split import SplitError, split_corpora
+    from .plan.templates import data_owner_names
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -596,7 +596,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerateError, generate_text, load_model
+    from .sampling import GenerateError, generate_text, load_model
 
     try:
         loaded = load_model(args.checkpoint, plan_file=args.plan, tokenizer_file=args.tokenizer, device=args.device)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fedsplit.data import batches_for
-from fedsplit.federation.verify import initial_weights
-from fedsplit.runtime import MonolithicTrainer
+from fedsplit.runtime import MonolithicTrainer, initial_weights
+from fedsplit.runtime.batches import batches_for
 
 
 def monolithic(plan, total_steps: int) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from fedsplit.data import DataError, batches_for, read_corpus
+from fedsplit.data import DataError, read_corpus
 from fedsplit.plan import PlanError, load_plan
+from fedsplit.runtime.batches import batches_for
 
 from .data_plans import write_plan
 

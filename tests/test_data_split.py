@@ -10,9 +10,9 @@ from collections import Counter
 import pytest
 
 from fedsplit.cli import main
-from fedsplit.data import eval_batches_for
-from fedsplit.data.split import SplitError, chunk_corpora, shipped_corpora, split_corpora
+from fedsplit.data.corpus_split import SplitError, chunk_corpora, shipped_corpora, split_corpora
 from fedsplit.plan import load_plan
+from fedsplit.runtime.batches import eval_batches_for
 
 ORGS = ["data-00", "data-01", "data-02", "data-03"]
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsplit.data import HELDOUT_FRACTION, DataError, batches_for, eval_batches_for, heldout_corpus, training_corpus
+from fedsplit.data import HELDOUT_FRACTION, DataError
 from fedsplit.plan import load_plan
+from fedsplit.runtime.batches import batches_for, eval_batches_for, heldout_corpus, training_corpus
 
 from .conftest import ROOT
 from .data_plans import write_plan

@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsplit.data import eval_batches_for
 from fedsplit.federation.baseline import held_out_loss
 from fedsplit.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
-from fedsplit.federation.verify import initial_weights
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
 from fedsplit.plan.schema import OptimizerConfig
-from fedsplit.runtime import MonolithicTrainer
+from fedsplit.runtime import MonolithicTrainer, initial_weights
+from fedsplit.runtime.batches import eval_batches_for
 
 from .reference_training import max_diff, monolithic
 

@@ -10,9 +10,9 @@ from fedsplit.cli import main
 from fedsplit.data import ByteTokenizer
 from fedsplit.federation.checkpoint import write_checkpoint
 from fedsplit.federation.rundir import write_merged_plan
-from fedsplit.generate import GenerateError, load_model, sample
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
+from fedsplit.sampling import GenerateError, load_model, sample
 
 from .conftest import PLANS
 

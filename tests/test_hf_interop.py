@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from fedsplit.cli import main
-from fedsplit.federation.verify import initial_weights, verify
+from fedsplit.federation.verify import verify
 from fedsplit.interop import CheckpointError, open_checkpoint, save_hf
 from fedsplit.model import ModelConfig, MoETransformer
 from fedsplit.plan import PlanError, load_plan, select
-from fedsplit.runtime import InProcessFederation, synthetic_batches
+from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_batches
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,8 +7,8 @@ import pytest
 from fedsplit.cli import main
 from fedsplit.federation.verify import verify
 from fedsplit.plan import Unit, load_plan
-from fedsplit.plan.generate import generate_plan, render_plan
 from fedsplit.plan.schema import OptimizerConfig
+from fedsplit.plan.templates import generate_plan, render_plan
 from fedsplit.plan.units import layer_units
 
 from .conftest import MODELS, PLANS

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedsplit.federation.aggregate import average_replicas
-from fedsplit.federation.verify import initial_weights
+from fedsplit.hosting.control import COORDINATOR, WorkerControl
+from fedsplit.hosting.host import WorkerHost
 from fedsplit.plan import load_plan, reassemble, select, unit_slices
 from fedsplit.plan.schema import OptimizerConfig
-from fedsplit.runtime.host import WorkerHost
-from fedsplit.runtime.remote import COORDINATOR, WorkerControl
+from fedsplit.runtime import initial_weights
 from fedsplit.runtime.rounds import RoundSpec
 
 from .reference_training import max_diff, monolithic

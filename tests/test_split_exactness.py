@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from fedsplit.federation.verify import VerifyError, initial_weights, verify
+from fedsplit.federation.verify import VerifyError, verify
 from fedsplit.plan import load_plan
 from fedsplit.plan.schema import OptimizerConfig
-from fedsplit.runtime import InProcessFederation, synthetic_batches
+from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_batches
 
 from .conftest import MODELS, PLANS
 

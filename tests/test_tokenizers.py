@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from fedsplit.cli import main
-from fedsplit.data import BPETokenizer, ByteTokenizer, batches_for, load_tokenizer, tokenizer_for, train_bpe
+from fedsplit.data import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe
 from fedsplit.plan import PlanError, load_plan
+from fedsplit.runtime.batches import batches_for, tokenizer_for
 
 from .conftest import ROOT
 from .data_plans import write_model, write_plan

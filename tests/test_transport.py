@@ -12,12 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsplit.federation.verify import initial_weights, verify
+from fedsplit.federation.verify import verify
+from fedsplit.hosting.handler import WorkerHandler
+from fedsplit.hosting.processes import ProcessFederation
 from fedsplit.plan import load_plan, select
 from fedsplit.plan.schema import OptimizerConfig
-from fedsplit.runtime import InProcessFederation, Worker, synthetic_batches
-from fedsplit.runtime.processes import ProcessFederation
-from fedsplit.runtime.remote import WorkerHandler
+from fedsplit.runtime import InProcessFederation, Worker, initial_weights, synthetic_batches
 from fedsplit.transport.proto import dataplane_pb2 as pb
 from fedsplit.transport.security import TLSConfig, generate_credentials
 from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError
@@ -495,7 +495,7 @@ def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecur
         [
             sys.executable,
             "-m",
-            "fedsplit.runtime.host",
+            "fedsplit.hosting.host",
             str(PLANS / "layers" / "federation.yaml"),
             "--orgs",
             "compute-b",

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from fedsplit.runtime.processes import _worker_env
+from fedsplit.hosting.processes import _worker_env
 
 # A product whose MKL blocking depends on the calling thread's OpenMP thread count.
 PROBE = """

@@ -1,20 +1,15 @@
-"""Data: tokenizers, each organisation's corpora and the batches drawn from them, non-IID splits."""
+"""Data: tokenizers, organisations' text and the windows drawn from it, non-IID splits of corpora.
 
-from .corpus import (
-    HELDOUT_FRACTION,
-    TextCorpus,
-    batches_for,
-    eval_batches_for,
-    heldout_corpus,
-    read_corpus,
-    tokenizer_for,
-    training_corpus,
-)
+Nothing here knows a plan: :mod:`fedsplit.runtime.batches` reads a plan's data owners' files.
+"""
+
+from .corpus import HELDOUT_FRACTION, Batch, TextCorpus, read_corpus
 from .sources import DataError, read_documents
 from .tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
 __all__ = [
     "BPETokenizer",
+    "Batch",
     "ByteTokenizer",
     "DataError",
     "HELDOUT_FRACTION",
@@ -22,13 +17,8 @@ __all__ = [
     "TextCorpus",
     "Tokenizer",
     "TokenizerError",
-    "batches_for",
-    "eval_batches_for",
-    "heldout_corpus",
     "load_tokenizer",
     "read_corpus",
     "read_documents",
-    "tokenizer_for",
     "train_bpe",
-    "training_corpus",
 ]

@@ -1,24 +1,18 @@
-"""Each data owner's text, tokenized: training batches that depend only on the seed, the data
-owner and the step (so that a resumed run and the monolithic baseline see exactly the batches an
-uninterrupted federated run saw), and fixed held-out batches for evaluation.
-
-Held-out text is the organisation's ``data.eval`` files. An organisation without them holds out
-the last :data:`HELDOUT_FRACTION` of its training tokens instead: training windows never reach
-into that tail, so held-out loss is always measured on tokens the model did not train on.
-"""
+"""An organisation's text, tokenized into one sequence: random training windows drawn by a
+generator, consecutive held-out windows, and a held-out tail cut off the end (what an
+organisation without ``data.eval`` files is evaluated on)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..plan import Plan
 from .sources import DataError, read_documents
-from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer
 
 Batch = tuple[Tensor, Tensor]
 
@@ -76,45 +70,3 @@ def read_corpus(
     documents = read_documents(paths, org=org, role=role)
     ids = torch.cat([torch.tensor(tokenizer.encode(d), dtype=torch.int64) for d in documents])
     return TextCorpus(org, ids, f"{role} data")
-
-
-def tokenizer_for(plan: Plan) -> Tokenizer:
-    """The plan's tokenizer (its ``tokenizer`` file, else UTF-8 bytes). ``.save(run_dir /
-    TOKENIZER_FILE)`` keeps it beside a run for ``fedsplit generate``."""
-    return load_tokenizer(plan.tokenizer) if plan.tokenizer else ByteTokenizer()
-
-
-def training_corpus(plan: Plan, org: str) -> TextCorpus:
-    """The text ``org`` trains on: its train files, less the held-out tail if it has no eval files."""
-    spec = plan.orgs[org]
-    corpus = read_corpus(org, spec.train_data, tokenizer_for(plan))
-    return corpus if spec.eval_data else corpus.split(HELDOUT_FRACTION)[0]
-
-
-def heldout_corpus(plan: Plan, org: str) -> TextCorpus:
-    """The text ``org`` is evaluated on: its eval files, else the held-out tail of its train files."""
-    spec = plan.orgs[org]
-    if spec.eval_data:
-        return read_corpus(org, spec.eval_data, tokenizer_for(plan), role="eval")
-    return read_corpus(org, spec.train_data, tokenizer_for(plan)).split(HELDOUT_FRACTION)[1]
-
-
-def batches_for(plan: Plan, org: str) -> Callable[[int], Batch]:
-    """``step -> (tokens, labels)``: windows of one data owner's training text."""
-    t = plan.training
-    index = plan.data_owners.index(org)
-    corpus = training_corpus(plan, org)
-
-    def batch(step: int) -> Batch:
-        gen = torch.Generator().manual_seed((t.seed * 7919 + step) * 104_729 + index)
-        return corpus.batch(gen, t.batch_size, t.seq_len)
-
-    return batch
-
-
-def eval_batches_for(plan: Plan, org: str) -> list[Batch]:
-    """One data owner's held-out batches, the same on every call: ``training.eval_tokens`` tokens
-    (rounded down to whole batches of ``training.batch_size`` x ``training.seq_len``, at least one
-    batch) from the start of its held-out text, which training never sees."""
-    t = plan.training
-    return heldout_corpus(plan, org).eval_batches(t.batch_size, t.seq_len, t.eval_tokens)

@@ -11,12 +11,11 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..data import batches_for, eval_batches_for
 from ..plan import Plan
-from ..runtime import MonolithicTrainer
+from ..runtime import MonolithicTrainer, initial_weights
+from ..runtime.batches import batches_for, eval_batches_for
 from .checkpoint import plan_hash, write_checkpoint
 from .rundir import MetricsLog, evaluation_record, new_run_dir
-from .verify import initial_weights
 
 Progress = Callable[[int, int, dict], None]  # (step done, total steps, step metrics)
 

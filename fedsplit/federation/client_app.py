@@ -1,6 +1,6 @@
 """The client: a Flower ClientApp that drives its organisation's long-lived worker.
 
-The worker (``fedsplit.runtime.host``) holds the partitions, optimizer state and data-plane
+The worker (``fedsplit.hosting.host``) holds the partitions, optimizer state and data-plane
 server for as long as the organisation takes part; this app only hands it each round's weights
 and settings, and later returns what it trained. Two messages per round in simulation:
 
@@ -19,7 +19,7 @@ import grpc
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..runtime.remote import WorkerControl
+from ..hosting.control import WorkerControl
 from ..runtime.rounds import RoundSpec
 from ..transport.service import PeerError
 from .settings import ClientSite

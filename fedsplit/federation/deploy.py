@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..hosting.host import WorkerHost
 from ..plan import Plan
 from ..plan.schema import RunSettings
-from ..runtime.host import WorkerHost
 from .checkpoint import layout_hash
 from .rundir import RunPlace
 from .server_app import RESULT_FILE

@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import TOKENIZER_FILE, tokenizer_for
+from ..data import TOKENIZER_FILE
 from ..plan import Plan
 from ..plan.units import describe
+from ..runtime.batches import tokenizer_for
 
 
 def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path:

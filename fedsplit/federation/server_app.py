@@ -27,6 +27,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..plan import Plan, select
+from ..runtime import initial_weights
 from ..runtime.rounds import RoundSpec, path_orgs
 from ..transport.security import load_verifiers, token_verifier
 from .aggregate import aggregate_round, make_aggregator
@@ -34,7 +35,6 @@ from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpo
 from .client_app import OK, WORKER_DOWN
 from .rundir import MetricsLog, evaluation_record
 from .settings import CoordinatorSettings
-from .verify import initial_weights
 
 app = ServerApp()
 RESULT_FILE = "result.json"

@@ -14,14 +14,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hosting.processes import HostProcesses
 from ..plan import Plan
 from ..plan.schema import RunSettings
-from ..runtime.processes import HostProcesses
 from .rundir import RunPlace
 from .server_app import RESULT_FILE
 from .settings import COORDINATOR_ENV, SIMULATION_ENV, CoordinatorSettings
 
-# Nothing leaves the host and nothing is installed at run time (see notes/flower-1.42.md).
+# Nothing leaves the host and nothing is installed at run time: Flower checks for updates, sends
+# telemetry and installs an app's dependencies per run unless told not to.
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

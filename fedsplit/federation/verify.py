@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import MoETransformer
+from ..hosting.host import WORKER_THREADS
+from ..hosting.processes import ProcessFederation
 from ..plan import Plan
 from ..plan.schema import OptimizerConfig
-from ..runtime import InProcessFederation, MonolithicTrainer, synthetic_batches
-from ..runtime.processes import ProcessFederation
-from ..runtime.remote import WORKER_THREADS
+from ..runtime import InProcessFederation, MonolithicTrainer, initial_weights, synthetic_batches
 from .aggregate import average_replicas
 
 
@@ -36,14 +35,6 @@ class VerifyResult:
             "loss_mono": self.loss_mono,
             "worst_parameter": self.worst_parameter,
         }
-
-
-def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
-    """The weights of the plan's model directory when it names one, else a seeded initialisation."""
-    if plan.checkpoint is not None:
-        return plan.checkpoint.reader.read_all()
-    torch.manual_seed(plan.training.seed)
-    return MoETransformer(plan.model).state_dict()
 
 
 def verify(

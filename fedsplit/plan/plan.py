@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 from ..interop import CheckpointError, ModelCheckpoint, is_model_directory, open_checkpoint
 from ..model import ModelConfig
 from .errors import PlanError, Problem
@@ -341,8 +342,6 @@ def _checked_tokenizer(
     fed_file: Path, fed: FederationFile, lines: dict, model: ModelConfig, problems: list[Problem]
 ) -> Path | None:
     """The plan's tokenizer file (None: bytes), whose vocabulary must fit the model's."""
-    from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer  # fedsplit.data imports the plan
-
     path = (fed_file.parent / fed.tokenizer).resolve() if fed.tokenizer else None
     where = {
         "file": fed_file,

@@ -3,8 +3,18 @@ whether the partitions are in this process or across the network."""
 
 from .batches import synthetic_batches
 from .calls import CallKey, Peer
+from .inprocess import InProcessFederation
 from .reference import MonolithicTrainer
-from .split import InProcessFederation
+from .weights import initial_weights
 from .worker import Worker, segments
 
-__all__ = ["CallKey", "InProcessFederation", "MonolithicTrainer", "Peer", "Worker", "segments", "synthetic_batches"]
+__all__ = [
+    "CallKey",
+    "InProcessFederation",
+    "MonolithicTrainer",
+    "Peer",
+    "Worker",
+    "initial_weights",
+    "segments",
+    "synthetic_batches",
+]

@@ -30,7 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-CHUNK_BYTES = 1 << 20  # the fastest chunk size measured on loopback (transport-probe.md)
+CHUNK_BYTES = 1 << 20  # the fastest chunk size measured on loopback (256 KiB, 1 MiB and 4 MiB tried)
 CODECS = ("none", "bf16", "fp16", "int8")
 _CHUNK_TAG = 0x1A  # field 3 (chunk), wire type 2 (length-delimited)
 _FRAMES_TAG = 0x0A  # Frames.frames: field 1, wire type 2

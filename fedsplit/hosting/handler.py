@@ -1,5 +1,5 @@
-"""Workers over the gRPC data plane: a :class:`Peer` that calls another organisation's worker,
-and the handler that serves a worker.
+"""Serving one organisation's worker on the data plane: every call is checked against the plan
+before the worker sees it.
 
 Control operations (``connect``, ``begin``, ``wait``, ``state``, ...) come from the worker's own
 organisation or the coordinator; per micro-batch traffic (``segment``, ``heads``, ``experts``,
@@ -10,95 +10,19 @@ organisations.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
 
 import grpc
 import torch
-from torch import Tensor
 
-from ..plan.schema import CompressionConfig
+from ..runtime.calls import CallKey
+from ..runtime.rounds import RoundFailed, RoundSpec, path_orgs
+from ..runtime.worker import Worker
 from ..transport.proto import dataplane_pb2 as pb
 from ..transport.security import TLSConfig
 from ..transport.service import CallRejected, DataPlaneChannel, Named
 from ..transport.wire import Limits
-from .calls import CallKey
-from .rounds import RoundFailed, RoundSpec, path_orgs
-from .worker import Worker
-
-COORDINATOR = "coordinator"
-# Intra-op threads of a worker process: several workers share a small host, and 1 thread per
-# process avoided the slowdowns of oversubscribed copies measured in transport-probe.md.
-WORKER_THREADS = 1
-
-
-def is_local(address: str) -> bool:
-    """Whether a data-plane address is on this host (where shared memory can replace the wire)."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def _header(run: str, key: CallKey, op: str, phase: int) -> pb.CallHeader:
-    return pb.CallHeader(
-        run=run, data_owner=key.data_owner, step=key.step, micro_batch=key.micro_batch, op=op, phase=phase
-    )
-
-
-def _positional(tensors: Sequence[Tensor | None]) -> Named:
-    return [(str(i), t) for i, t in enumerate(tensors)]
-
-
-class GrpcPeer:
-    """Another organisation's worker, reached over the data plane. Activations (forward) and
-    gradients (backward) are sent with the plan's codec for their role."""
-
-    remote = True
-
-    def __init__(
-        self,
-        channel: DataPlaneChannel,
-        run: str,
-        compression: CompressionConfig = CompressionConfig(),
-        step_timeout: float = 300.0,
-    ):
-        self.channel, self.run, self.compression, self.step_timeout = channel, run, compression, step_timeout
-        self.name = channel.org
-
-    def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        reply = self.channel.call(
-            _header(self.run, key, op, pb.FORWARD), _positional(inputs), codec=self.compression.activations
-        )
-        return [t for _, t in reply]
-
-    def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        reply = self.channel.call(
-            _header(self.run, key, op, pb.BACKWARD), _positional(grads), codec=self.compression.gradients
-        )
-        return [t for _, t in reply]
-
-    def evaluate(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        reply = self.channel.call(
-            _header(self.run, key, op, pb.EVALUATE), _positional(inputs), codec=self.compression.activations
-        )
-        return [t for _, t in reply]
-
-    # RoundControl: these wait on the callee's step barrier, so their deadline is the barrier's.
-    def await_round(self, round: int) -> None:
-        self._control(f"ready/{round}")
-
-    def finish_step(self, data_owner: str, step: int) -> None:
-        self._control("finished", data_owner=data_owner, step=step)
-
-    def abort(self, round: int, reason: str) -> None:
-        self.channel.call(pb.CallHeader(run=self.run, op=f"abort/{round}/{reason}", phase=pb.CONTROL), [], timeout=10)
-
-    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
-        self.channel.call(
-            pb.CallHeader(run=self.run, op="replica-grads", phase=pb.CONTROL, data_owner=org, step=step), list(grads)
-        )
-
-    def _control(self, op: str, **fields) -> None:
-        header = pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL, **fields)
-        self.channel.call(header, [], timeout=self.step_timeout + self.channel.timeout)
+from .control import COORDINATOR
+from .grpc_peer import GrpcPeer, is_local, positional
 
 
 class WorkerHandler:
@@ -150,10 +74,10 @@ class WorkerHandler:
                     raise ValueError("forward inputs cannot be absent")
                 self.worker.check_call(header.caller, key, header.op, values)
                 run = self.worker.forward if header.phase == pb.FORWARD else self.worker.evaluate
-                return _positional(run(key, header.op, values)), codecs.activations
+                return positional(run(key, header.op, values)), codecs.activations
             if header.phase == pb.BACKWARD:
                 self.worker.check_call(header.caller, key, header.op)
-                return _positional(self.worker.backward(key, header.op, values)), codecs.gradients
+                return positional(self.worker.backward(key, header.op, values)), codecs.gradients
         except PermissionError as e:
             raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, str(e)) from None
         except (TimeoutError, RoundFailed) as e:
@@ -268,41 +192,3 @@ class WorkerHandler:
         for peer in self.worker.peers.values():
             if isinstance(peer, GrpcPeer):
                 peer.channel.close()
-
-
-class WorkerControl:
-    """Drives one organisation's worker over its control operations: what that organisation's
-    Flower client (or the coordinator, in ``verify``) does once per round, never per batch."""
-
-    def __init__(
-        self,
-        org: str,
-        address: str,
-        *,
-        caller: str,
-        run: str,
-        tls: TLSConfig | None,
-        token: str | None,
-        timeout: float = 60.0,
-    ):
-        self.org, self.run = org, run
-        self.channel = DataPlaneChannel(org, address, caller=caller, tls=tls, token=token, timeout=timeout)
-
-    def call(self, op: str, tensors: Named = (), timeout: float | None = None) -> Named:
-        """One control operation (``op`` with its argument) and its reply tensors."""
-        return self.channel.call(pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL), list(tensors), timeout=timeout)
-
-    def connect(self, addresses: Mapping[str, str]) -> None:
-        self.call("connect/" + json.dumps(dict(addresses)))
-
-    def begin(self, spec: RoundSpec, weights: Mapping[str, Tensor]) -> None:
-        self.call("begin/" + spec.to_json(), list(weights.items()))
-
-    def wait(self, timeout: float) -> dict[str, float]:
-        return {k: float(v) for k, v in self.call(f"wait/{timeout}", timeout=timeout + self.channel.timeout)}
-
-    def state(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self.call("state")}
-
-    def close(self) -> None:
-        self.channel.close()

@@ -1,6 +1,6 @@
 """The process that holds organisations' workers for as long as their clients live.
 
-``python -m fedsplit.runtime.host PLAN --orgs A [B ...]`` builds each organisation's worker (its
+``python -m fedsplit.hosting.host PLAN --orgs A [B ...]`` builds each organisation's worker (its
 partitions, optimizer, step barrier and, for a data owner, its batches) and serves it on its own
 data-plane port. A deployed organisation runs one of these beside its Flower client; a simulation
 runs one for all organisations (one process, one CUDA context) or one per organisation.
@@ -22,15 +22,20 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..data import batches_for, eval_batches_for
 from ..plan import Plan, load_plan, select
 from ..plan.schema import RunSettings
+from ..runtime.batches import batches_for, eval_batches_for
+from ..runtime.rounds import Rounds
+from ..runtime.worker import Worker
 from ..transport.security import TLSConfig, load_token, load_verifiers
 from ..transport.service import Credentials, DataPlaneServer
 from ..transport.wire import Limits
-from .remote import WORKER_THREADS, WorkerHandler
-from .rounds import Rounds
-from .worker import Worker
+from .handler import WorkerHandler
+
+# Intra-op threads of a worker process: several workers share a small host, and one thread per
+# process avoided the slowdowns of copies oversubscribing two cores (a 2-thread copy on a busy
+# 2-core machine dropped from 55 to 0.5 GB/s when the other core was taken).
+WORKER_THREADS = 1
 
 
 class WorkerHost:
@@ -96,7 +101,7 @@ class WorkerHost:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fedsplit.runtime.host", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fedsplit.hosting.host", description=__doc__)
     parser.add_argument("plan", help="the federation YAML file")
     parser.add_argument("--orgs", nargs="+", required=True, help="the organisations to host")
     parser.add_argument("--run", help="run id; calls of any other run are refused (default: the first round's)")

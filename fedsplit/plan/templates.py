@@ -35,7 +35,7 @@ from ..model import ModelConfig
 from .schema import TrainingConfig
 
 if TYPE_CHECKING:
-    from ..data.split import CorpusSplit
+    from ..data.corpus_split import CorpusSplit
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "configs" / "models" / "tiny.yaml"

@@ -23,7 +23,8 @@ from ..plan.schema import RunSettings
 from ..transport.security import TLSConfig, generate_credentials, load_token
 from ..transport.service import Named
 from ..transport.shm import remove_segments_of
-from .remote import COORDINATOR, WORKER_THREADS, WorkerControl
+from .control import COORDINATOR, WorkerControl
+from .host import WORKER_THREADS
 
 
 def _worker_env() -> dict[str, str]:
@@ -36,7 +37,7 @@ def _worker_env() -> dict[str, str]:
       between the main thread and a new one), so results would depend on which thread served a
       call. The environment sets the default of every thread.
     * Multi-MiB tensor buffers stay in malloc's heap instead of fresh mmaps that page-fault on
-      every message (1.4-2.7x on gRPC paths in transport-probe.md); a user's setting wins."""
+      every message (1.4-2.7x faster gRPC paths on a 2-core VM); a user's setting wins."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(WORKER_THREADS)
     env.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824")
@@ -44,7 +45,7 @@ def _worker_env() -> dict[str, str]:
 
 
 class HostProcesses:
-    """Worker host processes (``python -m fedsplit.runtime.host``), one per group of organisations.
+    """Worker host processes (``python -m fedsplit.hosting.host``), one per group of organisations.
 
     Security material for the run is made under ``work_dir`` unless ``insecure``; processes
     end with this object (and with the parent process, even if it is killed)."""
@@ -89,7 +90,7 @@ class HostProcesses:
             cmd = [
                 sys.executable,
                 "-m",
-                "fedsplit.runtime.host",
+                "fedsplit.hosting.host",
                 str(plan.file),
                 "--orgs",
                 *orgs,
