@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = load_plan_for(file, "1f1b")
         from fedsplit.runtime import segments
 
-        path = " -> ".join(f"{org}[{','.join(map(str, b))}]" for org, b in segments(plan, "data-owner"))
+        path = " -> ".join(f"{org}[{','.join(map(str, seg.blocks))}]" for org, seg in segments(plan, "data-owner"))
         print(f"  {name}: {PLANS.relative_to(REPO) / file}, {'plaintext' if insecure else 'TLS + tokens'}; path {path}")
         for w in plan.warnings:
             print(f"    plan warning: {w.message}")

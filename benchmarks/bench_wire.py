@@ -188,7 +188,6 @@ register(
 
 # ---- fedsplit data plane --------------------------------------------------------------------
 
-OP_ONEWAY, OP_ECHO = "bench.oneway", "bench.echo"
 _KEEP_ALIVE: list[Any] = []  # server objects that must outlive start_server() (stopped at exit)
 
 
@@ -206,17 +205,22 @@ def _dp_limits(opts: dict, require_finite: bool):
 
 class _BenchHandler:
     def __init__(self, codec: str = "none") -> None:
+        from fedsplit.transport.proto import dataplane_pb2 as pb
+
+        self.pb = pb
         self.tiny = torch.zeros(1)
         self.codec = codec
 
     def handle(self, header, tensors):
-        if header.op == OP_ONEWAY:
+        from fedsplit.transport.service import Reply
+
+        if header.phase == self.pb.FORWARD:  # one way: a tiny acknowledgement
             out = [("ack", self.tiny)]
-        elif header.op == OP_ECHO:
-            out = [("y", tensors[0][1])]  # the received tensor itself, same size
+        elif header.phase == self.pb.BACKWARD:  # a round trip: the received tensor itself, same size
+            out = [("y", tensors[0][1])]
         else:
-            raise ValueError(f"unknown op {header.op!r}")
-        return out, self.codec
+            raise ValueError(f"unknown phase {header.phase}")
+        return Reply(out, self.codec)
 
 
 def _dp_start_server(require_finite: bool, tls: bool = False, codec: str = "none"):
@@ -255,18 +259,18 @@ class _DPClient:
         self.step = 0
         self.call_kw = {} if codec == "none" else {"codec": codec}
 
-    def _call(self, op: str, phase, t: torch.Tensor):
+    def _call(self, phase, t: torch.Tensor):
         self.step += 1
-        header = self.pb.CallHeader(run="bench_wire", op=op, phase=phase, step=self.step)
+        header = self.pb.CallHeader(run="bench_wire", phase=phase, step=self.step)
         return self.chan.call(header, [("x", t)], **self.call_kw)
 
     def oneway(self, t: torch.Tensor) -> None:
-        out = self._call(OP_ONEWAY, self.pb.FORWARD, t)
+        out = self._call(self.pb.FORWARD, t)
         if len(out) != 1 or out[0][1].numel() != 1:
             raise RuntimeError(f"unexpected one-way reply {out!r}")
 
     def roundtrip(self, t: torch.Tensor) -> torch.Tensor:
-        out = self._call(OP_ECHO, self.pb.BACKWARD, t)
+        out = self._call(self.pb.BACKWARD, t)
         return out[0][1]
 
     def close(self) -> None:

@@ -14,13 +14,15 @@ from hypothesis import strategies as st
 
 from fedsplit.federation.verify import verify
 from fedsplit.hosting.handler import WorkerHandler
+from fedsplit.hosting.messages import op_to_proto
 from fedsplit.hosting.processes import ProcessFederation
 from fedsplit.plan import load_plan, select
 from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.runtime import InProcessFederation, Worker, initial_weights, synthetic_batches
+from fedsplit.runtime.ops import SegmentOp
 from fedsplit.transport.proto import dataplane_pb2 as pb
 from fedsplit.transport.security import TLSConfig, generate_credentials
-from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError
+from fedsplit.transport.service import Credentials, DataPlaneChannel, DataPlaneServer, PeerError, Reply
 from fedsplit.transport.wire import (
     Limits,
     WireError,
@@ -149,6 +151,7 @@ def test_generated_protobuf_code_matches_the_proto(tmp_path):
 
 
 RUN = "test-run"
+REPLICA_GRADS_OF_STEP_3 = pb.Control(replica_gradients=pb.ReplicaGradients(step=3))
 
 
 @pytest.fixture
@@ -165,10 +168,12 @@ def served():
     server.stop(None)
 
 
-def _forward(server, caller, token, op="segment/1,2", x=None, mb=4, run=None, step=0):
+def _forward(server, caller, token, op=SegmentOp((1, 2)), x=None, mb=4, run=None, step=0):
     channel = DataPlaneChannel("compute-b", server.address, caller=caller, tls=None, token=token, timeout=10)
     x = torch.randn(mb, 16, 64) if x is None else x
-    header = pb.CallHeader(run=run or RUN, data_owner="hospital-a", step=step, micro_batch=0, op=op, phase=pb.FORWARD)
+    header = pb.CallHeader(
+        run=run or RUN, data_owner="hospital-a", step=step, micro_batch=0, operation=op_to_proto(op), phase=pb.FORWARD
+    )
     try:
         return channel.call(header, [("0", x)])
     finally:
@@ -181,7 +186,7 @@ def _assert_rejected(worker, call, code, text):
         call()
     assert err.value.code == code and text in err.value.details
     assert all(torch.equal(before[k], v) for k, v in worker.state_dict().items())
-    assert not worker._records  # nothing half-done is left behind
+    assert not worker.stage.waiting  # nothing half-done is left behind
 
 
 def test_valid_call_is_served(served):
@@ -206,7 +211,7 @@ def test_calling_a_partition_the_plan_does_not_allow_is_permission_denied(served
     )
     _assert_rejected(
         worker,
-        lambda: _forward(server, "hospital-a", "secret-a", op="segment/0,1"),
+        lambda: _forward(server, "hospital-a", "secret-a", op=SegmentOp((0, 1))),
         grpc.StatusCode.PERMISSION_DENIED,
         "computes no segment",
     )
@@ -231,6 +236,37 @@ def test_inconsistent_tensors_are_invalid_argument_and_the_server_keeps_serving(
         text,
     )
     assert _forward(server, "hospital-a", "secret-a")[0][1].shape == (4, 16, 64)
+
+
+@pytest.mark.parametrize(
+    "operation, text",
+    [
+        (pb.Operation(), "names no operation"),
+        (pb.Operation(segment=pb.Segment(layers=[1, 3])), "ascending and consecutive"),
+        (pb.Operation(segment=pb.Segment()), "at least one block"),
+        (pb.Operation(heads=pb.HeadGroup(layer=1, kv_start=2, kv_stop=2)), "start < stop"),
+        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3, 3], rows=[2, 2])), "distinct experts"),
+        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3], rows=[0])), "at least one row"),
+        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3, 4], rows=[2])), "as many row counts"),
+        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[99], rows=[4])), "expert 99 outside"),
+        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3], rows=[1 << 40])), "more than a micro-batch routes"),
+        (pb.Operation(heads=pb.HeadGroup(layer=1, kv_start=0, kv_stop=9)), "outside 0-3"),
+        (pb.Operation(shared=pb.SharedExperts(layer=7)), "layer 7 outside"),
+    ],
+)
+def test_malformed_operations_are_invalid_argument_from_the_parser_or_the_policy(served, operation, text):
+    _, worker, server = served
+    channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", tls=None, token="secret-a", timeout=10)
+    header = pb.CallHeader(run=RUN, data_owner="hospital-a", operation=operation, phase=pb.FORWARD)
+    try:
+        _assert_rejected(
+            worker,
+            lambda: channel.call(header, [("0", torch.randn(4, 16, 64))]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            text,
+        )
+    finally:
+        channel.close()
 
 
 @pytest.mark.parametrize(
@@ -259,7 +295,12 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
     seg = Segment.create(1 << 20)
     try:
         header = pb.CallHeader(
-            run=RUN, caller="hospital-a", data_owner="hospital-a", op="segment/1,2", phase=pb.FORWARD, num_tensors=1
+            run=RUN,
+            caller="hospital-a",
+            data_owner="hospital-a",
+            operation=op_to_proto(SegmentOp((1, 2))),
+            phase=pb.FORWARD,
+            num_tensors=1,
         )
         (enc,) = prepare([("0", torch.randn(4, 16, 64))])
         mutate(header, enc.header)
@@ -277,7 +318,7 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
                 )
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()
-        assert not worker._records
+        assert not worker.stage.waiting
     finally:
         seg.unlink()
 
@@ -299,7 +340,14 @@ def test_a_repeated_call_is_recognised_and_never_applied_twice(served):
     again = _forward(server, "hospital-a", "secret-a", x=torch.randn(4, 16, 64), step=7)  # same identity
     assert all(torch.equal(a[1], b[1]) for a, b in zip(first, again))
     channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", tls=None, token="secret-a")
-    header = pb.CallHeader(run=RUN, data_owner="hospital-a", step=7, micro_batch=0, op="segment/1,2", phase=pb.BACKWARD)
+    header = pb.CallHeader(
+        run=RUN,
+        data_owner="hospital-a",
+        step=7,
+        micro_batch=0,
+        operation=op_to_proto(SegmentOp((1, 2))),
+        phase=pb.BACKWARD,
+    )
     grads = [("0", torch.ones(4, 16, 64)), ("1", torch.tensor(0.5))]
     g1 = channel.call(header, grads)
     once = {k: p.grad.clone() for k, p in worker.model.bindings.items() if p.grad is not None}
@@ -311,7 +359,14 @@ def test_a_repeated_call_is_recognised_and_never_applied_twice(served):
 def test_backward_without_forward_is_rejected(served):
     _, worker, server = served
     channel = DataPlaneChannel("compute-b", server.address, caller="hospital-a", tls=None, token="secret-a")
-    header = pb.CallHeader(run=RUN, data_owner="hospital-a", step=5, micro_batch=0, op="segment/1,2", phase=pb.BACKWARD)
+    header = pb.CallHeader(
+        run=RUN,
+        data_owner="hospital-a",
+        step=5,
+        micro_batch=0,
+        operation=op_to_proto(SegmentOp((1, 2))),
+        phase=pb.BACKWARD,
+    )
     with pytest.raises(PeerError) as err:
         channel.call(header, [("0", torch.randn(4, 16, 64)), ("1", torch.tensor(1.0))])
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "without a forward" in err.value.details
@@ -331,7 +386,7 @@ def test_replica_gradients_are_taken_only_from_co_holders_and_only_for_what_they
         channel = DataPlaneChannel("hospital-a", server.address, caller=caller, tls=None, token=token, timeout=10)
         try:
             return channel.call(
-                pb.CallHeader(run=RUN, data_owner=caller, step=3, op="replica-grads", phase=pb.CONTROL), grads
+                pb.CallHeader(run=RUN, data_owner=caller, phase=pb.CONTROL, control=REPLICA_GRADS_OF_STEP_3), grads
             )
         finally:
             channel.close()
@@ -355,9 +410,9 @@ def test_replica_gradients_are_taken_only_from_co_holders_and_only_for_what_they
             grpc.StatusCode.INVALID_ARGUMENT,
             "NaN or infinite",
         )
-        assert not worker._replica_grads  # nothing of a rejected message is kept
+        assert not worker.grads.pending_replica_steps  # nothing of a rejected message is kept
         send("hospital-b", "secret-b", [("embed.weight", torch.ones_like(embed))])
-        worker.gather_replica_grads(3)  # hospital-a itself has no gradient: the co-holder's is the sum
+        worker.grads.gather(3, timeout=10)  # hospital-a itself has no gradient: the co-holder's is the sum
         assert torch.equal(embed.grad, torch.ones_like(embed))
     finally:
         server.stop(None)
@@ -365,7 +420,7 @@ def test_replica_gradients_are_taken_only_from_co_holders_and_only_for_what_they
 
 class _Echo:
     def handle(self, header, tensors):
-        return tensors, "none"
+        return Reply(tensors)
 
 
 def test_each_organisation_holds_only_its_own_token_and_servers_check_verifiers(tmp_path):
@@ -390,11 +445,11 @@ def test_mutual_tls_admits_only_certificates_of_the_federation_ca(tmp_path):
     x = [("x", torch.arange(4.0))]
     try:
         good = DataPlaneChannel("b", f"localhost:{server.port}", caller="a", tls=TLSConfig.load(ours, "a"), timeout=10)
-        assert torch.equal(good.call(pb.CallHeader(op="echo"), x)[0][1], x[0][1])
+        assert torch.equal(good.call(pb.CallHeader(), x)[0][1], x[0][1])
         for tls in (TLSConfig.load(theirs, "a"), None):  # a foreign CA, and plaintext
             bad = DataPlaneChannel("b", f"localhost:{server.port}", caller="a", tls=tls, timeout=5)
             with pytest.raises(PeerError) as err:
-                bad.call(pb.CallHeader(op="echo"), x)
+                bad.call(pb.CallHeader(), x)
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(None)
@@ -407,8 +462,8 @@ def test_small_and_large_calls_round_trip_and_replies_stay_intact_while_held(sha
     try:
         for numel in (1 << 10, 5 << 20):  # one message each way, and 20 MiB streamed in chunks
             x, y = torch.randn(numel), torch.randn(numel)
-            kept = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])[0][1]
-            again = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", y)])[0][1]
+            kept = channel.call(pb.CallHeader(phase=pb.FORWARD), [("x", x)])[0][1]
+            again = channel.call(pb.CallHeader(phase=pb.FORWARD), [("x", y)])[0][1]
             assert torch.equal(kept, x) and torch.equal(again, y)
         del kept, again
     finally:
@@ -423,11 +478,11 @@ class _Keeper:
         self.kept = []
 
     def handle(self, header, tensors):
-        if header.op == "drop":
+        if header.phase == pb.CONTROL:
             self.kept.clear()
         else:
             self.kept.append(tensors[0][1])
-        return [("ack", torch.zeros(1))], "none"
+        return Reply([("ack", torch.zeros(1))])
 
 
 def test_shared_memory_callee_reads_requests_in_place_and_its_kept_tensors_are_never_overwritten():
@@ -438,13 +493,13 @@ def test_shared_memory_callee_reads_requests_in_place_and_its_kept_tensors_are_n
     try:
         sent = [torch.full((1 << 16,), float(i)) for i in range(4)]
         for x in sent:
-            channel.call(pb.CallHeader(op="keep", phase=pb.FORWARD), [("x", x)])
+            channel.call(pb.CallHeader(phase=pb.FORWARD), [("x", x)])
         assert all(torch.equal(k, x) for k, x in zip(keeper.kept, sent))  # four calls, none wrote over another's input
         assert keeper.kept[0].untyped_storage().data_ptr() != sent[0].untyped_storage().data_ptr()
-        channel.call(pb.CallHeader(op="drop", phase=pb.CONTROL), [])
+        channel.call(pb.CallHeader(phase=pb.CONTROL), [])
         before = segments()
         for i in range(8):  # what the drop gave back is reused: no new segments
-            channel.call(pb.CallHeader(op="keep", phase=pb.FORWARD), [("x", torch.full((1 << 16,), 10.0 + i))])
+            channel.call(pb.CallHeader(phase=pb.FORWARD), [("x", torch.full((1 << 16,), 10.0 + i))])
             keeper.kept.clear()
         assert segments() == before
     finally:
@@ -464,11 +519,11 @@ def test_calls_go_over_grpc_while_shared_memory_is_full_and_say_so(monkeypatch, 
     try:
         with monkeypatch.context() as m:
             m.setattr(os, "posix_fallocate", full)
-            assert torch.equal(channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])[0][1], x)
+            assert torch.equal(channel.call(pb.CallHeader(phase=pb.FORWARD), [("x", x)])[0][1], x)
         assert channel.wire_bytes > 2 * x.numel() * 4  # the tensor crossed gRPC both ways
         assert "cannot reserve" in caplog.text and "/dev/shm" in caplog.text
         before = channel.wire_bytes
-        assert torch.equal(channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])[0][1], x)
+        assert torch.equal(channel.call(pb.CallHeader(phase=pb.FORWARD), [("x", x)])[0][1], x)
         assert channel.wire_bytes - before < 1024  # room again: back to shared memory
     finally:
         channel.close()
@@ -482,7 +537,7 @@ def test_a_one_gib_tensor_crosses_the_data_plane_both_ways():
     channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=300)
     x = torch.arange(1 << 28, dtype=torch.float32)  # 1 GiB
     try:
-        ((name, y),) = channel.call(pb.CallHeader(op="echo", phase=pb.FORWARD), [("x", x)])
+        ((name, y),) = channel.call(pb.CallHeader(phase=pb.FORWARD), [("x", x)])
         assert name == "x" and torch.equal(y, x)
         assert channel.tensor_bytes == 2 << 30
     finally:

@@ -13,15 +13,13 @@ and one in deployment, ``train.round``, which does both.
 
 from __future__ import annotations
 
-import json
-
 import grpc
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..hosting.control import WorkerControl
-from ..runtime.rounds import RoundSpec
 from ..transport.service import PeerError
+from .records import RoundConfig
 from .settings import ClientSite
 
 app = ClientApp()
@@ -55,13 +53,13 @@ def register(msg: Message, context: Context) -> Message:
 
 
 def _begin(control: WorkerControl, msg: Message) -> None:
-    config = msg.content["config"]
-    control.connect(json.loads(str(config["addresses"])))
-    control.begin(RoundSpec.from_json(str(config["round"])), msg.content["arrays"].to_torch_state_dict())
+    config = RoundConfig.of(msg.content["config"])
+    control.connect(config.addresses)
+    control.begin(config.spec, msg.content["arrays"].to_torch_state_dict())
 
 
 def _trained(control: WorkerControl, msg: Message) -> Message:
-    metrics = control.wait(float(msg.content["config"]["wait_s"]))
+    metrics = control.wait(RoundConfig.of(msg.content["config"]).wait_s)
     return _reply(
         msg,
         OK,

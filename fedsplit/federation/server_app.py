@@ -28,11 +28,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..plan import Plan, select
 from ..runtime import initial_weights
-from ..runtime.rounds import RoundSpec, path_orgs
+from ..runtime.rounds import RoundSpec
 from ..transport.security import load_verifiers, token_verifier
 from .aggregate import aggregate_round, make_aggregator
 from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .client_app import OK, WORKER_DOWN
+from .records import RoundConfig
 from .rundir import MetricsLog, evaluation_record
 from .settings import CoordinatorSettings
 
@@ -298,7 +299,7 @@ class Coordinator:
         orphaned = [p.name for p in plan.partitions if not set(p.holders) & self.alive]
         if orphaned:
             raise FederationError(f"no organisation left that holds {', '.join(orphaned)}: cannot go on{why}")
-        owners = tuple(d for d in plan.data_owners if path_orgs(plan, d) <= self.alive)
+        owners = tuple(d for d in plan.data_owners if plan.path_orgs(d) <= self.alive)
         if not owners:
             raise FederationError(f"no data owner left whose whole path of organisations is alive{why}")
         first = (r - 1) * plan.training.steps_per_round
@@ -308,13 +309,9 @@ class Coordinator:
         """Its partitions' current weights: its own version of the pieces it keeps local."""
         return {**select(self.weights, self.plan.slices_of(org)), **self.local.get(org, {})}
 
-    def _config(self, spec: RoundSpec) -> dict:
-        return {
-            "run": self.run_id,
-            "round": spec.to_json(),
-            "wait_s": self.settings.round_timeout_s,
-            "addresses": json.dumps({o: a for o, a in self.addresses.items() if o in self.alive}),
-        }
+    def _config(self, spec: RoundSpec) -> ConfigRecord:
+        addresses = {o: a for o, a in self.addresses.items() if o in self.alive}
+        return RoundConfig(self.run_id, spec, self.settings.round_timeout_s, addresses).record()
 
     def _begin(self, spec: RoundSpec) -> Outcome:
         return self._exchange(self._with_weights(spec, "train.begin"), self.settings.message_timeout_s)
@@ -328,9 +325,7 @@ class Coordinator:
         config = self._config(spec)
         return {
             org: Message(
-                RecordDict(
-                    {"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": ConfigRecord(config)}
-                ),
+                RecordDict({"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": config}),
                 dst_node_id=self.node_of[org],
                 message_type=message_type,
                 group_id=str(spec.round),
@@ -342,7 +337,7 @@ class Coordinator:
         config = self._config(spec)
         msgs = {
             org: Message(
-                RecordDict({"config": ConfigRecord(config)}),
+                RecordDict({"config": config}),
                 dst_node_id=self.node_of[org],
                 message_type="train",
                 group_id=str(spec.round),

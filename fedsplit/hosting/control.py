@@ -1,25 +1,23 @@
-"""Driving one organisation's worker over its control operations: what its Flower client (or
-the coordinator, in ``verify``) does once per round, never per batch."""
+"""Driving one organisation's worker over its control calls: what its Flower client (or the
+coordinator, in ``verify``) does once per round or step, never per micro-batch."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 
 from torch import Tensor
 
+from ..runtime.policy import COORDINATOR
 from ..runtime.rounds import RoundSpec
 from ..transport.proto import dataplane_pb2 as pb
 from ..transport.security import TLSConfig
 from ..transport.service import DataPlaneChannel, Named
+from .messages import spec_to_proto
 
-COORDINATOR = "coordinator"  # the caller name of the coordinator (and of verify) on the data plane
+__all__ = ["COORDINATOR", "WorkerControl"]
 
 
 class WorkerControl:
-    """Drives one organisation's worker over its control operations: what that organisation's
-    Flower client (or the coordinator, in ``verify``) does once per round, never per batch."""
-
     def __init__(
         self,
         org: str,
@@ -34,21 +32,40 @@ class WorkerControl:
         self.org, self.run = org, run
         self.channel = DataPlaneChannel(org, address, caller=caller, tls=tls, token=token, timeout=timeout)
 
-    def call(self, op: str, tensors: Named = (), timeout: float | None = None) -> Named:
-        """One control operation (``op`` with its argument) and its reply tensors."""
-        return self.channel.call(pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL), list(tensors), timeout=timeout)
+    def call(
+        self, control: pb.Control, tensors: Named = (), timeout: float | None = None
+    ) -> tuple[dict[str, float], Named]:
+        """One control call: the reply's metrics and tensors."""
+        header = pb.CallHeader(run=self.run, phase=pb.CONTROL, control=control)
+        reply, out = self.channel.exchange(header, list(tensors), timeout=timeout)
+        return dict(reply.metrics), out
 
     def connect(self, addresses: Mapping[str, str]) -> None:
-        self.call("connect/" + json.dumps(dict(addresses)))
+        self.call(pb.Control(connect=pb.Connect(addresses=dict(addresses))))
 
     def begin(self, spec: RoundSpec, weights: Mapping[str, Tensor]) -> None:
-        self.call("begin/" + spec.to_json(), list(weights.items()))
+        self.call(pb.Control(begin=spec_to_proto(spec)), list(weights.items()))
 
     def wait(self, timeout: float) -> dict[str, float]:
-        return {k: float(v) for k, v in self.call(f"wait/{timeout}", timeout=timeout + self.channel.timeout)}
+        """Block until the organisation's part of the round is done; the round's metrics."""
+        return self.call(pb.Control(wait=pb.Wait(timeout_s=timeout)), timeout=timeout + self.channel.timeout)[0]
+
+    def train_batch(self, step: int, tokens: Tensor, labels: Tensor) -> dict[str, float]:
+        """A data owner's batch of ``step`` forward and backward (``verify``); its metrics."""
+        control = pb.Control(train_batch=pb.TrainBatch(step=step))
+        return self.call(control, [("tokens", tokens), ("labels", labels)])[0]
+
+    def apply_step(self, step: int, timeout: float | None = None) -> None:
+        self.call(pb.Control(apply_step=pb.ApplyStep(step=step)), timeout=timeout)
 
     def state(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self.call("state")}
+        return {k: v.clone() for k, v in self.call(pb.Control(read_state=pb.ReadState()))[1]}
+
+    def load_state(self, state: Mapping[str, Tensor]) -> None:
+        self.call(pb.Control(load_state=pb.LoadState()), list(state.items()))
+
+    def traffic(self) -> dict[str, float]:
+        return self.call(pb.Control(read_traffic=pb.ReadTraffic()))[0]
 
     def close(self) -> None:
         self.channel.close()

@@ -1,5 +1,6 @@
-"""A :class:`~fedsplit.runtime.calls.Peer` that reaches another organisation's worker over the
-gRPC data plane."""
+"""A :class:`~fedsplit.runtime.protocols.Peer` that reaches another organisation's worker over the
+gRPC data plane. Activations (forward) and gradients (backward) go with the plan's codec for
+their role; the step barrier's calls wait as long as the barrier does."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from torch import Tensor
 
 from ..plan.schema import CompressionConfig
 from ..runtime.calls import CallKey
+from ..runtime.ops import Op
+from ..runtime.protocols import Traffic
 from ..transport.proto import dataplane_pb2 as pb
 from ..transport.service import DataPlaneChannel, Named
+from .messages import op_to_proto
+
+ABORT_TIMEOUT_S = 10.0  # an abort is best effort: the organisation told may be the one that is gone
 
 
 def is_local(address: str) -> bool:
@@ -19,20 +25,11 @@ def is_local(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def _header(run: str, key: CallKey, op: str, phase: int) -> pb.CallHeader:
-    return pb.CallHeader(
-        run=run, data_owner=key.data_owner, step=key.step, micro_batch=key.micro_batch, op=op, phase=phase
-    )
-
-
 def positional(tensors: Sequence[Tensor | None]) -> Named:
     return [(str(i), t) for i, t in enumerate(tensors)]
 
 
 class GrpcPeer:
-    """Another organisation's worker, reached over the data plane. Activations (forward) and
-    gradients (backward) are sent with the plan's codec for their role."""
-
     remote = True
 
     def __init__(
@@ -45,39 +42,48 @@ class GrpcPeer:
         self.channel, self.run, self.compression, self.step_timeout = channel, run, compression, step_timeout
         self.name = channel.org
 
-    def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        reply = self.channel.call(
-            _header(self.run, key, op, pb.FORWARD), positional(inputs), codec=self.compression.activations
+    def _call(self, key: CallKey, op: Op, phase: int, tensors: Sequence[Tensor | None], codec: str) -> list:
+        header = pb.CallHeader(
+            run=self.run,
+            data_owner=key.data_owner,
+            step=key.step,
+            micro_batch=key.micro_batch,
+            operation=op_to_proto(op),
+            phase=phase,
         )
-        return [t for _, t in reply]
+        return [t for _, t in self.channel.call(header, positional(tensors), codec=codec)]
 
-    def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
-        reply = self.channel.call(
-            _header(self.run, key, op, pb.BACKWARD), positional(grads), codec=self.compression.gradients
-        )
-        return [t for _, t in reply]
+    def forward(self, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return self._call(key, op, pb.FORWARD, inputs, self.compression.activations)
 
-    def evaluate(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        reply = self.channel.call(
-            _header(self.run, key, op, pb.EVALUATE), positional(inputs), codec=self.compression.activations
-        )
-        return [t for _, t in reply]
+    def backward(self, key: CallKey, op: Op, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        return self._call(key, op, pb.BACKWARD, grads, self.compression.gradients)
+
+    def evaluate(self, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return self._call(key, op, pb.EVALUATE, inputs, self.compression.activations)
+
+    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
+        control = pb.Control(replica_gradients=pb.ReplicaGradients(step=step))
+        self.channel.call(pb.CallHeader(run=self.run, phase=pb.CONTROL, data_owner=org, control=control), list(grads))
 
     # RoundControl: these wait on the callee's step barrier, so their deadline is the barrier's.
     def await_round(self, round: int) -> None:
-        self._control(f"ready/{round}")
+        self._barrier(pb.Control(await_round=pb.AwaitRound(round=round)))
 
     def finish_step(self, data_owner: str, step: int) -> None:
-        self._control("finished", data_owner=data_owner, step=step)
+        self._barrier(pb.Control(finish_step=pb.FinishStep(step=step)), data_owner=data_owner)
 
     def abort(self, round: int, reason: str) -> None:
-        self.channel.call(pb.CallHeader(run=self.run, op=f"abort/{round}/{reason}", phase=pb.CONTROL), [], timeout=10)
+        control = pb.Control(abort_round=pb.AbortRound(round=round, reason=reason))
+        self.channel.call(pb.CallHeader(run=self.run, phase=pb.CONTROL, control=control), [], timeout=ABORT_TIMEOUT_S)
 
-    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
-        self.channel.call(
-            pb.CallHeader(run=self.run, op="replica-grads", phase=pb.CONTROL, data_owner=org, step=step), list(grads)
-        )
-
-    def _control(self, op: str, **fields) -> None:
-        header = pb.CallHeader(run=self.run, op=op, phase=pb.CONTROL, **fields)
+    def _barrier(self, control: pb.Control, data_owner: str = "") -> None:
+        header = pb.CallHeader(run=self.run, phase=pb.CONTROL, data_owner=data_owner, control=control)
         self.channel.call(header, [], timeout=self.step_timeout + self.channel.timeout)
+
+    def reachable(self, timeout: float) -> bool:
+        return self.channel.reachable(timeout)
+
+    def traffic(self) -> Traffic:
+        c = self.channel
+        return Traffic(c.sent_bytes, c.received_bytes, c.tensor_bytes)

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -20,8 +21,8 @@ from torch import Tensor
 
 from ..plan import Partition, Plan, reassemble, unit_slices
 from ..plan.schema import RunSettings
+from ..runtime.protocols import Batches
 from ..transport.security import TLSConfig, generate_credentials, load_token
-from ..transport.service import Named
 from ..transport.shm import remove_segments_of
 from .control import COORDINATOR, WorkerControl
 from .host import WORKER_THREADS
@@ -166,7 +167,7 @@ class ProcessFederation:
         insecure: bool = False,
     ):
         """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
-        self.plan = plan
+        self.plan, self.timeout = plan, timeout
         self.run = f"{plan.name}-{secrets.token_hex(4)}"
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
         self.hosts = HostProcesses(
@@ -188,27 +189,22 @@ class ProcessFederation:
         for control in self.controls.values():
             control.connect(self.addresses)
 
-    def _control(self, org: str, op: str, tensors: Named = ()) -> Named:
-        return self.controls[org].call(op, tensors)
-
-    def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
-        metrics = {}
-        for d in self.plan.data_owners:
-            tokens, labels = batches[d]
-            reply = self._control(d, f"train/{step}", [("tokens", tokens), ("labels", labels)])
-            metrics[d] = {k: float(v) for k, v in reply}
-        for org in self.plan.orgs:
-            self._control(org, f"share/{step}")
-        for org in self.plan.orgs:
-            self._control(org, f"step/{step}")
+    def train_step(self, step: int, batches: Batches) -> dict[str, dict[str, float]]:
+        metrics = {d: self.controls[d].train_batch(step, *batches[d]) for d in self.plan.data_owners}
+        # Every organisation applies the step at once: holders of replicas kept in step wait for
+        # each other's gradients.
+        timeout = self.plan.transport.step_timeout_s + self.timeout
+        with ThreadPoolExecutor(max_workers=len(self.controls)) as pool:
+            for done in [pool.submit(c.apply_step, step, timeout) for c in self.controls.values()]:
+                done.result()
         return metrics
 
     def traffic(self) -> dict[str, int]:
         """Bytes that crossed the data plane between organisations so far (control excluded),
         as sent and as the uncompressed tensors they carry."""
         total = {"wire_bytes": 0, "tensor_bytes": 0}
-        for org in self.plan.orgs:
-            for k, v in self._control(org, "stats"):
+        for control in self.controls.values():
+            for k, v in control.traffic().items():
                 total[k] += int(v)
         return total
 
@@ -221,7 +217,7 @@ class ProcessFederation:
 
     def load_partition(self, partition: Partition, state: Mapping[str, Tensor]) -> None:
         for org in partition.holders:
-            self._control(org, "load", list(state.items()))
+            self.controls[org].load_state(state)
 
     def reassembled(self) -> dict[str, Tensor]:
         states = {org: self.state(org) for org in self.plan.orgs}

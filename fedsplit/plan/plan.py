@@ -108,6 +108,10 @@ class Plan:
             self._routes[data_owner] = {u: self.replica_for(p, data_owner) for p in self.partitions for u in p.units}
         return self._routes[data_owner]
 
+    def path_orgs(self, data_owner: str) -> frozenset[str]:
+        """Every organisation that computes something for ``data_owner``'s batches, itself included."""
+        return frozenset(self.route(data_owner).values()) | {data_owner}
+
     def users(self, partition: Partition, org: str) -> list[str]:
         """Data owners whose batches go through ``org``'s replica of ``partition``."""
         return [d for d in self.data_owners if self.replica_for(partition, d) == org]

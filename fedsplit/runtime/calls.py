@@ -1,4 +1,5 @@
-"""Calls between partitions: their identity, the peer interface, and the autograd bridge.
+"""Calls between partitions: their identity and the autograd bridge that makes a call to another
+organisation one node of the caller's graph.
 
 Every call names the data owner whose batch it carries, the step and the micro-batch, plus
 the operation. A callee keeps the autograd graph of each forward call under that identity until
@@ -9,13 +10,18 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .threads import compute_pool
+
+if TYPE_CHECKING:
+    from .ops import Op
+    from .protocols import Peer
 
 
 @dataclass(frozen=True)
@@ -51,32 +57,11 @@ def current_call() -> CallKey:
         ) from None
 
 
-class Peer(Protocol):
-    """One organisation's partitions, as another organisation sees them (in process or gRPC)."""
-
-    name: str
-    # True when calls cross the network (worth overlapping); an in-process peer computes on the
-    # caller's thread, where torch's intra-op threads give the same rounding as the monolith.
-    remote: bool
-
-    def forward(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]: ...
-
-    def backward(self, key: CallKey, op: str, grads: Sequence[Tensor | None]) -> list[Tensor | None]: ...
-
-    def evaluate(self, key: CallKey, op: str, inputs: Sequence[Tensor]) -> list[Tensor]:
-        """A forward that keeps no graph: no backward follows."""
-        ...
-
-    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
-        """``org``'s gradients of ``step`` on the replicas it keeps in step with this peer."""
-        ...
-
-
 # Calls of one layer to several organisations (head groups, experts) go out together. Threads,
 # not asyncio: grpcio's sync stubs were as fast as aio here and release the GIL while waiting.
-_fan_out = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fedsplit-fanout")
+_fan_out = compute_pool(32, "fedsplit-fanout")
 
-Call = tuple[Peer, CallKey, str, Sequence[Tensor]]
+Call = tuple["Peer", CallKey, "Op", Sequence[Tensor]]
 
 
 class _Calls(torch.autograd.Function):
@@ -121,7 +106,7 @@ def _in_graph(calls: Sequence[Call], collect: Callable[[], list[Sequence[Tensor]
     return _Calls.apply(calls, collect, anchor, *inputs)
 
 
-def remote_call(peer: Peer, key: CallKey, op: str, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def remote_call(peer: Peer, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """``op`` on ``peer`` as part of the caller's autograd graph; with gradients disabled
     (evaluation), a plain forward that leaves nothing behind on the peer."""
     if not torch.is_grad_enabled():

@@ -1,5 +1,6 @@
-"""Split training of the whole federation in one process: every organisation's worker, wired
-to the others through in-process peers. The gRPC runtime wires the same workers over the wire."""
+"""Split training of the whole federation in one process: every organisation's worker, wired to
+the others through :class:`~.local.LocalPeer`. :class:`~fedsplit.hosting.processes.ProcessFederation`
+runs the same workers in processes of their own, over the data plane."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from ..plan import Partition, Plan, reassemble, select
+from .local import LocalPeer
+from .protocols import Batches
+from .threads import compute_pool
 from .worker import Worker
 
 
 class InProcessFederation:
     """Every organisation in this process. Micro-batches run one after another by default
     (``schedule="sequential"``): with all organisations sharing one process, a pipelined schedule
-    gains nothing, and torch's intra-op thread pools in concurrent threads would make rounding
-    depend on timing. Pass ``schedule`` to exercise another one."""
+    gains nothing. Pass ``schedule`` to exercise another one."""
 
     def __init__(
         self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, schedule: str = "sequential"
@@ -23,19 +26,24 @@ class InProcessFederation:
         self.plan, self.schedule = plan, schedule
         self.workers = {org: Worker(plan, org, select(weights, plan.slices_of(org)), device) for org in plan.orgs}
         for w in self.workers.values():
-            w.connect(self.workers)
+            w.connect({org: LocalPeer(other, caller=w.name) for org, other in self.workers.items()})
+        # Holders of replicas kept in step wait for each other's gradients while applying a step.
+        self._steps_wait = plan.aggregation.replica_sync == "step" and any(p.replicated for p in plan.partitions)
 
-    def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
+    def train_step(self, step: int, batches: Batches) -> dict[str, dict[str, float]]:
         """One optimizer step: every data owner's batch forward and backward, then every
-        organisation steps its partitions."""
+        organisation applies the step."""
         metrics = {
-            d: self.workers[d].train_batch(step, *batches[d], schedule=self.schedule) for d in self.plan.data_owners
+            d: self.workers[d].data_owner.train_batch(step, *batches[d], schedule=self.schedule)
+            for d in self.plan.data_owners
         }
-        for w in self.workers.values():
-            w.share_replica_grads(step)
-        for w in self.workers.values():
-            w.gather_replica_grads(step)
-            w.step()
+        if self._steps_wait:
+            with compute_pool(len(self.workers), "fedsplit-step") as pool:
+                for done in [pool.submit(w.apply_step, step) for w in self.workers.values()]:
+                    done.result()
+        else:
+            for w in self.workers.values():
+                w.apply_step(step)
         return metrics
 
     def replicas(self, partition: Partition) -> dict[str, dict[str, Tensor]]:
@@ -51,3 +59,6 @@ class InProcessFederation:
         return reassemble(
             self.plan.model, [self.workers[p.holders[0]].partition_state(p) for p in self.plan.partitions]
         )
+
+    def close(self) -> None:
+        pass

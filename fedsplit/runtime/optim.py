@@ -8,8 +8,10 @@ organisation steps exactly like the same elements of the whole parameter.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..plan.schema import OptimizerConfig
 
@@ -43,3 +45,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str], fla
             raise KeyError(f"optimizer state for '{name}', which this optimizer does not hold")
         state.setdefault(index[name], {})[field] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+class OptimizerStates:
+    """One organisation's optimizer state at the end of each complete round, in ``directory``
+    (the last two rounds are kept), so that a restarted worker resumes exactly."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def file(self, round: int) -> Path:
+        return self.directory / f"optimizer-round-{round:04d}.safetensors"
+
+    def save(self, optimizer: torch.optim.Optimizer, names: list[str], round: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.file(round).with_suffix(".tmp")
+        save_file(optimizer_state(optimizer, names), tmp)
+        tmp.replace(self.file(round))
+        for old in self.directory.glob("optimizer-round-*.safetensors"):
+            if old.name < self.file(round - 1).name:
+                old.unlink()
+
+    def load(self, optimizer: torch.optim.Optimizer, names: list[str], round: int, org: str) -> None:
+        path = self.file(round)
+        if not path.exists():
+            raise RuntimeError(f"{org}: cannot resume after round {round}: its optimizer state {path} is missing")
+        load_optimizer_state(optimizer, names, load_file(path))

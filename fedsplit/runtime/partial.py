@@ -19,26 +19,16 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..model import Attention, Block, ModelConfig, RMSNorm, SharedExperts, SwiGLU
+from ..model import Attention, Block, ModelConfig, RMSNorm, SharedExperts, SwiGLU, cross_entropy, rope_tables
 from ..plan import Partition, Plan, Unit
 from ..plan.slicing import head_run_slices, kv_runs
-from .calls import Peer, current_call, remote_call, remote_calls
+from .calls import CallKey, current_call, remote_call, remote_calls
+from .ops import ExpertsOp, HeadsOp, Op, SegmentOp, SharedOp
+from .protocols import Peer
 
 # Given a partition, the peer serving it for the current call's data owner, or None when it is
 # this organisation itself.
 Resolver = Callable[[Partition], Peer | None]
-
-
-def heads_op(layer: int, run: tuple[int, int]) -> str:
-    return f"heads/{layer}/{run[0]}-{run[1]}"
-
-
-def experts_op(layer: int, counts: Mapping[int, int]) -> str:
-    return f"experts/{layer}/" + ",".join(f"{e}:{n}" for e, n in counts.items())
-
-
-def shared_op(layer: int) -> str:
-    return f"shared/{layer}"
 
 
 class HeadGroups(nn.Module):
@@ -61,7 +51,7 @@ class HeadGroups(nn.Module):
         peers = [(run, self.resolve(partition)) for run, partition in self.runs]
         key = current_call()
         remote = [(run, peer) for run, peer in peers if peer is not None]
-        results = remote_calls([(peer, key, heads_op(self.layer, run), [x]) for run, peer in remote])
+        results = remote_calls([(peer, key, HeadsOp(self.layer, run), [x]) for run, peer in remote])
         partial = {
             run: self.local[f"{run[0]}-{run[1]}"](x, rope) for run, peer in peers if peer is None
         }  # while the remote ones work
@@ -97,7 +87,7 @@ class SplitExperts(nn.Module):
         counts = [{e: rows[e].shape[0] for e in experts} for _, experts in remote.values()]
         results = remote_calls(
             [
-                (peer, key, experts_op(self.layer, c), [torch.cat([rows[e] for e in c])])
+                (peer, key, ExpertsOp(self.layer, tuple(c.items())), [torch.cat([rows[e] for e in c])])
                 for (peer, _), c in zip(remote.values(), counts)
             ]
         )
@@ -115,7 +105,7 @@ class RemoteShared(nn.Module):
         self.layer, self.partition, self.resolve = layer, partition, resolve
 
     def forward(self, x: Tensor) -> Tensor:
-        (y,) = remote_call(self.resolve(self.partition), current_call(), shared_op(self.layer), [x])
+        (y,) = remote_call(self.resolve(self.partition), current_call(), SharedOp(self.layer), [x])
         return y
 
 
@@ -126,6 +116,8 @@ class PartialModel(nn.Module):
         super().__init__()
         cfg = self.cfg = plan.model
         self.bindings: dict[str, nn.Parameter] = {}
+        self.seed = plan.training.seed  # router noise: a function of (seed, step, data owner, micro-batch, layer)
+        self.owner_index = {d: i for i, d in enumerate(plan.data_owners)}
         mine = [p for p in plan.partitions if org in p.holders]
         units = {u for p in mine for u in p.units}
         with torch.device("meta"):
@@ -224,3 +216,30 @@ class PartialModel(nn.Module):
             raise KeyError(f"weights missing for {', '.join(missing[:5])}")
         for key, param in self.bindings.items():
             param.copy_(state[key])
+
+    def compute(self, key: CallKey, op: Op, x: list[Tensor]) -> tuple[Tensor, ...]:
+        """What ``op`` computes on its (checked) inputs ``x`` for ``key``'s micro-batch."""
+        if isinstance(op, SegmentOp):
+            return self._segment(key, op, x)
+        if isinstance(op, HeadsOp):
+            rope = rope_tables(self.cfg, x[0].shape[1], x[0].device)
+            return (self.heads[f"{op.layer}_{op.kv_heads[0]}-{op.kv_heads[1]}"](x[0], rope),)
+        if isinstance(op, ExpertsOp):
+            rows = x[0].split([n for _, n in op.rows])
+            return (torch.cat([self.experts[f"{op.layer}_{e}"](r) for e, r in zip(op.experts, rows)]),)
+        return (self.shared[str(op.layer)](x[0]),)
+
+    def _segment(self, key: CallKey, op: SegmentOp, x: list[Tensor]) -> tuple[Tensor, Tensor]:
+        h = self.embed(x[0]) if op.blocks[0] == "embed" else x[0]
+        aux = torch.zeros((), device=h.device)
+        if op.layers:
+            rope = rope_tables(self.cfg, h.shape[1], h.device)
+            seed = key.noise_seed(self.seed, self.owner_index[key.data_owner])
+            for i in op.layers:
+                h, layer_aux = self.blocks[str(i)](h, rope, seed)
+                aux = aux + layer_aux
+        if "final_norm" in op.blocks:
+            h = self.final_norm(h)
+        if op.takes_labels:
+            return cross_entropy(self.lm_head(h), x[-1]), aux
+        return h, aux

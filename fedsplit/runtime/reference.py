@@ -17,6 +17,7 @@ from torch import Tensor
 from ..model import MoETransformer, cross_entropy, training_loss
 from ..plan import Plan
 from .calls import CallKey
+from .microbatches import MicroBatchLoss, run_micro_batches
 from .optim import make_optimizer
 
 
@@ -32,21 +33,22 @@ class MonolithicTrainer:
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
         """One optimizer step on every data owner's batch; the objective and each owner's mean
         cross-entropy (``ce/<owner>``)."""
-        owners = self.plan.data_owners
-        micro = self.plan.training.micro_batches
-        total = 0.0
-        ce: dict[str, float] = {}
+        owners, t = self.plan.data_owners, self.plan.training
+        total, ce = 0.0, {}
         for index, d in enumerate(owners):
-            tokens, labels = batches[d]
-            for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro))):
-                seed = CallKey(d, step, mb).noise_seed(self.plan.training.seed, index)
-                logits, aux = self.model(tok.to(self.device), seed)
-                loss = training_loss(self.plan.model, logits, lab.to(self.device), aux) / micro
+
+            def forward(mb: int, tok: Tensor, lab: Tensor, owner: str = d, index: int = index) -> MicroBatchLoss:
+                logits, aux = self.model(tok.to(self.device), CallKey(owner, step, mb).noise_seed(t.seed, index))
+                loss = training_loss(self.plan.model, logits, lab.to(self.device), aux) / t.micro_batches
                 if len(owners) > 1:
                     loss = loss / len(owners)
-                loss.backward()
-                total += loss.item()
-                ce[d] = ce.get(d, 0.0) + cross_entropy(logits.detach(), lab.to(self.device)).item() / micro
+                return MicroBatchLoss(loss, cross_entropy(logits.detach(), lab.to(self.device)).item(), aux.item())
+
+            metrics = run_micro_batches(
+                *batches[d], t.micro_batches, forward, lambda mb, objective: objective.backward()
+            )
+            total += metrics["objective"]
+            ce[d] = metrics["loss"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": total, **{f"ce/{d}": v for d, v in ce.items()}}

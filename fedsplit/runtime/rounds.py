@@ -14,21 +14,18 @@ its first step. A round of zero steps only evaluates (the final model's evaluati
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..plan import Plan
-from .optim import load_optimizer_state, make_optimizer, optimizer_state
+from .optim import OptimizerStates, make_optimizer
+from .protocols import Traffic
+from .threads import align_threads, compute_pool
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -52,29 +49,6 @@ class RoundSpec:
     def last_step(self) -> int:
         return self.first_step + self.steps - 1
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> RoundSpec:
-        d = json.loads(text)
-        return cls(**{**d, "data_owners": tuple(d["data_owners"])})
-
-
-def path_orgs(plan: Plan, data_owner: str) -> frozenset[str]:
-    """Every organisation that computes something for ``data_owner``'s batches, itself included."""
-    return frozenset(plan.route(data_owner).values()) | {data_owner}
-
-
-class RoundControl(Protocol):
-    """What a data owner asks of each organisation on its path (in process or over gRPC)."""
-
-    def await_round(self, round: int) -> None: ...
-
-    def finish_step(self, data_owner: str, step: int) -> None: ...
-
-    def abort(self, round: int, reason: str) -> None: ...
-
 
 class RoundFailed(RuntimeError):
     pass
@@ -92,7 +66,8 @@ class Rounds:
         state_dir: Path | None = None,
         eval_batches: Sequence[tuple[Tensor, Tensor]] = (),
     ):
-        self.worker, self.batches, self.state_dir, self.eval_batches = worker, batches, state_dir, list(eval_batches)
+        self.worker, self.batches, self.eval_batches = worker, batches, list(eval_batches)
+        self.saved = OptimizerStates(state_dir) if state_dir else None
         self.timeout = worker.plan.transport.step_timeout_s
         self.spec: RoundSpec | None = None
         self.last_finished = 0
@@ -103,7 +78,6 @@ class Rounds:
         self._error: str | None = None
         self._driver: threading.Thread | None = None
         self._metrics: dict[str, float] = {}
-        self._anchor: dict[str, Tensor] = {}
         self._unreachable: dict[str, int] = {}  # failed probes in a row, per data owner
         self._early_aborts: dict[int, str] = {}  # aborts of a round that reached us before it began
         worker.rounds = self
@@ -121,19 +95,18 @@ class Rounds:
         with self._cond:
             w.reset_pending()
             w.set_live_owners(spec.data_owners)
-            w.drop_replica_grads(before_step=spec.first_step)
+            w.grads.drop_before(spec.first_step)
             w.expert_load.clear()
             w.load_state(weights)
             self._restore_optimizer(spec.restore_round)
-            mu = w.plan.aggregation.proximal_mu
-            self._anchor = {k: p.detach().clone() for k, p in w.model.bindings.items()} if mu > 0 else {}
+            w.anchor_proximal()
             self.spec, self._error, self._metrics, self._arrived = (
                 spec,
                 self._early_aborts.pop(spec.round, None),
                 {},
                 {},
             )
-            self._expected = frozenset(d for d in spec.data_owners if w.name in path_orgs(w.plan, d))
+            self._expected = frozenset(d for d in spec.data_owners if w.name in w.plan.path_orgs(d))
             self._completed = spec.first_step - 1 if self._expected else spec.last_step
             self._cond.notify_all()
         if w.name in spec.data_owners and self._error is None:
@@ -168,7 +141,8 @@ class Rounds:
                     self._fail_if_unreachable(waiting)
             if self._error:
                 raise RoundFailed(self._error)
-        self._save_optimizer(spec.round)
+        if self.saved is not None and self.worker.optimizer is not None:
+            self.saved.save(self.worker.optimizer, list(self.worker.model.bindings), spec.round)
         self.last_finished = spec.round
         load = {
             f"expert_load/{layer}/{e}": float(n)
@@ -197,7 +171,7 @@ class Rounds:
             if step > self._completed:  # a retried report of a step already applied changes nothing
                 self._arrived.setdefault(step, set()).add(data_owner)
                 if step == self._completed + 1 and self._arrived[step] >= self._expected:
-                    self._apply_step(step)
+                    self.worker.apply_step(step)
                     self._completed = step
                     self._cond.notify_all()
             deadline = time.monotonic() + self.timeout
@@ -219,14 +193,12 @@ class Rounds:
         round now rather than at the step timeout. Called with the lock held."""
         for d in data_owners:
             peer = self.worker.peers.get(d)
-            if not getattr(peer, "remote", False):
-                continue
-            if peer.channel.reachable(timeout=PROBE_TIMEOUT_S):
+            if peer is None or peer.reachable(timeout=PROBE_TIMEOUT_S):
                 self._unreachable.pop(d, None)
                 continue
             self._unreachable[d] = self._unreachable.get(d, 0) + 1
             if self._unreachable[d] >= PROBES_BEFORE_GIVING_UP:  # a busy host can miss one probe
-                self._error = f"{self.worker.name}: data owner '{d}' at {peer.channel.address} is unreachable mid-round"
+                self._error = f"{self.worker.name}: data owner '{d}' is unreachable mid-round"
                 self._cond.notify_all()
                 return
 
@@ -240,20 +212,10 @@ class Rounds:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _apply_step(self, step: int) -> None:
-        w = self.worker
-        w.share_replica_grads(step)
-        w.gather_replica_grads(step)
-        mu = w.plan.aggregation.proximal_mu
-        if self._anchor:  # FedProx: the gradient of mu/2 * |w - w_round|^2
-            for name, p in w.model.bindings.items():
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - self._anchor[name], alpha=mu)
-        w.step()
-
     def _drive(self, spec: RoundSpec) -> None:
+        align_threads()
         w = self.worker
-        controls = {org: _control_of(w, org) for org in sorted(path_orgs(w.plan, w.name))}
+        controls = {org: w.peer(org) for org in sorted(w.plan.path_orgs(w.name))}
         totals = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0.0, "step_s": 0.0}
         traffic_before = w.traffic()
         try:
@@ -263,10 +225,10 @@ class Rounds:
                 evaluated = self._evaluate()
             else:
                 evaluated = {}
-            with ThreadPoolExecutor(max_workers=len(controls)) as pool:
+            with compute_pool(len(controls), "fedsplit-finish") as pool:
                 for step in range(spec.first_step, spec.last_step + 1):
                     start = time.perf_counter()
-                    m = w.train_batch(step, *self.batches(step))
+                    m = w.data_owner.train_batch(step, *self.batches(step))
                     for f in [pool.submit(c.finish_step, w.name, step) for c in controls.values()]:
                         f.result()
                     totals["step_s"] += time.perf_counter() - start
@@ -285,7 +247,8 @@ class Rounds:
                 self._error = self._error or reason
                 self._cond.notify_all()
             return
-        traffic = {k: v - traffic_before[k] for k, v in w.traffic().items()}
+        moved: Traffic = w.traffic() - traffic_before
+        traffic = {"bytes_sent": float(moved.sent), "bytes_received": float(moved.received)}
         n = max(spec.steps, 1)
         trained = (
             {
@@ -302,23 +265,8 @@ class Rounds:
     def _evaluate(self) -> dict[str, float]:
         """Token-weighted mean cross-entropy of this data owner's held-out batches."""
         tokens = [float(tok.numel()) for tok, _ in self.eval_batches]
-        losses = [self.worker.evaluate_batch(tok, lab) for tok, lab in self.eval_batches]
+        losses = [self.worker.data_owner.evaluate_batch(tok, lab) for tok, lab in self.eval_batches]
         return {"eval_loss": sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), "eval_tokens": sum(tokens)}
-
-    def _optimizer_file(self, round: int) -> Path:
-        return self.state_dir / f"optimizer-round-{round:04d}.safetensors"
-
-    def _save_optimizer(self, round: int) -> None:
-        w = self.worker
-        if self.state_dir is None or w.optimizer is None:
-            return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._optimizer_file(round).with_suffix(".tmp")
-        save_file(optimizer_state(w.optimizer, list(w.model.bindings)), tmp)
-        tmp.replace(self._optimizer_file(round))
-        for old in self.state_dir.glob("optimizer-round-*.safetensors"):
-            if old.name < self._optimizer_file(round - 1).name:
-                old.unlink()
 
     def _restore_optimizer(self, round: int) -> None:
         """Make the optimizer state that of the end of ``round`` (0: fresh), unless it is already."""
@@ -327,16 +275,7 @@ class Rounds:
             return
         w.optimizer = make_optimizer(w.model.bindings.values(), w.plan.training.optimizer)
         if round > 0:
-            path = self._optimizer_file(round) if self.state_dir else None
-            if path is None or not path.exists():
-                raise RuntimeError(
-                    f"{w.name}: cannot resume after round {round}: its optimizer state "
-                    f"{path or '(no state directory)'} is missing"
-                )
-            load_optimizer_state(w.optimizer, list(w.model.bindings), load_file(path))
+            if self.saved is None:
+                raise RuntimeError(f"{w.name}: cannot resume after round {round}: it keeps no optimizer state")
+            self.saved.load(w.optimizer, list(w.model.bindings), round, w.name)
         self.last_finished = round
-
-
-def _control_of(worker: Worker, org: str) -> RoundControl:
-    peer = worker.peers[org]
-    return peer.rounds if isinstance(peer, Worker) else peer

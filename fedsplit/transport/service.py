@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -71,8 +71,17 @@ class PeerError(RuntimeError):
         super().__init__(f"call to organisation '{org}' at {address} failed: {status}: {details}")
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What a handler answers: tensors (sent with ``codec``) and, for control calls, metrics."""
+
+    tensors: Named = ()
+    codec: str = "none"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
 class Handler(Protocol):
-    def handle(self, header: pb.CallHeader, tensors: Named) -> tuple[Named, str]:
+    def handle(self, header: pb.CallHeader, tensors: Named) -> Reply:
         """The reply tensors and the codec to send them with."""
         ...
 
@@ -149,8 +158,11 @@ class DataPlaneServer:
                 grpc.StatusCode.PERMISSION_DENIED, f"organisation {org!r} cannot call on behalf of {header.caller!r}"
             )
 
-    def _serve(self, frames, context: grpc.ServicerContext) -> tuple[pb.CallHeader, list[Encoded], Segment | None]:
-        """Check and run one call; its header, encoded outputs and the segment to reply in. Request
+    def _serve(
+        self, frames, context: grpc.ServicerContext
+    ) -> tuple[pb.CallHeader, list[Encoded], Segment | None, Mapping[str, float]]:
+        """Check and run one call; its header, encoded outputs, the segment to reply in and the
+        reply's metrics. Request
         tensors in shared memory are read in place: the caller lent their segment."""
         header = None
         try:
@@ -164,12 +176,12 @@ class DataPlaneServer:
             tensors = decode_tensors(frames, header.num_tensors, self.limits, request_segment, view_segment=True)
             if request_segment is not None:
                 self._segments.borrow((header.caller, header.shm_pool), request_segment)
-            outputs, codec = self.handler.handle(header, tensors)
-            encoded = prepare(outputs, codec)
+            reply = self.handler.handle(header, tensors)
+            encoded = prepare(reply.tensors, reply.codec)
             reply_segment = None
             if header.shm_reply and segment_bytes(e.header.nbytes for e in encoded) <= header.shm_reply_capacity:
                 reply_segment = self._segments.get(header.shm_reply, header.shm_reply_capacity)
-            return header, encoded, reply_segment
+            return header, encoded, reply_segment, reply.metrics
         except WireError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except CallRejected as e:
@@ -179,33 +191,33 @@ class DataPlaneServer:
         except PeerError as e:  # a nested call to a third organisation failed: not worth a retry here
             context.abort(grpc.StatusCode.ABORTED, str(e))
         except Exception as e:  # never take the server down; report and keep serving
-            log.exception("call %s failed", getattr(header, "op", "?"))
+            log.exception("call %s failed", call_kind(header) if header is not None else "?")
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     def _reply_failed(self, context: grpc.ServicerContext, header: pb.CallHeader, e: Exception):
-        log.exception("reply to %s failed", header.op)
+        log.exception("reply to %s failed", call_kind(header))
         context.abort(grpc.StatusCode.INTERNAL, f"cannot send the reply: {type(e).__name__}: {e}")
 
-    def _reply_header(self, header: pb.CallHeader, num_tensors: int) -> bytes:
+    def _reply_header(self, header: pb.CallHeader, num_tensors: int, metrics: Mapping[str, float]) -> bytes:
         """The reply's call frame, naming the lent segments this caller may reuse now. Called
         once the reply no longer needs the request tensors (a reply that still streams them
         gives their segment back in a later reply)."""
         released = self._segments.released((header.caller, header.shm_pool)) if header.shm_request else []
-        return call_frame(pb.CallHeader(num_tensors=num_tensors, shm_released=released))
+        return call_frame(pb.CallHeader(num_tensors=num_tensors, shm_released=released, metrics=dict(metrics)))
 
     def _call(self, frames, context: grpc.ServicerContext):
-        header, encoded, reply_segment = self._serve(frames, context)
+        header, encoded, reply_segment, metrics = self._serve(frames, context)
         try:
             body = list(to_segment(encoded, reply_segment)) if reply_segment else to_frames(encoded)
             count = len(encoded)
             del encoded
-            yield self._reply_header(header, count)
+            yield self._reply_header(header, count, metrics)
             yield from body
         except Exception as e:
             self._reply_failed(context, header, e)
 
     def _call_once(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        header, encoded, reply_segment = self._serve(unpack_message(request), context)
+        header, encoded, reply_segment, metrics = self._serve(unpack_message(request), context)
         try:
             body = (
                 [(f,) for f in to_segment(encoded, reply_segment)]
@@ -214,7 +226,7 @@ class DataPlaneServer:
             )
             count = len(encoded)
             del encoded
-            return one_message([(self._reply_header(header, count),), *body])
+            return one_message([(self._reply_header(header, count, metrics),), *body])
         except Exception as e:
             self._reply_failed(context, header, e)
 
@@ -312,11 +324,23 @@ class DataPlaneChannel:
         timeout: float | None = None,
         codec: str = "none",
     ) -> Named:
+        """The reply's tensors (see :meth:`exchange`)."""
+        return self.exchange(header, tensors, timeout, codec)[1]
+
+    def exchange(
+        self,
+        header: pb.CallHeader,
+        tensors: Sequence[tuple[str, Tensor | None]],
+        timeout: float | None = None,
+        codec: str = "none",
+    ) -> tuple[pb.CallHeader, Named]:
+        """Send one call and wait for its reply: the reply's header (its metrics) and tensors.
+        A call whose peer is unreachable is retried while the deadline allows."""
         header.caller = self.caller
         header.num_tensors = len(tensors)
         self._count_tensors(tensors)
         encoded = prepare(tensors, codec)
-        kind = header.op.partition("/")[0]
+        kind = call_kind(header)
         # The largest reply of this kind so far; before the first, a forward or backward is
         # expected to answer about what it was sent, a control operation anything.
         reply_bytes = self._reply_bytes.get(kind, payload_size(encoded) if header.phase != pb.CONTROL else None)
@@ -375,7 +399,7 @@ class DataPlaneChannel:
             size = segment_bytes(t.numel() * t.element_size() for _, t in out if t is not None)
             self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
             done = True
-            return out
+            return first.call, out
         except grpc.RpcError as e:
             raise PeerError(self.org, self.address, e.code(), e.details() or "") from None
         except (WireError, StopIteration) as e:
@@ -404,3 +428,10 @@ class DataPlaneChannel:
         self._channel.close()
         if self._pool is not None:
             self._pool.close()
+
+
+def call_kind(header: pb.CallHeader) -> str:
+    """What a call is, for logs and for sizing its reply: its phase and its operation's or
+    control's kind (``FORWARD segment``, ``CONTROL read_state``)."""
+    kind = header.operation.WhichOneof("kind") or header.control.WhichOneof("kind") or "call"
+    return f"{pb.Phase.Name(header.phase)} {kind}"

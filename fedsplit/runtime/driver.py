@@ -1,0 +1,74 @@
+"""A data owner's side of training: its batches, micro-batch by micro-batch, forward through the
+organisations on its path and backward in reverse."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..plan import Plan
+from .calls import CallKey, calling, remote_call
+from .microbatches import MicroBatchLoss, run_micro_batches
+from .path import segments
+from .policy import EVAL_STEP
+from .protocols import Peer
+
+
+class DataOwner:
+    """Drives organisation ``name``'s batches through the split model; ``peer(org)`` is how it
+    reaches each organisation on its path (itself included)."""
+
+    def __init__(self, plan: Plan, name: str, device: torch.device, peer: Callable[[str], Peer]):
+        self.plan, self.name, self.device, self.peer = plan, name, device, peer
+        self.path = segments(plan, name)
+
+    def train_batch(self, step: int, tokens: Tensor, labels: Tensor, schedule: str | None = None) -> dict[str, float]:
+        """Forward and backward one batch through the whole split model. Gradients accumulate on
+        every partition; the step is applied separately, once every data owner's batch is in."""
+        t = self.plan.training
+
+        def forward(mb: int, tok: Tensor, lab: Tensor) -> MicroBatchLoss:
+            ce, aux = self._through_path(CallKey(self.name, step, mb), tok, lab)
+            objective = (ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
+            return MicroBatchLoss(objective, ce.item(), aux.item())
+
+        def backward(mb: int, objective: Tensor) -> None:
+            with calling(CallKey(self.name, step, mb)):
+                objective.backward()
+
+        metrics = run_micro_batches(
+            tokens,
+            labels,
+            t.micro_batches,
+            forward,
+            backward,
+            schedule or t.schedule,
+            t.max_in_flight or len(self.path),
+        )
+        del metrics["objective"]
+        return metrics
+
+    def evaluate_batch(self, tokens: Tensor, labels: Tensor) -> float:
+        """Mean cross-entropy of a held-out batch through the split model, with the weights as
+        they are (no graph, no gradients, no router noise). Micro-batches are shaped as in
+        training, so every organisation checks them as it checks training calls."""
+        micro = self.plan.training.micro_batches
+        with torch.no_grad():
+            losses = [
+                self._through_path(CallKey(self.name, EVAL_STEP, mb), tok, lab)[0]
+                for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro)))
+            ]
+        return sum(float(ce) for ce in losses) / micro
+
+    def _through_path(self, key: CallKey, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(cross-entropy, summed aux loss) of one micro-batch: each segment of the path in turn."""
+        with calling(key):
+            x = tokens.to(self.device)
+            aux = torch.zeros((), device=self.device)
+            for org, segment in self.path:
+                inputs = [x, labels.to(self.device)] if segment.takes_labels else [x]
+                x, segment_aux = remote_call(self.peer(org), key, segment, inputs)
+                aux = aux + segment_aux
+        return x, aux
