@@ -1,5 +1,5 @@
 # The two commands of the README. Each sets up ./.venv first (a no-op when it is up to date).
-.PHONY: setup demo lint test test-fast bench bench-quick
+.PHONY: setup demo lint test test-unit test-fast bench bench-quick
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,10 @@ lint: setup
 
 test: setup lint
 	.venv/bin/python -m pytest -q
+
+# The unit tests alone (tests/unit: in one process, a few minutes), and everything but the slow tests.
+test-unit: setup
+	.venv/bin/python -m pytest -q tests/unit
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow"

@@ -167,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for act, grad in codecs:
         plan = load_plan(args.plan)
-        plan.transport = plan.transport.model_copy(
-            update={"compression": CompressionConfig(activations=act, gradients=grad)}
+        plan = plan.with_settings(
+            transport=plan.transport.model_copy(
+                update={"compression": CompressionConfig(activations=act, gradients=grad)}
+            )
         )
         rec = Timing()
         with timed_verify_components(rec):

@@ -58,7 +58,7 @@ ROUND_OF_TRAINING_S = 60.0
 def make_plan(orgs: int, out: Path, rounds: int, steps: int, model: str | None = None):
     options = {"rounds": rounds, "steps_per_round": steps, **({"model": model} if model else {})}
     plan = load_plan(generate_plan(orgs, out, **options))
-    plan.training = plan.training.model_copy(update={"eval_tokens": 0})
+    plan = plan.with_settings(training=plan.training.model_copy(update={"eval_tokens": 0}))
     return plan
 
 

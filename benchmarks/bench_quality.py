@@ -74,8 +74,10 @@ def plans_to_train(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, 
                 seed=args.seed,
             )
         )
-        plan.training = plan.training.model_copy(
-            update={"micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)}
+        plan = plan.with_settings(
+            training=plan.training.model_copy(
+                update={"micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)}
+            )
         )
         yield (f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by), plan
 
@@ -107,7 +109,7 @@ def main() -> None:
             base_s = time.monotonic() - started
             curves[label] = {"centralised": central}
             for sync in args.replica_sync:
-                plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": sync})
+                plan = plan.with_settings(aggregation=plan.aggregation.model_copy(update={"replica_sync": sync}))
                 started = time.monotonic()
                 federated = held_out_ppl(simulate(plan, SimulationOptions(runs_root=work / "runs", insecure=True)))
                 fed_s = time.monotonic() - started

@@ -189,9 +189,11 @@ def load_variant_plan(v: Variant):
 
     plan = load_plan(PLANS / v.plan / "federation.yaml")
     if v.training:
-        plan.training = plan.training.model_copy(update=v.training)
+        plan = plan.with_settings(training=plan.training.model_copy(update=v.training))
     if v.transport:  # validate nested dicts (compression) into their models
-        plan.transport = TransportConfig.model_validate({**plan.transport.model_dump(), **v.transport})
+        plan = plan.with_settings(
+            transport=TransportConfig.model_validate({**plan.transport.model_dump(), **v.transport})
+        )
     return plan
 
 

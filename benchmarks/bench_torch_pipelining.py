@@ -92,7 +92,9 @@ def load_plan_for(file: str, schedule: str):
     from fedsplit.plan import load_plan
 
     plan = load_plan(PLANS / file)
-    plan.training = plan.training.model_copy(update={**TRAINING, "schedule": schedule, "max_in_flight": 0})
+    plan = plan.with_settings(
+        training=plan.training.model_copy(update={**TRAINING, "schedule": schedule, "max_in_flight": 0})
+    )
     return plan
 
 

@@ -243,8 +243,8 @@ class _DPClient:
     def __init__(
         self, address: Any, opts: dict, require_finite: bool, tls: bool = False, codec: str = "none", shm: bool = False
     ):
+        from fedsplit.transport.channel import DataPlaneChannel
         from fedsplit.transport.proto import dataplane_pb2 as pb
-        from fedsplit.transport.service import DataPlaneChannel
 
         self.pb = pb
         kw = {"tls": _tls_config(opts, "bench-client") if tls else None, "shared_memory": shm}

@@ -19,9 +19,10 @@ from safetensors.torch import load_file
 
 from .data.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from .federation.checkpoint import find_checkpoint
-from .model import ModelConfig, MoETransformer
-
-PLAN_FILE = "plan.json"
+from .federation.rundir import PLAN_FILE
+from .interop import CheckpointError
+from .model import MoETransformer
+from .plan import resolved_model
 
 
 class GenerateError(ValueError):
@@ -70,9 +71,8 @@ def load_model(
             f"no {PLAN_FILE} beside or above {source}: give the run's plan with --plan RUN_DIR/{PLAN_FILE}"
         )
     try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        cfg = ModelConfig.model_validate(plan["model"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        cfg = resolved_model(plan_path)
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError) as e:
         raise GenerateError(f"{plan_path} is not a run's {PLAN_FILE} with a model configuration ({e})") from None
     tokenizer_path = Path(tokenizer_file) if tokenizer_file else plan_path.parent / TOKENIZER_FILE
     try:
@@ -89,7 +89,7 @@ def load_model(
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise GenerateError(f"the checkpoint {source} does not fit the model of {plan_path}: {e}") from None
-    context = int((plan.get("training") or {}).get("seq_len", 256))
+    context = int((json.loads(plan_path.read_text(encoding="utf-8")).get("training") or {}).get("seq_len", 256))
     return LoadedModel(model.to(device).eval(), tokenizer, context, description)
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from .. import __version__
 from ..hosting.host import WorkerHost
 from ..plan import Plan
-from ..plan.schema import RunSettings
 from .checkpoint import layout_hash
 from .rundir import RunPlace
 from .server_app import RESULT_FILE
@@ -188,11 +187,10 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
     flwr_home = run_dir / "flwr"
     env = flower_env(flwr_home)
     settings = CoordinatorSettings(
-        plan=str(Path(plan.file).resolve()),
+        plan=str(options.resolved_plan(plan)),
         run_dir=str(run_dir.resolve()),
         resume=options.resume is not None,
         node_timeout_s=options.node_timeout_s,
-        run_settings=RunSettings.of(plan),
         one_message_per_round=True,
         credentials=str(options.credentials.resolve()) if options.credentials else None,
     )

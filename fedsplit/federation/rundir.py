@@ -1,5 +1,5 @@
-"""A run's directory: ``runs/<name>-<timestamp>/`` with the merged plan, ``metrics.jsonl``,
-checkpoints and logs."""
+"""A run's directory: ``runs/<name>-<timestamp>/`` with the run's resolved plan (``plan.json``),
+``metrics.jsonl``, checkpoints and logs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import TOKENIZER_FILE
-from ..plan import Plan
-from ..plan.units import describe
+from ..plan import Plan, write_resolved
 from ..runtime.batches import tokenizer_for
+
+PLAN_FILE = "plan.json"  # the run's resolved plan: what every process of the run loads
 
 
 def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path:
@@ -25,7 +26,7 @@ def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path
         n += 1
         path = Path(root) / f"{name}-{stamp}-{n}"
     (path / "logs").mkdir(parents=True)
-    write_merged_plan(plan, path / "plan.json")
+    write_resolved(plan, path / PLAN_FILE)
     tokenizer_for(plan).save(path / TOKENIZER_FILE)  # what `fedsplit generate` decodes with
     return path
 
@@ -46,39 +47,9 @@ class RunPlace:
             self.run_dir = new_run_dir(plan, self.runs_root)
         return self.run_dir
 
-
-def write_merged_plan(plan: Plan, path: Path) -> None:
-    """The plan as the coordinator understood it: every organisation's files merged."""
-    merged = {
-        "name": plan.name,
-        "file": str(plan.file),
-        "model": plan.model.model_dump(mode="json"),
-        "training": plan.training.model_dump(mode="json"),
-        "aggregation": plan.aggregation.model_dump(mode="json"),
-        "transport": plan.transport.model_dump(mode="json"),
-        "orgs": {
-            name: {
-                "file": str(o.file),
-                "device": o.device,
-                "train_data": [str(p) for p in o.train_data],
-                "eval_data": [str(p) for p in o.eval_data],
-                "holds": [e.selector for e in o.entries],
-                "local": o.local,
-                "address": o.address,
-            }
-            for name, o in plan.orgs.items()
-        },
-        "partitions": [
-            {
-                "name": p.name,
-                "units": describe(p.units, plan.model),
-                "holders": list(p.holders),
-                "local": sorted(p.local_holders),
-            }
-            for p in plan.partitions
-        ],
-    }
-    path.write_text(json.dumps(merged, indent=2))
+    def resolved_plan(self, plan: Plan) -> Path:
+        """The run's resolved plan, written (again, when resuming) into its directory."""
+        return write_resolved(plan, self.directory(plan) / PLAN_FILE).resolve()
 
 
 class MetricsLog:

@@ -18,7 +18,6 @@ import hmac
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -32,29 +31,13 @@ from ..runtime.rounds import RoundSpec
 from ..transport.security import load_verifiers, token_verifier
 from .aggregate import aggregate_round, make_aggregator
 from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpoint
-from .client_app import OK, WORKER_DOWN
+from .exchange import FederationError, Outcome, exchange, register
 from .records import RoundConfig
 from .rundir import MetricsLog, evaluation_record
 from .settings import CoordinatorSettings
 
 app = ServerApp()
 RESULT_FILE = "result.json"
-
-
-class FederationError(RuntimeError):
-    pass
-
-
-@dataclass
-class Outcome:
-    """Replies of one wave of messages: per organisation, the reply or why there is none."""
-
-    replies: dict[str, Message] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    gone: set[str] = field(default_factory=set)  # organisations whose node or worker is gone
-
-    def metrics(self) -> dict[str, dict[str, float]]:
-        return {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in self.replies.items()}
 
 
 @app.main()
@@ -83,6 +66,11 @@ def expert_load(metrics: dict[str, dict[str, float]], num_experts: int) -> dict[
 
 
 class Coordinator:
+    """A run's rounds from the coordinator's side. Its ~230 lines keep the algorithm in one place,
+    as Flower's own strategies do: registering, each round's messages, the reruns without the
+    organisations that are gone, aggregation, checkpoints and evaluation; the message waves
+    themselves are :mod:`.exchange`'s."""
+
     def __init__(self, grid: Grid, settings: CoordinatorSettings):
         self.grid, self.settings = grid, settings
         self.plan: Plan = settings.load_plan()
@@ -93,29 +81,30 @@ class Coordinator:
         self.hash, self.layout = plan_hash(self.plan), layout_hash(self.plan)
         self.aggregator = make_aggregator(self.plan.aggregation)
         self.verifiers = load_verifiers(settings.credentials) if settings.credentials else None
-        last = latest_checkpoint(self.checkpoints) if settings.resume else None
-        if last is not None:
-            if last.manifest.get("plan_hash") != self.hash:
-                raise FederationError(
-                    f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
-                    f"this plan is {self.hash}); resume with the plan it was started with"
-                )
-            self.weights, self.local, self.first_round = last.weights, last.local, last.round + 1
-            self.aggregator.load_state_dict(last.server_state)
-            record = last.manifest.get("metrics")
-            self.metrics.resume_after(last.round, {**record, "checkpoint": str(last.path)} if record else None)
-            log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
-        else:
-            self.weights = initial_weights(self.plan)
-            self.local = {
-                org: select(self.weights, self.plan.slices_of(org, local_only=True)) for org in self.plan.orgs
-            }
-            self.first_round = 1
+        self.weights, self.local, self.first_round = self._starting_point(settings.resume)
         self.evaluates = self.plan.training.eval_tokens > 0
         self.node_of: dict[str, int] = {}
         self.addresses: dict[str, str] = {}
         self.alive: set[str] = set()
         self.failures: dict[str, str] = {}  # why each organisation that is gone failed
+
+    def _starting_point(self, resume: bool) -> tuple[dict, dict, int]:
+        """(weights, each organisation's local pieces, first round): those of the last complete
+        round when resuming, else the plan's initial weights."""
+        last = latest_checkpoint(self.checkpoints) if resume else None
+        if last is None:
+            weights = initial_weights(self.plan)
+            return weights, {o: select(weights, self.plan.slices_of(o, local_only=True)) for o in self.plan.orgs}, 1
+        if last.manifest.get("plan_hash") != self.hash:
+            raise FederationError(
+                f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
+                f"this plan is {self.hash}); resume with the plan it was started with"
+            )
+        self.aggregator.load_state_dict(last.server_state)
+        record = last.manifest.get("metrics")
+        self.metrics.resume_after(last.round, {**record, "checkpoint": str(last.path)} if record else None)
+        log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
+        return last.weights, last.local, last.round + 1
 
     # -- the algorithm ---------------------------------------------------------------------------
 
@@ -128,34 +117,9 @@ class Coordinator:
 
     def register(self) -> None:
         """Learn which node is which organisation and where its data plane listens."""
-        expected = len(self.plan.orgs)
-        deadline = time.monotonic() + self.settings.node_timeout_s
-        while len(nodes := list(self.grid.get_node_ids())) < expected:
-            if time.monotonic() > deadline:
-                raise FederationError(
-                    f"{len(nodes)} of {expected} organisations connected within {self.settings.node_timeout_s:.0f} s"
-                )
-            time.sleep(0.5)
-        msgs = {str(nid): Message(RecordDict(), dst_node_id=nid, message_type="query.register") for nid in nodes}
-        outcome = self._exchange(msgs, self.settings.message_timeout_s)
-        if outcome.failed:
-            raise FederationError(
-                "nodes failed to register: " + "; ".join(f"node {n}: {r}" for n, r in outcome.failed.items())
-            )
-        for nid_text, reply in outcome.replies.items():
-            info = reply.content["info"]
-            org = str(info["org"])
-            if org not in self.plan.orgs:
-                raise FederationError(
-                    f"node {nid_text} says it is organisation {org!r}, which plan {self.plan.name!r} does not have"
-                )
-            if org in self.node_of:
-                raise FederationError(f"two nodes say they are organisation {org!r}")
-            self._check_identity(org, info)
-            self.node_of[org], self.addresses[org] = int(nid_text), str(info["address"])
-        missing = sorted(set(self.plan.orgs) - set(self.node_of))
-        if missing:
-            raise FederationError(f"organisations {', '.join(missing)} of the plan did not connect")
+        self.node_of, self.addresses = register(
+            self.grid, self.plan, self.settings.node_timeout_s, self.settings.message_timeout_s, self._check_identity
+        )
         self.alive = set(self.plan.orgs)
         log(INFO, "fedsplit: %d organisations registered: %s", len(self.alive), ", ".join(sorted(self.alive)))
 
@@ -314,67 +278,29 @@ class Coordinator:
         return RoundConfig(self.run_id, spec, self.settings.round_timeout_s, addresses).record()
 
     def _begin(self, spec: RoundSpec) -> Outcome:
-        return self._exchange(self._with_weights(spec, "train.begin"), self.settings.message_timeout_s)
+        return exchange(self.grid, self._messages(spec, "train.begin", self.alive), self.settings.message_timeout_s)
 
     def _whole_round(self, spec: RoundSpec) -> Outcome:
-        return self._exchange(
-            self._with_weights(spec, "train.round"), self.settings.round_timeout_s + self.settings.message_timeout_s
-        )
-
-    def _with_weights(self, spec: RoundSpec, message_type: str) -> dict[str, Message]:
-        config = self._config(spec)
-        return {
-            org: Message(
-                RecordDict({"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": config}),
-                dst_node_id=self.node_of[org],
-                message_type=message_type,
-                group_id=str(spec.round),
-            )
-            for org in sorted(self.alive)
-        }
+        timeout = self.settings.round_timeout_s + self.settings.message_timeout_s
+        return exchange(self.grid, self._messages(spec, "train.round", self.alive), timeout)
 
     def _collect(self, spec: RoundSpec, orgs: Iterable[str] | None = None) -> Outcome:
+        msgs = self._messages(spec, "train", self.alive if orgs is None else orgs)
+        return exchange(self.grid, msgs, self.settings.round_timeout_s + self.settings.message_timeout_s)
+
+    def _messages(self, spec: RoundSpec, message_type: str, orgs: Iterable[str]) -> dict[str, Message]:
+        """One message of the round per organisation: its config, and the weights of its
+        partitions with every message that begins the round."""
         config = self._config(spec)
-        msgs = {
+
+        def content(org: str) -> RecordDict:
+            if message_type == "train":
+                return RecordDict({"config": config})
+            return RecordDict({"arrays": ArrayRecord(torch_state_dict=self._weights_of(org)), "config": config})
+
+        return {
             org: Message(
-                RecordDict({"config": config}),
-                dst_node_id=self.node_of[org],
-                message_type="train",
-                group_id=str(spec.round),
+                content(org), dst_node_id=self.node_of[org], message_type=message_type, group_id=str(spec.round)
             )
-            for org in sorted(self.alive if orgs is None else orgs)
+            for org in sorted(orgs)
         }
-        return self._exchange(msgs, self.settings.round_timeout_s + self.settings.message_timeout_s)
-
-    def _exchange(self, msgs: dict[str, Message], timeout: float) -> Outcome:
-        """Send one message per organisation (or node, keyed by name) and wait for every reply (matched by message id),
-        or for the deadline: an organisation that does not answer in time counts as gone."""
-        ids = list(self.grid.push_messages(list(msgs.values())))
-        org_of = dict(zip(ids, msgs))
-        outcome, pending = Outcome(), set(ids)
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
-                mid = reply.metadata.reply_to_message_id
-                pending.discard(mid)
-                self._judge(org_of[mid], reply, outcome)
-            if pending:
-                time.sleep(0.2)
-        for mid in pending:
-            outcome.failed[org_of[mid]] = f"no reply within {timeout:.0f} s"
-            outcome.gone.add(org_of[mid])
-        return outcome
-
-    @staticmethod
-    def _judge(org, reply: Message, outcome: Outcome) -> None:
-        if reply.has_error():
-            outcome.failed[org] = f"Flower error {reply.error.code}: {reply.error.reason}"
-            outcome.gone.add(org)  # its node, or its client app, is gone
-            return
-        status = reply.content["status"]
-        if status["status"] == OK:
-            outcome.replies[org] = reply
-        else:
-            outcome.failed[org] = str(status["reason"])
-            if status["status"] == WORKER_DOWN:
-                outcome.gone.add(org)

@@ -16,7 +16,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..plan import Plan, load_plan
-from ..plan.schema import RunSettings
 from ..transport.security import TLSConfig, load_token
 
 COORDINATOR_ENV = "FEDSPLIT_COORDINATOR_SETTINGS"
@@ -32,9 +31,6 @@ class CoordinatorSettings(BaseModel):
     node_timeout_s: float = Field(default=300.0, gt=0, description="how long to wait for every organisation to connect")
     message_timeout_s: float = Field(default=600.0, gt=0, description="deadline of a round's begin messages")
     round_timeout_s: float = Field(default=3600.0, gt=0, description="deadline of a round's training")
-    run_settings: RunSettings | None = Field(
-        default=None, description="replaces the plan file's training, transport and aggregation"
-    )
     one_message_per_round: bool = Field(
         default=False,
         description=(
@@ -46,10 +42,7 @@ class CoordinatorSettings(BaseModel):
     )
 
     def load_plan(self) -> Plan:
-        plan = load_plan(self.plan)
-        if self.run_settings:
-            self.run_settings.apply(plan)
-        return plan
+        return load_plan(self.plan)
 
     def write(self, path: Path) -> Path:
         Path(path).write_text(self.model_dump_json(indent=2))

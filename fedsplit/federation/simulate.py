@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..hosting.processes import HostProcesses
 from ..plan import Plan
-from ..plan.schema import RunSettings
 from .rundir import RunPlace
 from .server_app import RESULT_FILE
 from .settings import COORDINATOR_ENV, SIMULATION_ENV, CoordinatorSettings
@@ -57,10 +56,12 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
     run_dir = options.directory(plan)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     groups = [[org] for org in plan.orgs] if options.process_per_org else [list(plan.orgs)]
+    plan_file = options.resolved_plan(plan)
     hosts = HostProcesses(
         plan,
         groups,
         run_dir / "workers",
+        plan_file=plan_file,
         run=run_dir.name,
         device=options.device,
         insecure=options.insecure,
@@ -78,10 +79,9 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
             )
         )
         settings = CoordinatorSettings(
-            plan=str(plan.file),
+            plan=str(plan_file),
             run_dir=str(run_dir),
             resume=options.resume is not None,
-            run_settings=RunSettings.of(plan),
             credentials=str(hosts.credentials) if hosts.credentials else None,
         )
         os.environ[SIMULATION_ENV] = str(registry)

@@ -54,7 +54,7 @@ def verify(
     add up their gradients before every step and any optimizer compares exactly.
     """
     if optimizer is not None:
-        plan.training = plan.training.model_copy(update={"optimizer": optimizer})
+        plan = plan.with_settings(training=plan.training.model_copy(update={"optimizer": optimizer}))
     replicated = [p for p in plan.partitions if p.replicated]
     if plan.aggregation.replica_sync == "step":
         replicated = [p for p in replicated if p.local_holders]  # local replicas are never kept in step

@@ -9,9 +9,10 @@ from torch import Tensor
 
 from ..runtime.policy import COORDINATOR
 from ..runtime.rounds import RoundSpec
+from ..transport.channel import DataPlaneChannel
 from ..transport.proto import dataplane_pb2 as pb
 from ..transport.security import TLSConfig
-from ..transport.service import DataPlaneChannel, Named
+from ..transport.service import Named
 from .messages import spec_to_proto
 
 __all__ = ["COORDINATOR", "WorkerControl"]

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..plan import Plan, load_plan, select
-from ..plan.schema import RunSettings
 from ..runtime.batches import batches_for, eval_batches_for
 from ..runtime.rounds import Rounds
 from ..runtime.worker import Worker
@@ -102,7 +101,9 @@ class WorkerHost:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedsplit.hosting.host", description=__doc__)
-    parser.add_argument("plan", help="the federation YAML file")
+    parser.add_argument(
+        "plan", help="the run's resolved plan (plan.json of its run directory) or a federation YAML file"
+    )
     parser.add_argument("--orgs", nargs="+", required=True, help="the organisations to host")
     parser.add_argument("--run", help="run id; calls of any other run are refused (default: the first round's)")
     parser.add_argument(
@@ -118,10 +119,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--credentials", type=Path, help="directory of `fedsplit certs` output (TLS and tokens)")
     parser.add_argument("--insecure", action="store_true", help="plaintext and no tokens (tests on loopback only)")
     parser.add_argument("--exit-with-parent", action="store_true", help="stop when standard input closes")
-    parser.add_argument(
-        "--settings",
-        help="JSON of the coordinator's training, transport and aggregation settings, overriding the file's",
-    )
     args = parser.parse_args(argv)
     if not args.credentials and not args.insecure:
         parser.error("give --credentials DIR, or --insecure explicitly")
@@ -130,8 +127,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(WORKER_THREADS)
     plan = load_plan(args.plan)
-    if args.settings:
-        RunSettings.model_validate_json(args.settings).apply(plan)
     weights = load_file(args.weights) if args.weights else None
     host = WorkerHost(
         plan,

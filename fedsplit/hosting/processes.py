@@ -19,8 +19,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..plan import Partition, Plan, reassemble, unit_slices
-from ..plan.schema import RunSettings
+from ..plan import Partition, Plan, reassemble, unit_slices, write_resolved
 from ..runtime.protocols import Batches
 from ..transport.security import TLSConfig, generate_credentials, load_token
 from ..transport.shm import remove_segments_of
@@ -63,15 +62,17 @@ class HostProcesses:
         insecure: bool = False,
         state_dir: Path | None = None,
         start_timeout: float = 120.0,
+        plan_file: Path | None = None,
     ):
+        """``plan_file``: the run's resolved plan, which every worker process loads (default:
+        ``plan`` written into ``work_dir``)."""
         self.plan, self.work_dir = plan, Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        plan_file = plan_file or write_resolved(plan, self.work_dir / "plan.json")
         self.credentials: Path | None = None
         if not insecure:
             self.credentials = generate_credentials([*plan.orgs, COORDINATOR], self.work_dir / "credentials")
         common = [
-            "--settings",
-            RunSettings.of(plan).model_dump_json(),
             "--exit-with-parent",
             *(["--credentials", str(self.credentials)] if self.credentials else ["--insecure"]),
         ]
@@ -92,7 +93,7 @@ class HostProcesses:
                 sys.executable,
                 "-m",
                 "fedsplit.hosting.host",
-                str(plan.file),
+                str(plan_file),
                 "--orgs",
                 *orgs,
                 "--ready-file",

@@ -25,8 +25,10 @@ The input is a dense model: a fedsplit model with one expert and no shared exper
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -247,3 +249,15 @@ def _moe_layer(cfg: ModelConfig, layer: int, weights: Mapping[str, Tensor]) -> M
     moe = MoE(cfg, layer)
     moe.load_state_dict(weights, strict=True)
     return moe.eval()
+
+
+def save_upcycled(
+    dense: Path, out: Path, cfg: ModelConfig, state: Mapping[str, Tensor], report: UpcycleReport, **how
+) -> Path:
+    """The upcycled model as a fedsplit model directory, with ``upcycle.json``: where it came from,
+    how it was cut (``how``: method, experts, top-k, seed) and the report's numbers."""
+    from .directory import save_fedsplit
+
+    out = save_fedsplit(cfg, state, out)
+    (out / "upcycle.json").write_text(json.dumps({"source": str(dense), **how, **report.as_dict()}, indent=2))
+    return out

@@ -1,7 +1,8 @@
 """Partition plans: YAML schema, loading and validation, and slicing the model by plan."""
 
 from .errors import PlanError, Problem
-from .plan import Entry, Org, Partition, Plan, load_plan
+from .loading import load_plan, resolved, resolved_model, write_resolved
+from .plan import Entry, Org, Partition, Plan
 from .slicing import ReassemblyError, TensorSlice, reassemble, select, unit_slices
 from .units import SelectorError, Unit, parse_selector
 
@@ -19,6 +20,9 @@ __all__ = [
     "load_plan",
     "parse_selector",
     "reassemble",
+    "resolved",
+    "resolved_model",
     "select",
     "unit_slices",
+    "write_resolved",
 ]

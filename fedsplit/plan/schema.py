@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-if TYPE_CHECKING:
-    from .plan import Plan
+from ..model import ModelConfig
+
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 class _Strict(BaseModel):
@@ -111,42 +112,6 @@ class TransportConfig(_Strict):
     )
 
 
-class RunSettings(_Strict):
-    """The sections of a plan that whoever starts a run may set over the plan file's own (the
-    command line's --rounds and --steps, a benchmark's variants). They travel with the run to the
-    ServerApp and to every worker process, which otherwise read only the plan file."""
-
-    training: TrainingConfig
-    transport: TransportConfig
-    aggregation: AggregationConfig
-
-    @classmethod
-    def of(cls, plan: Plan) -> RunSettings:
-        return cls(training=plan.training, transport=plan.transport, aggregation=plan.aggregation)
-
-    def apply(self, plan: Plan) -> None:
-        plan.training, plan.transport, plan.aggregation = self.training, self.transport, self.aggregation
-
-
-class FederationFile(_Strict):
-    name: str = Field(min_length=1)
-    model: str = Field(
-        min_length=1,
-        description=(
-            "relative to this file: a model YAML (seeded initial weights), or a Hugging Face or fedsplit model "
-            "directory to start from its weights"
-        ),
-    )
-    tokenizer: str | None = Field(
-        default=None,
-        description=("a tokenizer file (`fedsplit tokenizer train`), relative to this file; default: UTF-8 bytes"),
-    )
-    training: TrainingConfig = TrainingConfig()
-    aggregation: AggregationConfig = AggregationConfig()
-    transport: TransportConfig = TransportConfig()
-    orgs: list[str] = Field(min_length=1, description="org files or globs, relative to this file")
-
-
 class DataConfig(_Strict):
     train: str | list[str] | None = None
     eval: str | list[str] | None = None
@@ -159,3 +124,23 @@ class OrgFile(_Strict):
     holds: list[str] = []
     local: list[str] = Field(default=[], description="held selectors that are never averaged")
     address: str | None = Field(default=None, description="data-plane host:port, for deployment")
+
+
+class FederationFile(_Strict):
+    name: str = Field(min_length=1)
+    model: NonEmpty | ModelConfig = Field(
+        description=(
+            "relative to this file: a model YAML (seeded initial weights), or a Hugging Face or fedsplit model "
+            "directory to start from its weights; or the model's fields inline"
+        ),
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description=("a tokenizer file (`fedsplit tokenizer train`), relative to this file; default: UTF-8 bytes"),
+    )
+    training: TrainingConfig = TrainingConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    transport: TransportConfig = TransportConfig()
+    orgs: list[NonEmpty | OrgFile] = Field(
+        min_length=1, description="org files or globs, relative to this file, or organisations written inline"
+    )

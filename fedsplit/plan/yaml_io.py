@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,6 +27,21 @@ def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dic
             out[path + (i,)] = item.start_mark.line + 1
             _line_map(item, path + (i,), out)
     return out
+
+
+@dataclass(frozen=True)
+class Lines:
+    """The lines of a file's fields, seen from inside one of them (``prefix``): an organisation
+    written inline in a federation file has its fields under ``("orgs", i)``."""
+
+    lines: dict[tuple, int]
+    prefix: tuple = ()
+
+    def of(self, *path) -> int | None:
+        return line_of(self.lines, self.prefix + path)
+
+    def within(self, *path) -> Lines:
+        return Lines(self.lines, self.prefix + path)
 
 
 def line_of(lines: dict[tuple, int], path: tuple) -> int | None:

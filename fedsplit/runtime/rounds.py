@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .optim import OptimizerStates, make_optimizer
-from .protocols import Traffic
+from .protocols import RoundControl, Traffic
 from .threads import align_threads, compute_pool
 from .worker import Worker
 
@@ -216,25 +216,8 @@ class Rounds:
         align_threads()
         w = self.worker
         controls = {org: w.peer(org) for org in sorted(w.plan.path_orgs(w.name))}
-        totals = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0.0, "step_s": 0.0}
-        traffic_before = w.traffic()
         try:
-            for c in controls.values():
-                c.await_round(spec.round)
-            if spec.evaluate and self.eval_batches:
-                evaluated = self._evaluate()
-            else:
-                evaluated = {}
-            with compute_pool(len(controls), "fedsplit-finish") as pool:
-                for step in range(spec.first_step, spec.last_step + 1):
-                    start = time.perf_counter()
-                    m = w.data_owner.train_batch(step, *self.batches(step))
-                    for f in [pool.submit(c.finish_step, w.name, step) for c in controls.values()]:
-                        f.result()
-                    totals["step_s"] += time.perf_counter() - start
-                    for k in ("loss", "aux_loss", "tokens"):
-                        totals[k] += m[k]
-                    totals["last_loss"] = m["loss"]
+            self._metrics = run_round(w, spec, controls, self.batches, self.eval_batches)
         except Exception as e:
             reason = f"{w.name}: round {spec.round} failed: {e}"
             log.warning("%s", reason)
@@ -246,27 +229,6 @@ class Rounds:
             with self._cond:
                 self._error = self._error or reason
                 self._cond.notify_all()
-            return
-        moved: Traffic = w.traffic() - traffic_before
-        traffic = {"bytes_sent": float(moved.sent), "bytes_received": float(moved.received)}
-        n = max(spec.steps, 1)
-        trained = (
-            {
-                "loss": totals["loss"] / n,
-                "aux_loss": totals["aux_loss"] / n,
-                "last_loss": totals["last_loss"],
-                "step_s": totals["step_s"] / n,
-            }
-            if spec.steps
-            else {}
-        )
-        self._metrics = {**trained, "tokens": totals["tokens"], **evaluated, **traffic}
-
-    def _evaluate(self) -> dict[str, float]:
-        """Token-weighted mean cross-entropy of this data owner's held-out batches."""
-        tokens = [float(tok.numel()) for tok, _ in self.eval_batches]
-        losses = [self.worker.data_owner.evaluate_batch(tok, lab) for tok, lab in self.eval_batches]
-        return {"eval_loss": sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), "eval_tokens": sum(tokens)}
 
     def _restore_optimizer(self, round: int) -> None:
         """Make the optimizer state that of the end of ``round`` (0: fresh), unless it is already."""
@@ -279,3 +241,47 @@ class Rounds:
                 raise RuntimeError(f"{w.name}: cannot resume after round {round}: it keeps no optimizer state")
             self.saved.load(w.optimizer, list(w.model.bindings), round, w.name)
         self.last_finished = round
+
+
+def run_round(
+    worker: Worker,
+    spec: RoundSpec,
+    controls: Mapping[str, RoundControl],
+    batches: Callable[[int], tuple[Tensor, Tensor]],
+    eval_batches: Sequence[tuple[Tensor, Tensor]],
+) -> dict[str, float]:
+    """A data owner's part of a round: once every organisation on its path began it, evaluate the
+    weights it received (when asked), then each step's batch, reported finished to the whole path
+    (which returns once every organisation on it applied the step). Its metrics."""
+    owner = worker.data_owner
+    totals = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0.0, "step_s": 0.0}
+    traffic_before = worker.traffic()
+    for c in controls.values():
+        c.await_round(spec.round)
+    evaluated = {}
+    if spec.evaluate and eval_batches:
+        tokens = [float(tok.numel()) for tok, _ in eval_batches]
+        losses = [owner.evaluate_batch(tok, lab) for tok, lab in eval_batches]
+        evaluated = {"eval_loss": sum(x * n for x, n in zip(losses, tokens)) / sum(tokens), "eval_tokens": sum(tokens)}
+    with compute_pool(len(controls), "fedsplit-finish") as pool:
+        for step in range(spec.first_step, spec.last_step + 1):
+            start = time.perf_counter()
+            m = owner.train_batch(step, *batches(step))
+            for f in [pool.submit(c.finish_step, worker.name, step) for c in controls.values()]:
+                f.result()
+            totals["step_s"] += time.perf_counter() - start
+            for k in ("loss", "aux_loss", "tokens"):
+                totals[k] += m[k]
+            totals["last_loss"] = m["loss"]
+    moved: Traffic = worker.traffic() - traffic_before
+    traffic = {"bytes_sent": float(moved.sent), "bytes_received": float(moved.received)}
+    n = max(spec.steps, 1)
+    trained = {}
+    if spec.steps:
+        trained = {
+            "loss": totals["loss"] / n,
+            "aux_loss": totals["aux_loss"] / n,
+            "last_loss": totals["last_loss"],
+            "step_s": totals["step_s"] / n,
+        }
+    return {**trained, "tokens": totals["tokens"], **evaluated, **traffic}

@@ -6,7 +6,7 @@ from fedsplit.cli import main
 from fedsplit.plan import load_plan
 from fedsplit.plan.partition_map import partition_map
 
-from .conftest import PLANS
+from ..conftest import PLANS
 
 U_SHAPE = PLANS / "u-shape-3" / "federation.yaml"
 

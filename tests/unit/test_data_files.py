@@ -11,7 +11,7 @@ from fedsplit.data import DataError, read_corpus
 from fedsplit.plan import PlanError, load_plan
 from fedsplit.runtime.batches import batches_for
 
-from .data_plans import write_plan
+from ..data_plans import write_plan
 
 TEXT = "to be or not to be, that is the question\n" * 20
 

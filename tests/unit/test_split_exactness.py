@@ -11,7 +11,7 @@ from fedsplit.plan import load_plan
 from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_batches
 
-from .conftest import MODELS, PLANS
+from ..conftest import MODELS, PLANS
 
 SINGLE_REPLICA_PLANS = ["layers", "heads", "experts", "shared-experts", "three-orgs", "mixed-top1"]
 
@@ -60,7 +60,7 @@ def test_tied_embeddings_split_matches_monolithic(tmp_path):
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_pipelined_schedules_compute_the_same_step_as_sequential(schedule):
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
-    plan.training = plan.training.model_copy(update={"micro_batches": 4, "max_in_flight": 2})
+    plan = plan.with_settings(training=plan.training.model_copy(update={"micro_batches": 4, "max_in_flight": 2}))
     weights = initial_weights(plan)
     runs = {s: InProcessFederation(plan, weights, schedule=s) for s in ("sequential", schedule)}
     for step in range(3):
@@ -73,13 +73,15 @@ def test_pipelined_schedules_compute_the_same_step_as_sequential(schedule):
 
 def test_micro_batching_of_one_matches_monolithic(tmp_path):
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
-    plan.training = plan.training.model_copy(update={"micro_batches": 1})
+    plan = plan.with_settings(training=plan.training.model_copy(update={"micro_batches": 1}))
     assert verify(plan, steps=3).max_abs_diff <= 1e-5
 
 
 def test_averaged_replicas_equal_one_monolithic_sgd_step_on_the_union_of_batches():
     plan = load_plan(PLANS / "two-hospitals" / "federation.yaml")
-    plan.training = plan.training.model_copy(update={"optimizer": OptimizerConfig(name="sgd", lr=0.5)})
+    plan = plan.with_settings(
+        training=plan.training.model_copy(update={"optimizer": OptimizerConfig(name="sgd", lr=0.5)})
+    )
     # Before averaging, the replicas really differ: each saw only its owner's batch.
     fed = InProcessFederation(plan, initial_weights(plan))
     fed.train_step(0, synthetic_batches(plan, 0))
@@ -105,8 +107,10 @@ def _replicas_in_step(name: str):
     AdamW turns that rounding into update differences that grow with the learning rate
     (u-shape-3 after 10 steps: 3.0e-6 at 3e-4, 1.0e-5 at 1e-3)."""
     plan = load_plan(PLANS / name / "federation.yaml")
-    plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
-    plan.training = plan.training.model_copy(update={"optimizer": OptimizerConfig(name="adamw", lr=3e-4)})
+    plan = plan.with_settings(aggregation=plan.aggregation.model_copy(update={"replica_sync": "step"}))
+    plan = plan.with_settings(
+        training=plan.training.model_copy(update={"optimizer": OptimizerConfig(name="adamw", lr=3e-4)})
+    )
     return plan
 
 
@@ -133,6 +137,6 @@ def test_replicas_kept_in_step_stay_bitwise_identical():
 
 def test_gradients_added_up_in_data_owner_order_still_train_like_the_monolith():
     plan = _replicas_in_step("u-shape-3")
-    plan.training = plan.training.model_copy(update={"deterministic": True})
+    plan = plan.with_settings(training=plan.training.model_copy(update={"deterministic": True}))
     result = verify(plan, steps=10)
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)

@@ -18,7 +18,7 @@ from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_bat
 
 transformers = pytest.importorskip("transformers")
 
-from .interop_helpers import fedsplit_logits, write_plan  # noqa: E402
+from ..interop_helpers import fedsplit_logits, write_plan  # noqa: E402
 
 COMMON = dict(
     vocab_size=256,

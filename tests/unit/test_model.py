@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from fedsplit.model import Attention, ModelConfig, MoETransformer, parameter_count, rope_tables
 from fedsplit.model.moe import MoE, load_balancing_loss
 
-from .conftest import MODELS
+from ..conftest import MODELS
 
 
 @pytest.fixture

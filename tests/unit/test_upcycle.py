@@ -14,7 +14,7 @@ from fedsplit.interop.upcycle import check_upcycle, taylor_importance, upcycle
 from fedsplit.model import ModelConfig, MoETransformer
 from fedsplit.plan import load_plan
 
-from .interop_helpers import fedsplit_logits, write_plan
+from ..interop_helpers import fedsplit_logits, write_plan
 
 DENSE = ModelConfig(
     vocab_size=256,

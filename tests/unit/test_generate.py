@@ -9,12 +9,11 @@ import torch
 from fedsplit.cli import main
 from fedsplit.data import ByteTokenizer
 from fedsplit.federation.checkpoint import write_checkpoint
-from fedsplit.federation.rundir import write_merged_plan
 from fedsplit.model import MoETransformer
-from fedsplit.plan import load_plan
+from fedsplit.plan import load_plan, write_resolved
 from fedsplit.sampling import GenerateError, load_model, sample
 
-from .conftest import PLANS
+from ..conftest import PLANS
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def run_dir(tmp_path_factory):
     """A run directory with plan.json and two round checkpoints of a randomly initialised tiny model."""
     run = tmp_path_factory.mktemp("run")
     plan = load_plan(PLANS / "u-shape-3" / "federation.yaml")
-    write_merged_plan(plan, run / "plan.json")
+    write_resolved(plan, run / "plan.json")
     torch.manual_seed(0)
     for r in (1, 2):
         write_checkpoint(run / "checkpoints", r, MoETransformer(plan.model).state_dict(), {}, {"plan": plan.name})

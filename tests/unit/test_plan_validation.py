@@ -17,7 +17,7 @@ from fedsplit.model import ModelConfig
 from fedsplit.plan import PlanError, Problem, Unit, load_plan
 from fedsplit.plan.units import GRAMMAR, layer_units
 
-from .conftest import MODELS, PLANS
+from ..conftest import MODELS, PLANS
 
 TINY = MODELS / "tiny.yaml"
 DATA = "data: {train: ../data/train.txt}"  # relative to an org file in tmp_path/orgs
@@ -84,14 +84,14 @@ def only_problem(fed: Path) -> tuple[Problem, str]:
 def test_the_base_plan_of_these_tests_is_valid(write_plan):
     plan = load_plan(write_plan({"hospital-a": OWNER}))
     assert plan.data_owners == ["hospital-a"]
-    assert plan.warnings == []
+    assert plan.warnings == ()
     assert {u for p in plan.partitions for u in p.units} == plan.units_of("hospital-a")
 
 
 def test_the_example_three_org_plan_is_valid():
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
     assert set(plan.orgs) == {"hospital-a", "compute-b", "experts-c"}
-    assert plan.warnings == []
+    assert plan.warnings == ()
 
 
 # -- placement ----------------------------------------------------------------------------------

@@ -24,16 +24,18 @@ from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.runtime import MonolithicTrainer, initial_weights
 from fedsplit.runtime.batches import eval_batches_for
 
-from .reference_training import max_diff, monolithic
+from ..reference_training import max_diff, monolithic
 
-PLANS = Path(__file__).resolve().parents[1] / "configs" / "plans"
+PLANS = Path(__file__).resolve().parents[2] / "configs" / "plans"
 
 pytestmark = pytest.mark.slow
 
 
 def small_plan(name: str, rounds: int, steps: int, **training):
     plan = load_plan(PLANS / name / "federation.yaml")
-    plan.training = plan.training.model_copy(update={"rounds": rounds, "steps_per_round": steps, **training})
+    plan = plan.with_settings(
+        training=plan.training.model_copy(update={"rounds": rounds, "steps_per_round": steps, **training})
+    )
     return plan
 
 
@@ -93,7 +95,7 @@ def test_replicas_kept_in_step_make_rounds_of_adamw_equal_centralised_training(t
     plan = small_plan(
         "u-shape-3", rounds=2, steps=2, optimizer=OptimizerConfig(name="adamw", lr=3e-4)
     )  # as in test_split_exactness
-    plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": "step"})
+    plan = plan.with_settings(aggregation=plan.aggregation.model_copy(update={"replica_sync": "step"}))
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
     assert max_diff(latest_checkpoint(run_dir / "checkpoints").weights, monolithic(plan, 4)) <= 1e-5
 
@@ -169,7 +171,7 @@ def test_a_dead_data_owner_is_reported_and_the_others_go_on_with_its_replicas(tm
     """With replicas kept in step the survivor's gradient exchange with the dead holder fails
     (it does not wait for it) and the rerun keeps the survivors' replicas in step without it."""
     plan = small_plan("two-hospitals", rounds=3, steps=20)
-    plan.aggregation = plan.aggregation.model_copy(update={"replica_sync": replica_sync})
+    plan = plan.with_settings(aggregation=plan.aggregation.model_copy(update={"replica_sync": replica_sync}))
     run_dir = simulate(
         plan,
         SimulationOptions(runs_root=tmp_path, process_per_org=True, insecure=True),

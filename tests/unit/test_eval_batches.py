@@ -10,8 +10,8 @@ from fedsplit.data import HELDOUT_FRACTION, DataError
 from fedsplit.plan import load_plan
 from fedsplit.runtime.batches import batches_for, eval_batches_for, heldout_corpus, training_corpus
 
-from .conftest import ROOT
-from .data_plans import write_plan
+from ..conftest import ROOT
+from ..data_plans import write_plan
 
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_text()[:20_000]
 

@@ -121,7 +121,7 @@ def test_generated_plan_points_each_data_owner_at_its_split(tmp_path, capsys):
     assert "--split dirichlet --alpha 0.5" in (out / "federation.yaml").read_text()
     plan = load_plan(out / "federation.yaml")
     for org in ("data-00", "data-01"):
-        assert plan.orgs[org].train_data == [(out / "data" / org / "train.jsonl").resolve()]
-        assert plan.orgs[org].eval_data == [(out / "data" / org / "eval.jsonl").resolve()]
+        assert plan.orgs[org].train_data == ((out / "data" / org / "train.jsonl").resolve(),)
+        assert plan.orgs[org].eval_data == ((out / "data" / org / "eval.jsonl").resolve(),)
         assert eval_batches_for(plan, org)
     assert "train tokens per domain" in capsys.readouterr().out

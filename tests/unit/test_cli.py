@@ -6,7 +6,7 @@ import sys
 
 from fedsplit.cli import main
 
-from .conftest import PLANS, ROOT
+from ..conftest import PLANS, ROOT
 
 
 def test_plan_check_prints_each_org_and_partition(capsys):
@@ -71,3 +71,10 @@ def test_verify_json_reports_the_differences_and_both_loss_curves():
     result = json.loads(proc.stdout)
     assert set(result) >= {"max_abs_diff", "max_rel_diff", "loss_split", "loss_mono"}
     assert result["max_abs_diff"] <= 1e-5 and len(result["loss_split"]) == len(result["loss_mono"]) == 2
+
+
+def test_the_command_and_its_help_import_no_torch():
+    probe = "import sys, fedsplit.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+    out = subprocess.run([sys.executable, "-m", "fedsplit.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "plan" in out.stdout and "simulate" in out.stdout and "examples:" in out.stdout

@@ -22,7 +22,7 @@ from fedsplit.plan import ReassemblyError, TensorSlice, load_plan, reassemble, s
 from fedsplit.plan.slicing import parameter_shapes, unit_parameter_count
 from fedsplit.plan.units import all_units, parse_selector
 
-from .conftest import MODELS, PLANS
+from ..conftest import MODELS, PLANS
 
 TINY = ModelConfig.from_yaml(MODELS / "tiny.yaml")
 CONFIGS = {

@@ -13,9 +13,9 @@ from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.runtime import initial_weights
 from fedsplit.runtime.rounds import RoundSpec
 
-from .reference_training import max_diff, monolithic
+from ..reference_training import max_diff, monolithic
 
-PLANS = Path(__file__).resolve().parents[1] / "configs" / "plans"
+PLANS = Path(__file__).resolve().parents[2] / "configs" / "plans"
 
 
 def run_rounds(plan, rounds: int, order: list[str], state_dir: Path | None = None):
@@ -52,7 +52,7 @@ def run_rounds(plan, rounds: int, order: list[str], state_dir: Path | None = Non
 
 def test_rounds_without_replicas_equal_monolithic_training_whatever_the_begin_order():
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
-    plan.training = plan.training.model_copy(update={"steps_per_round": 3})
+    plan = plan.with_settings(training=plan.training.model_copy(update={"steps_per_round": 3}))
     order = ["hospital-a", "experts-c", "compute-b"]  # the data owner starts before its peers hold weights
     weights, metrics = run_rounds(plan, 2, order)
     assert max_diff(weights, monolithic(plan, 6)) <= 1e-5
@@ -65,8 +65,10 @@ def test_two_data_owners_step_together_through_their_shared_partitions():
     hospitals finished it. With one step per round and plain SGD, averaging the replicas after
     each round is exactly the monolithic step on both batches."""
     plan = load_plan(PLANS / "two-hospitals" / "federation.yaml")
-    plan.training = plan.training.model_copy(
-        update={"steps_per_round": 1, "optimizer": OptimizerConfig(name="sgd", lr=0.05)}
+    plan = plan.with_settings(
+        training=plan.training.model_copy(
+            update={"steps_per_round": 1, "optimizer": OptimizerConfig(name="sgd", lr=0.05)}
+        )
     )
     weights, _ = run_rounds(plan, 3, ["hospital-b", "hospital-a", "compute-c", "experts-d"])
     assert max_diff(weights, monolithic(plan, 3)) <= 1e-5
@@ -74,7 +76,7 @@ def test_two_data_owners_step_together_through_their_shared_partitions():
 
 def test_a_restarted_worker_resumes_from_the_optimizer_state_of_the_last_round(tmp_path):
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
-    plan.training = plan.training.model_copy(update={"steps_per_round": 2})
+    plan = plan.with_settings(training=plan.training.model_copy(update={"steps_per_round": 2}))
     order = ["hospital-a", "compute-b", "experts-c"]
     clean, _ = run_rounds(plan, 2, order)
     first, _ = run_rounds(plan, 1, order, state_dir=tmp_path)

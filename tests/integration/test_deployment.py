@@ -23,9 +23,9 @@ from fedsplit.federation.rundir import MetricsLog
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
 
-from .reference_training import max_diff, monolithic
+from ..reference_training import max_diff, monolithic
 
-PLANS = Path(__file__).resolve().parents[1] / "configs" / "plans"
+PLANS = Path(__file__).resolve().parents[2] / "configs" / "plans"
 ORGS = ("hospital-a", "hospital-b", "compute-c")
 
 pytestmark = pytest.mark.slow

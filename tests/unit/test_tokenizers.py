@@ -10,8 +10,8 @@ from fedsplit.data import BPETokenizer, ByteTokenizer, load_tokenizer, train_bpe
 from fedsplit.plan import PlanError, load_plan
 from fedsplit.runtime.batches import batches_for, tokenizer_for
 
-from .conftest import ROOT
-from .data_plans import write_model, write_plan
+from ..conftest import ROOT
+from ..data_plans import write_model, write_plan
 
 SAMPLES = [
     "",

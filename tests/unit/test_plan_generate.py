@@ -11,7 +11,7 @@ from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.plan.templates import generate_plan, render_plan
 from fedsplit.plan.units import layer_units
 
-from .conftest import MODELS, PLANS
+from ..conftest import MODELS, PLANS
 
 ENDS = {Unit("embed"), Unit("final_norm"), Unit("lm_head")}
 

@@ -1,0 +1,80 @@
+"""What every command shares: the consoles, the one error type, loading a plan, common options.
+
+Nothing here imports torch or the modules that do: ``fedsplit --help`` stays instant, and each
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+
+console = Console()
+err_console = Console(stderr=True)
+
+OK, FAILED, USAGE = 0, 1, 2  # exit codes: done; a failed run or invalid input; a command line that cannot work
+
+
+class CliError(Exception):
+    """What a command could not do and why; ``main`` prints it and exits with ``code``."""
+
+    def __init__(self, message: str, code: int = FAILED, lines: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.code, self.lines = code, lines
+
+
+def load(path: str) -> Plan:
+    """The plan at ``path``, or a :class:`CliError` listing every problem (file, line, field)."""
+    from ..plan import PlanError, load_plan
+
+    try:
+        return load_plan(path)
+    except PlanError as e:
+        raise CliError(f"invalid plan {path}:", FAILED, tuple(f"✗ {p}" for p in e.problems)) from None
+
+
+def with_overrides(plan: Plan, args: argparse.Namespace) -> Plan:
+    """``plan`` with the command line's ``--rounds`` and ``--steps``."""
+    update = {k: v for k, v in (("rounds", args.rounds), ("steps_per_round", args.steps)) if v is not None}
+    return plan.with_training(**update) if update else plan
+
+
+def warn_insecure() -> None:
+    err_console.print(
+        "[bold red]WARNING: --insecure: the data plane runs WITHOUT TLS and WITHOUT credentials. "
+        "Activations, gradients and weights cross the network in plaintext and anyone who can "
+        "reach a worker can call it. Use this only on loopback for tests.[/]"
+    )
+
+
+def credentials(args: argparse.Namespace) -> Path | None:
+    if args.insecure:
+        warn_insecure()
+        return None
+    return Path(args.credentials)
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every command that makes a run directory takes."""
+    parser.add_argument("--rounds", type=int, help="override training.rounds")
+    parser.add_argument("--steps", type=int, help="override training.steps_per_round")
+    parser.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
+
+
+def security_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--credentials", metavar="DIR", help=f"`fedsplit certs` output: {what}")
+    group.add_argument(
+        "--insecure", action="store_true", help="no TLS and no tokens on either plane (trusted networks only)"
+    )
+
+
+def say(text: str) -> None:
+    """A line of output that keeps its words as they are (no highlighting, no wrapping mid-word)."""
+    console.print(text, highlight=False, soft_wrap=True)

@@ -1,0 +1,165 @@
+"""``fedsplit plan check | show | generate``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.table import Table
+
+from .common import USAGE, CliError, console, load, say
+
+if TYPE_CHECKING:
+    from ..data import Tokenizer
+    from ..data.corpus_split import CorpusSplit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser("plan", help="check, show and generate partition plans")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    check = plan_sub.add_parser("check", help="validate a plan and print what goes where")
+    check.add_argument("federation", help="the federation YAML file")
+    check.set_defaults(func=check_plan)
+    show = plan_sub.add_parser(
+        "show", help="the partition map: layers x (head groups, experts, other pieces) by organisation"
+    )
+    show.add_argument("federation", help="the federation YAML file")
+    show.add_argument("--png", metavar="FILE", help="draw it into a PNG (default: print it as text)")
+    show.set_defaults(func=show_plan)
+    generate = plan_sub.add_parser(
+        "generate", help="write a U-shaped plan for many organisations (data owners hold both ends)"
+    )
+    generate.add_argument("--orgs", type=int, required=True, help="number of organisations")
+    generate.add_argument("--out", required=True, help="directory for federation.yaml and orgs/")
+    generate.add_argument(
+        "--data-owners", type=int, help="organisations with data (default: a quarter of --orgs, at least 1)"
+    )
+    generate.add_argument("--model", help="model YAML (default: configs/models/tiny.yaml)")
+    generate.add_argument("--name", help="plan name (default: generated-ORGS)")
+    training = generate.add_argument_group(
+        "training", "defaults: seed 0, 1 round of 2 steps, batch 2 per data owner, seq_len 32 (small enough for a CPU)"
+    )
+    for flag in ("--seed", "--rounds", "--steps-per-round", "--batch-size", "--seq-len"):
+        training.add_argument(flag, type=int)
+    generate.add_argument(
+        "--split",
+        choices=["iid", "domain", "dirichlet"],
+        help="give each data owner its own train/held-out files cut from the shipped corpora (under OUT/data/)",
+    )
+    generate.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration for --split dirichlet (default 0.5)"
+    )
+    generate.set_defaults(func=generate_plan)
+
+
+def check_plan(args: argparse.Namespace) -> None:
+    from ..plan.units import describe
+
+    plan = load(args.federation)
+    per = plan.bytes_per_parameter
+    orgs = Table(title=f"plan '{plan.name}': {len(plan.orgs)} organisations, model {plan.model_source.name}")
+    for col in ("organisation", "holds", "parameters", "memory", "data", "device"):
+        orgs.add_column(col, justify="right" if col in ("parameters", "memory") else "left")
+    total = 0
+    for name, org in plan.orgs.items():
+        n = plan.parameter_count(name)
+        total += n
+        orgs.add_row(
+            name,
+            "\n".join(e.selector for e in org.entries) or "-",
+            f"{n:,}",
+            f"{n * per / 2**20:.1f} MiB",
+            "yes" if org.holds_data else "-",
+            org.device,
+        )
+    console.print(orgs)
+    sync = (
+        "add up their gradients every step"
+        if plan.aggregation.replica_sync == "step"
+        else "are averaged after each round"
+    )
+    parts = Table(title=f"partitions (replicas {sync})")
+    for col in ("partition", "units", "held by", ""):
+        parts.add_column(col)
+    for p in plan.partitions:
+        mark = "local" if p.local_holders else ("replicated" if p.replicated else "")
+        parts.add_row(p.name, describe(p.units, plan.model), ", ".join(p.holders), mark)
+    console.print(parts)
+    console.print(
+        f"memory = parameters x {per} bytes (fp32 weights, gradients, {plan.training.optimizer.name} state); "
+        f"{total:,} parameters held in all, replicas included"
+    )
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print("[green]plan is valid[/]")
+
+
+def show_plan(args: argparse.Namespace) -> None:
+    from ..plan.partition_map import draw_partition_map, partition_map
+    from ..plan.units import describe
+
+    plan = load(args.federation)
+    if args.png:
+        say(f"wrote the partition map of plan '{plan.name}' to {draw_partition_map(plan, args.png)}")
+        return
+    table = Table(title=f"partition map of plan '{plan.name}', layer by layer", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("row", "pieces", "held by"):
+        table.add_column(col)
+    for row in partition_map(plan)[1]:
+        for i, (holders, units) in enumerate(row.pieces()):
+            mark = " [dim](replicated)[/]" if len(holders) > 1 else ""
+            table.add_row(row.label if i == 0 else "", describe(units, plan.model), ", ".join(holders) + mark)
+    console.print(table)
+
+
+def generate_plan(args: argparse.Namespace) -> None:
+    from ..plan import templates
+
+    given = {k: getattr(args, k) for k in ("model", "seed", "rounds", "steps_per_round", "batch_size", "seq_len")}
+    try:
+        split = None
+        if args.split is not None:  # the shipped corpora across the plan's data owners, by the plan's seed
+            from ..data.corpus_split import split_corpora
+
+            owners = args.data_owners if args.data_owners is not None else templates.default_data_owners(args.orgs)
+            split = split_corpora(templates.data_owner_names(owners), args.split, alpha=args.alpha, seed=args.seed or 0)
+        path = templates.generate_plan(
+            args.orgs,
+            args.out,
+            data_owners=args.data_owners,
+            name=args.name,
+            split=split,
+            **{k: v for k, v in given.items() if v is not None},
+        )
+    except ValueError as e:
+        raise CliError(f"cannot generate: {e}", USAGE) from None
+    plan = load(str(path))
+    replicated = sum(p.replicated for p in plan.partitions)
+    say(
+        f"wrote {path}: plan '{plan.name}' is valid: {len(plan.orgs)} organisations, "
+        f"{len(plan.data_owners)} data owners, {len(plan.partitions)} partitions ({replicated} replicated)"
+    )
+    if split is not None:
+        print_split(split)
+
+
+def print_split(split: CorpusSplit, tokenizer: Tokenizer | None = None) -> None:
+    """Tokens per organisation and domain (train), and held-out tokens, of a corpus split."""
+    counts = split.token_counts(*([tokenizer] if tokenizer else []))
+    alpha = f", alpha {split.alpha:g}" if split.by == "dirichlet" else ""
+    table = Table(
+        title=f"{split.by} split{alpha}, seed {split.seed}: train tokens per domain",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in ["org", *split.domains, "train", "held-out"]:
+        table.add_column(col, justify="left" if col == "org" else "right", no_wrap=True)
+    for org, roles in counts.items():
+        table.add_row(
+            org,
+            *(f"{roles['train'][d]:,}" for d in split.domains),
+            f"{sum(roles['train'].values()):,}",
+            f"{sum(roles['eval'].values()):,}",
+        )
+    console.print(table)

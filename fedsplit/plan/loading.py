@@ -1,0 +1,341 @@
+"""Loading a plan: a federation file and the organisation files it names (or a run's resolved
+plan, which has every organisation and the model inline), validated, with every problem found
+reported at once (file, line, organisation, field, selector).
+
+A *resolved plan* (:func:`write_resolved`) is what a run works from: the plan as loaded, with
+the run's overrides applied and every path absolute, in one file that :func:`load_plan` reads
+back to the same plan. The coordinator writes it to the run directory; every process of the run
+(the ServerApp, each worker host) loads it, so none re-reads the user's files or patches them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+from pathlib import Path
+
+from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
+from ..interop import CheckpointError, ModelCheckpoint, is_model_directory, open_checkpoint
+from ..model import ModelConfig
+from .errors import PlanError, Problem
+from .plan import Entry, Org, Partition, Plan
+from .schema import FederationFile, OrgFile
+from .units import SelectorError, Unit, all_units, describe, parse_selector
+from .yaml_io import Lines, load_yaml
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Load and validate a federation file and the organisation files it names (or written
+    inline), or a run's resolved plan.
+
+    Raises :class:`PlanError` listing every problem found, each with its file and line.
+    """
+    path = Path(path)
+    fed, fed_lines, problems = load_yaml(path, FederationFile)
+    if fed is None:
+        raise PlanError(problems)
+    lines = Lines(fed_lines)
+
+    model, model_source, checkpoint, model_problems = _load_model(path, fed.model)
+    if model is None:
+        where = Problem(f"the model {fed.model!r} is invalid (below)", file=path, line=lines.of("model"), field="model")
+        raise PlanError([where, *model_problems])
+
+    orgs: dict[str, Org] = {}
+    for org in _load_orgs(path, fed, lines, model, problems):
+        if org.name in orgs:
+            problems.append(
+                Problem(
+                    f"organisation name already used by {orgs[org.name].file}", file=org.file, org=org.name, field="org"
+                )
+            )
+        else:
+            orgs[org.name] = org
+    if problems:
+        raise PlanError(problems)
+
+    partitions = _partitions(model, path, orgs, problems)
+    _check_data_owners(path, orgs, problems)
+    tokenizer = _checked_tokenizer(path, fed, lines, model, problems)
+    if problems:
+        raise PlanError(problems)
+    plan = Plan(
+        fed.name,
+        path,
+        model,
+        model_source,
+        fed.training,
+        fed.aggregation,
+        orgs,
+        tuple(partitions),
+        fed.transport,
+        tokenizer,
+        checkpoint=checkpoint,
+    )
+    return dataclasses.replace(plan, warnings=tuple(_privacy_warnings(plan)))
+
+
+def _load_model(
+    fed_file: Path, model: str | ModelConfig
+) -> tuple[ModelConfig | None, Path, ModelCheckpoint | None, list[Problem]]:
+    """The model written inline or in a model YAML (seeded initial weights), or a Hugging Face or
+    fedsplit model directory (its weights): (config, source, checkpoint, problems)."""
+    if isinstance(model, ModelConfig):
+        return model, fed_file, None, []
+    path = (fed_file.parent / model).resolve()
+    if not is_model_directory(path):
+        config, _, problems = load_yaml(path, ModelConfig)
+        return config, path, None, problems
+    try:
+        checkpoint = open_checkpoint(path)
+    except CheckpointError as e:
+        return None, path, None, [Problem(e.reason, file=e.file or path, field=e.field)]
+    return checkpoint.config, path, checkpoint, []
+
+
+def _load_orgs(fed_file: Path, fed: FederationFile, lines: Lines, model: ModelConfig, problems: list[Problem]):
+    """Each organisation of the ``orgs`` list: files (or globs) relative to the federation file,
+    or inline definitions. Overlapping globs (``orgs/*.yaml`` and ``orgs/a.yaml``) name a file
+    once, not twice: loading it again would report the org as a duplicate of itself."""
+    loaded: set[Path] = set()
+    for i, item in enumerate(fed.orgs):
+        if isinstance(item, OrgFile):
+            org = _org(item, fed_file, lines.within("orgs", i), model, problems)
+            if org is not None:
+                yield org
+            continue
+        files = sorted(glob.glob(str(fed_file.parent / item)))
+        if not files:
+            problems.append(
+                Problem(f"no organisation file matches {item!r}", file=fed_file, line=lines.of("orgs", i), field="orgs")
+            )
+        for f in files:
+            if Path(f).resolve() in loaded:
+                continue
+            loaded.add(Path(f).resolve())
+            spec, org_lines, found = load_yaml(Path(f), OrgFile)
+            problems += found
+            org = _org(spec, Path(f), Lines(org_lines), model, problems) if spec is not None else None
+            if org is not None:
+                yield org
+
+
+def _org(spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, problems: list[Problem]) -> Org | None:
+    entries = []
+    for i, selector in enumerate(spec.holds):
+        line = lines.of("holds", i)
+        try:
+            entries.append(Entry(spec.org, selector.strip(), parse_selector(selector, model), file, line))
+        except SelectorError as e:
+            problems.append(Problem(str(e), file=file, line=line, org=spec.org, selector=selector))
+    held = {e.selector for e in entries}
+    for i, selector in enumerate(spec.local):
+        if selector.strip() not in held:
+            problems.append(
+                Problem(
+                    "a local selector must be one of the org's own 'holds' entries",
+                    file=file,
+                    line=lines.of("local", i),
+                    org=spec.org,
+                    selector=selector,
+                    field="local",
+                )
+            )
+    train = _data_paths(file, lines, spec, "train", problems)
+    evals = _data_paths(file, lines, spec, "eval", problems)
+    if not spec.holds and not train:
+        problems.append(
+            Problem(
+                "holds no part of the model and has no data: it has nothing to do in this federation",
+                file=file,
+                org=spec.org,
+            )
+        )
+    local = tuple(s.strip() for s in spec.local)
+    return Org(spec.org, file, spec.device, tuple(train), tuple(evals), tuple(entries), local, spec.address)
+
+
+def _data_paths(file: Path, lines: Lines, spec: OrgFile, split: str, problems: list[Problem]) -> list[Path]:
+    value = getattr(spec.data, split) if spec.data else None
+    if value is None:
+        return []
+    paths: list[Path] = []
+    for pattern in [value] if isinstance(value, str) else value:
+        matches = sorted(glob.glob(str(file.parent / pattern)))
+        if not matches:
+            problems.append(
+                Problem(
+                    f"data file {pattern!r} does not exist (paths are relative to {file.parent})",
+                    file=file,
+                    line=lines.of("data", split),
+                    org=spec.org,
+                    field=f"data.{split}",
+                )
+            )
+        paths += [Path(m).resolve() for m in matches]
+    return paths
+
+
+def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], problems: list[Problem]) -> list[Partition]:
+    entries = [e for org in orgs.values() for e in org.entries]
+    for i, a in enumerate(entries):
+        for b in entries[i + 1 :]:
+            shared = a.units & b.units
+            if shared and not (a.units <= b.units or b.units <= a.units):
+                problems.append(
+                    Problem(
+                        f"overlaps '{b.selector}' of org '{b.org}' ({b.file}) on {describe(shared)}, but the "
+                        "two are neither "
+                        f"the same piece (replicas hold identical selections) nor one inside the other (a carve-out); "
+                        f"split them so that each unit has one smallest holder",
+                        file=a.file,
+                        line=a.line,
+                        org=a.org,
+                        selector=a.selector,
+                    )
+                )
+    if problems:
+        return []
+
+    smallest: dict[Unit, frozenset[Unit]] = {}
+    for e in entries:
+        for u in e.units:
+            if u not in smallest or len(e.units) < len(smallest[u]):
+                smallest[u] = e.units
+    missing = all_units(model) - smallest.keys()
+    if missing:
+        problems.append(
+            Problem(
+                f"held by no organisation: {describe(missing)}; add them to some organisation's 'holds'", file=fed_file
+            )
+        )
+
+    by_key: dict[frozenset[Unit], list[Unit]] = {}
+    for u, key in smallest.items():
+        by_key.setdefault(key, []).append(u)
+    partitions = []
+    for key, units in by_key.items():
+        defining = [e for e in entries if e.units == key]
+        holders = tuple(dict.fromkeys(e.org for e in defining))
+        local = frozenset(e.org for e in defining if e.selector in orgs[e.org].local)
+        partitions.append(Partition(defining[0].selector, frozenset(units), holders, local))
+    partitions.sort(key=lambda p: min(u.position for u in p.units))
+
+    if model.tie_embeddings and smallest:
+        embed, head = (next((p for p in partitions if Unit(k) in p.units), None) for k in ("embed", "lm_head"))
+        if embed and head and set(embed.holders) != set(head.holders):
+            problems.append(
+                Problem(
+                    f"the model ties lm_head to embed, so the same organisations must hold both "
+                    f"(embed: {', '.join(embed.holders)}; lm_head: {', '.join(head.holders)})",
+                    file=fed_file,
+                )
+            )
+    return partitions
+
+
+def _check_data_owners(fed_file: Path, orgs: dict[str, Org], problems: list[Problem]) -> None:
+    if orgs and not any(o.holds_data for o in orgs.values()):
+        problems.append(
+            Problem("no organisation has training data (give at least one org a 'data: {train: ...}')", file=fed_file)
+        )
+
+
+def _checked_tokenizer(
+    fed_file: Path, fed: FederationFile, lines: Lines, model: ModelConfig, problems: list[Problem]
+) -> Path | None:
+    """The plan's tokenizer file (None: bytes), whose vocabulary must fit the model's."""
+    path = (fed_file.parent / fed.tokenizer).resolve() if fed.tokenizer else None
+    where = {
+        "file": fed_file,
+        "line": lines.of("tokenizer") if path else lines.of("model"),
+        "field": "tokenizer" if path else "model",
+    }
+    try:
+        vocab = load_tokenizer(path).vocab_size if path else ByteTokenizer.vocab_size
+    except TokenizerError as e:
+        problems.append(Problem(str(e), **where))
+        return path
+    if model.vocab_size < vocab:
+        name = (
+            f"the tokenizer {fed.tokenizer}" if path else "the byte-level tokenizer (the default: no 'tokenizer' given)"
+        )
+        problems.append(
+            Problem(
+                f"{name} has {vocab} tokens but the model's vocab_size is {model.vocab_size}: raise vocab_size "
+                f"in {fed.model if isinstance(fed.model, str) else 'the model'} to at least {vocab}, or train a "
+                "smaller tokenizer",
+                **where,
+            )
+        )
+    return path
+
+
+def _privacy_warnings(plan: Plan) -> list[Problem]:
+    warnings = []
+    for d in plan.data_owners:
+        route = plan.route(d)
+        org = plan.orgs[d]
+        if route[Unit("embed")] != d:
+            warnings.append(
+                Problem(
+                    "raw tokens leave the organisation: it does not hold 'embed', so its token ids go to "
+                    f"'{route[Unit('embed')]}'",
+                    file=org.file,
+                    org=d,
+                )
+            )
+        if route[Unit("lm_head")] != d:
+            warnings.append(
+                Problem(
+                    "labels leave the organisation: it does not hold 'lm_head', so its next-token labels go "
+                    f"to '{route[Unit('lm_head')]}'",
+                    file=org.file,
+                    org=d,
+                )
+            )
+    return warnings
+
+
+def resolved(plan: Plan) -> dict:
+    """The plan as one self-contained document that :func:`load_plan` reads back to the same
+    plan: its run settings as they are now, every organisation inline, every path absolute, and
+    the model inline (or the absolute path of the model directory whose weights it starts from)."""
+    model = str(plan.model_source) if plan.checkpoint is not None else plan.model.model_dump(mode="json")
+    orgs = []
+    for name, o in plan.orgs.items():
+        org: dict = {"org": name, "device": o.device, "holds": [e.selector for e in o.entries], "local": list(o.local)}
+        if o.train_data or o.eval_data:
+            org["data"] = {"train": [str(p) for p in o.train_data], "eval": [str(p) for p in o.eval_data]}
+        if o.address:
+            org["address"] = o.address
+        orgs.append(org)
+    document = {
+        "name": plan.name,
+        "model": model,
+        "training": plan.training.model_dump(mode="json"),
+        "aggregation": plan.aggregation.model_dump(mode="json"),
+        "transport": plan.transport.model_dump(mode="json"),
+        "orgs": orgs,
+    }
+    if plan.tokenizer is not None:
+        document["tokenizer"] = str(plan.tokenizer)
+    return document
+
+
+def write_resolved(plan: Plan, path: Path) -> Path:
+    """Write :func:`resolved` to ``path`` (JSON, which :func:`load_plan` reads as YAML)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(resolved(plan), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def resolved_model(path: Path) -> ModelConfig:
+    """The model configuration of a resolved plan file, read without validating the rest of the
+    plan (whose data files may live on other machines): what a run's checkpoints load into."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    model = document["model"]
+    return ModelConfig.model_validate(model) if isinstance(model, dict) else open_checkpoint(Path(model)).config
