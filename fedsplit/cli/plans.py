@@ -86,9 +86,10 @@ def check_plan(args: argparse.Namespace) -> None:
         mark = "local" if p.local_holders else ("replicated" if p.replicated else "")
         parts.add_row(p.name, describe(p.units, plan.model), ", ".join(p.holders), mark)
     console.print(parts)
+    copies = ", bf16 compute copies" if plan.training.precision == "bf16-mixed" else ""
     console.print(
-        f"memory = parameters x {per} bytes (fp32 weights, gradients, {plan.training.optimizer.name} state); "
-        f"{total:,} parameters held in all, replicas included"
+        f"memory = parameters x {per} bytes (fp32 weights, gradients, {plan.training.optimizer.name} state{copies}; "
+        f"activations not included); {total:,} parameters held in all, replicas included"
     )
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.add_argument("--device", default="cpu", help="device for every organisation and the reference (default cpu)")
     verify.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="override the plan's optimizer")
+    verify.add_argument("--precision", choices=["fp32", "bf16-mixed"], help="override training.precision")
     verify.add_argument(
         "--transport",
         choices=["inprocess", "grpc"],
@@ -130,6 +131,8 @@ def verify_plan(args: argparse.Namespace) -> int:
     from ..plan.schema import OptimizerConfig
 
     plan = load(args.federation)
+    if args.precision:
+        plan = plan.with_training(precision=args.precision)
     optimizer = None
     if args.optimizer:
         optimizer = OptimizerConfig(**{**plan.training.optimizer.model_dump(), "name": args.optimizer, "momentum": 0.0})
@@ -153,8 +156,15 @@ def verify_plan(args: argparse.Namespace) -> int:
             table.add_row(str(i + 1), f"{a:.6f}", f"{b:.6f}")
         console.print(table)
         console.print(f"max abs parameter difference: {result.max_abs_diff:.3e} (at {result.worst_parameter})")
-        console.print(f"max rel parameter difference: {result.max_rel_diff:.3e}")
-        console.print("[green]exact within tolerance[/]" if ok else f"[red]differs by more than {args.tolerance:g}[/]")
+        console.print(
+            f"max rel parameter difference: {result.max_rel_diff:.3e} "
+            "(|split - mono| / max(|mono|, 1e-6), worst element)"
+        )
+        if result.clip_split:
+            worst = max(abs(a - b) / b for a, b in zip(result.clip_split, result.clip_mono))
+            console.print(f"clip factors: split vs monolithic within {worst:.1e} relative in every step")
+        verdict = "[green]exact within" if ok else "[red]differs by more than"
+        console.print(f"{verdict} the tolerance {args.tolerance:g} (max abs difference, --tolerance)[/]")
     return 0 if ok else FAILED
 
 

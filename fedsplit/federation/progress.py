@@ -28,7 +28,8 @@ def progress_bar(console: Console, what: str) -> Progress:
 
 
 def status_of(records: list[dict]) -> tuple[int, str]:
-    """(rounds done, a line with the last loss, held-out perplexity and tokens per second)."""
+    """(rounds done, a line with the last loss, tokens per second, learning rate, gradient norm and
+    held-out perplexity)."""
     rounds = [r for r in records if r.get("event") == "round"]
     evals = [r for r in records if r.get("event") == "eval"]
     parts = []
@@ -37,6 +38,10 @@ def status_of(records: list[dict]) -> tuple[int, str]:
         parts.append(f"loss {last['loss']:.4f}")
         if last.get("seconds"):
             parts.append(f"{last['tokens'] / last['seconds']:,.0f} tok/s")
+        if last.get("lr"):
+            parts.append(f"lr {last['lr'][-1]:.2e}")
+        if last.get("grad_norm"):
+            parts.append(f"grad norm {last['grad_norm'][-1]:.3f}")
     if evals:
         parts.append(f"held-out ppl {evals[-1]['ppl']:.2f}")
     return len({r["round"] for r in rounds}), "  ".join(parts)

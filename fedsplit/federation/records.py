@@ -28,6 +28,7 @@ class RoundConfig:
                 "data-owners": list(s.data_owners),
                 "restore-round": s.restore_round,
                 "evaluate": s.evaluate,
+                "attempt": s.attempt,
                 "wait-s": float(self.wait_s),
                 "orgs": list(self.addresses),
                 "addresses": list(self.addresses.values()),
@@ -43,6 +44,7 @@ class RoundConfig:
             tuple(str(d) for d in record["data-owners"]),
             int(record["restore-round"]),
             bool(record["evaluate"]),
+            int(record["attempt"]),
         )
         addresses = dict(zip(map(str, record["orgs"]), map(str, record["addresses"])))
         return cls(str(record["run"]), spec, float(record["wait-s"]), addresses)

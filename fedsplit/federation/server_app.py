@@ -14,7 +14,9 @@ a clear error otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import itertools
 import json
 import time
 from collections.abc import Iterable
@@ -63,6 +65,23 @@ def expert_load(metrics: dict[str, dict[str, float]], num_experts: int) -> dict[
                 _, layer, e = key.split("/")
                 counts.setdefault(layer, [0.0] * num_experts)[int(e)] += n
     return {layer: [n / (sum(c) or 1.0) for n in c] for layer, c in sorted(counts.items(), key=lambda kv: int(kv[0]))}
+
+
+STEP_SERIES = ("lr", "grad_norm", "clip_factor")  # per-step metrics: "<name>/<step>" keys of data owners'
+
+
+def step_series(metrics: dict[str, dict[str, float]], owners) -> dict[str, list[float]]:
+    """The round's per-step learning rate (and gradient norm and clip factor, with clipping), as
+    the first data owner that reports them saw them: every organisation applies the same ones."""
+    for d in owners:
+        series = {}
+        for name in STEP_SERIES:
+            steps = sorted((int(k.split("/")[1]), v) for k, v in metrics.get(d, {}).items() if k.startswith(f"{name}/"))
+            if steps:
+                series[name] = [v for _, v in steps]
+        if series:
+            return series
+    return {}
 
 
 class Coordinator:
@@ -145,9 +164,8 @@ class Coordinator:
         started = time.monotonic()
         spec, outcome = self._run_round(lambda: self._round_spec(r, t.steps_per_round))
         metrics = outcome.metrics()
-        org_metrics = {
-            org: {k: v for k, v in m.items() if not k.startswith("expert_load/")} for org, m in metrics.items()
-        }
+        per_step = ("expert_load/", *(f"{name}/" for name in STEP_SERIES))
+        org_metrics = {org: {k: v for k, v in m.items() if not k.startswith(per_step)} for org, m in metrics.items()}
         self._log_evaluation(r - 1, spec, org_metrics)
         trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
         self.weights, self.local = aggregate_round(
@@ -166,6 +184,7 @@ class Coordinator:
             "tokens": tokens,
             "orgs": org_metrics,
             "expert_load": expert_load(metrics, self.plan.model.num_experts),
+            **step_series(metrics, spec.data_owners),
             "alive": sorted(self.alive),
         }
         path = write_checkpoint(
@@ -224,9 +243,10 @@ class Coordinator:
         )
 
     def _run_round(self, make_spec) -> tuple[RoundSpec, Outcome]:
-        """Begin and collect a round; rerun it without organisations that are gone, or stop."""
-        while True:
-            spec = make_spec()
+        """Begin and collect a round; rerun it (a new attempt) without organisations that are gone,
+        or stop."""
+        for attempt in itertools.count():
+            spec = dataclasses.replace(make_spec(), attempt=attempt)
             if self.settings.one_message_per_round:
                 outcome = self._whole_round(spec)
             else:

@@ -3,7 +3,7 @@ initial weights on the same batches, and measure how far the parameters drift ap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -22,19 +22,16 @@ class VerifyError(ValueError):
 @dataclass
 class VerifyResult:
     max_abs_diff: float
-    max_rel_diff: float
+    max_rel_diff: float  # max over elements of |split - mono| / max(|mono|, 1e-6)
     loss_split: list[float] = field(default_factory=list)
     loss_mono: list[float] = field(default_factory=list)
     worst_parameter: str = ""
+    lr: list[float] = field(default_factory=list)  # each step's learning rate (both runs use the same schedule)
+    clip_split: list[float] = field(default_factory=list)  # with training.grad_clip: each step's clip factor
+    clip_mono: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {
-            "max_abs_diff": self.max_abs_diff,
-            "max_rel_diff": self.max_rel_diff,
-            "loss_split": self.loss_split,
-            "loss_mono": self.loss_mono,
-            "worst_parameter": self.worst_parameter,
-        }
+        return asdict(self)
 
 
 def verify(
@@ -84,9 +81,14 @@ def _train_and_compare(plan: Plan, steps: int, mono: MonolithicTrainer, split, r
     result = VerifyResult(0.0, 0.0)
     for step in range(steps):
         batches = synthetic_batches(plan, step)
-        result.loss_mono.append(mono.train_step(step, batches)["loss"])
+        reference = mono.train_step(step, batches)
+        result.loss_mono.append(reference["loss"])
+        result.lr.append(reference["lr"])
         metrics = split.train_step(step, batches)
         result.loss_split.append(_mean_objective(plan, metrics))
+        if plan.training.grad_clip is not None:
+            result.clip_mono.append(reference["clip_factor"])
+            result.clip_split.append(next(iter(metrics.values()))["clip_factor"])
         for p in replicated:
             users = {org: len(plan.users(p, org)) for org in p.holders}
             split.load_partition(p, average_replicas(split.replicas(p), users))

@@ -56,8 +56,9 @@ class WorkerControl:
         control = pb.Control(train_batch=pb.TrainBatch(step=step))
         return self.call(control, [("tokens", tokens), ("labels", labels)])[0]
 
-    def apply_step(self, step: int, timeout: float | None = None) -> None:
-        self.call(pb.Control(apply_step=pb.ApplyStep(step=step)), timeout=timeout)
+    def apply_step(self, step: int, timeout: float | None = None) -> dict[str, float]:
+        """Apply a step's update; its learning rate (and with clipping, gradient norm and factor)."""
+        return self.call(pb.Control(apply_step=pb.ApplyStep(step=step)), timeout=timeout)[0]
 
     def state(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self.call(pb.Control(read_state=pb.ReadState()))[1]}
@@ -67,6 +68,10 @@ class WorkerControl:
 
     def traffic(self) -> dict[str, float]:
         return self.call(pb.Control(read_traffic=pb.ReadTraffic()))[0]
+
+    def memory(self) -> dict[str, float]:
+        """The worker's peak memory: its process's RSS and, on a GPU, what torch allocated there."""
+        return self.call(pb.Control(read_memory=pb.ReadMemory()))[0]
 
     def close(self) -> None:
         self.channel.close()

@@ -67,15 +67,21 @@ class GrpcPeer:
         control = pb.Control(replica_gradients=pb.ReplicaGradients(step=step))
         self.channel.call(pb.CallHeader(run=self.run, phase=pb.CONTROL, data_owner=org, control=control), list(grads))
 
+    def reduce_norm(self, org: str, step: int, squared: float) -> float:
+        control = pb.Control(reduce_norm=pb.ReduceNorm(step=step, squared=squared))
+        header = pb.CallHeader(run=self.run, phase=pb.CONTROL, data_owner=org, control=control)
+        reply, _ = self.channel.exchange(header, [], timeout=self.step_timeout + self.channel.timeout)
+        return reply.metrics["total"]
+
     # RoundControl: these wait on the callee's step barrier, so their deadline is the barrier's.
-    def await_round(self, round: int) -> None:
-        self._barrier(pb.Control(await_round=pb.AwaitRound(round=round)))
+    def await_round(self, round: int, attempt: int) -> None:
+        self._barrier(pb.Control(await_round=pb.AwaitRound(round=round, attempt=attempt)))
 
     def finish_step(self, data_owner: str, step: int) -> None:
         self._barrier(pb.Control(finish_step=pb.FinishStep(step=step)), data_owner=data_owner)
 
-    def abort(self, round: int, reason: str) -> None:
-        control = pb.Control(abort_round=pb.AbortRound(round=round, reason=reason))
+    def abort(self, round: int, attempt: int, reason: str) -> None:
+        control = pb.Control(abort_round=pb.AbortRound(round=round, attempt=attempt, reason=reason))
         self.channel.call(pb.CallHeader(run=self.run, phase=pb.CONTROL, control=control), [], timeout=ABORT_TIMEOUT_S)
 
     def _barrier(self, control: pb.Control, data_owner: str = "") -> None:

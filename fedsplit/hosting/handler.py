@@ -27,15 +27,24 @@ from .messages import op_from_proto, spec_from_proto
 
 # Control calls that may reach a worker before its own organisation connected it to the run: a
 # data owner asking whether the round began, a co-holder's gradients.
-_BEFORE_CONNECT = ("await_round", "replica_gradients")
+_BEFORE_CONNECT = ("await_round", "replica_gradients", "reduce_norm")
 
 
 class WorkerHandler:
     """Serves one worker. ``run=None``: the worker joins the run its own organisation (or the
     coordinator) first connects it for, and connecting it for another run later starts it afresh."""
 
-    def __init__(self, worker: Worker, run: str | None, tls: TLSConfig | None, token: str | None = None):
+    def __init__(
+        self,
+        worker: Worker,
+        run: str | None,
+        tls: TLSConfig | None,
+        token: str | None = None,
+        co_hosted: Mapping[str, Worker] | None = None,
+    ):
+        """``co_hosted``: the workers of this process, which this one calls in memory."""
         self.worker, self.run, self.tls, self.token = worker, run, tls, token
+        self.co_hosted = co_hosted if co_hosted is not None else {worker.name: worker}
         self._addresses: dict[str, str] = {}
 
     def handle(self, header: pb.CallHeader, tensors: Named) -> Reply:
@@ -67,12 +76,10 @@ class WorkerHandler:
         if header.phase in (pb.FORWARD, pb.EVALUATE):
             if any(v is None for v in values):
                 raise ValueError("forward inputs cannot be absent")
-            w.policy.check(header.caller, key, op, values)
-            run = w.forward if header.phase == pb.FORWARD else w.evaluate
-            return Reply(positional(run(key, op, values)), codecs.activations)
+            outputs = w.forward(header.caller, key, op, values, keep=header.phase == pb.FORWARD)
+            return Reply(positional(outputs), codecs.activations)
         if header.phase == pb.BACKWARD:
-            w.policy.check(header.caller, key, op)
-            return Reply(positional(w.backward(key, op, values)), codecs.gradients)
+            return Reply(positional(w.backward(header.caller, key, op, values)), codecs.gradients)
         raise ValueError(f"unknown phase {header.phase}")
 
     def _owner_only(self, header: pb.CallHeader) -> None:
@@ -87,16 +94,18 @@ class WorkerHandler:
             policy.check_round_caller(header.caller, header.data_owner if kind == "finish_step" else None)
             rounds = self._rounds()
             if kind == "await_round":
-                rounds.await_round(c.await_round.round)
+                rounds.await_round(c.await_round.round, c.await_round.attempt)
             elif kind == "finish_step":
                 rounds.finish_step(header.data_owner, c.finish_step.step)
             else:
-                rounds.abort(c.abort_round.round, c.abort_round.reason)
+                rounds.abort(c.abort_round.round, c.abort_round.attempt, c.abort_round.reason)
             return Reply()
         if kind == "replica_gradients":
-            policy.check_replica_sender(header.caller, header.data_owner)
-            w.add_replica_grads(header.caller, c.replica_gradients.step, tensors)
+            w.add_replica_grads(header.caller, header.data_owner, c.replica_gradients.step, tensors)
             return Reply()
+        if kind == "reduce_norm":
+            total = w.reduce_norm(header.caller, header.data_owner, c.reduce_norm.step, c.reduce_norm.squared)
+            return Reply(metrics={"total": total})
         if kind is None:
             raise ValueError("a control call must say what it asks")
         policy.check_owner(header.caller)
@@ -111,11 +120,13 @@ class WorkerHandler:
                 raise ValueError(f"{w.name} has no data: it trains no batch of its own")
             return Reply(metrics=w.data_owner.train_batch(c.train_batch.step, tensors[0][1], tensors[1][1]))
         elif kind == "apply_step":
-            w.apply_step(c.apply_step.step)
+            return Reply(metrics=w.apply_step(c.apply_step.step))
         elif kind == "read_state":  # views, not copies: the reply is encoded before the worker can step again
             return Reply([(k, p.detach()) for k, p in w.model.bindings.items()])
         elif kind == "load_state":
             w.load_state(dict(tensors))
+        elif kind == "read_memory":
+            return Reply(metrics=w.memory())
         elif kind == "read_traffic":
             traffic = w.traffic()
             return Reply(metrics={"wire_bytes": traffic.wire_bytes, "tensor_bytes": traffic.tensor_bytes})
@@ -149,9 +160,10 @@ class WorkerHandler:
             )
 
         peers = {
-            org: GrpcPeer(channel(org, address), self.run, t.compression, t.step_timeout_s)
+            org: LocalPeer(self.co_hosted[org], w.name)
+            if org in self.co_hosted
+            else GrpcPeer(channel(org, address), self.run, t.compression, t.step_timeout_s)
             for org, address in addresses.items()
-            if org != w.name
         }
         w.connect({**peers, w.name: LocalPeer(w, w.name)})
         self._addresses = dict(addresses)

@@ -38,7 +38,9 @@ WORKER_THREADS = 1
 
 
 class WorkerHost:
-    """Organisations' workers, each behind its own data-plane server."""
+    """Organisations' workers, each behind its own data-plane server. Organisations hosted
+    together call each other in memory (:class:`~fedsplit.runtime.local.LocalPeer`), on their
+    device, with the same checks and byte counts as calls over the data plane."""
 
     def __init__(
         self,
@@ -60,10 +62,12 @@ class WorkerHost:
             raise ValueError(f"plan {plan.name!r} has no organisation {', '.join(map(repr, unknown))}")
         callers = Credentials(load_verifiers(credentials)) if credentials else None  # what servers check tokens against
         limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
-        # Step-barrier calls block a server thread each: room for every data owner, twice over.
-        threads = 32 + 2 * len(plan.data_owners)
+        # Step-barrier calls block a server thread each (room for every data owner, twice over), and
+        # so do gradient norms sent to a step's reducer (one per organisation).
+        threads = 32 + 2 * len(plan.data_owners) + len(plan.orgs)
         self.handlers: dict[str, WorkerHandler] = {}
         self.servers: dict[str, DataPlaneServer] = {}
+        self.workers: dict[str, Worker] = {}
         for org in orgs:
             worker = Worker(plan, org, select(weights, plan.slices_of(org)) if weights is not None else None, device)
             owner = org in plan.data_owners
@@ -73,8 +77,10 @@ class WorkerHost:
                 state_dir / org if state_dir else None,
                 eval_batches=eval_batches_for(plan, org) if owner and plan.training.eval_tokens else (),
             )
+            self.workers[org] = worker
             tls = TLSConfig.load(credentials, org) if credentials else None
-            self.handlers[org] = WorkerHandler(worker, run, tls, load_token(credentials, org) if credentials else None)
+            token = load_token(credentials, org) if credentials else None
+            self.handlers[org] = WorkerHandler(worker, run, tls, token, co_hosted=self.workers)
             self.servers[org] = DataPlaneServer(
                 self.handlers[org],
                 host,

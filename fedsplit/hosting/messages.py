@@ -80,6 +80,7 @@ def spec_to_proto(spec: RoundSpec) -> pb.Begin:
         data_owners=list(spec.data_owners),
         restore_round=spec.restore_round,
         evaluate=spec.evaluate,
+        attempt=spec.attempt,
     )
 
 
@@ -89,7 +90,9 @@ def spec_from_proto(msg: pb.Begin) -> RoundSpec:
             f"round {msg.round} (steps {msg.first_step}+{msg.steps}, restoring round {msg.restore_round}) is "
             "not a valid round"
         )
-    return RoundSpec(msg.round, msg.first_step, msg.steps, tuple(msg.data_owners), msg.restore_round, msg.evaluate)
+    return RoundSpec(
+        msg.round, msg.first_step, msg.steps, tuple(msg.data_owners), msg.restore_round, msg.evaluate, msg.attempt
+    )
 
 
 def _cut(values: tuple) -> str:

@@ -155,7 +155,8 @@ class HostProcesses:
 
 
 class ProcessFederation:
-    """One worker process per organisation on loopback, driven over gRPC like the in-process
+    """Worker processes on loopback (one per organisation, or ``groups`` of organisations that
+    then call each other in memory), driven over gRPC like the in-process
     :class:`~fedsplit.runtime.InProcessFederation`."""
 
     def __init__(
@@ -166,6 +167,7 @@ class ProcessFederation:
         timeout: float = 60.0,
         start_timeout: float = 120.0,
         insecure: bool = False,
+        groups: Sequence[Sequence[str]] | None = None,
     ):
         """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
         self.plan, self.timeout = plan, timeout
@@ -173,7 +175,7 @@ class ProcessFederation:
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
         self.hosts = HostProcesses(
             plan,
-            [[org] for org in plan.orgs],
+            groups or [[org] for org in plan.orgs],
             Path(self._tmp.name),
             run=self.run,
             weights=weights,
@@ -196,7 +198,10 @@ class ProcessFederation:
         # each other's gradients.
         timeout = self.plan.transport.step_timeout_s + self.timeout
         with ThreadPoolExecutor(max_workers=len(self.controls)) as pool:
-            for done in [pool.submit(c.apply_step, step, timeout) for c in self.controls.values()]:
+            applied = {org: pool.submit(c.apply_step, step, timeout) for org, c in self.controls.items()}
+            for d in metrics:
+                metrics[d].update(applied[d].result())
+            for done in applied.values():
                 done.result()
         return metrics
 
@@ -208,6 +213,10 @@ class ProcessFederation:
             for k, v in control.traffic().items():
                 total[k] += int(v)
         return total
+
+    def memory(self) -> dict[str, dict[str, float]]:
+        """Each organisation's peak memory (its worker process's RSS, its GPU allocation)."""
+        return {org: c.memory() for org, c in self.controls.items()}
 
     def state(self, org: str) -> dict[str, Tensor]:
         return self.controls[org].state()

@@ -10,10 +10,12 @@ from .moe import (
     RMSNorm,
     SharedExperts,
     SwiGLU,
+    chunked_cross_entropy,
     cross_entropy,
     parameter_count,
     parameter_shapes,
     rope_tables,
+    run_block,
     training_loss,
 )
 
@@ -27,9 +29,11 @@ __all__ = [
     "RMSNorm",
     "SharedExperts",
     "SwiGLU",
+    "chunked_cross_entropy",
     "cross_entropy",
     "parameter_count",
     "parameter_shapes",
     "rope_tables",
+    "run_block",
     "training_loss",
 ]

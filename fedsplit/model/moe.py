@@ -16,11 +16,13 @@ So the monolithic model and every partition run the same code below.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -212,10 +214,38 @@ class Block(nn.Module):
         return h + moe_out, aux
 
 
+def run_block(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], noise_seed: int | None, recompute: bool):
+    """``block(h, rope, noise_seed)``; with ``recompute`` (activation checkpointing), keeping only
+    its input: its forward runs again during backward, drawing the same router noise (seeded)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(block, h, rope, noise_seed, use_reentrant=False)
+    return block(h, rope, noise_seed)
+
+
+LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once in a recomputed loss
+
+
+def chunked_cross_entropy(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of ``head(hidden)`` (-100 labels ignored), with the logits of
+    only :data:`LOSS_CHUNK_ROWS` rows at a time: each chunk's logits are recomputed in backward
+    instead of kept, so the vocabulary-wide logits of a batch never exist at once."""
+    rows, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+    def chunk_sum(h: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
+
+    total = sum(
+        checkpoint(chunk_sum, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk_sum(h, y)
+        for h, y in zip(rows.split(LOSS_CHUNK_ROWS), labels.split(LOSS_CHUNK_ROWS))
+    )
+    return total / (labels != -100).sum().clamp_min(1)
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = False  # blocks and the loss recompute their forward in backward
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -232,15 +262,28 @@ class MoETransformer(nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 
-    def forward(self, tokens: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (logits, summed auxiliary load-balancing loss of all layers)."""
+    def hidden(self, tokens: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """(the final-normed hidden state, summed auxiliary load-balancing loss of all layers)."""
         rope = rope_tables(self.cfg, tokens.shape[1], tokens.device)
         h = self.embed(tokens)
         aux = h.new_zeros(())
         for layer in self.layers:
-            h, layer_aux = layer(h, rope, noise_seed)
+            h, layer_aux = run_block(layer, h, rope, noise_seed, self.activation_checkpointing)
             aux = aux + layer_aux
-        return self.logits(self.final_norm(h)), aux
+        return self.final_norm(h), aux
+
+    def forward(self, tokens: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (logits, summed auxiliary load-balancing loss of all layers)."""
+        h, aux = self.hidden(tokens, noise_seed)
+        return self.logits(h), aux
+
+    def losses(self, tokens: Tensor, labels: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """(mean cross-entropy, summed aux loss) of a batch; with activation checkpointing the loss
+        goes through :func:`chunked_cross_entropy` and the logits are never kept."""
+        h, aux = self.hidden(tokens, noise_seed)
+        if self.activation_checkpointing:
+            return chunked_cross_entropy(h, self.logits, labels), aux
+        return cross_entropy(self.logits(h), labels), aux
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

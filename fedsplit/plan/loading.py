@@ -152,8 +152,30 @@ def _org(spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, problems: 
                 org=spec.org,
             )
         )
+    if spec.activation_checkpointing and entries and not any(u.layer >= 0 for e in entries for u in e.units):
+        problems.append(
+            Problem(
+                "activation checkpointing recomputes layers, and this organisation holds none (only "
+                f"{', '.join(e.selector for e in entries)}): remove the field",
+                file=file,
+                line=lines.of("activation_checkpointing"),
+                org=spec.org,
+                field="activation_checkpointing",
+            )
+        )
     local = tuple(s.strip() for s in spec.local)
-    return Org(spec.org, file, spec.device, tuple(train), tuple(evals), tuple(entries), local, spec.address)
+    return Org(
+        spec.org,
+        file,
+        spec.device,
+        tuple(train),
+        tuple(evals),
+        tuple(entries),
+        local,
+        spec.address,
+        spec.activation_checkpointing,
+        lines.of("device"),
+    )
 
 
 def _data_paths(file: Path, lines: Lines, spec: OrgFile, split: str, problems: list[Problem]) -> list[Path]:
@@ -310,6 +332,8 @@ def resolved(plan: Plan) -> dict:
             org["data"] = {"train": [str(p) for p in o.train_data], "eval": [str(p) for p in o.eval_data]}
         if o.address:
             org["address"] = o.address
+        if o.activation_checkpointing is not None:
+            org["activation_checkpointing"] = o.activation_checkpointing
         orgs.append(org)
     document = {
         "name": plan.name,

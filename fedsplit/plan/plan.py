@@ -49,6 +49,8 @@ class Org:
     entries: tuple[Entry, ...]
     local: tuple[str, ...]
     address: str | None
+    activation_checkpointing: bool | None = None  # its own choice; None: the federation's
+    device_line: int | None = None  # where its file names its device, for errors about the device
 
     @property
     def holds_data(self) -> bool:
@@ -159,9 +161,16 @@ class Plan:
     def parameter_count(self, org: str) -> int:
         return unit_parameter_count(self.model, self.units_of(org))
 
+    def checkpoints_activations(self, org: str) -> bool:
+        """Whether ``org``'s blocks recompute their forward in backward (its own file's choice,
+        else the federation's)."""
+        own = self.orgs[org].activation_checkpointing
+        return self.training.activation_checkpointing if own is None else own
+
     @property
     def bytes_per_parameter(self) -> int:
-        """Training memory per held parameter: fp32 weights and gradients plus the optimizer's state."""
+        """Training memory per held parameter: fp32 weights and gradients plus the optimizer's state
+        (and with bf16-mixed, the bf16 compute copy)."""
         opt = self.training.optimizer
         state = 2 if opt.name in ("adam", "adamw") else (1 if opt.momentum else 0)
-        return 4 * (2 + state)
+        return 4 * (2 + state) + (2 if self.training.precision == "bf16-mixed" else 0)

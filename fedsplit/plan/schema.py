@@ -15,6 +15,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ScheduleConfig(_Strict):
+    """The learning rate as a function of the global step (rounds x steps per round): a linear
+    warmup from lr / warmup_steps to lr, then held (constant) or decayed to min_lr_ratio x lr
+    over decay_steps (default: the rest of the run), linearly or along a half cosine."""
+
+    warmup_steps: int = Field(default=0, ge=0, description="steps of linear warmup")
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    decay_steps: int | None = Field(
+        default=None, gt=0, description="steps of decay after the warmup (default: the rest)"
+    )
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="the decay's end, as a fraction of lr")
+
+
 class OptimizerConfig(_Strict):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(default=3e-4, gt=0)
@@ -22,6 +35,7 @@ class OptimizerConfig(_Strict):
     eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
+    schedule: ScheduleConfig | None = Field(default=None, description="default: lr at every step")
 
 
 class TrainingConfig(_Strict):
@@ -46,6 +60,25 @@ class TrainingConfig(_Strict):
             "at least one); 0: no evaluation"
         ),
     )
+    precision: Literal["fp32", "bf16-mixed"] = Field(
+        default="fp32",
+        description=(
+            "bf16-mixed: fp32 master weights and optimizer state, forward and backward in bf16 (activations "
+            "and gradients cross organisations in bf16); norms, softmaxes, the router and the loss in fp32"
+        ),
+    )
+    grad_clip: float | None = Field(
+        default=None,
+        gt=0,
+        description="clip the whole model's gradient to this L2 norm before every step (all organisations together)",
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description=(
+            "blocks (and the loss, in row chunks) recompute their forward during backward instead of keeping "
+            "activations; an organisation's own file may turn it on or off for itself"
+        ),
+    )
     deterministic: bool = Field(
         default=False,
         description=(
@@ -55,11 +88,21 @@ class TrainingConfig(_Strict):
         ),
     )
 
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
     @model_validator(mode="after")
-    def _micro_batches_divide_batch(self) -> TrainingConfig:
+    def _consistent(self) -> TrainingConfig:
         if self.batch_size % self.micro_batches:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batches ({self.micro_batches})"
+            )
+        schedule = self.optimizer.schedule
+        if schedule is not None and schedule.warmup_steps > self.total_steps:
+            raise ValueError(
+                f"optimizer.schedule.warmup_steps ({schedule.warmup_steps}) is beyond the run: it has "
+                f"{self.total_steps} steps ({self.rounds} rounds x {self.steps_per_round} steps)"
             )
         return self
 
@@ -124,6 +167,9 @@ class OrgFile(_Strict):
     holds: list[str] = []
     local: list[str] = Field(default=[], description="held selectors that are never averaged")
     address: str | None = Field(default=None, description="data-plane host:port, for deployment")
+    activation_checkpointing: bool | None = Field(
+        default=None, description="this organisation's own choice (default: the federation's training setting)"
+    )
 
 
 class FederationFile(_Strict):

@@ -12,6 +12,11 @@ combined before its optimizer steps.
   of a replicated partition send each other its gradients, and each adds them up holder by
   holder in name order, so that every replica takes the same step: the one centralised training
   would take on all their batches.
+* **The global norm** (``training.grad_clip``): every organisation on a live data owner's path
+  (the step's *participants*) sends the reducer (the first of them by name) its squared norm,
+  replicated pieces counted once (kept in step: by their first holder; else each replica with
+  its share of the data owners), and gets back the sum, added up in name order, so that all of
+  them clip by the same factor.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from ..plan import Partition, Plan, unit_slices
+from .optim import squared_norm
 from .protocols import Peer
 
 
 class GradientBook:
     def __init__(self, plan: Plan, org: str, params: Mapping[str, nn.Parameter], device: torch.device):
+        """``params``: the master weights, by name: where gradients accumulate (in their dtype)."""
         self.plan, self.org, self.params, self.device = plan, org, params, device
         self.partitions = [p for p in plan.partitions if org in p.holders]
         self._scale: dict[str, dict[str, float]] = {}  # data owner -> key -> factor on its gradients
@@ -39,13 +46,17 @@ class GradientBook:
         self._replica_grads: dict[int, dict[str, dict[str, Tensor]]] = {}  # step -> co-holder -> its gradients
         self._lock = threading.Lock()  # micro-batches' backwards may arrive concurrently
         self._arrived = threading.Condition()
+        self._norm_share: dict[str, float] = {}  # key -> the share of its squared norm this organisation counts
+        self._norms: dict[int, dict[str, float]] = {}  # (reducer) step -> participant -> squared norm
+        self.participants: list[str] = []
         self.arrange(plan.data_owners)
 
     def arrange(self, live: Sequence[str]) -> None:
         """Scale and order gradients for the data owners that train (all of them unless some are gone)."""
         plan, live = self.plan, set(live)
         self._scale = {d: {} for d in plan.data_owners}
-        self._sync_keys, self._ordered = {}, set()
+        self._sync_keys, self._ordered, self._norm_share = {}, set(), {}
+        self.participants = sorted(set().union(*(plan.path_orgs(d) for d in live)))
         for p in self.partitions:
             keys = [s.key for s in unit_slices(plan.model, p.units)]
             group = self._sync_group(p, live)
@@ -58,6 +69,12 @@ class GradientBook:
             for holder in group:
                 if holder != self.org:
                     self._sync_keys.setdefault(holder, []).extend(keys)
+            if group:
+                share = 1.0 if self.org == group[0] else 0.0
+            else:
+                everyone = [d for h in p.holders for d in plan.users(p, h) if d in live]
+                share = len([d for d in users if d in live]) / len(everyone) if everyone else 0.0
+            self._norm_share.update(dict.fromkeys(keys, share))
 
     def _sync_group(self, partition: Partition, live: set[str]) -> list[str]:
         """The holders of ``partition`` that add up their gradients every step, this organisation
@@ -79,6 +96,8 @@ class GradientBook:
         with self._lock:
             for name, grad in grads.items():
                 factor = scale.get(name, 1.0)
+                if grad.dtype != self.params[name].dtype:  # bf16 compute: accumulate in the masters' fp32
+                    grad = grad.to(self.params[name].dtype)
                 grad = grad if factor == 1.0 else grad * factor
                 if name in self._ordered:
                     mine = self._owner_grads.setdefault(data_owner, {})
@@ -147,10 +166,50 @@ class GradientBook:
                 param.grad = total
 
     def drop_before(self, step: int) -> None:
-        """Forget co-holders' gradients of steps before ``step`` (an aborted round's)."""
+        """Forget co-holders' gradients and participants' norms of steps before ``step`` (an aborted
+        round's)."""
         with self._arrived:
             for s in [s for s in self._replica_grads if s < step]:
                 del self._replica_grads[s]
+            for s in [s for s in self._norms if s < step]:
+                del self._norms[s]
+
+    # -- the global norm ----------------------------------------------------------------------
+
+    @property
+    def reducer(self) -> str:
+        return self.participants[0]
+
+    def squared_norm(self) -> float:
+        """This organisation's share of the whole model's squared gradient norm."""
+        keys = [k for k, p in self.params.items() if p.grad is not None and self._norm_share.get(k, 1.0)]
+        return squared_norm((self.params[k].grad for k in keys), (self._norm_share.get(k, 1.0) for k in keys))
+
+    def reduce_norm(self, org: str, step: int, squared: float, timeout: float) -> float:
+        """(The reducer) ``org``'s squared norm of ``step``; returns the sum over every participant
+        once all have sent theirs, added up in name order."""
+        if org not in self.participants:
+            raise PermissionError(
+                f"{org!r} takes no part in the steps of this round ({', '.join(self.participants)} do)"
+            )
+        with self._arrived:
+            self._norms.setdefault(step, {})[org] = squared
+            self._arrived.notify_all()
+            if not self._arrived.wait_for(lambda: len(self._norms.get(step, {})) >= len(self.participants), timeout):
+                missing = sorted(set(self.participants) - set(self._norms.get(step, {})))
+                raise TimeoutError(
+                    f"{self.org}: step {step} has no gradient norm from {', '.join(missing)} after {timeout:.0f} s"
+                )
+            parts = self._norms[step]
+            # Every participant of step - 2 has its total: it sent step - 1's norm (or this one).
+            for old in [s for s in self._norms if s < step - 1]:
+                del self._norms[old]
+        return sum(parts[o] for o in sorted(parts))
+
+    def scale(self, factor: float) -> None:
+        for p in self.params.values():
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
     @property
     def pending_replica_steps(self) -> list[int]:

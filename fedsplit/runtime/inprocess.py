@@ -27,8 +27,10 @@ class InProcessFederation:
         self.workers = {org: Worker(plan, org, select(weights, plan.slices_of(org)), device) for org in plan.orgs}
         for w in self.workers.values():
             w.connect({org: LocalPeer(other, caller=w.name) for org, other in self.workers.items()})
-        # Holders of replicas kept in step wait for each other's gradients while applying a step.
-        self._steps_wait = plan.aggregation.replica_sync == "step" and any(p.replicated for p in plan.partitions)
+        # Holders of replicas kept in step wait for each other's gradients while applying a step,
+        # and with clipping every organisation waits for the whole model's gradient norm.
+        replicas_wait = plan.aggregation.replica_sync == "step" and any(p.replicated for p in plan.partitions)
+        self._steps_wait = replicas_wait or plan.training.grad_clip is not None
 
     def train_step(self, step: int, batches: Batches) -> dict[str, dict[str, float]]:
         """One optimizer step: every data owner's batch forward and backward, then every
@@ -44,6 +46,8 @@ class InProcessFederation:
         else:
             for w in self.workers.values():
                 w.apply_step(step)
+        for d, m in metrics.items():
+            m.update(self.workers[d].last_step)
         return metrics
 
     def replicas(self, partition: Partition) -> dict[str, dict[str, Tensor]]:

@@ -18,8 +18,20 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from ..model import Attention, Block, ModelConfig, RMSNorm, SharedExperts, SwiGLU, cross_entropy, rope_tables
+from ..model import (
+    Attention,
+    Block,
+    ModelConfig,
+    RMSNorm,
+    SharedExperts,
+    SwiGLU,
+    chunked_cross_entropy,
+    cross_entropy,
+    rope_tables,
+    run_block,
+)
 from ..plan import Partition, Plan, Unit
 from ..plan.slicing import head_run_slices, kv_runs
 from .calls import CallKey, current_call, remote_call, remote_calls
@@ -112,9 +124,12 @@ class RemoteShared(nn.Module):
 class PartialModel(nn.Module):
     """The modules of one organisation, with ``bindings`` from monolithic names to parameters."""
 
-    def __init__(self, plan: Plan, org: str, device: torch.device, resolve: Resolver):
+    def __init__(self, plan: Plan, org: str, device: torch.device, resolve: Resolver, recompute: bool = False):
+        """``recompute``: activation checkpointing (blocks, served pieces and the loss recompute
+        their forward in backward)."""
         super().__init__()
         cfg = self.cfg = plan.model
+        self.recompute = recompute
         self.bindings: dict[str, nn.Parameter] = {}
         self.seed = plan.training.seed  # router noise: a function of (seed, step, data owner, micro-batch, layer)
         self.owner_index = {d: i for i, d in enumerate(plan.data_owners)}
@@ -221,13 +236,20 @@ class PartialModel(nn.Module):
         """What ``op`` computes on its (checked) inputs ``x`` for ``key``'s micro-batch."""
         if isinstance(op, SegmentOp):
             return self._segment(key, op, x)
+        piece = self._piece(op)
+        if self.recompute and torch.is_grad_enabled():
+            return (checkpoint(piece, x[0], use_reentrant=False),)
+        return (piece(x[0]),)
+
+    def _piece(self, op: HeadsOp | ExpertsOp | SharedOp):
+        """The function of its input that a served piece computes."""
         if isinstance(op, HeadsOp):
-            rope = rope_tables(self.cfg, x[0].shape[1], x[0].device)
-            return (self.heads[f"{op.layer}_{op.kv_heads[0]}-{op.kv_heads[1]}"](x[0], rope),)
+            attention = self.heads[f"{op.layer}_{op.kv_heads[0]}-{op.kv_heads[1]}"]
+            return lambda x: attention(x, rope_tables(self.cfg, x.shape[1], x.device))
         if isinstance(op, ExpertsOp):
-            rows = x[0].split([n for _, n in op.rows])
-            return (torch.cat([self.experts[f"{op.layer}_{e}"](r) for e, r in zip(op.experts, rows)]),)
-        return (self.shared[str(op.layer)](x[0]),)
+            experts = [self.experts[f"{op.layer}_{e}"] for e in op.experts]
+            return lambda x: torch.cat([f(r) for f, r in zip(experts, x.split([n for _, n in op.rows]))])
+        return self.shared[str(op.layer)]
 
     def _segment(self, key: CallKey, op: SegmentOp, x: list[Tensor]) -> tuple[Tensor, Tensor]:
         h = self.embed(x[0]) if op.blocks[0] == "embed" else x[0]
@@ -236,10 +258,15 @@ class PartialModel(nn.Module):
             rope = rope_tables(self.cfg, h.shape[1], h.device)
             seed = key.noise_seed(self.seed, self.owner_index[key.data_owner])
             for i in op.layers:
-                h, layer_aux = self.blocks[str(i)](h, rope, seed)
+                h, layer_aux = run_block(self.blocks[str(i)], h, rope, seed, self.recompute)
                 aux = aux + layer_aux
         if "final_norm" in op.blocks:
             h = self.final_norm(h)
         if op.takes_labels:
-            return cross_entropy(self.lm_head(h), x[-1]), aux
+            loss = (
+                chunked_cross_entropy(h, self.lm_head, x[-1])
+                if self.recompute
+                else cross_entropy(self.lm_head(h), x[-1])
+            )
+            return loss, aux
         return h, aux

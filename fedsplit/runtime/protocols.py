@@ -47,15 +47,15 @@ class Traffic:
 class RoundControl(Protocol):
     """What a data owner asks of each organisation on its path to keep a round in step."""
 
-    def await_round(self, round: int) -> None:
-        """Returns once the organisation has begun ``round`` (holds its weights)."""
+    def await_round(self, round: int, attempt: int) -> None:
+        """Returns once the organisation has begun that attempt of ``round`` (holds its weights)."""
         ...
 
     def finish_step(self, data_owner: str, step: int) -> None:
         """``data_owner``'s batch of ``step`` went through; returns once the organisation applied the step."""
         ...
 
-    def abort(self, round: int, reason: str) -> None: ...
+    def abort(self, round: int, attempt: int, reason: str) -> None: ...
 
 
 class Peer(RoundControl, Protocol):
@@ -76,6 +76,11 @@ class Peer(RoundControl, Protocol):
 
     def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
         """``org``'s gradients of ``step`` on the replicas it keeps in step with this peer."""
+        ...
+
+    def reduce_norm(self, org: str, step: int, squared: float) -> float:
+        """(To the step's reducer) ``org``'s share of the squared gradient norm of ``step``; the
+        whole model's, once every organisation of the step has sent its share."""
         ...
 
     def reachable(self, timeout: float) -> bool:

@@ -1,10 +1,12 @@
 """The monolithic reference: the whole model in one place, trained on the same batches with the
-same step semantics as the split runtime.
+same step as the split runtime.
 
-A step's objective is the token-weighted mean over data owners of each owner's loss, and an
-owner's loss is the mean over its micro-batches of ``cross-entropy + aux_loss_coef * aux``.
-The load-balancing statistic is per micro-batch, as in Megatron-Core, so the reference
-accumulates gradients over the same micro-batches.
+A step's objective is the mean over data owners of each owner's loss, and an owner's loss is the
+mean over its micro-batches of ``cross-entropy + aux_loss_coef * aux`` (the load-balancing
+statistic is per micro-batch, as in Megatron-Core), so the reference accumulates gradients over
+the same micro-batches, in the same precision (bf16-mixed: bf16 compute copies, fp32 master
+gradients accumulated per micro-batch), then clips the global norm and steps at the scheduled
+learning rate, as every organisation does.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..model import MoETransformer, cross_entropy, training_loss
+from ..model import MoETransformer
 from ..plan import Plan
 from .calls import CallKey
 from .microbatches import MicroBatchLoss, run_micro_batches
-from .optim import make_optimizer
+from .optim import clip_factor, learning_rate, make_optimizer, set_learning_rate, squared_norm
+from .precision import MasterWeights
 
 
 class MonolithicTrainer:
@@ -27,31 +30,51 @@ class MonolithicTrainer:
         self.device = torch.device(device)
         self.model = MoETransformer(plan.model).to(self.device)
         self.model.load_state_dict(weights, strict=True)
+        self.model.activation_checkpointing = plan.training.activation_checkpointing
         self.model.train()
-        self.optimizer = make_optimizer(self.model.parameters(), plan.training.optimizer)
+        self.weights = MasterWeights(dict(self.model.named_parameters()), plan.training.precision)
+        self.optimizer = make_optimizer(self.weights.master.values(), plan.training.optimizer)
 
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
-        """One optimizer step on every data owner's batch; the objective and each owner's mean
-        cross-entropy (``ce/<owner>``)."""
+        """One optimizer step on every data owner's batch; the objective, each owner's mean
+        cross-entropy (``ce/<owner>``), the gradient norm, clip factor and learning rate."""
         owners, t = self.plan.data_owners, self.plan.training
+        names = list(self.weights.compute)
+        compute = [self.weights.compute[n] for n in names]
+        master = [self.weights.master[n] for n in names]
         total, ce = 0.0, {}
         for index, d in enumerate(owners):
 
             def forward(mb: int, tok: Tensor, lab: Tensor, owner: str = d, index: int = index) -> MicroBatchLoss:
-                logits, aux = self.model(tok.to(self.device), CallKey(owner, step, mb).noise_seed(t.seed, index))
-                loss = training_loss(self.plan.model, logits, lab.to(self.device), aux) / t.micro_batches
+                seed = CallKey(owner, step, mb).noise_seed(t.seed, index)
+                mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed)
+                loss = (mean_ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
                 if len(owners) > 1:
                     loss = loss / len(owners)
-                return MicroBatchLoss(loss, cross_entropy(logits.detach(), lab.to(self.device)).item(), aux.item())
+                return MicroBatchLoss(loss, mean_ce.item(), aux.item())
 
-            metrics = run_micro_batches(
-                *batches[d], t.micro_batches, forward, lambda mb, objective: objective.backward()
-            )
+            def backward(mb: int, objective: Tensor) -> None:
+                for p, g in zip(master, torch.autograd.grad(objective, compute, allow_unused=True)):
+                    if g is not None:
+                        g = g.to(p.dtype)
+                        p.grad = g if p.grad is None else p.grad.add_(g)
+
+            metrics = run_micro_batches(*batches[d], t.micro_batches, forward, backward)
             total += metrics["objective"]
             ce[d] = metrics["loss"]
+        squared = squared_norm(p.grad for p in master)
+        factor = clip_factor(t.grad_clip, squared)
+        if factor < 1.0:
+            for p in master:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        lr = learning_rate(t, step)
+        set_learning_rate(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total, **{f"ce/{d}": v for d, v in ce.items()}}
+        self.weights.refresh()
+        stats = {"grad_norm": squared**0.5, "clip_factor": factor, "lr": lr}
+        return {"loss": total, **{f"ce/{d}": v for d, v in ce.items()}, **stats}
 
     def evaluate(self, tokens: Tensor, labels: Tensor) -> float:
         """Mean cross-entropy of a held-out batch, micro-batch by micro-batch as the split
@@ -62,7 +85,7 @@ class MonolithicTrainer:
             with torch.no_grad():
                 return (
                     sum(
-                        cross_entropy(self.model(tok.to(self.device))[0], lab.to(self.device)).item()
+                        self.model.losses(tok.to(self.device), lab.to(self.device))[0].item()
                         for tok, lab in zip(tokens.chunk(micro), labels.chunk(micro))
                     )
                     / micro
@@ -71,4 +94,9 @@ class MonolithicTrainer:
             self.model.train()
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """The model's (master) weights, by name, tied ones under each of their names."""
+        by_param = {id(p): self.weights.master[n] for n, p in self.weights.compute.items()}
+        return {
+            k: by_param[id(v)].detach().cpu().clone() if id(v) in by_param else v.detach().cpu()
+            for k, v in self.model.state_dict(keep_vars=True).items()
+        }

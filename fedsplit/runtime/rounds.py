@@ -44,6 +44,11 @@ class RoundSpec:
     data_owners: tuple[str, ...]  # those training this round (live ones)
     restore_round: int  # last complete round: the optimizer state every worker must start from
     evaluate: bool = False  # data owners evaluate the received weights on held-out data first
+    attempt: int = 0  # a round rerun without the organisations that are gone is a new attempt of it
+
+    @property
+    def id(self) -> tuple[int, int]:
+        return (self.round, self.attempt)
 
     @property
     def last_step(self) -> int:
@@ -102,7 +107,7 @@ class Rounds:
             w.anchor_proximal()
             self.spec, self._error, self._metrics, self._arrived = (
                 spec,
-                self._early_aborts.pop(spec.round, None),
+                self._early_aborts.pop(spec.id, None),
                 {},
                 {},
             )
@@ -153,12 +158,15 @@ class Rounds:
 
     # -- what data owners ask (RoundControl) -----------------------------------------------------
 
-    def await_round(self, round: int) -> None:
+    def await_round(self, round: int, attempt: int) -> None:
+        """Returns once this organisation began attempt ``attempt`` of ``round`` (a rerun of a
+        round must not find the organisation still holding the failed attempt)."""
+        wanted = (round, attempt)
         with self._cond:
-            if not self._cond.wait_for(lambda: self.spec is not None and self.spec.round >= round, self.timeout):
+            if not self._cond.wait_for(lambda: self.spec is not None and self.spec.id >= wanted, self.timeout):
                 raise TimeoutError(f"{self.worker.name} has not begun round {round} after {self.timeout:.0f} s")
-            if self.spec.round != round:
-                raise RoundFailed(f"{self.worker.name} is in round {self.spec.round}, not {round}")
+            if self.spec.id != wanted:
+                raise RoundFailed(f"{self.worker.name} is in round {self.spec.id}, not {wanted} (round, attempt)")
 
     def finish_step(self, data_owner: str, step: int) -> None:
         """``data_owner`` finished ``step`` here; returns once this worker has applied the step."""
@@ -202,13 +210,14 @@ class Rounds:
                 self._cond.notify_all()
                 return
 
-    def abort(self, round: int, reason: str) -> None:
+    def abort(self, round: int, attempt: int, reason: str) -> None:
+        wanted = (round, attempt)
         with self._cond:
-            if self.spec is not None and self.spec.round == round:
+            if self.spec is not None and self.spec.id == wanted:
                 self._error = self._error or reason
                 self._cond.notify_all()
-            elif self.spec is None or self.spec.round < round:
-                self._early_aborts[round] = reason
+            elif self.spec is None or self.spec.id < wanted:
+                self._early_aborts[wanted] = reason
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -223,7 +232,7 @@ class Rounds:
             log.warning("%s", reason)
             for c in controls.values():
                 try:
-                    c.abort(spec.round, reason)
+                    c.abort(spec.round, spec.attempt, reason)
                 except Exception:
                     pass  # that organisation may be the one that is gone
             with self._cond:
@@ -255,9 +264,10 @@ def run_round(
     (which returns once every organisation on it applied the step). Its metrics."""
     owner = worker.data_owner
     totals = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0.0, "step_s": 0.0}
+    per_step: dict[str, float] = {}  # "lr/<step>", "grad_norm/<step>", "clip_factor/<step>"
     traffic_before = worker.traffic()
     for c in controls.values():
-        c.await_round(spec.round)
+        c.await_round(spec.round, spec.attempt)
     evaluated = {}
     if spec.evaluate and eval_batches:
         tokens = [float(tok.numel()) for tok, _ in eval_batches]
@@ -270,6 +280,8 @@ def run_round(
             for f in [pool.submit(c.finish_step, worker.name, step) for c in controls.values()]:
                 f.result()
             totals["step_s"] += time.perf_counter() - start
+            for k, v in worker.last_step.items():  # this step's learning rate, gradient norm, clip factor
+                per_step[f"{k}/{step}"] = v
             for k in ("loss", "aux_loss", "tokens"):
                 totals[k] += m[k]
             totals["last_loss"] = m["loss"]
@@ -284,4 +296,4 @@ def run_round(
             "last_loss": totals["last_loss"],
             "step_s": totals["step_s"] / n,
         }
-    return {**trained, "tokens": totals["tokens"], **evaluated, **traffic}
+    return {**trained, **per_step, "tokens": totals["tokens"], **evaluated, **traffic}

@@ -22,6 +22,10 @@ from .ops import Op
 Compute = Callable[[CallKey, Op, list[Tensor]], tuple[Tensor, ...]]
 
 
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
 @dataclass
 class _Record:
     inputs: list[Tensor]
@@ -44,7 +48,10 @@ class Stage:
         if done is not None:  # a retried call: answer it again, compute nothing
             return [o.detach() for o in done.outputs]
         leaves = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
-        with calling(key), torch.enable_grad():
+        # A caller in this process may be inside an activation-checkpointed block: its saved-tensor
+        # hooks must not take this graph's tensors (its recompute gets this call's answer from the
+        # record, without computing), so this graph saves under hooks of its own.
+        with calling(key), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             outputs = list(self.compute(key, op, leaves))
         with self._lock:
             self._records[(key, op)] = _Record(leaves, outputs)

@@ -7,34 +7,54 @@ A worker lives as long as its organisation's process. What happens in a step, in
    forwards and backwards on :class:`~.partial.PartialModel`), and a data owner's own batch is
    driven by :class:`~.driver.DataOwner`;
 2. :meth:`Worker.apply_step` combines the step's gradients (:class:`~.gradients.GradientBook`:
-   owner order, replicas kept in step), adds FedProx's proximal term, and steps the optimizer.
+   owner order, replicas kept in step), adds FedProx's proximal term, clips by the global norm,
+   sets the scheduled learning rate and steps the optimizer on the master weights
+   (:mod:`.precision`).
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..plan import Partition, Plan
+from ..plan import Partition, Plan, PlanError, Problem
 from ..plan.slicing import unit_slices
 from .calls import CallKey, current_call
 from .driver import DataOwner
 from .gradients import GradientBook
-from .ops import Op
-from .optim import make_optimizer
+from .ops import Op, Shape
+from .optim import clip_factor, learning_rate, make_optimizer, set_learning_rate
 from .partial import PartialModel
 from .policy import CallPolicy
+from .precision import MasterWeights, compute_dtype
 from .protocols import Peer, Traffic
 from .serving import Stage
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def resolve_device(plan: Plan, org: str, device: str | None = None) -> torch.device:
+    """The device ``org`` computes on (``device`` overrides its file's); a plan error naming the
+    organisation, its file and line when this host cannot give it."""
+    wanted = device or plan.orgs[org].device
+    if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(wanted)
+    why = None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        why = f"device {wanted!r}, but this host has no CUDA device (torch sees none); use auto or cpu"
+    elif resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        why = f"device {wanted!r}, but this host has {count} CUDA device(s), 0-{count - 1}"
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        why = f"device {wanted!r}, but this host has no MPS device; use auto or cpu"
+    if why:
+        o = plan.orgs[org]
+        raise PlanError([Problem(why, file=o.file, line=o.device_line, org=org, field="device")])
+    return resolved
 
 
 class Worker:
@@ -43,9 +63,9 @@ class Worker:
     def __init__(self, plan: Plan, org: str, weights: Mapping[str, Tensor] | None, device: str | None = None):
         """``weights=None``: zeros until :meth:`load_state` (a round's weights) fills them."""
         self.plan, self.name, self.cfg = plan, org, plan.model
-        self.device = resolve_device(device or plan.orgs[org].device)
+        self.device = resolve_device(plan, org, device)
         self.peers: dict[str, Peer] = {}
-        self.model = PartialModel(plan, org, self.device, self.serving)
+        self.model = PartialModel(plan, org, self.device, self.serving, plan.checkpoints_activations(org))
         if weights is not None:
             self.model.load_selection(weights)
         else:
@@ -54,14 +74,18 @@ class Worker:
                     p.zero_()
         self.model.train()
         self.partitions = [p for p in plan.partitions if org in p.holders]
-        params = self.model.bindings
-        self.optimizer = make_optimizer(params.values(), plan.training.optimizer) if params else None
-        self.policy = CallPolicy(plan, org)
+        t = plan.training
+        self.weights = MasterWeights(self.model.bindings, t.precision)
+        params = self.weights.master
+        self.optimizer = make_optimizer(params.values(), t.optimizer) if params else None
+        shape = Shape(plan.model, t.batch_size // t.micro_batches, t.seq_len, compute_dtype(t.precision))
+        self.policy = CallPolicy(plan, org, shape)
         self.grads = GradientBook(plan, org, params, self.device)
-        self.stage = Stage(org, self.model.compute, params, self.grads, self.device)
+        self.stage = Stage(org, self.model.compute, self.model.bindings, self.grads, self.device)
         self.data_owner = DataOwner(plan, org, self.device, self.peer) if org in plan.data_owners else None
         self.rounds = None  # a Rounds, when this worker runs rounds on its own
         self.proximal: tuple[float, dict[str, Tensor]] | None = None  # FedProx: (mu, the round's weights)
+        self.last_step: dict[str, float] = {}  # the last applied step's learning rate, gradient norm, clip factor
         self.expert_load: dict[int, Tensor] = {}  # per layer this worker routes: training rows sent to each expert
         self._counted: set[tuple[CallKey, int]] = set()  # (call, layer): counted once, even if recomputed
         self._load_lock = threading.Lock()  # data owners' calls route concurrently
@@ -107,50 +131,74 @@ class Worker:
         """Arrange gradients for the data owners that train (all of them unless some are gone)."""
         self.grads.arrange(data_owners)
 
+    def memory(self) -> dict[str, float]:
+        """Peak memory so far: this process's resident set, and what torch allocated on the GPU."""
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return {"peak_rss_bytes": float(peak_rss), "peak_device_bytes": float(gpu)}
+
     def traffic(self) -> Traffic:
         """Data-plane bytes of this worker's calls to other organisations."""
         return sum((p.traffic() for org, p in self.peers.items() if org != self.name), Traffic())
 
-    # -- serving (what a LocalPeer or the data-plane handler calls, once the policy admitted it) --
+    # -- serving: what a LocalPeer or the data-plane handler calls for ``caller`` ---------------
 
-    def forward(self, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> list[Tensor]:
-        return self.stage.forward(key, op, inputs)
+    def forward(self, caller: str, key: CallKey, op: Op, inputs: Sequence[Tensor], keep: bool = True) -> list[Tensor]:
+        """A forward the plan lets ``caller`` ask for; ``keep=False``: an evaluation (no graph)."""
+        self.policy.check(caller, key, op, inputs)
+        return self.stage.forward(key, op, inputs) if keep else self.stage.evaluate(key, op, inputs)
 
-    def evaluate(self, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> list[Tensor]:
-        return self.stage.evaluate(key, op, inputs)
-
-    def backward(self, key: CallKey, op: Op, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    def backward(self, caller: str, key: CallKey, op: Op, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        self.policy.check(caller, key, op)
         return self.stage.backward(key, op, grads)
 
-    def add_replica_grads(self, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
+    def add_replica_grads(self, caller: str, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
+        self.policy.check_replica_sender(caller, org)
         self.grads.receive(org, step, grads)
+
+    def reduce_norm(self, caller: str, org: str, step: int, squared: float) -> float:
+        self.policy.check_replica_sender(caller, org)
+        return self.grads.reduce_norm(org, step, squared, self.plan.transport.step_timeout_s)
 
     # -- the step ------------------------------------------------------------------------------
 
-    def apply_step(self, step: int) -> None:
+    def apply_step(self, step: int) -> dict[str, float]:
         """Apply ``step`` once every data owner's batch of it went through: add up the gradients
         (in owner order, and with the co-holders of replicas kept in step), add FedProx's
-        proximal term, and step the optimizer."""
+        proximal term, clip by the whole model's gradient norm (``training.grad_clip``), and step
+        the optimizer at the scheduled learning rate. The step's learning rate, and with
+        clipping the global gradient norm and the clip factor."""
         if self.stage.waiting:
             raise RuntimeError(f"{self.name}: step with {self.stage.waiting} calls still waiting for their backward")
+        t, params = self.plan.training, self.weights.master
         self.grads.settle()
         self.grads.share(step, self.peers)
         self.grads.gather(step, self.plan.transport.step_timeout_s)
         if self.proximal is not None:  # the gradient of mu/2 * |w - w_round|^2
             mu, anchor = self.proximal
-            for name, p in self.model.bindings.items():
+            for name, p in params.items():
                 if p.grad is not None:
                     p.grad.add_(p.detach() - anchor[name], alpha=mu)
+        stats = {"lr": learning_rate(t, step)}
+        if t.grad_clip is not None and self.name in self.grads.participants:
+            squared = self.peer(self.grads.reducer).reduce_norm(self.name, step, self.grads.squared_norm())
+            stats.update(grad_norm=squared**0.5, clip_factor=clip_factor(t.grad_clip, squared))
+            if stats["clip_factor"] < 1.0:
+                self.grads.scale(stats["clip_factor"])
         if self.optimizer is not None:
+            set_learning_rate(self.optimizer, stats["lr"])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.weights.refresh()
         self.stage.end_step()
         self._counted.clear()
+        self.last_step = stats
+        return stats
 
     def anchor_proximal(self) -> None:
         """FedProx: pull this round's steps towards the weights the round began with."""
         mu = self.plan.aggregation.proximal_mu
-        self.proximal = (mu, {k: p.detach().clone() for k, p in self.model.bindings.items()}) if mu > 0 else None
+        self.proximal = (mu, {k: p.detach().clone() for k, p in self.weights.master.items()}) if mu > 0 else None
 
     def reset_pending(self) -> None:
         """Drop what a failed step left behind: saved graphs, answered calls, gradients."""
@@ -161,13 +209,15 @@ class Worker:
     # -- weights -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {k: p.detach().clone() for k, p in self.model.bindings.items()}
+        """Its (master) weights, by monolithic name."""
+        return {k: p.detach().clone() for k, p in self.weights.master.items()}
 
     def partition_state(self, partition: Partition) -> dict[str, Tensor]:
-        return {s.key: self.model.bindings[s.key].detach().clone() for s in unit_slices(self.cfg, partition.units)}
+        return {s.key: self.weights.master[s.key].detach().clone() for s in unit_slices(self.cfg, partition.units)}
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Overwrite some or all of this worker's weights (e.g. with the round's average)."""
         with torch.no_grad():
             for k, v in state.items():
-                self.model.bindings[k].copy_(v)
+                self.weights.master[k].copy_(v)
+        self.weights.refresh()

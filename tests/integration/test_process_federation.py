@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from fedsplit.federation.verify import verify
 from fedsplit.hosting.processes import ProcessFederation
@@ -14,6 +15,7 @@ from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_bat
 from fedsplit.transport.service import PeerError
 
 from ..conftest import PLANS, ROOT
+from ..recipes import recipe
 
 
 @pytest.mark.slow
@@ -107,3 +109,30 @@ def test_wire_bytes_per_step_match_the_tensors_they_carry_and_shrink_with_compre
     assert traffic["tensor_bytes"] >= raw
     assert traffic["wire_bytes"] <= max_bytes_ratio * traffic["tensor_bytes"]
     assert loss == pytest.approx(exact, abs={"none": 1e-6, "bf16": 1e-2, "int8": 5e-2}[codec])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["layers", "three-orgs"])
+def test_the_whole_training_recipe_over_grpc_trains_like_the_monolith(name):
+    """Clipping (its norm reduced over the data plane), a schedule and checkpointing, one worker
+    process per organisation."""
+    result = verify(recipe(name), steps=10, transport="grpc")
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+    assert min(result.clip_mono) < 1.0
+    for split, mono in zip(result.clip_split, result.clip_mono):
+        assert split == pytest.approx(mono, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_organisations_in_one_process_call_each_other_in_memory_with_the_bits_of_the_data_plane():
+    plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
+    weights, trained, traffic = initial_weights(plan), {}, {}
+    for together in (False, True):
+        with ProcessFederation(plan, weights, insecure=True, groups=[list(plan.orgs)] if together else None) as fed:
+            for step in range(3):
+                fed.train_step(step, synthetic_batches(plan, step))
+            trained[together], traffic[together] = fed.reassembled(), fed.traffic()
+    assert all(torch.equal(trained[True][k], v) for k, v in trained[False].items())
+    # The same tensors are counted either way; in memory nothing is compressed or framed.
+    assert traffic[True]["tensor_bytes"] == traffic[False]["tensor_bytes"] > 0
+    assert traffic[True]["wire_bytes"] == traffic[True]["tensor_bytes"]

@@ -11,6 +11,7 @@ from fedsplit.hosting.host import WorkerHost
 from fedsplit.plan import load_plan, reassemble, select, unit_slices
 from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.runtime import initial_weights
+from fedsplit.runtime.optim import learning_rate
 from fedsplit.runtime.rounds import RoundSpec
 
 from ..reference_training import max_diff, monolithic
@@ -74,11 +75,16 @@ def test_two_data_owners_step_together_through_their_shared_partitions():
     assert max_diff(weights, monolithic(plan, 3)) <= 1e-5
 
 
-def test_a_restarted_worker_resumes_from_the_optimizer_state_of_the_last_round(tmp_path):
+def test_a_restarted_worker_resumes_from_the_optimizer_state_and_the_schedule_of_the_last_round(tmp_path):
+    """Mid-schedule too: the learning rate is a function of the global step, so round 2 after a
+    restart steps at the rates of an uninterrupted run."""
     plan = load_plan(PLANS / "three-orgs" / "federation.yaml")
-    plan = plan.with_settings(training=plan.training.model_copy(update={"steps_per_round": 2}))
+    schedule = {"warmup_steps": 1, "decay": "linear", "min_lr_ratio": 0.2}
+    plan = plan.with_training(
+        steps_per_round=2, optimizer={**plan.training.optimizer.model_dump(), "schedule": schedule}
+    )
     order = ["hospital-a", "compute-b", "experts-c"]
-    clean, _ = run_rounds(plan, 2, order)
+    clean, clean_metrics = run_rounds(plan, 2, order)
     first, _ = run_rounds(plan, 1, order, state_dir=tmp_path)
     assert sorted(p.name for p in (tmp_path / "compute-b").iterdir()) == ["optimizer-round-0001.safetensors"]
 
@@ -93,8 +99,7 @@ def test_a_restarted_worker_resumes_from_the_optimizer_state_of_the_last_round(t
         spec = RoundSpec(2, 2, 2, tuple(plan.data_owners), 1)
         for org in order:
             controls[org].begin(spec, select(first, plan.slices_of(org)))
-        for c in controls.values():
-            c.wait(120)
+        resumed_metrics = {org: c.wait(120) for org, c in controls.items()}
         states = {org: controls[org].state() for org in plan.orgs}
     finally:
         host.stop()
@@ -103,3 +108,6 @@ def test_a_restarted_worker_resumes_from_the_optimizer_state_of_the_last_round(t
         [{s.key: states[p.holders[0]][s.key] for s in unit_slices(plan.model, p.units)} for p in plan.partitions],
     )
     assert max_diff(resumed, clean) == 0.0
+    lrs = {k: v for k, v in resumed_metrics["hospital-a"].items() if k.startswith("lr/")}
+    assert lrs == {k: v for k, v in clean_metrics[1]["hospital-a"].items() if k.startswith("lr/")}
+    assert lrs == {f"lr/{s}": learning_rate(plan.training, s) for s in (2, 3)} and lrs["lr/2"] > lrs["lr/3"]

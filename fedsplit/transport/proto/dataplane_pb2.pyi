@@ -112,7 +112,7 @@ class SharedExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ...) -> None: ...
 
 class Control(_message.Message):
-    __slots__ = ("connect", "begin", "wait", "train_batch", "apply_step", "read_state", "load_state", "read_traffic", "await_round", "finish_step", "abort_round", "replica_gradients")
+    __slots__ = ("connect", "begin", "wait", "train_batch", "apply_step", "read_state", "load_state", "read_traffic", "await_round", "finish_step", "abort_round", "replica_gradients", "reduce_norm", "read_memory")
     CONNECT_FIELD_NUMBER: _ClassVar[int]
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,8 @@ class Control(_message.Message):
     FINISH_STEP_FIELD_NUMBER: _ClassVar[int]
     ABORT_ROUND_FIELD_NUMBER: _ClassVar[int]
     REPLICA_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_NORM_FIELD_NUMBER: _ClassVar[int]
+    READ_MEMORY_FIELD_NUMBER: _ClassVar[int]
     connect: Connect
     begin: Begin
     wait: Wait
@@ -137,7 +139,9 @@ class Control(_message.Message):
     finish_step: FinishStep
     abort_round: AbortRound
     replica_gradients: ReplicaGradients
-    def __init__(self, connect: _Optional[_Union[Connect, _Mapping]] = ..., begin: _Optional[_Union[Begin, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., train_batch: _Optional[_Union[TrainBatch, _Mapping]] = ..., apply_step: _Optional[_Union[ApplyStep, _Mapping]] = ..., read_state: _Optional[_Union[ReadState, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, _Mapping]] = ..., read_traffic: _Optional[_Union[ReadTraffic, _Mapping]] = ..., await_round: _Optional[_Union[AwaitRound, _Mapping]] = ..., finish_step: _Optional[_Union[FinishStep, _Mapping]] = ..., abort_round: _Optional[_Union[AbortRound, _Mapping]] = ..., replica_gradients: _Optional[_Union[ReplicaGradients, _Mapping]] = ...) -> None: ...
+    reduce_norm: ReduceNorm
+    read_memory: ReadMemory
+    def __init__(self, connect: _Optional[_Union[Connect, _Mapping]] = ..., begin: _Optional[_Union[Begin, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., train_batch: _Optional[_Union[TrainBatch, _Mapping]] = ..., apply_step: _Optional[_Union[ApplyStep, _Mapping]] = ..., read_state: _Optional[_Union[ReadState, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, _Mapping]] = ..., read_traffic: _Optional[_Union[ReadTraffic, _Mapping]] = ..., await_round: _Optional[_Union[AwaitRound, _Mapping]] = ..., finish_step: _Optional[_Union[FinishStep, _Mapping]] = ..., abort_round: _Optional[_Union[AbortRound, _Mapping]] = ..., replica_gradients: _Optional[_Union[ReplicaGradients, _Mapping]] = ..., reduce_norm: _Optional[_Union[ReduceNorm, _Mapping]] = ..., read_memory: _Optional[_Union[ReadMemory, _Mapping]] = ...) -> None: ...
 
 class Connect(_message.Message):
     __slots__ = ("addresses",)
@@ -153,20 +157,22 @@ class Connect(_message.Message):
     def __init__(self, addresses: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Begin(_message.Message):
-    __slots__ = ("round", "first_step", "steps", "data_owners", "restore_round", "evaluate")
+    __slots__ = ("round", "first_step", "steps", "data_owners", "restore_round", "evaluate", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     DATA_OWNERS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_ROUND_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
     first_step: int
     steps: int
     data_owners: _containers.RepeatedScalarFieldContainer[str]
     restore_round: int
     evaluate: bool
-    def __init__(self, round: _Optional[int] = ..., first_step: _Optional[int] = ..., steps: _Optional[int] = ..., data_owners: _Optional[_Iterable[str]] = ..., restore_round: _Optional[int] = ..., evaluate: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., first_step: _Optional[int] = ..., steps: _Optional[int] = ..., data_owners: _Optional[_Iterable[str]] = ..., restore_round: _Optional[int] = ..., evaluate: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Wait(_message.Message):
     __slots__ = ("timeout_s",)
@@ -198,11 +204,17 @@ class ReadTraffic(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReadMemory(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class AwaitRound(_message.Message):
-    __slots__ = ("round",)
+    __slots__ = ("round", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
-    def __init__(self, round: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class FinishStep(_message.Message):
     __slots__ = ("step",)
@@ -211,12 +223,22 @@ class FinishStep(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class AbortRound(_message.Message):
-    __slots__ = ("round", "reason")
+    __slots__ = ("round", "reason", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
     reason: str
-    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class ReduceNorm(_message.Message):
+    __slots__ = ("step", "squared")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SQUARED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    squared: float
+    def __init__(self, step: _Optional[int] = ..., squared: _Optional[float] = ...) -> None: ...
 
 class ReplicaGradients(_message.Message):
     __slots__ = ("step",)
