@@ -122,7 +122,8 @@ class WorkerHandler:
         elif kind == "apply_step":
             return Reply(metrics=w.apply_step(c.apply_step.step))
         elif kind == "read_state":  # views, not copies: the reply is encoded before the worker can step again
-            return Reply([(k, p.detach()) for k, p in w.model.bindings.items()])
+            # the master weights (fp32 in bf16-mixed) of what trains: a frozen base never changes
+            return Reply([(k, p.detach()) for k, p in w.weights.master.items()])
         elif kind == "load_state":
             w.load_state(dict(tensors))
         elif kind == "read_memory":
