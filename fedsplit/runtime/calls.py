@@ -48,6 +48,22 @@ def calling(key: CallKey) -> Iterator[None]:
         _current.reset(token)
 
 
+_anchors: contextvars.ContextVar[list[Tensor]] = contextvars.ContextVar("fedsplit_anchors")
+
+
+@contextmanager
+def collecting_anchors() -> Iterator[list[Tensor]]:
+    """Collect the anchors of the calls made while the block runs: a callee differentiates its
+    graph for them too, so that calls whose inputs need no gradient (a frozen base before them)
+    still get their backward."""
+    anchors: list[Tensor] = []
+    token = _anchors.set(anchors)
+    try:
+        yield anchors
+    finally:
+        _anchors.reset(token)
+
+
 def current_call() -> CallKey:
     try:
         return _current.get()
@@ -103,6 +119,9 @@ def _in_graph(calls: Sequence[Call], collect: Callable[[], list[Sequence[Tensor]
     """The calls' outputs, one after another, with the calls as one node of the caller's graph."""
     inputs = [t for call in calls for t in call[3]]
     anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
+    collected = _anchors.get(None)
+    if collected is not None:
+        collected.append(anchor)
     return _Calls.apply(calls, collect, anchor, *inputs)
 
 
@@ -117,24 +136,33 @@ def remote_call(peer: Peer, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> t
 def remote_calls(calls: Sequence[Call]) -> Callable[[], list[tuple[Tensor, ...]]]:
     """Start several calls at once and return a function that waits for them and gives each
     call's outputs; the caller computes its own share in between. Calls to network peers go out
-    on threads, their backwards too (see :class:`_Calls`); in-process peers compute at once."""
+    on threads, their backwards too (see :class:`_Calls`); in-process peers compute at once. Either
+    way the calls join the caller's graph as one node when their results are taken, so that the
+    caller adds up their input gradients in the same order whichever way its peers are reached."""
     grad = torch.is_grad_enabled()
-    network = [c for c in calls if c[0].remote]
     pending = [
         _fan_out.submit(peer.forward if grad else peer.evaluate, key, op, [t.detach() for t in inputs])
-        for peer, key, op, inputs in network
+        if peer.remote
+        else _Done((peer.forward if grad else peer.evaluate)(key, op, [t.detach() for t in inputs]))
+        for peer, key, op, inputs in calls
     ]
-    local = {i: remote_call(*c) for i, c in enumerate(calls) if not c[0].remote}
 
     def results() -> list[tuple[Tensor, ...]]:
-        if not network:
-            replies = []
-        elif grad:
-            flat = iter(_in_graph(network, lambda: [f.result() for f in pending]))
-            replies = [tuple(next(flat) for _ in f.result()) for f in pending]
-        else:
-            replies = [tuple(o.to(c[3][0].device) for o in f.result()) for c, f in zip(network, pending)]
-        it = iter(replies)
-        return [local[i] if i in local else next(it) for i in range(len(calls))]
+        if not calls:
+            return []
+        if grad:
+            flat = iter(_in_graph(calls, lambda: [f.result() for f in pending]))
+            return [tuple(next(flat) for _ in f.result()) for f in pending]
+        return [tuple(o.to(c[3][0].device) for o in f.result()) for c, f in zip(calls, pending)]
 
     return results
+
+
+class _Done:
+    """The reply of a call computed at once, read like a future's."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value

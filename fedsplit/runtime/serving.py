@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .calls import CallKey, calling
+from .calls import CallKey, calling, collecting_anchors
 from .gradients import GradientBook
 from .ops import Op
 
@@ -30,6 +30,7 @@ def _keep(t: Tensor) -> Tensor:
 class _Record:
     inputs: list[Tensor]
     outputs: list[Tensor]
+    anchors: list[Tensor]  # of the calls the forward made (see calls.collecting_anchors)
 
 
 class Stage:
@@ -51,10 +52,15 @@ class Stage:
         # A caller in this process may be inside an activation-checkpointed block: its saved-tensor
         # hooks must not take this graph's tensors (its recompute gets this call's answer from the
         # record, without computing), so this graph saves under hooks of its own.
-        with calling(key), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        with (
+            calling(key),
+            collecting_anchors() as anchors,
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(_keep, _keep),
+        ):
             outputs = list(self.compute(key, op, leaves))
         with self._lock:
-            self._records[(key, op)] = _Record(leaves, outputs)
+            self._records[(key, op)] = _Record(leaves, outputs, anchors)
         return [o.detach() for o in outputs]
 
     def evaluate(self, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -85,7 +91,7 @@ class Stage:
             with calling(key):
                 result = torch.autograd.grad(
                     [o for o, _ in pairs],
-                    wrt_inputs + [self.params[n] for n in names],
+                    wrt_inputs + [self.params[n] for n in names] + record.anchors,
                     [g for _, g in pairs],
                     allow_unused=True,
                 )
