@@ -14,10 +14,13 @@
    process's default threads), interleaved the same way.
 3. **memory**: the ``base`` model (~150M parameters, 32k vocabulary), a data owner holding both
    ends and layer 0, a compute organisation layers 1-7, batch 8 x 512 in one micro-batch, one
-   step in fp32, bf16-mixed and bf16-mixed with activation checkpointing, one worker process per
-   organisation. Per organisation: what its peak RSS grew by during the step (VmHWM after the
-   step less VmRSS once it held its weights), the training state that growth holds for sure
-   (fp32 gradients and AdamW moments), and the rest: activations and working memory.
+   step in fp32, bf16-mixed and bf16-mixed with activation checkpointing, and LoRA (r=8 on every
+   attention projection and expert, frozen bf16 base) with and without checkpointing, one worker
+   process per organisation. Per organisation: its RSS once it held its weights, what its peak RSS
+   grew by during the step (VmHWM, reset through clear_refs once the weights were in, after the
+   step), the training state that growth holds for sure (fp32 gradients and AdamW moments of what
+   trains), and the rest: activations and working memory. Then the bytes the coordinator's Flower
+   messages carry per round, full training vs LoRA.
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ MEMORY_PLAN = """name: bench-memory
 model: {model}
 training: {{rounds: 1, steps_per_round: 1, batch_size: 8, seq_len: {seq}, micro_batches: 1, eval_tokens: 0,
            optimizer: {{name: adamw, lr: 3.0e-4}}, seed: 0}}
+{finetune}
 orgs:
   - {{org: data-owner, data: {{train: {data}}}, holds: [embed, layers.0, final_norm, lm_head]}}
   - {{org: compute, holds: [layers.1-7]}}
@@ -158,31 +162,38 @@ def _status(pid: int, field: str) -> int:
 
 def memory(args, work: Path) -> list[str]:
     from fedsplit.hosting.processes import ProcessFederation
+    from fedsplit.model import parameter_shapes
     from fedsplit.plan import load_plan
     from fedsplit.runtime import initial_weights, synthetic_batches
 
     seq = 128 if args.quick else 512
-    (work / "memory.yaml").write_text(
-        MEMORY_PLAN.format(model=REPO / "configs/models/base.yaml", seq=seq, data=REPO / "data/tinyshakespeare.txt")
-    )
-    base = load_plan(work / "memory.yaml")
-    weights = initial_weights(base)
+    fields = {"model": REPO / "configs/models/base.yaml", "seq": seq, "data": REPO / "data/tinyshakespeare.txt"}
+    (work / "memory.yaml").write_text(MEMORY_PLAN.format(**fields, finetune=""))
+    (work / "lora.yaml").write_text(MEMORY_PLAN.format(**fields, finetune=LORA))
+    base, lora = load_plan(work / "memory.yaml"), load_plan(work / "lora.yaml")
+    weights = initial_weights(lora)  # the base's, plus the adapters' (which the full plans ignore)
     variants = {
-        "fp32": {},
-        "bf16-mixed": {"precision": "bf16-mixed"},
-        "bf16-mixed + checkpointing": {"precision": "bf16-mixed", "activation_checkpointing": True},
+        "fp32": base,
+        "bf16-mixed": base.with_training(precision="bf16-mixed"),
+        "bf16-mixed + checkpointing": base.with_training(precision="bf16-mixed", activation_checkpointing=True),
+        "LoRA r=8, bf16-mixed": lora.with_training(precision="bf16-mixed"),
+        "LoRA r=8, bf16-mixed + checkpointing": lora.with_training(
+            precision="bf16-mixed", activation_checkpointing=True
+        ),
     }
     rows, rest = [], {}
-    for label, change in variants.items():
-        plan = base.with_training(**change)
-        with ProcessFederation(plan, weights, insecure=True, timeout=3600) as fed:
+    for label, plan in variants.items():
+        mine = {k: v for k, v in weights.items() if k in parameter_shapes(plan.model)}
+        with ProcessFederation(plan, mine, insecure=True, timeout=3600) as fed:
             pids = {org: fed.hosts.procs[fed.hosts.group_of[org]].pid for org in plan.orgs}
             ready = {org: _status(pid, "VmRSS") for org, pid in pids.items()}
+            for pid in pids.values():  # the peak from here on, not the weights' loading
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
             fed.train_step(0, synthetic_batches(plan, 0))
             peak = {org: _status(pid, "VmHWM") for org, pid in pids.items()}
         for org in plan.orgs:
-            params = plan.parameter_count(org)
-            state = params * 12  # fp32 gradients and AdamW's two moments (bf16-mixed: of the fp32 masters)
+            params, trained = plan.parameter_count(org), plan.trained_parameter_count(org)
+            state = trained * 12  # fp32 gradients and AdamW's two moments (bf16-mixed: of the fp32 masters)
             grown = peak[org] - ready[org]
             rest[(label, org)] = grown - state
             rows.append(
@@ -190,18 +201,48 @@ def memory(args, work: Path) -> list[str]:
                     label,
                     org,
                     f"{params:,}",
+                    f"{trained:,}",
+                    f"{ready[org] / 2**20:,.0f}",
                     f"{grown / 2**20:,.0f}",
                     f"{state / 2**20:,.0f}",
                     f"{(grown - state) / 2**20:,.0f}",
                 ]
             )
-    cols = ["variant", "organisation", "parameters", "peak growth MiB", "grads + AdamW MiB", "activations and rest MiB"]
+    cols = [
+        "variant",
+        "organisation",
+        "parameters",
+        "trained",
+        "RSS holding its weights MiB",
+        "peak growth in the step MiB",
+        "grads + AdamW MiB",
+        "activations and rest MiB",
+    ]
     cut = rest[("bf16-mixed", "data-owner")] / max(rest[("bf16-mixed + checkpointing", "data-owner")], 1)
+    flower = {label: control_plane_bytes(plan, weights) for label, plan in (("full", base), ("LoRA r=8", lora))}
     return [
         f"## Memory (base model, batch 8 x {seq}, one step, one process per organisation)",
         *table(cols, rows),
         f"data owner's activations and rest, bf16-mixed / bf16-mixed + checkpointing: {cut:.1f}x",
+        "",
+        "## Flower bytes per round (weights out to every organisation and back, fp32)",
+        *table(
+            ["training", "bytes per round", "full / this"],
+            [[k, f"{v:,}", f"{flower['full'] / v:.1f}x"] for k, v in flower.items()],
+        ),
     ]
+
+
+LORA = "finetune: {rank: 8, alpha: 16, targets: [q_proj, k_proj, v_proj, o_proj, experts, shared_experts]}"
+
+
+def control_plane_bytes(plan, weights) -> int:
+    """What the coordinator sends each organisation at a round's start and gets back at its end:
+    the tensors of its partitions that train (``ServerApp._weights_of``), twice."""
+    from fedsplit.plan import select
+
+    sent = [select(weights, plan.slices_of(org, trained_only=True)) for org in plan.orgs]
+    return 2 * sum(t.numel() * t.element_size() for state in sent for t in state.values())
 
 
 def main() -> None:

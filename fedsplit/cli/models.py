@@ -25,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="safetensors",
         help="hf: config.json and safetensors that transformers loads (Mixtral, or Qwen2-MoE with shared experts)",
     )
-    export.add_argument("--model", help="with --format hf: the model YAML or directory (default: the run's plan.json)")
+    export.add_argument(
+        "--model", help="with --format hf or --merge: the model YAML or directory (default: the run's plan.json)"
+    )
+    export.add_argument(
+        "--merge", action="store_true", help="fold a LoRA fine-tune's adapters into the base weights (W + alpha/r B A)"
+    )
     export.set_defaults(func=export_model)
 
     imp = sub.add_parser(
@@ -90,7 +95,8 @@ def export_model(args: argparse.Namespace) -> None:
     from ..interop import CheckpointError
 
     try:
-        say(export(Path(args.checkpoint), Path(args.out), args.format, Path(args.model) if args.model else None))
+        model = Path(args.model) if args.model else None
+        say(export(Path(args.checkpoint), Path(args.out), args.format, model, merge=args.merge))
     except (CheckpointError, ValueError, OSError) as e:
         raise CliError(f"cannot export: {e}", USAGE) from None
 

@@ -59,8 +59,10 @@ def check_plan(args: argparse.Namespace) -> None:
     plan = load(args.federation)
     per = plan.bytes_per_parameter
     orgs = Table(title=f"plan '{plan.name}': {len(plan.orgs)} organisations, model {plan.model_source.name}")
-    for col in ("organisation", "holds", "parameters", "memory", "data", "device"):
-        orgs.add_column(col, justify="right" if col in ("parameters", "memory") else "left")
+    trains = plan.finetune is not None or bool(plan.frozen)
+    columns = ("organisation", "holds", "parameters", *(("training",) if trains else ()), "memory", "data", "device")
+    for col in columns:
+        orgs.add_column(col, justify="right" if col in ("parameters", "training", "memory") else "left")
     total = 0
     for name, org in plan.orgs.items():
         n = plan.parameter_count(name)
@@ -69,7 +71,8 @@ def check_plan(args: argparse.Namespace) -> None:
             name,
             "\n".join(e.selector for e in org.entries) or "-",
             f"{n:,}",
-            f"{n * per / 2**20:.1f} MiB",
+            *((f"{plan.trained_parameter_count(name):,}",) if trains else ()),
+            f"{plan.training_bytes(name) / 2**20:.1f} MiB",
             "yes" if org.holds_data else "-",
             org.device,
         )
@@ -87,9 +90,13 @@ def check_plan(args: argparse.Namespace) -> None:
         parts.add_row(p.name, describe(p.units, plan.model), ", ".join(p.holders), mark)
     console.print(parts)
     copies = ", bf16 compute copies" if plan.training.precision == "bf16-mixed" else ""
+    frozen = ""
+    if trains:
+        dtype = "2 bytes (bf16)" if copies else "4 bytes (fp32)"
+        frozen = f", and {dtype} for each frozen one (no gradient or state)"
     console.print(
-        f"memory = parameters x {per} bytes (fp32 weights, gradients, {plan.training.optimizer.name} state{copies}; "
-        f"activations not included); {total:,} parameters held in all, replicas included"
+        f"memory = training parameters x {per} bytes (fp32 weights, gradients, {plan.training.optimizer.name} "
+        f"state{copies}){frozen}; activations not included; {total:,} parameters held in all, replicas included"
     )
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import FedAdam
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import Tensor
 
-from ..plan import Plan, reassemble, select, unit_slices
+from ..plan import Plan, reassemble, select
 from ..plan.schema import AggregationConfig
 
 
@@ -165,9 +165,11 @@ def aggregate_round(
     alive = set(alive)
     tokens = {org: m.get("tokens", 0.0) for org, m in metrics.items()}
     new_local = {org: dict(state) for org, state in local.items()}
-    parts = []
+    parts = [plan.frozen_part(model)]
     for p in plan.partitions:
-        slices = unit_slices(plan.model, p.units)
+        slices = plan.trained_slices(p.units)
+        if not slices:  # all frozen: the model keeps it as it is
+            continue
         keys = [s.key for s in slices]
         reported = [org for org in p.holders if org in trained and org in alive]
         for org in reported:

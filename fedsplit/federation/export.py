@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..interop import CheckpointError, is_model_directory, open_checkpoint, save_hf
+from ..interop.adapters import merge_adapters
 from ..model import ModelConfig
 from ..plan import resolved_model
 from .checkpoint import find_checkpoint
@@ -27,9 +28,10 @@ def model_config(source: Path, model: Path | None = None) -> ModelConfig:
     return resolved_model(plans[0])
 
 
-def export(source: Path, out: Path, format: str = "safetensors", model: Path | None = None) -> str:
-    """Write the model at ``source`` to ``out``; what was written, for the user. Raises
-    :class:`CheckpointError` when ``source`` holds no complete checkpoint or cannot be exported."""
+def export(source: Path, out: Path, format: str = "safetensors", model: Path | None = None, merge: bool = False) -> str:
+    """Write the model at ``source`` to ``out``; what was written, for the user. ``merge``: fold a
+    fine-tuned model's LoRA adapters into its base weights first. Raises :class:`CheckpointError`
+    when ``source`` holds no complete checkpoint or cannot be exported."""
     source, out = Path(source), Path(out)
     if format == "hf" and is_model_directory(source):
         directory = open_checkpoint(source)
@@ -40,11 +42,15 @@ def export(source: Path, out: Path, format: str = "safetensors", model: Path | N
         raise CheckpointError(
             "holds no complete checkpoint (give a run directory or a checkpoints/round-NNNN directory)", file=source
         )
+    weights = ckpt.weights
+    if merge or format == "hf":
+        cfg = model_config(ckpt.path, model)
+        if merge:
+            cfg, weights = merge_adapters(cfg, weights)
     if format == "hf":
-        written = save_hf(model_config(ckpt.path, model), ckpt.weights, out)
+        written = save_hf(cfg, weights, out)
         return f"wrote a Hugging Face checkpoint to {written}: AutoModelForCausalLM.from_pretrained({str(written)!r})"
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in ckpt.weights.items()}, out, metadata={"format": "pt", "round": str(ckpt.round)}
-    )
-    return f"wrote the full model of round {ckpt.round} ({len(ckpt.weights)} tensors) to {out}"
+    save_file({k: v.contiguous() for k, v in weights.items()}, out, metadata={"format": "pt", "round": str(ckpt.round)})
+    merged = " (adapters merged)" if merge else ""
+    return f"wrote the full model of round {ckpt.round}{merged} ({len(weights)} tensors) to {out}"

@@ -113,7 +113,10 @@ class Coordinator:
         last = latest_checkpoint(self.checkpoints) if resume else None
         if last is None:
             weights = initial_weights(self.plan)
-            return weights, {o: select(weights, self.plan.slices_of(o, local_only=True)) for o in self.plan.orgs}, 1
+            local = {
+                o: select(weights, self.plan.slices_of(o, local_only=True, trained_only=True)) for o in self.plan.orgs
+            }
+            return weights, local, 1
         if last.manifest.get("plan_hash") != self.hash:
             raise FederationError(
                 f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
@@ -290,8 +293,9 @@ class Coordinator:
         return RoundSpec(r, first, steps, owners, r - 1, evaluate=self.evaluates)
 
     def _weights_of(self, org: str) -> dict:
-        """Its partitions' current weights: its own version of the pieces it keeps local."""
-        return {**select(self.weights, self.plan.slices_of(org)), **self.local.get(org, {})}
+        """Its partitions' current weights that train (it loads a frozen base itself, once): its own
+        version of the pieces it keeps local."""
+        return {**select(self.weights, self.plan.slices_of(org, trained_only=True)), **self.local.get(org, {})}
 
     def _config(self, spec: RoundSpec) -> ConfigRecord:
         addresses = {o: a for o, a in self.addresses.items() if o in self.alive}

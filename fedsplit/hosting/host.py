@@ -25,6 +25,7 @@ from torch import Tensor
 from ..plan import Plan, load_plan, select
 from ..runtime.batches import batches_for, eval_batches_for
 from ..runtime.rounds import Rounds
+from ..runtime.weights import initial_weights_of
 from ..runtime.worker import Worker
 from ..transport.security import TLSConfig, load_token, load_verifiers
 from ..transport.service import Credentials, DataPlaneServer
@@ -69,7 +70,11 @@ class WorkerHost:
         self.servers: dict[str, DataPlaneServer] = {}
         self.workers: dict[str, Worker] = {}
         for org in orgs:
-            worker = Worker(plan, org, select(weights, plan.slices_of(org)) if weights is not None else None, device)
+            if weights is not None:
+                mine = select(weights, plan.slices_of(org))
+            else:  # a frozen base is loaded here, once; the rounds bring only what trains
+                mine = initial_weights_of(plan, org) if plan.frozen else None
+            worker = Worker(plan, org, mine, device)
             owner = org in plan.data_owners
             Rounds(
                 worker,

@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..plan import Partition, Plan, reassemble, unit_slices, write_resolved
+from ..plan import Partition, Plan, reassemble, write_resolved
 from ..runtime.protocols import Batches
 from ..transport.security import TLSConfig, generate_credentials, load_token
 from ..transport.shm import remove_segments_of
@@ -171,6 +171,7 @@ class ProcessFederation:
     ):
         """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
         self.plan, self.timeout = plan, timeout
+        self.frozen = plan.frozen_part(weights)  # never changes
         self.run = f"{plan.name}-{secrets.token_hex(4)}"
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
         self.hosts = HostProcesses(
@@ -222,7 +223,7 @@ class ProcessFederation:
         return self.controls[org].state()
 
     def replicas(self, partition: Partition) -> dict[str, dict[str, Tensor]]:
-        keys = [s.key for s in unit_slices(self.plan.model, partition.units)]
+        keys = [s.key for s in self.plan.trained_slices(partition.units)]
         return {org: {k: v for k, v in self.state(org).items() if k in keys} for org in partition.holders}
 
     def load_partition(self, partition: Partition, state: Mapping[str, Tensor]) -> None:
@@ -234,8 +235,11 @@ class ProcessFederation:
         return reassemble(
             self.plan.model,
             [
-                {s.key: states[p.holders[0]][s.key] for s in unit_slices(self.plan.model, p.units)}
-                for p in self.plan.partitions
+                *(
+                    {s.key: states[p.holders[0]][s.key] for s in self.plan.trained_slices(p.units)}
+                    for p in self.plan.partitions
+                ),
+                self.frozen,
             ],
         )
 

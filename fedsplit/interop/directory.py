@@ -97,6 +97,12 @@ def save_hf(
 ) -> Path:
     """Write a HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``
     and the weights in one file, or in shards of at most ``max_shard_bytes`` with an index."""
+    if cfg.lora is not None:
+        raise CheckpointError(
+            "the model has LoRA adapters, which a Hugging Face model has no place for: merge them first "
+            "(fedsplit export --format hf --merge)",
+            field="lora",
+        )
     arch = hf_architecture(cfg)
     tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf(cfg, arch, state).items()}
     out = Path(out)

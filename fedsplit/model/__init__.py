@@ -1,10 +1,11 @@
 """The MoE transformer: configuration and maths, with no knowledge of plans or networks."""
 
-from .config import ModelConfig
+from .config import LoraConfig, LoraTarget, ModelConfig
 from .moe import (
     Attention,
     Block,
     Experts,
+    LoRALinear,
     MoE,
     MoETransformer,
     RMSNorm,
@@ -12,6 +13,8 @@ from .moe import (
     SwiGLU,
     chunked_cross_entropy,
     cross_entropy,
+    expert,
+    is_adapter,
     parameter_count,
     parameter_shapes,
     rope_tables,
@@ -23,6 +26,9 @@ __all__ = [
     "Attention",
     "Block",
     "Experts",
+    "LoRALinear",
+    "LoraConfig",
+    "LoraTarget",
     "MoE",
     "MoETransformer",
     "ModelConfig",
@@ -31,6 +37,8 @@ __all__ = [
     "SwiGLU",
     "chunked_cross_entropy",
     "cross_entropy",
+    "expert",
+    "is_adapter",
     "parameter_count",
     "parameter_shapes",
     "rope_tables",

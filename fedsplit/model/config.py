@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts"]
+
+
+class LoraConfig(BaseModel):
+    """Low-rank adapters (LoRA, Hu et al. 2021) on some of the model's linear maps: a target
+    ``W x`` becomes ``W x + (alpha / rank) * B (A x)`` with ``A`` (rank x in) and ``B`` (out x rank).
+    ``B`` starts at zero, so the adapted model starts as its base. ``experts`` and
+    ``shared_experts`` adapt all three projections (w1, w2, w3) of every routed or shared expert."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    targets: tuple[LoraTarget, ...] = Field(min_length=1)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
 
 
 class ModelConfig(BaseModel):
@@ -45,6 +65,9 @@ class ModelConfig(BaseModel):
         description="a query attends to at most this many latest positions, itself included (Mixtral)",
     )
     init_std: float = Field(default=0.02, gt=0)
+    lora: LoraConfig | None = Field(
+        default=None, description="low-rank adapters; a plan's finetune section sets them on its base model"
+    )
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -59,7 +82,37 @@ class ModelConfig(BaseModel):
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.shared_expert_gate and not self.num_shared_experts:
             raise ValueError("shared_expert_gate needs shared experts (num_shared_experts is 0)")
+        if self.lora is not None:
+            self._check_lora(self.lora)
         return self
+
+    def _check_lora(self, lora: LoraConfig) -> None:
+        if "shared_experts" in lora.targets and not self.num_shared_experts:
+            raise ValueError("LoRA target 'shared_experts': this model has no shared experts (num_shared_experts is 0)")
+        d, hd = self.hidden_size, self.head_dim
+        sizes = {
+            "q_proj": (d, self.num_heads * hd),
+            "k_proj": (d, self.num_kv_heads * hd),
+            "v_proj": (d, self.num_kv_heads * hd),
+            "o_proj": (self.num_heads * hd, d),
+            "experts": (d, self.expert_ffn_size),
+            "shared_experts": (d, self.shared_ffn_size),
+        }
+        for target in lora.targets:
+            if lora.rank > min(sizes[target]):
+                raise ValueError(
+                    f"LoRA rank {lora.rank} is larger than {target}, whose smallest side is {min(sizes[target])} "
+                    f"({sizes[target][0]} x {sizes[target][1]}): a rank above it adds nothing"
+                )
+
+    def adapts(self, target: str) -> LoraConfig | None:
+        """The adapters of ``target`` (a :data:`LoraTarget`), or None when it has none."""
+        return self.lora if self.lora is not None and target in self.lora.targets else None
+
+    @property
+    def base(self) -> ModelConfig:
+        """This model without its adapters."""
+        return self if self.lora is None else self.model_copy(update={"lora": None})
 
     @property
     def heads_per_kv_head(self) -> int:

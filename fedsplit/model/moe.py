@@ -3,7 +3,8 @@
 Mixtral family: RMSNorm, rotary position embeddings, grouped-query attention (optionally with
 q/k/v biases and a sliding window), a top-k softmax router over SwiGLU experts, optional
 DeepSeek-style shared experts (optionally behind a sigmoid gate, as in Qwen2-MoE), the
-Switch/Mixtral load-balancing loss and multiplicative router jitter.
+Switch/Mixtral load-balancing loss and multiplicative router jitter; optional LoRA adapters
+(:class:`LoRALinear`) on the attention projections and the experts.
 
 This module knows nothing about plans or networks. fedsplit partitions the model by
 *replacing* two containers with ones that have the same call signature:
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import LoraConfig, ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -56,6 +57,43 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` plus a low-rank update: ``W x + b + scaling * lora_B(lora_A(x))`` (PEFT's
+    names and initialisation: ``A`` Kaiming-uniform, ``B`` zero). The base weight is cast to the
+    input's dtype, so a frozen base may be kept in another precision than the adapters."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, lora: LoraConfig):
+        super().__init__(in_features, out_features, bias=bias)
+        self.lora_A = nn.Linear(in_features, lora.rank, bias=False)
+        self.lora_B = nn.Linear(lora.rank, out_features, bias=False)
+        self.scaling = lora.scaling
+
+    def reset_adapters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        base = F.linear(x, self.weight.to(x.dtype), bias)
+        return base + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(x.dtype) * self.scaling
+
+    def merged_weight(self) -> Tensor:
+        """``W + scaling * B A``: the plain weight that computes what this layer computes."""
+        return self.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight).to(self.weight.dtype)
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name is a LoRA factor's."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def linear(in_features: int, out_features: int, bias: bool = False, lora: LoraConfig | None = None) -> nn.Linear:
+    """A linear map, with adapters when ``lora`` is given."""
+    if lora is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return LoRALinear(in_features, out_features, bias, lora)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention over ``num_heads`` query heads.
 
@@ -72,10 +110,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.sliding_window = cfg.sliding_window
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_proj = linear(d, self.num_heads * hd, cfg.qkv_bias, cfg.adapts("q_proj"))
+        self.k_proj = linear(d, self.num_kv_heads * hd, cfg.qkv_bias, cfg.adapts("k_proj"))
+        self.v_proj = linear(d, self.num_kv_heads * hd, cfg.qkv_bias, cfg.adapts("v_proj"))
+        self.o_proj = linear(self.num_heads * hd, d, False, cfg.adapts("o_proj"))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         B, T, _ = x.shape
@@ -98,11 +136,11 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """One expert: ``w2(silu(w1 x) * w3 x)``."""
 
-    def __init__(self, dim: int, ffn: int):
+    def __init__(self, dim: int, ffn: int, lora: LoraConfig | None = None):
         super().__init__()
-        self.w1 = nn.Linear(dim, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, dim, bias=False)
-        self.w3 = nn.Linear(dim, ffn, bias=False)
+        self.w1 = linear(dim, ffn, lora=lora)
+        self.w2 = linear(ffn, dim, lora=lora)
+        self.w3 = linear(dim, ffn, lora=lora)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -116,7 +154,7 @@ class SharedExperts(SwiGLU):
     holds the ``shared_experts`` unit computes the whole term."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.hidden_size, cfg.shared_ffn_size)
+        super().__init__(cfg.hidden_size, cfg.shared_ffn_size, cfg.adapts("shared_experts"))
         self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,6 +171,11 @@ class Experts(nn.ModuleList):
 
     def forward(self, rows: dict[int, Tensor]) -> dict[int, Tensor]:
         return {e: self[e](x) for e, x in rows.items()}
+
+
+def expert(cfg: ModelConfig) -> SwiGLU:
+    """One routed expert of the model (with its adapters, when the experts have them)."""
+    return SwiGLU(cfg.hidden_size, cfg.expert_ffn_size, cfg.adapts("experts"))
 
 
 def route(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -159,7 +202,7 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = Experts(SwiGLU(cfg.hidden_size, cfg.expert_ffn_size) for _ in range(cfg.num_experts))
+        self.experts = Experts(expert(cfg) for _ in range(cfg.num_experts))
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts else None
 
     def jitter(self, x: Tensor, noise_seed: int | None) -> Tensor:
@@ -257,6 +300,8 @@ class MoETransformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, LoRALinear):  # after its own weights, which apply() reaches first
+            module.reset_adapters()
 
     def logits(self, h: Tensor) -> Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -19,8 +19,9 @@ from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 from ..interop import CheckpointError, ModelCheckpoint, is_model_directory, open_checkpoint
 from ..model import ModelConfig
 from .errors import PlanError, Problem
+from .finetune import adapted_model, check_adapted_attention, frozen_parameters, kv_partitions
 from .plan import Entry, Org, Partition, Plan
-from .schema import FederationFile, OrgFile
+from .schema import FederationFile, FinetuneConfig, OrgFile
 from .units import SelectorError, Unit, all_units, describe, parse_selector
 from .yaml_io import Lines, load_yaml
 
@@ -42,6 +43,14 @@ def load_plan(path: str | Path) -> Plan:
         where = Problem(f"the model {fed.model!r} is invalid (below)", file=path, line=lines.of("model"), field="model")
         raise PlanError([where, *model_problems])
 
+    try:
+        model = adapted_model(model, fed.finetune)
+    except ValueError as e:
+        problems.append(Problem(str(e), file=path, line=lines.of("finetune"), field="finetune"))
+        raise PlanError(problems) from None
+    _check_base_dtype(path, fed, lines, problems)
+    frozen = frozen_parameters(model, fed.finetune, fed.freeze, path, lines, problems)
+
     orgs: dict[str, Org] = {}
     for org in _load_orgs(path, fed, lines, model, problems):
         if org.name in orgs:
@@ -56,6 +65,7 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(problems)
 
     partitions = _partitions(model, path, orgs, problems)
+    check_adapted_attention(model, kv_partitions(partitions), path, lines, problems)
     _check_data_owners(path, orgs, problems)
     tokenizer = _checked_tokenizer(path, fed, lines, model, problems)
     if problems:
@@ -72,8 +82,29 @@ def load_plan(path: str | Path) -> Plan:
         fed.transport,
         tokenizer,
         checkpoint=checkpoint,
+        finetune=fed.finetune,
+        freeze=tuple(fed.freeze),
+        frozen=frozen,
     )
     return dataclasses.replace(plan, warnings=tuple(_privacy_warnings(plan)))
+
+
+def _check_base_dtype(path: Path, fed: FederationFile, lines: Lines, problems: list[Problem]) -> None:
+    """A frozen base is kept in the precision the run computes in: bf16 needs bf16-mixed."""
+    if fed.finetune is None or fed.finetune.base_dtype is None:
+        return
+    computes = "bf16" if fed.training.precision == "bf16-mixed" else "fp32"
+    if fed.finetune.base_dtype != computes:
+        problems.append(
+            Problem(
+                f"base_dtype {fed.finetune.base_dtype}, but training.precision {fed.training.precision} computes in "
+                f"{computes}: the frozen base is kept in the precision it computes in (set training.precision "
+                f"{'bf16-mixed' if fed.finetune.base_dtype == 'bf16' else 'fp32'}, or drop base_dtype)",
+                file=path,
+                line=lines.of("finetune", "base_dtype"),
+                field="finetune.base_dtype",
+            )
+        )
 
 
 def _load_model(
@@ -324,7 +355,7 @@ def resolved(plan: Plan) -> dict:
     """The plan as one self-contained document that :func:`load_plan` reads back to the same
     plan: its run settings as they are now, every organisation inline, every path absolute, and
     the model inline (or the absolute path of the model directory whose weights it starts from)."""
-    model = str(plan.model_source) if plan.checkpoint is not None else plan.model.model_dump(mode="json")
+    model = str(plan.model_source) if plan.checkpoint is not None else plan.model.base.model_dump(mode="json")
     orgs = []
     for name, o in plan.orgs.items():
         org: dict = {"org": name, "device": o.device, "holds": [e.selector for e in o.entries], "local": list(o.local)}
@@ -343,6 +374,10 @@ def resolved(plan: Plan) -> dict:
         "transport": plan.transport.model_dump(mode="json"),
         "orgs": orgs,
     }
+    if plan.finetune is not None:
+        document["finetune"] = plan.finetune.model_dump(mode="json")
+    if plan.freeze:
+        document["freeze"] = list(plan.freeze)
     if plan.tokenizer is not None:
         document["tokenizer"] = str(plan.tokenizer)
     return document
@@ -362,4 +397,6 @@ def resolved_model(path: Path) -> ModelConfig:
     plan (whose data files may live on other machines): what a run's checkpoints load into."""
     document = json.loads(Path(path).read_text(encoding="utf-8"))
     model = document["model"]
-    return ModelConfig.model_validate(model) if isinstance(model, dict) else open_checkpoint(Path(model)).config
+    base = ModelConfig.model_validate(model) if isinstance(model, dict) else open_checkpoint(Path(model)).config
+    finetune = document.get("finetune")
+    return adapted_model(base, None if finetune is None else FinetuneConfig.model_validate(finetune))

@@ -15,15 +15,16 @@ Placement rules:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 
 from ..interop import ModelCheckpoint
-from ..model import ModelConfig
+from ..model import ModelConfig, is_adapter
 from .errors import Problem
-from .schema import AggregationConfig, TrainingConfig, TransportConfig
+from .schema import AggregationConfig, FinetuneConfig, TrainingConfig, TransportConfig
 from .slicing import TensorSlice, unit_parameter_count, unit_slices
 from .units import Unit
 
@@ -83,6 +84,9 @@ class Plan:
     tokenizer: Path | None = None  # a tokenizer file; None: UTF-8 bytes
     warnings: tuple[Problem, ...] = ()
     checkpoint: ModelCheckpoint | None = None  # when ``model:`` names a model directory: its weights
+    finetune: FinetuneConfig | None = None  # LoRA over a frozen base (``model`` then has the adapters)
+    freeze: tuple[str, ...] = ()  # the federation file's freeze selectors
+    frozen: frozenset[str] = frozenset()  # parameter names that get no gradient (see .finetune)
     _partition_of: dict[Unit, Partition] = field(init=False, repr=False, compare=False)
     _routes: dict[str, dict[Unit, str]] = field(init=False, repr=False, compare=False)
 
@@ -139,18 +143,32 @@ class Plan:
         """Data owners whose batches go through ``org``'s replica of ``partition``."""
         return [d for d in self.data_owners if self.replica_for(partition, d) == org]
 
-    def slices_of(self, org: str, local_only: bool = False) -> list[TensorSlice]:
+    def slices_of(self, org: str, local_only: bool = False, trained_only: bool = False) -> list[TensorSlice]:
         """The tensors (or slices) ``org`` holds, partition by partition (only those it keeps
-        local, never averaged, with ``local_only``)."""
+        local, never averaged, with ``local_only``; only those that train, with ``trained_only``)."""
         held = [p for p in self.partitions if org in (p.local_holders if local_only else p.holders)]
-        return [s for p in held for s in unit_slices(self.model, p.units)]
+        slices = [s for p in held for s in unit_slices(self.model, p.units)]
+        return [s for s in slices if s.name not in self.frozen] if trained_only else slices
+
+    def trains(self, key: str) -> bool:
+        """Whether the parameter (or slice) ``key`` trains, or stays as the run began."""
+        return TensorSlice.parse(key).name not in self.frozen
+
+    def trained_slices(self, units) -> list[TensorSlice]:
+        """The slices of ``units`` that train: what crosses the control plane and is averaged."""
+        return [s for s in unit_slices(self.model, units) if s.name not in self.frozen]
+
+    def frozen_part(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The frozen parameters of a full model's ``weights``: with the trained partitions' states,
+        what reassembles the model."""
+        return {name: weights[name] for name in self.frozen}
 
     def checkpoint_slices(self, org: str) -> dict[str, Tensor]:
         """``org``'s share of the plan's checkpoint, keyed like :meth:`slices_of`: only the
         tensors, and for head groups only the rows and columns, that it holds are read from disk."""
         if self.checkpoint is None:
             raise ValueError(f"plan '{self.name}' starts from a seeded initialisation, not a checkpoint")
-        slices = self.slices_of(org)
+        slices = [s for s in self.slices_of(org) if not is_adapter(s.name)]  # adapters: see initial_weights
         return dict(
             zip((s.key for s in slices), self.checkpoint.reader.read((s.name, s.dim, s.start, s.stop) for s in slices))
         )
@@ -160,6 +178,16 @@ class Plan:
 
     def parameter_count(self, org: str) -> int:
         return unit_parameter_count(self.model, self.units_of(org))
+
+    def trained_parameter_count(self, org: str) -> int:
+        return unit_parameter_count(self.model, self.units_of(org), self.frozen)
+
+    def training_bytes(self, org: str) -> int:
+        """``org``'s weights, gradients and optimizer state: :attr:`bytes_per_parameter` for each
+        parameter that trains, the compute precision's bytes for each frozen one."""
+        trained = self.trained_parameter_count(org)
+        frozen_bytes = 2 if self.training.precision == "bf16-mixed" else 4
+        return trained * self.bytes_per_parameter + (self.parameter_count(org) - trained) * frozen_bytes
 
     def checkpoints_activations(self, org: str) -> bool:
         """Whether ``org``'s blocks recompute their forward in backward (its own file's choice,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..model import ModelConfig
+from ..model import LoraTarget, ModelConfig
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 
@@ -172,6 +172,35 @@ class OrgFile(_Strict):
     )
 
 
+class FinetuneConfig(_Strict):
+    """Fine-tuning with low-rank adapters over a frozen base: the base's weights get no gradient
+    and no optimizer state; the adapters (and the pieces ``train`` names) train."""
+
+    method: Literal["lora"] = "lora"
+    rank: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="only 0.0 for now")
+    targets: list[LoraTarget] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+        min_length=1,
+        description="the linear maps that get adapters; experts: w1, w2, w3 of every routed expert",
+    )
+    train: list[str] = Field(default=[], description="selectors trained fully, besides the adapters (e.g. routers)")
+    base_dtype: Literal["fp32", "bf16"] | None = Field(
+        default=None, description="the frozen base's storage: the run's compute precision (bf16 with bf16-mixed)"
+    )
+
+    @field_validator("dropout")
+    @classmethod
+    def _no_dropout(cls, value: float) -> float:
+        if value:
+            raise ValueError(
+                "LoRA dropout is not supported yet: its masks would have to be drawn alike in the split and "
+                "the monolithic runs; use 0.0"
+            )
+        return value
+
+
 class FederationFile(_Strict):
     name: str = Field(min_length=1)
     model: NonEmpty | ModelConfig = Field(
@@ -190,3 +219,5 @@ class FederationFile(_Strict):
     orgs: list[NonEmpty | OrgFile] = Field(
         min_length=1, description="org files or globs, relative to this file, or organisations written inline"
     )
+    finetune: FinetuneConfig | None = Field(default=None, description="LoRA over a frozen base (default: train all)")
+    freeze: list[str] = Field(default=[], description="selectors whose pieces do not train (no gradient, no state)")

@@ -73,7 +73,23 @@ def head_run_slices(cfg: ModelConfig, layer: int, run: tuple[int, int]) -> dict[
     params = ("weight", "bias") if cfg.qkv_bias else ("weight",)
     out = {f"{proj}.{p}": TensorSlice(f"{prefix}.{proj}.{p}", 0, *r) for proj, r in rows.items() for p in params}
     out["o_proj.weight"] = TensorSlice(f"{prefix}.o_proj.weight", 1, *rows["q_proj"])
+    # LoRA: B maps into the projection's rows (cut like them), A reads all of d (whole); o_proj's A
+    # reads its columns (cut like them) and its B writes all of d (whole). A plan keeps an adapted
+    # layer's heads in one partition, so the whole tensors are never shared.
+    for proj, r in rows.items():
+        if cfg.adapts(proj):
+            out[f"{proj}.lora_A.weight"] = TensorSlice(f"{prefix}.{proj}.lora_A.weight")
+            out[f"{proj}.lora_B.weight"] = TensorSlice(f"{prefix}.{proj}.lora_B.weight", 0, *r)
+    if cfg.adapts("o_proj"):
+        out["o_proj.lora_A.weight"] = TensorSlice(f"{prefix}.o_proj.lora_A.weight", 1, *rows["q_proj"])
+        out["o_proj.lora_B.weight"] = TensorSlice(f"{prefix}.o_proj.lora_B.weight")
     return out
+
+
+def _swiglu(prefix: str, adapted: bool) -> list[TensorSlice]:
+    """An expert's three projections, each with its LoRA A and B when the experts are adapted."""
+    parts = ("weight", "lora_A.weight", "lora_B.weight") if adapted else ("weight",)
+    return [TensorSlice(f"{prefix}.{w}.{part}") for w in ("w1", "w2", "w3") for part in parts]
 
 
 def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
@@ -98,20 +114,24 @@ def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
         elif u.kind == "kv":
             kv[u.layer].append(u.index)
         elif u.kind == "expert":
-            out += [TensorSlice(f"layers.{u.layer}.moe.experts.{u.index}.{w}.weight") for w in ("w1", "w2", "w3")]
+            out += _swiglu(f"layers.{u.layer}.moe.experts.{u.index}", cfg.adapts("experts") is not None)
         elif u.kind == "shared_experts":
-            gate = ("gate",) if cfg.shared_expert_gate else ()
-            out += [TensorSlice(f"layers.{u.layer}.moe.shared_experts.{w}.weight") for w in ("w1", "w2", "w3", *gate)]
+            out += _swiglu(f"layers.{u.layer}.moe.shared_experts", cfg.adapts("shared_experts") is not None)
+            if cfg.shared_expert_gate:
+                out.append(TensorSlice(f"layers.{u.layer}.moe.shared_experts.gate.weight"))
     for layer, groups in sorted(kv.items()):
         for run in kv_runs(groups):
             out += head_run_slices(cfg, layer, run).values()
     return out
 
 
-def unit_parameter_count(cfg: ModelConfig, units: Iterable[Unit]) -> int:
+def unit_parameter_count(cfg: ModelConfig, units: Iterable[Unit], leave_out: frozenset[str] = frozenset()) -> int:
+    """Elements of the units' parameters, less those of the parameters named in ``leave_out``."""
     shapes = parameter_shapes(cfg)
     total = 0
     for s in unit_slices(cfg, units):
+        if s.name in leave_out:
+            continue
         shape = list(shapes[s.name])
         if s.dim is not None:
             shape[s.dim] = s.stop - s.start

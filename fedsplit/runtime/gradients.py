@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..plan import Partition, Plan, unit_slices
+from ..plan import Partition, Plan
 from .optim import squared_norm
 from .protocols import Peer
 
@@ -58,7 +58,7 @@ class GradientBook:
         self._sync_keys, self._ordered, self._norm_share = {}, set(), {}
         self.participants = sorted(set().union(*(plan.path_orgs(d) for d in live)))
         for p in self.partitions:
-            keys = [s.key for s in unit_slices(plan.model, p.units)]
+            keys = [s.key for s in plan.trained_slices(p.units)]
             group = self._sync_group(p, live)
             users = plan.users(p, self.org)
             if plan.training.deterministic and len([d for d in users if d in live]) > 1:

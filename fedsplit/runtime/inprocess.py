@@ -24,6 +24,7 @@ class InProcessFederation:
         self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, schedule: str = "sequential"
     ):
         self.plan, self.schedule = plan, schedule
+        self.frozen = plan.frozen_part(weights)  # never changes
         self.workers = {org: Worker(plan, org, select(weights, plan.slices_of(org)), device) for org in plan.orgs}
         for w in self.workers.values():
             w.connect({org: LocalPeer(other, caller=w.name) for org, other in self.workers.items()})
@@ -60,9 +61,8 @@ class InProcessFederation:
     def reassembled(self) -> dict[str, Tensor]:
         """The full model, taking each partition from its first holder (so average replicas
         first when the replicas' own weights matter)."""
-        return reassemble(
-            self.plan.model, [self.workers[p.holders[0]].partition_state(p) for p in self.plan.partitions]
-        )
+        parts = [self.workers[p.holders[0]].partition_state(p) for p in self.plan.partitions]
+        return reassemble(self.plan.model, [*parts, self.frozen])
 
     def close(self) -> None:
         pass

@@ -29,6 +29,7 @@ from ..model import (
     SwiGLU,
     chunked_cross_entropy,
     cross_entropy,
+    expert,
     rope_tables,
     run_block,
 )
@@ -164,7 +165,7 @@ class PartialModel(nn.Module):
             if u.kind == "kv":
                 kv.setdefault(u.layer, []).append(u.index)
             elif u.kind == "expert":
-                self.experts[f"{u.layer}_{u.index}"] = SwiGLU(cfg.hidden_size, cfg.expert_ffn_size)
+                self.experts[f"{u.layer}_{u.index}"] = expert(cfg)
             elif u.kind == "shared_experts":
                 self.shared[str(u.layer)] = SharedExperts(cfg)
         for layer, groups in kv.items():

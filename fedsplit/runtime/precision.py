@@ -15,7 +15,7 @@ second time, and it re-casts every weight on every micro-batch. fedsplit casts o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -28,17 +28,22 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 class MasterWeights:
-    """The master weights of a model's parameters ``compute`` (by name): the parameters themselves
-    in fp32; in bf16-mixed, fp32 copies, with the parameters cast to bf16 in place."""
+    """The master weights of a model's parameters ``compute`` (by name) that train (``trains``):
+    the parameters themselves in fp32; in bf16-mixed, fp32 copies, with the parameters cast to
+    bf16 in place. Frozen parameters have no master and no gradient; in bf16-mixed they are kept
+    in bf16 only (two bytes a parameter)."""
 
-    def __init__(self, compute: Mapping[str, nn.Parameter], precision: str):
-        self.compute = dict(compute)
+    def __init__(self, compute: Mapping[str, nn.Parameter], precision: str, trains: Callable[[str], bool]):
         self.dtype = compute_dtype(precision)
+        for k, p in compute.items():
+            if not trains(k):
+                p.requires_grad_(False)
+        self.compute = {k: p for k, p in compute.items() if trains(k)}
         if self.dtype == torch.float32:
             self.master = self.compute
             return
         self.master = {k: nn.Parameter(p.detach().float().clone()) for k, p in self.compute.items()}
-        for p in {id(p): p for p in self.compute.values()}.values():  # a tied parameter once
+        for p in {id(p): p for p in compute.values()}.values():  # a tied parameter once
             p.data = p.data.to(self.dtype)
 
     @property

@@ -32,7 +32,8 @@ class MonolithicTrainer:
         self.model.load_state_dict(weights, strict=True)
         self.model.activation_checkpointing = plan.training.activation_checkpointing
         self.model.train()
-        self.weights = MasterWeights(dict(self.model.named_parameters()), plan.training.precision)
+        self.weights = MasterWeights(dict(self.model.named_parameters()), plan.training.precision, plan.trains)
+        self.frozen = {k: v for k, v in weights.items() if not plan.trains(k)}  # as they began (and stay)
         self.optimizer = make_optimizer(self.weights.master.values(), plan.training.optimizer)
 
     def train_step(self, step: int, batches: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
@@ -94,9 +95,10 @@ class MonolithicTrainer:
             self.model.train()
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The model's (master) weights, by name, tied ones under each of their names."""
+        """The model's (master) weights, by name, tied ones under each of their names; frozen
+        ones as they began (in bf16-mixed the model computes with their bf16 copies)."""
         by_param = {id(p): self.weights.master[n] for n, p in self.weights.compute.items()}
         return {
-            k: by_param[id(v)].detach().cpu().clone() if id(v) in by_param else v.detach().cpu()
+            k: by_param[id(v)].detach().cpu().clone() if id(v) in by_param else self.frozen.get(k, v).detach().cpu()
             for k, v in self.model.state_dict(keep_vars=True).items()
         }

@@ -92,7 +92,7 @@ class Rounds:
     def begin(self, spec: RoundSpec, weights: Mapping[str, Tensor]) -> None:
         """Load the round's weights and start it; returns at once (a data owner trains on)."""
         w = self.worker
-        missing = sorted(set(w.model.bindings) - set(weights))
+        missing = sorted(set(w.weights.master) - set(weights))  # what trains (a frozen base stays)
         if missing:
             raise ValueError(f"{w.name}: the weights of round {spec.round} lack {', '.join(missing[:5])}")
         if self._driver is not None and self._driver.is_alive():

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from ..plan import Partition, Plan, PlanError, Problem
-from ..plan.slicing import unit_slices
 from .calls import CallKey, current_call
 from .driver import DataOwner
 from .gradients import GradientBook
@@ -75,13 +74,13 @@ class Worker:
         self.model.train()
         self.partitions = [p for p in plan.partitions if org in p.holders]
         t = plan.training
-        self.weights = MasterWeights(self.model.bindings, t.precision)
+        self.weights = MasterWeights(self.model.bindings, t.precision, plan.trains)
         params = self.weights.master
         self.optimizer = make_optimizer(params.values(), t.optimizer) if params else None
         shape = Shape(plan.model, t.batch_size // t.micro_batches, t.seq_len, compute_dtype(t.precision))
         self.policy = CallPolicy(plan, org, shape)
         self.grads = GradientBook(plan, org, params, self.device)
-        self.stage = Stage(org, self.model.compute, self.model.bindings, self.grads, self.device)
+        self.stage = Stage(org, self.model.compute, self.weights.compute, self.grads, self.device)
         self.data_owner = DataOwner(plan, org, self.device, self.peer) if org in plan.data_owners else None
         self.rounds = None  # a Rounds, when this worker runs rounds on its own
         self.proximal: tuple[float, dict[str, Tensor]] | None = None  # FedProx: (mu, the round's weights)
@@ -209,11 +208,12 @@ class Worker:
     # -- weights -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Its (master) weights, by monolithic name."""
+        """Its (master) weights that train, by monolithic name (frozen ones never change)."""
         return {k: p.detach().clone() for k, p in self.weights.master.items()}
 
     def partition_state(self, partition: Partition) -> dict[str, Tensor]:
-        return {s.key: self.weights.master[s.key].detach().clone() for s in unit_slices(self.cfg, partition.units)}
+        """The weights of ``partition`` that train."""
+        return {s.key: self.weights.master[s.key].detach().clone() for s in self.plan.trained_slices(partition.units)}
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Overwrite some or all of this worker's weights (e.g. with the round's average)."""

@@ -15,7 +15,7 @@ from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_bat
 from fedsplit.transport.service import PeerError
 
 from ..conftest import PLANS, ROOT
-from ..recipes import recipe
+from ..recipes import ALL, CARVED, finetuned, recipe
 
 
 @pytest.mark.slow
@@ -136,3 +136,27 @@ def test_organisations_in_one_process_call_each_other_in_memory_with_the_bits_of
     # The same tensors are counted either way; in memory nothing is compressed or framed.
     assert traffic[True]["tensor_bytes"] == traffic[False]["tensor_bytes"] > 0
     assert traffic[True]["wire_bytes"] == traffic[True]["tensor_bytes"]
+
+
+@pytest.mark.slow
+def test_lora_fine_tuning_over_grpc_equals_the_monolith_and_leaves_the_base_alone(tmp_path):
+    plan = finetuned(CARVED, tmp_path, rank=4, alpha=8.0, targets=ALL)
+    result = verify(plan, steps=10, transport="grpc")
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+    weights = initial_weights(plan)
+    with ProcessFederation(plan, weights, insecure=True) as fed:
+        fed.train_step(0, synthetic_batches(plan, 0))
+        after = fed.reassembled()
+        held = {org: set(fed.state(org)) for org in plan.orgs}
+    assert all(torch.equal(after[k], weights[k]) for k in plan.frozen)
+    assert not torch.equal(
+        after["layers.3.attention.q_proj.lora_B.weight"], weights["layers.3.attention.q_proj.lora_B.weight"]
+    )
+    assert all(plan.trains(k) for keys in held.values() for k in keys)  # only what trains comes back
+
+
+@pytest.mark.slow
+def test_bf16_mixed_over_grpc_gives_back_the_fp32_masters_bitwise_like_the_monolith():
+    plan = load_plan(PLANS / "layers" / "federation.yaml").with_training(precision="bf16-mixed")
+    result = verify(plan, steps=3, transport="grpc")
+    assert result.max_abs_diff == 0.0, (result.max_abs_diff, result.worst_parameter)

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from fedsplit.cli import main
 from fedsplit.federation.verify import verify
 from fedsplit.interop import CheckpointError, open_checkpoint, save_hf
+from fedsplit.interop.adapters import merge_adapters
 from fedsplit.model import ModelConfig, MoETransformer
 from fedsplit.plan import PlanError, load_plan, select
 from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_batches
@@ -273,3 +274,32 @@ def test_cli_imports_and_exports_hf(tmp_path, tokens, capsys):
     assert (hf_logits(back, tokens) - hf_logits(hf, tokens)).abs().max() <= 1e-5
     assert main(["import", str(tmp_path / "ours"), str(tmp_path / "again")]) == 2
     assert "fedsplit model directory already" in capsys.readouterr().err
+
+
+def test_a_lora_fine_tune_of_a_hf_checkpoint_exports_merged_and_loads_in_transformers(tmp_path, tokens):
+    """LoRA on the attention and experts of a Qwen2-MoE checkpoint, split across the five
+    organisations of SPLIT except that the heads stay together (adapters need them so); the
+    merged export computes in transformers what the fine-tuned model computes in fedsplit."""
+    hf = hf_model("qwen2-moe")
+    hf.save_pretrained(tmp_path / "hf-model")
+    orgs = {**SPLIT, "owner": [*SPLIT["owner"], "layers.0.attention"]}
+    del orgs["heads-a"], orgs["heads-b"]
+    path = write_plan(tmp_path, "hf-model", orgs)
+    document = {**json.loads(path.read_text()), "finetune": {"rank": 2, "alpha": 4.0}}
+    path.write_text(json.dumps(document))
+    plan = load_plan(path)
+    start = initial_weights(plan)
+    federation = InProcessFederation(plan, start)
+    for step in range(plan.training.steps_per_round):
+        federation.train_step(step, synthetic_batches(plan, step))
+    trained = federation.reassembled()
+    base = open_checkpoint(tmp_path / "hf-model").reader.read_all()
+    assert all(torch.equal(trained[k], v) for k, v in base.items())  # the base never moved
+    with pytest.raises(CheckpointError, match="--merge"):
+        save_hf(plan.model, trained, tmp_path / "unmerged")
+    cfg, merged = merge_adapters(plan.model, trained)
+    save_hf(cfg, merged, tmp_path / "merged")
+    back = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    diff = (hf_logits(back, tokens) - fedsplit_logits(plan.model, trained, tokens)).abs().max()
+    assert diff <= 1e-5
+    assert (hf_logits(back, tokens) - hf_logits(hf, tokens)).abs().max() > 1e-4  # the fine-tune changed it

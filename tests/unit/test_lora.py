@@ -1,0 +1,140 @@
+"""Fine-tuning with LoRA over a frozen base: split == monolithic, the base never moves, only the
+adapters hold optimizer state, and bad finetune sections are plan errors with file and field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsplit.federation.verify import verify
+from fedsplit.model import ModelConfig, is_adapter
+from fedsplit.plan import PlanError
+from fedsplit.runtime import InProcessFederation, MonolithicTrainer, initial_weights, synthetic_batches
+
+from ..conftest import MODELS
+from ..recipes import ALL, CARVED, WARMUP_COSINE, finetuned, with_sections
+
+
+def lora_plan(name, tmp_path, targets=ALL, **extra):
+    return finetuned(name, tmp_path, rank=4, alpha=8.0, targets=targets, **extra)
+
+
+@pytest.mark.parametrize(
+    "name,targets",
+    [
+        ("layers", ALL),
+        ("experts", ALL),
+        ("heads", ["experts", "shared_experts"]),  # head groups stay frozen
+        ("mixed-top1", ["experts", "shared_experts"]),
+        (CARVED, ALL),
+    ],
+    ids=["layers", "experts", "heads", "mixed-top1", "carved-attention"],
+)
+def test_split_lora_finetuning_equals_monolithic_lora_finetuning(name, targets, tmp_path):
+    plan = lora_plan(name, tmp_path, targets)
+    result = verify(plan, steps=10)
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+    assert result.loss_split[-1] < result.loss_split[0]
+
+
+def test_the_frozen_base_is_bitwise_unchanged_and_only_adapters_train(tmp_path):
+    plan = lora_plan(CARVED, tmp_path, train=["layers.0-3.router"])
+    weights = initial_weights(plan)
+    fed = InProcessFederation(plan, weights)
+    for step in range(3):
+        fed.train_step(step, synthetic_batches(plan, step))
+    after = fed.reassembled()
+    # the router unit: the layer's router and its two RMSNorms
+    routers = {f"layers.{i}.{w}.weight" for i in range(4) for w in ("moe.router", "attn_norm", "ffn_norm")}
+    for name, before in weights.items():
+        moved = not torch.equal(after[name], before)
+        if name in routers or ".lora_B." in name:
+            assert moved, name  # B starts at zero and must have moved; the router units train fully
+        elif not is_adapter(name):
+            assert not moved, name
+    assert plan.frozen and not any(is_adapter(n) or n in routers for n in plan.frozen)
+
+
+def test_an_organisations_optimizer_state_holds_only_the_adapters(tmp_path):
+    plan = lora_plan("layers", tmp_path)
+    fed = InProcessFederation(plan, initial_weights(plan))
+    fed.train_step(0, synthetic_batches(plan, 0))
+    for org, worker in fed.workers.items():
+        names = {id(p): n for n, p in worker.weights.master.items()}
+        stepped = [names[id(p)] for p in worker.optimizer.state]
+        assert stepped and all(is_adapter(n) for n in stepped), org
+        frozen = [p for n, p in worker.model.bindings.items() if not is_adapter(n)]
+        assert frozen and all(p.grad is None and not p.requires_grad for p in frozen), org
+
+
+def test_bf16_mixed_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(tmp_path):
+    plan = lora_plan("experts", tmp_path).with_training(precision="bf16-mixed")
+    fed = InProcessFederation(plan, initial_weights(plan))
+    fed.train_step(0, synthetic_batches(plan, 0))
+    worker = fed.workers["hospital-a"]
+    for name, p in worker.model.bindings.items():
+        assert p.dtype == torch.bfloat16, name  # computes in bf16
+        if is_adapter(name):
+            assert worker.weights.master[name].dtype == torch.float32
+        else:
+            assert name not in worker.weights.master  # no fp32 copy of a frozen weight
+    mono = MonolithicTrainer(plan, initial_weights(plan))
+    mono.train_step(0, synthetic_batches(plan, 0))
+    split, whole = fed.reassembled(), mono.state_dict()
+    assert all(torch.equal(split[k], whole[k]) for k in whole)  # experts plan: bitwise, as in bf16-mixed
+
+
+def test_lora_through_the_whole_recipe_equals_the_monolith(tmp_path):
+    plan = lora_plan(CARVED, tmp_path)
+    optimizer = {**plan.training.optimizer.model_dump(), "schedule": WARMUP_COSINE, "lr": 3e-3}
+    plan = plan.with_training(grad_clip=0.05, activation_checkpointing=True, optimizer=optimizer)
+    result = verify(plan, steps=10)
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+    assert min(result.clip_mono) < 1.0
+    for split, mono in zip(result.clip_split, result.clip_mono):
+        assert split == pytest.approx(mono, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,change,field,says",
+    [
+        ("layers", {"targets": ["gate_proj"]}, "finetune.targets", "gate_proj"),
+        ("layers", {"rank": 4096}, "finetune", "rank 4096 is larger than"),
+        ("layers", {"dropout": 0.1}, "finetune.dropout", "dropout is not supported"),
+        ("layers", {"base_dtype": "bf16"}, "finetune.base_dtype", "bf16-mixed"),
+        ("heads", {"targets": ["q_proj"]}, "finetune.targets", "splits them"),
+        ("layers", {"train": ["layers.9"]}, "finetune.train", "layer"),
+        ("layers", {"train": ["layers.0.attention.heads.0-1"]}, "finetune.train", "attention trains or stays frozen"),
+    ],
+)
+def test_a_bad_finetune_section_is_a_plan_error_naming_its_field(name, change, field, says, tmp_path):
+    finetune = {"rank": 4, "alpha": 8.0, "targets": ALL, **change}
+    with pytest.raises(PlanError) as e:
+        finetuned(name, tmp_path, **finetune)
+    problem = next(p for p in e.value.problems if p.field == field or (p.field or "").startswith(field))
+    assert says in str(e.value), str(e.value)
+    assert problem.file is not None and problem.file.name.endswith("-changed.json")
+
+
+def test_a_model_without_shared_experts_cannot_adapt_them(tmp_path):
+    model = {**ModelConfig.from_yaml(MODELS / "tiny.yaml").model_dump(), "num_shared_experts": 0}
+    plan = dict(CARVED, model=model, orgs=[CARVED["orgs"][0], {"org": "middle", "holds": ["layers.2-3"]}])
+    with pytest.raises(PlanError, match="no shared experts"):
+        finetuned(plan, tmp_path, rank=4, alpha=8.0, targets=["shared_experts"])
+
+
+def test_freezing_pieces_that_carry_adapters_is_an_error(tmp_path):
+    with pytest.raises(PlanError, match="they carry LoRA adapters"):
+        lora_plan("layers", tmp_path, freeze=["layers.0-3.experts"])
+
+
+def test_freezing_pieces_without_lora_trains_the_rest_exactly(tmp_path):
+    plan = with_sections("experts", tmp_path, freeze=["layers.0-3.attention", "embed"])
+    assert "embed.weight" in plan.frozen and "layers.0.attention.q_proj.weight" in plan.frozen
+    assert verify(plan, steps=5).max_abs_diff == 0.0
+    weights = initial_weights(plan)
+    fed = InProcessFederation(plan, weights)
+    fed.train_step(0, synthetic_batches(plan, 0))
+    after = fed.reassembled()
+    assert torch.equal(after["embed.weight"], weights["embed.weight"])
+    assert not torch.equal(after["layers.0.moe.router.weight"], weights["layers.0.moe.router.weight"])
