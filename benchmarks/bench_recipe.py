@@ -146,6 +146,7 @@ MEMORY_PLAN = """name: bench-memory
 model: {model}
 training: {{rounds: 1, steps_per_round: 1, batch_size: 8, seq_len: {seq}, micro_batches: 1, eval_tokens: 0,
            optimizer: {{name: adamw, lr: 3.0e-4}}, seed: 0}}
+transport: {{timeout_s: 1800, step_timeout_s: 1800}}
 {finetune}
 orgs:
   - {{org: data-owner, data: {{train: {data}}}, holds: [embed, layers.0, final_norm, lm_head]}}
