@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -143,7 +144,7 @@ def remote_calls(calls: Sequence[Call]) -> Callable[[], list[tuple[Tensor, ...]]
     pending = [
         _fan_out.submit(peer.forward if grad else peer.evaluate, key, op, [t.detach() for t in inputs])
         if peer.remote
-        else _Done((peer.forward if grad else peer.evaluate)(key, op, [t.detach() for t in inputs]))
+        else _done((peer.forward if grad else peer.evaluate)(key, op, [t.detach() for t in inputs]))
         for peer, key, op, inputs in calls
     ]
 
@@ -158,11 +159,8 @@ def remote_calls(calls: Sequence[Call]) -> Callable[[], list[tuple[Tensor, ...]]
     return results
 
 
-class _Done:
-    """The reply of a call computed at once, read like a future's."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
+def _done(value) -> Future:
+    """The reply of a call computed at once, as a finished future."""
+    future: Future = Future()
+    future.set_result(value)
+    return future

@@ -206,11 +206,6 @@ class GradientBook:
                 del self._norms[old]
         return sum(parts[o] for o in sorted(parts))
 
-    def scale(self, factor: float) -> None:
-        for p in self.params.values():
-            if p.grad is not None:
-                p.grad.mul_(factor)
-
     @property
     def pending_replica_steps(self) -> list[int]:
         return sorted(self._replica_grads)

@@ -56,6 +56,13 @@ def squared_norm(grads: Iterable[torch.Tensor | None], weights: Iterable[float] 
     return sum(w * float(g.detach().double().square().sum()) for g, w in zip(grads, weights) if g is not None and w)
 
 
+def scale_grads(params: Iterable[torch.nn.Parameter], factor: float) -> None:
+    """Multiply every gradient by ``factor`` (a clip factor), in place."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
 def clip_factor(max_norm: float | None, total_squared: float) -> float:
     """What every gradient is multiplied by: ``max_norm / (norm + 1e-6)``, at most 1 (the formula of
     ``torch.nn.utils.clip_grad_norm_``); 1 without a max norm."""

@@ -20,7 +20,7 @@ from ..model import MoETransformer
 from ..plan import Plan
 from .calls import CallKey
 from .microbatches import MicroBatchLoss, run_micro_batches
-from .optim import clip_factor, learning_rate, make_optimizer, set_learning_rate, squared_norm
+from .optim import clip_factor, learning_rate, make_optimizer, scale_grads, set_learning_rate, squared_norm
 from .precision import MasterWeights
 
 
@@ -66,9 +66,7 @@ class MonolithicTrainer:
         squared = squared_norm(p.grad for p in master)
         factor = clip_factor(t.grad_clip, squared)
         if factor < 1.0:
-            for p in master:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+            scale_grads(master, factor)
         lr = learning_rate(t, step)
         set_learning_rate(self.optimizer, lr)
         self.optimizer.step()

@@ -27,7 +27,7 @@ from .calls import CallKey, current_call
 from .driver import DataOwner
 from .gradients import GradientBook
 from .ops import Op, Shape
-from .optim import clip_factor, learning_rate, make_optimizer, set_learning_rate
+from .optim import clip_factor, learning_rate, make_optimizer, scale_grads, set_learning_rate
 from .partial import PartialModel
 from .policy import CallPolicy
 from .precision import MasterWeights, compute_dtype
@@ -183,7 +183,7 @@ class Worker:
             squared = self.peer(self.grads.reducer).reduce_norm(self.name, step, self.grads.squared_norm())
             stats.update(grad_norm=squared**0.5, clip_factor=clip_factor(t.grad_clip, squared))
             if stats["clip_factor"] < 1.0:
-                self.grads.scale(stats["clip_factor"])
+                scale_grads(params.values(), stats["clip_factor"])
         if self.optimizer is not None:
             set_learning_rate(self.optimizer, stats["lr"])
             self.optimizer.step()
