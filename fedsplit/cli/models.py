@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--format",
         choices=["safetensors", "hf"],
         default="safetensors",
-        help="hf: config.json and safetensors that transformers loads (Mixtral, or Qwen2-MoE with shared experts)",
+        help="hf: config.json and safetensors that transformers loads (Mixtral; Granite-MoE-Shared for ungated shared "
+        "experts; Qwen2-MoE for gated ones)",
     )
     export.add_argument(
         "--model", help="with --format hf or --merge: the model YAML or directory (default: the run's plan.json)"
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(func=export_model)
 
     imp = sub.add_parser(
-        "import", help="convert a Hugging Face Mixtral, Qwen2-MoE or Llama directory to a fedsplit model directory"
+        "import",
+        help="convert a Hugging Face Mixtral, Qwen2-MoE, Granite-MoE-Shared or Llama directory to a fedsplit model directory",
     )
     imp.add_argument("hf_dir", help="a directory with config.json and model.safetensors (or shards and their index)")
     imp.add_argument("out", help="the fedsplit model directory to write (model.yaml, model.safetensors)")

@@ -7,6 +7,9 @@ ids) are ignored. Supported architectures:
 * ``MixtralForCausalLM``: top-k softmax router, always renormalised; optional sliding window.
 * ``Qwen2MoeForCausalLM``: q/k/v biases, ``norm_topk_prob``, one shared expert behind a sigmoid
   gate, in every layer (``decoder_sparse_step`` 1, no ``mlp_only_layers``).
+* ``GraniteMoeSharedForCausalLM``: shared experts added without a gate (DeepSeek-MoE's way,
+  fedsplit's default); its top-k softmax is always renormalised, and its embedding, residual
+  and logit multipliers must be 1 (fedsplit has none) and its attention scale 1/sqrt(head_dim).
 * ``LlamaForCausalLM``: a dense SwiGLU model, read as a one-expert MoE (the router's softmax over
   one expert is exactly 1), the input of ``fedsplit upcycle``.
 
@@ -27,8 +30,10 @@ from ..model import ModelConfig
 from .errors import CheckpointError
 
 MIXTRAL, QWEN2_MOE, LLAMA = "MixtralForCausalLM", "Qwen2MoeForCausalLM", "LlamaForCausalLM"
-ARCHITECTURES = (MIXTRAL, QWEN2_MOE, LLAMA)
-_MODEL_TYPE = {MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe", LLAMA: "llama"}
+GRANITE_SHARED = "GraniteMoeSharedForCausalLM"
+ARCHITECTURES = (MIXTRAL, QWEN2_MOE, GRANITE_SHARED, LLAMA)
+_MODEL_TYPE = {MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe", GRANITE_SHARED: "granitemoeshared", LLAMA: "llama"}
+_NEUTRAL_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
 
 
 def architecture_of(hf: dict[str, Any], file: Path) -> str:
@@ -91,6 +96,26 @@ def config_from_hf(hf: dict[str, Any], file: Path) -> tuple[ModelConfig, str]:
             qkv_bias=bool(fields.get("qkv_bias", True)),
             aux_loss_coef=fields.get("router_aux_loss_coef", 0.0),
             sliding_window=_qwen_window(fields),
+        )
+    elif arch == GRANITE_SHARED:
+        for name in _NEUTRAL_MULTIPLIERS:
+            fields.require(name, lambda v: v == 1, "fedsplit's model has no such multiplier; it must be 1.0")
+        scale = common["head_dim"] ** -0.5
+        fields.require(
+            "attention_multiplier",
+            lambda v: abs(v - scale) <= 1e-6 * scale,
+            f"fedsplit scales attention scores by 1/sqrt(head_dim) = {scale!r}",
+        )
+        fields.require("attention_bias", lambda v: not v, "fedsplit's attention has no biases in this architecture")
+        shared = fields.get("shared_intermediate_size", 0)
+        specific = dict(
+            num_experts=fields.get("num_local_experts"),
+            top_k=fields.get("num_experts_per_tok"),
+            expert_ffn_size=fields.get("intermediate_size"),
+            normalize_top_k=True,
+            num_shared_experts=1 if shared else 0,
+            shared_expert_ffn_size=shared or None,
+            aux_loss_coef=fields.get("router_aux_loss_coef", 0.0),
         )
     else:
         fields.require("attention_bias", lambda v: not v, "fedsplit's attention has no o_proj bias")
@@ -157,24 +182,26 @@ class _Fields:
 def hf_architecture(cfg: ModelConfig) -> str:
     """The HF architecture that computes exactly what ``cfg`` does, or an error naming the field
     that no supported architecture can express."""
-    if cfg.num_shared_experts:
-        if not cfg.shared_expert_gate:
-            raise CheckpointError(
-                "Qwen2-MoE, the HF architecture with shared experts, always gates them: "
-                "export needs shared_expert_gate: true",
-                field="shared_expert_gate",
-            )
+    if cfg.shared_expert_gate:
         return QWEN2_MOE
     if cfg.qkv_bias:
         raise CheckpointError(
-            "no supported HF architecture has q/k/v biases without a gated shared expert", field="qkv_bias"
+            "no supported HF architecture has q/k/v biases without a gated shared expert (Qwen2-MoE): "
+            "set shared_expert_gate: true or qkv_bias: false",
+            field="qkv_bias",
         )
+    arch = GRANITE_SHARED if cfg.num_shared_experts else MIXTRAL
     if not cfg.normalize_top_k:
         raise CheckpointError(
-            "Mixtral always renormalises the top-k weights; without shared experts normalize_top_k must be true",
+            f"{arch} always renormalises the top-k weights; normalize_top_k must be true "
+            "(or shared_expert_gate: true, for Qwen2-MoE)",
             field="normalize_top_k",
         )
-    return MIXTRAL
+    if arch == GRANITE_SHARED and cfg.sliding_window is not None:
+        raise CheckpointError(
+            f"{arch}, the HF architecture with ungated shared experts, has no sliding window", field="sliding_window"
+        )
+    return arch
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -205,6 +232,15 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             intermediate_size=cfg.expert_ffn_size,
             router_jitter_noise=cfg.router_jitter,
             sliding_window=cfg.sliding_window,
+        )
+    elif arch == GRANITE_SHARED:
+        hf.update(
+            num_local_experts=cfg.num_experts,
+            intermediate_size=cfg.expert_ffn_size,
+            shared_intermediate_size=cfg.shared_ffn_size,
+            attention_bias=False,
+            attention_multiplier=cfg.head_dim**-0.5,
+            **dict.fromkeys(_NEUTRAL_MULTIPLIERS, 1.0),
         )
     else:
         window = cfg.sliding_window is not None

@@ -9,7 +9,13 @@ Two on-disk layouts are read:
   of shape ``(E, D, F)``): transformers 5's in-memory layout. Expert ``e``'s ``w1`` is
   ``gate_up_proj[e, :F]``, its ``w3`` ``gate_up_proj[e, F:]`` and its ``w2`` ``down_proj[e]``.
 
-Exports use the per-expert layout, which every transformers version loads.
+Granite-MoE-Shared stores its experts fused on disk as well (``block_sparse_moe.input_linear``,
+``(E, 2F, D)``, gate rows first; ``output_linear``, ``(E, D, F)``) and its shared expert as one
+``shared_mlp.input_linear`` of shape ``(2F_s, D)``; a fedsplit tensor is a :class:`Stored` index
+into them, and an export writes the fused tensors back whole.
+
+Exports use the per-expert layout where the architecture has one, which every transformers
+version loads.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch import Tensor
 
 from ..model import ModelConfig
 from .errors import CheckpointError
-from .hf_config import LLAMA, MIXTRAL
+from .hf_config import GRANITE_SHARED, LLAMA, MIXTRAL, QWEN2_MOE
 
 # Buffers some older checkpoints carry; they are recomputed from the config, never learned.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -39,48 +45,74 @@ class Stored:
 ZEROS = None  # a fedsplit tensor with no stored counterpart: the router of a one-expert dense model
 
 
-def hf_names(cfg: ModelConfig, arch: str) -> dict[str, str | None]:
-    """fedsplit name -> HF name (per-expert layout), or :data:`ZEROS` where HF stores nothing."""
-    names: dict[str, str | None] = {
-        "embed.weight": "model.embed_tokens.weight",
-        "final_norm.weight": "model.norm.weight",
+def hf_names(cfg: ModelConfig, arch: str) -> dict[str, Stored | None]:
+    """fedsplit name -> where an export of ``arch`` stores it, or :data:`ZEROS` where HF stores nothing."""
+    names: dict[str, Stored | None] = {
+        "embed.weight": Stored("model.embed_tokens.weight"),
+        "final_norm.weight": Stored("model.norm.weight"),
     }
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
+        names["lm_head.weight"] = Stored("lm_head.weight")
     attn_params = ("weight", "bias") if cfg.qkv_bias else ("weight",)
     for i in range(cfg.num_layers):
         ours, hf = f"layers.{i}", f"model.layers.{i}"
-        names[f"{ours}.attn_norm.weight"] = f"{hf}.input_layernorm.weight"
-        names[f"{ours}.ffn_norm.weight"] = f"{hf}.post_attention_layernorm.weight"
+        names[f"{ours}.attn_norm.weight"] = Stored(f"{hf}.input_layernorm.weight")
+        names[f"{ours}.ffn_norm.weight"] = Stored(f"{hf}.post_attention_layernorm.weight")
         for proj in ("q_proj", "k_proj", "v_proj"):
             for p in attn_params:
-                names[f"{ours}.attention.{proj}.{p}"] = f"{hf}.self_attn.{proj}.{p}"
-        names[f"{ours}.attention.o_proj.weight"] = f"{hf}.self_attn.o_proj.weight"
+                names[f"{ours}.attention.{proj}.{p}"] = Stored(f"{hf}.self_attn.{proj}.{p}")
+        names[f"{ours}.attention.o_proj.weight"] = Stored(f"{hf}.self_attn.o_proj.weight")
+        experts = f"{ours}.moe.experts"
         if arch == LLAMA:
             names[f"{ours}.moe.router.weight"] = ZEROS
-            names.update(_swiglu(f"{ours}.moe.experts.0", f"{hf}.mlp", "gate_proj", "down_proj", "up_proj"))
+            names.update(_swiglu(f"{experts}.0", f"{hf}.mlp", "gate_proj", "down_proj", "up_proj"))
         elif arch == MIXTRAL:
-            names[f"{ours}.moe.router.weight"] = f"{hf}.block_sparse_moe.gate.weight"
+            names[f"{ours}.moe.router.weight"] = Stored(f"{hf}.block_sparse_moe.gate.weight")
             for e in range(cfg.num_experts):
-                names.update(_swiglu(f"{ours}.moe.experts.{e}", f"{hf}.block_sparse_moe.experts.{e}", "w1", "w2", "w3"))
-        else:
-            names[f"{ours}.moe.router.weight"] = f"{hf}.mlp.gate.weight"
+                names.update(_swiglu(f"{experts}.{e}", f"{hf}.block_sparse_moe.experts.{e}", "w1", "w2", "w3"))
+        elif arch == GRANITE_SHARED:
+            moe, f = f"{hf}.block_sparse_moe", cfg.expert_ffn_size
+            names[f"{ours}.moe.router.weight"] = Stored(f"{moe}.router.layer.weight")
             for e in range(cfg.num_experts):
                 names.update(
-                    _swiglu(f"{ours}.moe.experts.{e}", f"{hf}.mlp.experts.{e}", "gate_proj", "down_proj", "up_proj")
+                    _fused_swiglu(
+                        f"{experts}.{e}", f"{moe}.input_linear.weight", f"{moe}.output_linear.weight", f, (e,)
+                    )
                 )
+            names.update(
+                _fused_swiglu(
+                    f"{ours}.moe.shared_experts",
+                    f"{hf}.shared_mlp.input_linear.weight",
+                    f"{hf}.shared_mlp.output_linear.weight",
+                    cfg.shared_ffn_size,
+                )
+            )
+        else:
+            names[f"{ours}.moe.router.weight"] = Stored(f"{hf}.mlp.gate.weight")
+            for e in range(cfg.num_experts):
+                names.update(_swiglu(f"{experts}.{e}", f"{hf}.mlp.experts.{e}", "gate_proj", "down_proj", "up_proj"))
             names.update(
                 _swiglu(f"{ours}.moe.shared_experts", f"{hf}.mlp.shared_expert", "gate_proj", "down_proj", "up_proj")
             )
-            names[f"{ours}.moe.shared_experts.gate.weight"] = f"{hf}.mlp.shared_expert_gate.weight"
+            names[f"{ours}.moe.shared_experts.gate.weight"] = Stored(f"{hf}.mlp.shared_expert_gate.weight")
     return names
 
 
-def _swiglu(ours: str, hf: str, w1: str, w2: str, w3: str) -> dict[str, str]:
+def _swiglu(ours: str, hf: str, w1: str, w2: str, w3: str) -> dict[str, Stored]:
     return {
-        f"{ours}.w1.weight": f"{hf}.{w1}.weight",
-        f"{ours}.w2.weight": f"{hf}.{w2}.weight",
-        f"{ours}.w3.weight": f"{hf}.{w3}.weight",
+        f"{ours}.w1.weight": Stored(f"{hf}.{w1}.weight"),
+        f"{ours}.w2.weight": Stored(f"{hf}.{w2}.weight"),
+        f"{ours}.w3.weight": Stored(f"{hf}.{w3}.weight"),
+    }
+
+
+def _fused_swiglu(ours: str, gate_up: str, down: str, ffn: int, lead: tuple[int, ...] = ()) -> dict[str, Stored]:
+    """A SwiGLU stored as ``gate_up`` (``w1`` rows, then ``w3`` rows) and ``down`` (``w2``),
+    at index ``lead`` of stacked experts."""
+    return {
+        f"{ours}.w1.weight": Stored(gate_up, (*lead, slice(0, ffn))),
+        f"{ours}.w3.weight": Stored(gate_up, (*lead, slice(ffn, 2 * ffn))),
+        f"{ours}.w2.weight": Stored(down, lead),
     }
 
 
@@ -103,13 +135,13 @@ def locate(cfg: ModelConfig, arch: str, keys: set[str], file: Path) -> dict[str,
     tensor or holds one fedsplit has no place for (a bias, an extra norm): dropping it would
     silently change the maths."""
     found: dict[str, Stored | None] = {}
-    for ours, hf in hf_names(cfg, arch).items():
-        if hf is ZEROS or hf in keys:
-            found[ours] = ZEROS if hf is ZEROS else Stored(hf)
+    for ours, stored in hf_names(cfg, arch).items():
+        if stored is ZEROS or stored.key in keys:
+            found[ours] = stored
             continue
-        fused = _fused(cfg, ours) if arch != LLAMA else None
+        fused = _fused(cfg, ours) if arch in (MIXTRAL, QWEN2_MOE) else None
         if fused is None or fused.key not in keys:
-            raise CheckpointError(f"the checkpoint has no tensor {hf!r}", file=file, field=hf)
+            raise CheckpointError(f"the checkpoint has no tensor {stored.key!r}", file=file, field=stored.key)
         found[ours] = fused
     used = {s.key for s in found.values() if s is not None}
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -125,9 +157,30 @@ def locate(cfg: ModelConfig, arch: str, keys: set[str], file: Path) -> dict[str,
 
 
 def to_hf(cfg: ModelConfig, arch: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A fedsplit state dict under HF names, per-expert layout."""
+    """A fedsplit state dict under the names and layout an export of ``arch`` writes."""
     names = hf_names(cfg, arch)
     missing = sorted(names.keys() - state.keys())
     if missing:
         raise CheckpointError(f"the state dict lacks {', '.join(missing[:5])}", field=missing[0])
-    return {hf: state[ours] for ours, hf in names.items() if hf is not ZEROS}
+    pieces: dict[str, list[tuple[tuple[int | slice, ...], Tensor]]] = {}
+    for ours, stored in names.items():
+        if stored is not ZEROS:
+            pieces.setdefault(stored.key, []).append((stored.index, state[ours]))
+    return {key: parts[0][1] if parts[0][0] == () else _assemble(parts) for key, parts in pieces.items()}
+
+
+def _assemble(parts: list[tuple[tuple[int | slice, ...], Tensor]]) -> Tensor:
+    """The fused tensor whose indexed parts are ``parts``; each leading dimension is as long as
+    the largest index into it, and every element must be covered once."""
+    lead = len(parts[0][0])
+    sizes = [
+        max(i + 1 if isinstance(i, int) else i.stop for i in (index[d] for index, _ in parts)) for d in range(lead)
+    ]
+    kept = sum(isinstance(i, slice) for i in parts[0][0])
+    first = parts[0][1]
+    fused = first.new_empty((*sizes, *first.shape[kept:]))
+    for index, t in parts:
+        fused[index] = t
+    if sum(t.numel() for _, t in parts) != fused.numel():
+        raise CheckpointError(f"the parts of a fused tensor do not cover it ({len(parts)} parts)")
+    return fused

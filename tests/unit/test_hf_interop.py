@@ -19,6 +19,7 @@ from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_bat
 
 transformers = pytest.importorskip("transformers")
 
+from ..conftest import ROOT  # noqa: E402
 from ..interop_helpers import fedsplit_logits, write_plan  # noqa: E402
 
 COMMON = dict(
@@ -66,7 +67,14 @@ MODELS = {
             tie_word_embeddings=True,
         ),
     ),
+    # shared experts without a gate, fedsplit's default (configs/models/*.yaml)
+    "granite-shared": (
+        "GraniteMoeSharedForCausalLM",
+        "GraniteMoeSharedConfig",
+        dict(intermediate_size=16, num_local_experts=4, shared_intermediate_size=24, attention_multiplier=8**-0.5),
+    ),
 }
+SHARED = {"qwen2-moe", "qwen2-moe-tied", "granite-shared"}
 
 
 def hf_model(kind: str, seed: int = 0):
@@ -141,7 +149,7 @@ SPLIT = {
 
 
 def split_for(kind: str) -> dict[str, list[str]]:
-    if MODELS[kind][1] == "Qwen2MoeConfig":
+    if kind in SHARED:
         return SPLIT
     return {org: [h for h in holds if "shared" not in h] for org, holds in SPLIT.items()}
 
@@ -246,22 +254,32 @@ def test_a_plan_naming_an_unsupported_checkpoint_says_which_field(tmp_path):
     assert "field 'model'" in text and "config.json" in text and "field 'mlp_only_layers'" in text
 
 
-def test_export_refuses_shared_experts_without_a_gate():
-    cfg = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        num_experts=4,
-        top_k=2,
-        expert_ffn_size=16,
-        num_shared_experts=1,
-    )
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "models").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_model_config_exports_what_transformers_computes(tmp_path, config, tokens):
+    cfg = ModelConfig.from_yaml(config)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    save_hf(cfg, model.state_dict(), tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        diff = (hf_logits(back, tokens) - model(tokens)[0]).abs().max()
+    print(f"{config.stem} as {type(back).__name__}: max |transformers - fedsplit| logits = {diff:.2e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"qkv_bias": True}, "qkv_bias"),
+        ({"normalize_top_k": False}, "normalize_top_k"),
+        ({"sliding_window": 8}, "sliding_window"),
+    ],
+)
+def test_export_refuses_what_no_supported_architecture_computes(changes, field):
+    cfg = ModelConfig.from_yaml(ROOT / "configs" / "models" / "tiny.yaml").model_copy(update=changes)
     with pytest.raises(CheckpointError) as exc:
         save_hf(cfg, MoETransformer(cfg).state_dict(), "unused")
-    assert exc.value.field == "shared_expert_gate"
+    assert exc.value.field == field
 
 
 def test_cli_imports_and_exports_hf(tmp_path, tokens, capsys):
