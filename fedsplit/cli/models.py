@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     imp = sub.add_parser(
         "import",
-        help="convert a Hugging Face Mixtral, Qwen2-MoE, Granite-MoE-Shared or Llama directory to a fedsplit model directory",
+        help="convert a Hugging Face Mixtral, Qwen2-MoE, Granite-MoE-Shared or Llama directory to a fedsplit "
+        "model directory",
     )
     imp.add_argument("hf_dir", help="a directory with config.json and model.safetensors (or shards and their index)")
     imp.add_argument("out", help="the fedsplit model directory to write (model.yaml, model.safetensors)")
