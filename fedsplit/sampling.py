@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from .data.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
-from .federation.checkpoint import find_checkpoint
+from .federation.checkpoint import find_checkpoint, model_weights
 from .federation.rundir import PLAN_FILE
 from .interop import CheckpointError
 from .model import MoETransformer
@@ -55,6 +55,7 @@ def load_model(
 ) -> LoadedModel:
     """The checkpoint at ``source`` in a monolithic model, with its tokenizer."""
     source = Path(source)
+    ckpt = None
     if source.is_file():
         weights, description = load_file(source), str(source)
     else:
@@ -74,6 +75,11 @@ def load_model(
         cfg = resolved_model(plan_path)
     except (OSError, ValueError, KeyError, TypeError, CheckpointError) as e:
         raise GenerateError(f"{plan_path} is not a run's {PLAN_FILE} with a model configuration ({e})") from None
+    if ckpt is not None:
+        try:
+            weights = model_weights(ckpt, cfg)
+        except CheckpointError as e:
+            raise GenerateError(f"cannot read the base of {ckpt.path}: {e}") from None
     tokenizer_path = Path(tokenizer_file) if tokenizer_file else plan_path.parent / TOKENIZER_FILE
     try:
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.exists() or tokenizer_file else ByteTokenizer()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from fedsplit.interop import save_hf
 from fedsplit.model import ModelConfig, MoETransformer
 
 from .conftest import ROOT
@@ -39,3 +40,14 @@ def write_plan(root: Path, model: str, orgs: dict[str, list[str]], lr: float = 1
         spec = {"org": org, "holds": holds, **({"data": {"train": str(SHAKESPEARE)}} if i == 0 else {})}
         (root / "orgs" / f"{org}.yaml").write_text(json.dumps(spec))
     return root / "federation.yaml"
+
+
+def write_random_base(directory: Path, cfg: ModelConfig, seed: int = 0) -> Path:
+    """A Hugging Face checkpoint of ``cfg`` whose every weight (norms and gates included) is random,
+    so that a mapping mistake cannot hide behind a zero or a one."""
+    torch.manual_seed(seed)
+    weights = {
+        name: 1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p)
+        for name, p in MoETransformer(cfg).state_dict().items()
+    }
+    return save_hf(cfg, weights, directory)

@@ -18,13 +18,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a run directory (its last complete round) or a checkpoints/round-NNNN directory "
         "(with --format hf also a fedsplit model directory)",
     )
-    export.add_argument("out", help="the .safetensors file to write (--format hf: the directory)")
+    export.add_argument("out", help="the .safetensors file to write (--format hf or peft: the directory)")
     export.add_argument(
         "--format",
-        choices=["safetensors", "hf"],
+        choices=["safetensors", "hf", "peft"],
         default="safetensors",
         help="hf: config.json and safetensors that transformers loads (Mixtral; Granite-MoE-Shared for ungated shared "
-        "experts; Qwen2-MoE for gated ones)",
+        "experts; Qwen2-MoE for gated ones); peft: a LoRA fine-tune's adapter_config.json and "
+        "adapter_model.safetensors for the base (the run's Hugging Face base, or one written to OUT/base)",
     )
     export.add_argument(
         "--model", help="with --format hf or --merge: the model YAML or directory (default: the run's plan.json)"

@@ -155,7 +155,8 @@ def aggregate_round(
     round: int = 0,
     aggregator: FedAvgAggregator = FedAvgAggregator(),
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
-    """The reassembled full model after a round, and each organisation's local pieces.
+    """The reassembled model after a round (what trains of it: ``model`` and the result leave a
+    fine-tune's frozen base out), and each organisation's local pieces.
 
     Each partition is averaged within its replica group only: the holders that did not mark it
     local, each weighted by the tokens of the data owners it served this round. Holders that
@@ -165,7 +166,7 @@ def aggregate_round(
     alive = set(alive)
     tokens = {org: m.get("tokens", 0.0) for org, m in metrics.items()}
     new_local = {org: dict(state) for org, state in local.items()}
-    parts = [plan.frozen_part(model)]
+    parts = []
     for p in plan.partitions:
         slices = plan.trained_slices(p.units)
         if not slices:  # all frozen: the model keeps it as it is
@@ -184,4 +185,4 @@ def aggregate_round(
             parts.append({k: trained[reported[0]][k] for k in keys})
         else:
             parts.append(select(model, slices))
-    return reassemble(plan.model, parts), new_local
+    return reassemble(plan.model, parts, skip=plan.frozen), new_local

@@ -1,6 +1,10 @@
 """Round checkpoints: the reassembled model (safetensors), the pieces each organisation keeps
 local, and a manifest. A checkpoint directory appears whole or not at all (written aside, then
-renamed), so a crash mid-write never leaves a round that looks complete."""
+renamed), so a crash mid-write never leaves a round that looks complete.
+
+A fine-tune over a frozen base checkpoints only what trains (adapters, unfrozen pieces: megabytes
+where the base is gigabytes) and names its base in the manifest (``base``:
+:func:`~fedsplit.runtime.weights.base_identity`); :func:`model_weights` puts the two together."""
 
 from __future__ import annotations
 
@@ -15,7 +19,10 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..model import ModelConfig
 from ..plan import Plan
+from ..runtime.weights import base_weights
+from .exchange import FederationError
 
 MODEL_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
@@ -107,3 +114,24 @@ def load_checkpoint(path: Path) -> Checkpoint:
     local = {f.name[len("local-") : -len(".safetensors")]: load_file(f) for f in path.glob("local-*.safetensors")}
     server = load_file(path / SERVER_STATE_FILE) if (path / SERVER_STATE_FILE).exists() else {}
     return Checkpoint(int(manifest["round"]), path, load_file(path / MODEL_FILE), local, manifest, server)
+
+
+def check_base(ckpt: Checkpoint, identity: dict) -> None:
+    """Refuse to go on from a fine-tune's checkpoint over another base than ``identity``."""
+    recorded = ckpt.manifest.get("base") or {}
+    if recorded.get("sha256") != identity["sha256"]:
+        raise FederationError(
+            f"{ckpt.path} was fine-tuned over the base {recorded.get('source', '(none recorded)')} "
+            f"(hash {recorded.get('sha256')}), this plan's base is {identity['source']} (hash {identity['sha256']}): "
+            "resume with the base it started from, or start a new run"
+        )
+
+
+def model_weights(ckpt: Checkpoint, cfg: ModelConfig) -> dict[str, Tensor]:
+    """The full model ``cfg`` at ``ckpt``: its weights, with a fine-tune's frozen base read back
+    from where its manifest says (and checked to be that base)."""
+    base = ckpt.manifest.get("base")
+    if base is None:
+        return ckpt.weights
+    frozen = {k: v for k, v in base_weights(base, cfg).items() if k not in ckpt.weights}
+    return {**frozen, **ckpt.weights}

@@ -28,11 +28,11 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..plan import Plan, select
-from ..runtime import initial_weights
 from ..runtime.rounds import RoundSpec
+from ..runtime.weights import base_identity, trained_weights
 from ..transport.security import load_verifiers, token_verifier
 from .aggregate import aggregate_round, make_aggregator
-from .checkpoint import latest_checkpoint, layout_hash, plan_hash, write_checkpoint
+from .checkpoint import check_base, latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .exchange import FederationError, Outcome, exchange, register
 from .records import RoundConfig
 from .rundir import MetricsLog, evaluation_record
@@ -98,6 +98,7 @@ class Coordinator:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.checkpoints = self.run_dir / "checkpoints"
         self.hash, self.layout = plan_hash(self.plan), layout_hash(self.plan)
+        self.base = base_identity(self.plan) if self.plan.frozen else None
         self.aggregator = make_aggregator(self.plan.aggregation)
         self.verifiers = load_verifiers(settings.credentials) if settings.credentials else None
         self.weights, self.local, self.first_round = self._starting_point(settings.resume)
@@ -112,7 +113,7 @@ class Coordinator:
         round when resuming, else the plan's initial weights."""
         last = latest_checkpoint(self.checkpoints) if resume else None
         if last is None:
-            weights = initial_weights(self.plan)
+            weights = trained_weights(self.plan)
             local = {
                 o: select(weights, self.plan.slices_of(o, local_only=True, trained_only=True)) for o in self.plan.orgs
             }
@@ -122,6 +123,8 @@ class Coordinator:
                 f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
                 f"this plan is {self.hash}); resume with the plan it was started with"
             )
+        if self.plan.frozen:
+            check_base(last, self.base)
         self.aggregator.load_state_dict(last.server_state)
         record = last.manifest.get("metrics")
         self.metrics.resume_after(last.round, {**record, "checkpoint": str(last.path)} if record else None)
@@ -202,6 +205,7 @@ class Coordinator:
                 "next_step": spec.last_step + 1,
                 "metrics": record,
                 "optimizer_state": "kept by each organisation's worker (state dir), per round",
+                **({"base": self.base} if self.base else {}),
             },
             server_state=self.aggregator.state_dict(),
         )

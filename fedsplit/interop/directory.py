@@ -11,6 +11,7 @@ Either can be a plan's ``model:``; the plan then starts from its weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class ModelCheckpoint:
     format: str  # "hf" or "fedsplit"
     architecture: str | None  # the HF architecture, for format "hf"
     reader: CheckpointReader
+
+    def identity(self) -> str:
+        """Which checkpoint this is: a hash of its config file and of its weight files' headers
+        and ends (:meth:`~.reader.SafetensorsFiles.identity`)."""
+        config = self.path / (HF_CONFIG if self.format == "hf" else FEDSPLIT_CONFIG)
+        return hashlib.sha256(config.read_bytes() + self.reader.files.identity().encode()).hexdigest()[:16]
 
 
 def is_model_directory(path: Path) -> bool:

@@ -7,7 +7,9 @@ holds one expert, or two heads of a layer, never materialises the whole model.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,6 +24,7 @@ from .hf_weights import Stored
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SAMPLE = 64 * 1024  # bytes of tensor data at each end of a file that its identity hashes
 
 # (fedsplit name, dim or None for the whole tensor, start, stop): the fields of a TensorSlice.
 Request = tuple[str, int | None, int, int]
@@ -51,6 +54,19 @@ class SafetensorsFiles:
     @property
     def keys(self) -> set[str]:
         return set(self.file_of)
+
+    def identity(self) -> str:
+        """A hash of every file's safetensors header (names, dtypes, shapes, offsets) and of the
+        first and last 64 KiB of its tensor data: what tells two checkpoints apart, two of the
+        same shapes included, without reading gigabytes of weights."""
+        digest = hashlib.sha256()
+        for path in sorted(set(self.file_of.values())):
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                digest.update(path.name.encode() + f.read(size) + f.read(_SAMPLE))
+                f.seek(max(f.tell(), path.stat().st_size - _SAMPLE))
+                digest.update(f.read())
+        return digest.hexdigest()[:16]
 
 
 class CheckpointReader:

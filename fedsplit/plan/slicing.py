@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -148,14 +148,17 @@ class ReassemblyError(ValueError):
     pass
 
 
-def reassemble(cfg: ModelConfig, state_dicts: Iterable[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """Put partition state dicts back into one monolithic state dict.
+def reassemble(
+    cfg: ModelConfig, state_dicts: Iterable[Mapping[str, Tensor]], skip: Collection[str] = ()
+) -> dict[str, Tensor]:
+    """Put partition state dicts back into one monolithic state dict (all parameters but those
+    named in ``skip``: a fine-tune's frozen base, for what trained).
 
     Every element of every parameter must be written exactly once, or once per replica with
     equal values; anything else is an error (a hole or a conflicting overlap), never a silent
     default.
     """
-    shapes = parameter_shapes(cfg)
+    shapes = {name: shape for name, shape in parameter_shapes(cfg).items() if name not in skip}
     full: dict[str, Tensor] = {}
     written: dict[str, Tensor] = {}
     for sd in state_dicts:

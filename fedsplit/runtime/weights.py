@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import torch
 
-from ..model import MoETransformer, is_adapter, parameter_shapes
+from ..interop import CheckpointError, open_checkpoint
+from ..model import ModelConfig, MoETransformer, is_adapter, parameter_shapes
 from ..plan import Plan, select
+
+SEEDED = "seeded"  # a base drawn from the plan's seed, not read from a model directory
 
 
 def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
@@ -19,6 +25,51 @@ def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
         torch.manual_seed(plan.training.seed)
         base = MoETransformer(plan.model.base).state_dict()
     return {**base, **adapter_weights(plan)}
+
+
+def trained_weights(plan: Plan) -> dict[str, torch.Tensor]:
+    """The parameters of :func:`initial_weights` that train: what a coordinator holds, averages and
+    checkpoints. Over a frozen base read from a model directory, only those tensors are read."""
+    if plan.checkpoint is None or not plan.frozen:
+        return {k: v for k, v in initial_weights(plan).items() if k not in plan.frozen}
+    names = [n for n in parameter_shapes(plan.model) if n not in plan.frozen and not is_adapter(n)]
+    read = plan.checkpoint.reader.read((n, None, 0, 0) for n in names)
+    return {**dict(zip(names, read)), **adapter_weights(plan)}
+
+
+def base_identity(plan: Plan) -> dict:
+    """Which frozen base a fine-tune trains over: the model directory it reads (and a hash of it,
+    :meth:`~fedsplit.interop.ModelCheckpoint.identity`), or the seed of a seeded initialisation.
+    A fine-tune's checkpoints record it; resuming or exporting against another base is refused."""
+    if plan.checkpoint is not None:
+        return {"source": str(plan.checkpoint.path.resolve()), "sha256": plan.checkpoint.identity()}
+    return {"source": SEEDED, "seed": plan.training.seed, "sha256": _seeded_hash(plan.model.base, plan.training.seed)}
+
+
+def _seeded_hash(cfg: ModelConfig, seed: int) -> str:
+    spec = json.dumps({"seed": seed, "model": cfg.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def base_weights(identity: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The base weights that ``identity`` (from :func:`base_identity`) names, of the model ``cfg``
+    adapts; refused, naming both hashes, when what is there now is another base."""
+    if identity["source"] == SEEDED:
+        found = _seeded_hash(cfg.base, int(identity["seed"]))
+    else:
+        checkpoint = open_checkpoint(Path(identity["source"]))
+        found = checkpoint.identity()
+    if found != identity["sha256"]:
+        what = "the seeded base of this model" if identity["source"] == SEEDED else "it"
+        raise CheckpointError(
+            f"{what} is not the base this run fine-tuned (hash {found}, the run's base {identity['sha256']}): "
+            "restore that base, or start a new run",
+            file=None if identity["source"] == SEEDED else Path(identity["source"]),
+        )
+    if identity["source"] == SEEDED:
+        torch.manual_seed(int(identity["seed"]))
+        return MoETransformer(cfg.base).state_dict()
+    return checkpoint.reader.read_all()
 
 
 def initial_weights_of(plan: Plan, org: str) -> dict[str, torch.Tensor]:
