@@ -73,9 +73,20 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.adapter_out(self.adapter_in(x), x.dtype)
+
+    def base(self, x: Tensor) -> Tensor:
+        """``W x + b``, without the adapter."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        base = F.linear(x, self.weight.to(x.dtype), bias)
-        return base + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(x.dtype) * self.scaling
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def adapter_in(self, x: Tensor) -> Tensor:
+        """``A x``: the adapter's rank-sized code of the input."""
+        return self.lora_A(x.to(self.lora_A.weight.dtype))
+
+    def adapter_out(self, code: Tensor, dtype: torch.dtype) -> Tensor:
+        """``scaling * B code``, in ``dtype``: what the adapter adds to the base output."""
+        return self.lora_B(code).to(dtype) * self.scaling
 
     def merged_weight(self) -> Tensor:
         """``W + scaling * B A``: the plain weight that computes what this layer computes."""
@@ -116,21 +127,26 @@ class Attention(nn.Module):
         self.o_proj = linear(self.num_heads * hd, d, False, cfg.adapts("o_proj"))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        B, T, _ = x.shape
+        return self.o_proj(self.mix(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope))
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Causal attention of projected queries, keys and values, ``(B, T, heads * head_dim)``
+        each: the heads' outputs side by side, before ``o_proj``."""
+        B, T, _ = q.shape
         cos, sin = rope
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         repeat = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if self.sliding_window is not None and T > self.sliding_window:
-            pos = torch.arange(T, device=x.device)
+            pos = torch.arange(T, device=q.device)
             behind = pos[:, None] - pos[None, :]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=(behind >= 0) & (behind < self.sliding_window))
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
 
 class SwiGLU(nn.Module):

@@ -3,8 +3,9 @@ turned into the adapted model and the set of parameters that get no gradient.
 
 The adapters are part of the model (:class:`~fedsplit.model.LoraConfig` on its configuration),
 so they are sliced, placed, averaged and reassembled like any other parameter: an expert's
-adapters live with the expert; a layer's attention adapters with its heads. ``frozen`` holds
-monolithic parameter names.
+adapters live with the expert; a head group holds the adapter factors cut like its projections
+and the layer's block those that act on all heads (:mod:`~fedsplit.plan.slicing`). ``frozen``
+holds monolithic parameter names.
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ from pydantic import ValidationError
 
 from ..model import ModelConfig, is_adapter, parameter_shapes
 from .errors import Problem
-from .plan import Partition
 from .schema import FinetuneConfig
 from .slicing import unit_slices
 from .units import SelectorError, parse_selector
 from .yaml_io import Lines
-
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def adapted_model(model: ModelConfig, finetune: FinetuneConfig | None) -> ModelConfig:
@@ -93,35 +91,3 @@ def frozen_parameters(
                 )
             )
     return frozenset(everything - adapters - trained)
-
-
-def check_adapted_attention(
-    model: ModelConfig, kv_partitions: dict[int, set[str]], file: Path, lines: Lines, problems: list[Problem]
-) -> None:
-    """Attention adapters need each adapted layer's heads in one partition: LoRA's ``A`` of q/k/v
-    and ``B`` of o_proj act on all heads at once, so head groups on two organisations would each
-    need all of them (``kv_partitions``: layer -> the names of the partitions holding its heads)."""
-    targets = [t for t in ATTENTION_TARGETS if model.adapts(t)]
-    for layer, holders in sorted(kv_partitions.items()):
-        if targets and len(holders) > 1:
-            problems.append(
-                Problem(
-                    f"LoRA on {', '.join(targets)} needs layer {layer}'s heads in one piece, and the plan splits "
-                    f"them ({', '.join(sorted(holders))}): the adapters' A (q/k/v) and B (o_proj) act on every "
-                    "head at once. Adapt only the experts there, or hold the layer's heads together",
-                    file=file,
-                    line=lines.of("finetune", "targets"),
-                    field="finetune.targets",
-                )
-            )
-            return
-
-
-def kv_partitions(partitions: Sequence[Partition]) -> dict[int, set[str]]:
-    """Layer -> the partitions that hold some of its heads."""
-    out: dict[int, set[str]] = {}
-    for p in partitions:
-        for u in p.units:
-            if u.kind == "kv":
-                out.setdefault(u.layer, set()).add(p.name)
-    return out

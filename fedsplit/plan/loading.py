@@ -19,7 +19,7 @@ from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 from ..interop import CheckpointError, ModelCheckpoint, is_model_directory, open_checkpoint
 from ..model import ModelConfig
 from .errors import PlanError, Problem
-from .finetune import adapted_model, check_adapted_attention, frozen_parameters, kv_partitions
+from .finetune import adapted_model, frozen_parameters
 from .plan import Entry, Org, Partition, Plan
 from .schema import FederationFile, FinetuneConfig, OrgFile
 from .units import SelectorError, Unit, all_units, describe, parse_selector
@@ -65,7 +65,6 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(problems)
 
     partitions = _partitions(model, path, orgs, problems)
-    check_adapted_attention(model, kv_partitions(partitions), path, lines, problems)
     _check_data_owners(path, orgs, problems)
     tokenizer = _checked_tokenizer(path, fed, lines, model, problems)
     if problems:

@@ -73,16 +73,25 @@ def head_run_slices(cfg: ModelConfig, layer: int, run: tuple[int, int]) -> dict[
     params = ("weight", "bias") if cfg.qkv_bias else ("weight",)
     out = {f"{proj}.{p}": TensorSlice(f"{prefix}.{proj}.{p}", 0, *r) for proj, r in rows.items() for p in params}
     out["o_proj.weight"] = TensorSlice(f"{prefix}.o_proj.weight", 1, *rows["q_proj"])
-    # LoRA: B maps into the projection's rows (cut like them), A reads all of d (whole); o_proj's A
-    # reads its columns (cut like them) and its B writes all of d (whole). A plan keeps an adapted
-    # layer's heads in one partition, so the whole tensors are never shared.
+    # LoRA: a head group holds the factor that is cut like its projection: the rows of q/k/v's B,
+    # the columns of o_proj's A. The factors that act on every head at once (q/k/v's A, o_proj's
+    # B) are the layer block's (hub_adapter_slices), so that head groups on several organisations
+    # never share a tensor.
     for proj, r in rows.items():
         if cfg.adapts(proj):
-            out[f"{proj}.lora_A.weight"] = TensorSlice(f"{prefix}.{proj}.lora_A.weight")
             out[f"{proj}.lora_B.weight"] = TensorSlice(f"{prefix}.{proj}.lora_B.weight", 0, *r)
     if cfg.adapts("o_proj"):
         out["o_proj.lora_A.weight"] = TensorSlice(f"{prefix}.o_proj.lora_A.weight", 1, *rows["q_proj"])
-        out["o_proj.lora_B.weight"] = TensorSlice(f"{prefix}.o_proj.lora_B.weight")
+    return out
+
+
+def hub_adapter_slices(cfg: ModelConfig, layer: int) -> dict[str, TensorSlice]:
+    """The attention adapter factors that act on all of a layer's heads, held with its block:
+    keyed by their target (``q_proj``: its ``A``, ..., ``o_proj``: its ``B``)."""
+    prefix = f"layers.{layer}.attention"
+    out = {p: TensorSlice(f"{prefix}.{p}.lora_A.weight") for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)}
+    if cfg.adapts("o_proj"):
+        out["o_proj"] = TensorSlice(f"{prefix}.o_proj.lora_B.weight")
     return out
 
 
@@ -110,6 +119,7 @@ def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
                 TensorSlice(f"{p}.attn_norm.weight"),
                 TensorSlice(f"{p}.ffn_norm.weight"),
                 TensorSlice(f"{p}.moe.router.weight"),
+                *hub_adapter_slices(cfg, u.layer).values(),
             ]
         elif u.kind == "kv":
             kv[u.layer].append(u.index)

@@ -92,13 +92,21 @@ class SegmentOp:
 @dataclass(frozen=True)
 class HeadsOp:
     """The query heads that read KV heads ``kv_heads`` (half-open) of a layer: returns their
-    partial ``o_proj`` output, which the layer's owner adds to the other groups'."""
+    partial ``o_proj`` output, which the layer's owner adds to the other groups'. With attention
+    adapters it also takes the codes ``A x`` of the adapted q/k/v and, with o_proj adapted,
+    returns ``z``, its share of ``A_o y`` (see :class:`~fedsplit.runtime.partial.HeadGroup`)."""
 
     layer: int
     kv_heads: tuple[int, int]
 
     def inputs(self, shape: Shape) -> list[TensorSpec]:
-        return [_hidden(shape)]
+        cfg = shape.model
+        adapted = [p for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)]
+        if not adapted:
+            return [_hidden(shape)]
+        hidden = _hidden(shape)
+        codes = TensorSpec("adapter codes", shape.activations, (*hidden.dims[:2], len(adapted) * cfg.lora.rank))
+        return [hidden, codes]
 
     def __str__(self) -> str:
         return f"heads/{self.layer}/{self.kv_heads[0]}-{self.kv_heads[1]}"

@@ -34,7 +34,7 @@ from ..model import (
     run_block,
 )
 from ..plan import Partition, Plan, Unit
-from ..plan.slicing import head_run_slices, kv_runs
+from ..plan.slicing import head_run_slices, hub_adapter_slices, kv_runs
 from .calls import CallKey, current_call, remote_call, remote_calls
 from .ops import ExpertsOp, HeadsOp, Op, SegmentOp, SharedOp
 from .protocols import Peer
@@ -44,14 +44,72 @@ from .protocols import Peer
 Resolver = Callable[[Partition], Peer | None]
 
 
+class HeadGroup(nn.Module):
+    """The query heads that read a run of KV heads: :class:`~fedsplit.model.Attention` of those
+    heads (its rows of q/k/v, its columns of o_proj), plus their share of the attention adapters.
+
+    LoRA's ``A`` of q/k/v and ``B`` of o_proj act on all of a layer's heads at once, so the layer's
+    block holds them (:class:`HeadGroups`): it sends ``codes``, ``[A_q x, A_k x, A_v x]`` (those
+    adapted), with ``x``; the group adds its rows of ``B_q codes_q`` (...) to its projections and
+    returns, besides its partial output, ``z``: its columns of ``A_o`` times its heads' output. The
+    block sums both over the groups and adds ``B_o z``. That is the monolith's maths regrouped:
+    ``W_o y + s B_o A_o y = sum_g W_o[:, g] y_g + s B_o (sum_g A_o[:, g] y_g)``, and with one
+    group it is :class:`~fedsplit.model.LoRALinear`'s own arithmetic, in its order."""
+
+    def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.attention = Attention(cfg.base, num_heads, num_kv_heads)
+        hd = cfg.head_dim
+        lora = cfg.lora
+        self.adapted = [p for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)]
+        self.scaling = lora.scaling if lora is not None else 1.0
+        self.lora_B = nn.ModuleDict(
+            {p: nn.Linear(lora.rank, getattr(self.attention, p).out_features, bias=False) for p in self.adapted}
+        )
+        self.o_lora_A = nn.Linear(num_heads * hd, lora.rank, bias=False) if cfg.adapts("o_proj") else None
+
+    def parameter(self, name: str) -> nn.Parameter:
+        """A parameter by its name in the monolith's :class:`~fedsplit.model.Attention`."""
+        if name == "o_proj.lora_A.weight":
+            return self.o_lora_A.weight
+        if name.endswith(".lora_B.weight"):
+            return self.lora_B[name.split(".")[0]].weight
+        return self.attention.get_parameter(name)
+
+    def forward(self, x: Tensor, code: Callable[[str], Tensor], rope: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """``code(p)``: the code ``A_p x`` of adapted projection ``p``, asked for in the order the
+        monolith computes it (so that a group in the block's own process adds up gradients in
+        the monolith's order)."""
+        a = self.attention
+        q, k, v = (
+            getattr(a, p)(x) + self.lora_B[p](code(p)).to(x.dtype) * self.scaling
+            if p in self.lora_B
+            else getattr(a, p)(x)
+            for p in ("q_proj", "k_proj", "v_proj")
+        )
+        y = a.mix(q, k, v, rope)
+        if self.o_lora_A is None:
+            return (a.o_proj(y),)
+        return a.o_proj(y), self.o_lora_A(y.to(self.o_lora_A.weight.dtype))
+
+
+def received_codes(adapted: list[str], codes: Tensor | None) -> Callable[[str], Tensor]:
+    """The code of each adapted projection out of the ``codes`` a :class:`HeadsOp` carries (the
+    adapted ones' side by side, in q, k, v order)."""
+    parts = dict(zip(adapted, codes.chunk(len(adapted), dim=-1))) if codes is not None else {}
+    return parts.__getitem__
+
+
 class HeadGroups(nn.Module):
-    """Stands in for ``Block.attention``: sums the partial outputs of the layer's head groups."""
+    """Stands in for ``Block.attention``: sums the partial outputs of the layer's head groups,
+    and applies the attention adapters' factors that act on all heads (see :class:`HeadGroup`)."""
 
     def __init__(
         self,
+        cfg: ModelConfig,
         layer: int,
         runs: list[tuple[tuple[int, int], Partition]],
-        local: Mapping[str, Attention],
+        local: Mapping[str, HeadGroup],
         resolve: Resolver,
     ):
         super().__init__()
@@ -59,19 +117,43 @@ class HeadGroups(nn.Module):
         self.runs = runs
         self.local = nn.ModuleDict(local)
         self.resolve = resolve
+        lora, d = cfg.lora, cfg.hidden_size
+        self.lora_A = nn.ModuleDict(
+            {p: nn.Linear(d, lora.rank, bias=False) for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)}
+        )
+        self.o_lora_B = nn.Linear(lora.rank, d, bias=False) if cfg.adapts("o_proj") else None
+        self.scaling = lora.scaling if lora is not None else 1.0
+
+    def _code(self, target: str, x: Tensor) -> Tensor:
+        """``A x`` of an adapted q/k/v projection (:meth:`~fedsplit.model.LoRALinear.adapter_in`)."""
+        a = self.lora_A[target]
+        return a(x.to(a.weight.dtype))
+
+    def hub_parameter(self, target: str) -> nn.Parameter:
+        """The factor of ``target``'s adapter held here (q/k/v: ``A``; o_proj: ``B``)."""
+        return self.o_lora_B.weight if target == "o_proj" else self.lora_A[target].weight
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         peers = [(run, self.resolve(partition)) for run, partition in self.runs]
         key = current_call()
         remote = [(run, peer) for run, peer in peers if peer is not None]
-        results = remote_calls([(peer, key, HeadsOp(self.layer, run), [x]) for run, peer in remote])
+        inputs = [x]
+        if remote and len(self.lora_A):
+            inputs.append(torch.cat([self._code(p, x) for p in self.lora_A], dim=-1))
+        results = remote_calls([(peer, key, HeadsOp(self.layer, run), inputs) for run, peer in remote])
         partial = {
-            run: self.local[f"{run[0]}-{run[1]}"](x, rope) for run, peer in peers if peer is None
+            run: self.local[f"{run[0]}-{run[1]}"](x, lambda p: self._code(p, x), rope)
+            for run, peer in peers
+            if peer is None
         }  # while the remote ones work
-        partial.update((run, y) for (run, _), (y,) in zip(remote, results()))
-        total = None
+        partial.update((run, out) for (run, _), out in zip(remote, results()))
+        total = z = None
         for run, _ in peers:
-            total = partial[run] if total is None else total + partial[run]
+            total = partial[run][0] if total is None else total + partial[run][0]
+            if self.o_lora_B is not None:
+                z = partial[run][1] if z is None else z + partial[run][1]
+        if self.o_lora_B is not None:
+            total = total + self.o_lora_B(z).to(total.dtype) * self.scaling
         return total
 
 
@@ -171,7 +253,7 @@ class PartialModel(nn.Module):
         for layer, groups in kv.items():
             for g0, g1 in kv_runs(groups):
                 per = cfg.heads_per_kv_head
-                self.heads[f"{layer}_{g0}-{g1}"] = Attention(cfg, (g1 - g0) * per, g1 - g0)
+                self.heads[f"{layer}_{g0}-{g1}"] = HeadGroup(cfg, (g1 - g0) * per, g1 - g0)
 
     def _build_block(self, cfg: ModelConfig, plan: Plan, i: int, resolve: Resolver) -> Block:
         """The model's Block for layer ``i`` with its carved-out parts replaced."""
@@ -182,7 +264,7 @@ class PartialModel(nn.Module):
             runs += [(run, p) for run in kv_runs(groups)]
         runs.sort(key=lambda rp: rp[0])
         local_heads = {f"{a}-{b}": self.heads[f"{i}_{a}-{b}"] for (a, b), _ in runs if f"{i}_{a}-{b}" in self.heads}
-        block.attention = HeadGroups(i, runs, local_heads, resolve)
+        block.attention = HeadGroups(cfg, i, runs, local_heads, resolve)
 
         partition_of = {e: plan.partition_of(Unit("expert", i, e)) for e in range(cfg.num_experts)}
         local_experts = {e: self.experts[f"{i}_{e}"] for e in range(cfg.num_experts) if f"{i}_{e}" in self.experts}
@@ -210,6 +292,8 @@ class PartialModel(nn.Module):
                 self.bindings[f"{p}.attn_norm.weight"] = block.attn_norm.weight
                 self.bindings[f"{p}.ffn_norm.weight"] = block.ffn_norm.weight
                 self.bindings[f"{p}.moe.router.weight"] = block.moe.router.weight
+                for target, factor in hub_adapter_slices(self.cfg, u.layer).items():
+                    self.bindings[factor.key] = block.attention.hub_parameter(target)
             elif u.kind == "expert":
                 self._bind_module(f"layers.{u.layer}.moe.experts.{u.index}", self.experts[f"{u.layer}_{u.index}"])
             elif u.kind == "shared_experts":
@@ -218,7 +302,7 @@ class PartialModel(nn.Module):
             layer, run = name.split("_")
             g0, g1 = map(int, run.split("-"))
             for param, s in head_run_slices(self.cfg, int(layer), (g0, g1)).items():
-                self.bindings[s.key] = attn.get_parameter(param)
+                self.bindings[s.key] = attn.parameter(param)
 
     def _bind_module(self, prefix: str, module: nn.Module) -> None:
         for name, param in module.named_parameters():
@@ -239,18 +323,21 @@ class PartialModel(nn.Module):
             return self._segment(key, op, x)
         piece = self._piece(op)
         if self.recompute and torch.is_grad_enabled():
-            return (checkpoint(piece, x[0], use_reentrant=False),)
-        return (piece(x[0]),)
+            return checkpoint(piece, *x, use_reentrant=False)
+        return piece(*x)
 
-    def _piece(self, op: HeadsOp | ExpertsOp | SharedOp):
-        """The function of its input that a served piece computes."""
+    def _piece(self, op: HeadsOp | ExpertsOp | SharedOp) -> Callable[..., tuple[Tensor, ...]]:
+        """The function of its inputs that a served piece computes."""
         if isinstance(op, HeadsOp):
-            attention = self.heads[f"{op.layer}_{op.kv_heads[0]}-{op.kv_heads[1]}"]
-            return lambda x: attention(x, rope_tables(self.cfg, x.shape[1], x.device))
+            group = self.heads[f"{op.layer}_{op.kv_heads[0]}-{op.kv_heads[1]}"]
+            return lambda x, codes=None: group(
+                x, received_codes(group.adapted, codes), rope_tables(self.cfg, x.shape[1], x.device)
+            )
         if isinstance(op, ExpertsOp):
             experts = [self.experts[f"{op.layer}_{e}"] for e in op.experts]
-            return lambda x: torch.cat([f(r) for f, r in zip(experts, x.split([n for _, n in op.rows]))])
-        return self.shared[str(op.layer)]
+            return lambda x: (torch.cat([f(r) for f, r in zip(experts, x.split([n for _, n in op.rows]))]),)
+        shared = self.shared[str(op.layer)]
+        return lambda x: (shared(x),)
 
     def _segment(self, key: CallKey, op: SegmentOp, x: list[Tensor]) -> tuple[Tensor, Tensor]:
         h = self.embed(x[0]) if op.blocks[0] == "embed" else x[0]

@@ -156,6 +156,17 @@ def test_lora_fine_tuning_over_grpc_equals_the_monolith_and_leaves_the_base_alon
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["heads", "three-orgs"])
+def test_lora_on_head_groups_of_several_organisations_over_grpc_equals_the_monolith(name, tmp_path):
+    # The block sends the codes A x of q/k/v with x to each head group and sums the groups'
+    # shares of A_o y before its B_o: the factors acting on every head are never replicated.
+    plan = finetuned(name, tmp_path, rank=4, alpha=8.0, targets=ALL)
+    result = verify(plan, steps=10, transport="grpc")
+    print(f"{name}: LoRA on every target over gRPC, max |split - monolithic| = {result.max_abs_diff:.2e}")
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+
+
+@pytest.mark.slow
 def test_bf16_mixed_over_grpc_gives_back_the_fp32_masters_bitwise_like_the_monolith():
     plan = load_plan(PLANS / "layers" / "federation.yaml").with_training(precision="bf16-mixed")
     result = verify(plan, steps=3, transport="grpc")

@@ -295,14 +295,12 @@ def test_cli_imports_and_exports_hf(tmp_path, tokens, capsys):
 
 
 def test_a_lora_fine_tune_of_a_hf_checkpoint_exports_merged_and_loads_in_transformers(tmp_path, tokens):
-    """LoRA on the attention and experts of a Qwen2-MoE checkpoint, split across the five
-    organisations of SPLIT except that the heads stay together (adapters need them so); the
-    merged export computes in transformers what the fine-tuned model computes in fedsplit."""
+    """LoRA on the attention (its head groups on two organisations, q/k/v biases included) and
+    experts of a Qwen2-MoE checkpoint, split across the five organisations of SPLIT; the merged
+    export computes in transformers what the fine-tuned model computes in fedsplit."""
     hf = hf_model("qwen2-moe")
     hf.save_pretrained(tmp_path / "hf-model")
-    orgs = {**SPLIT, "owner": [*SPLIT["owner"], "layers.0.attention"]}
-    del orgs["heads-a"], orgs["heads-b"]
-    path = write_plan(tmp_path, "hf-model", orgs)
+    path = write_plan(tmp_path, "hf-model", SPLIT)
     document = {**json.loads(path.read_text()), "finetune": {"rank": 2, "alpha": 4.0}}
     path.write_text(json.dumps(document))
     plan = load_plan(path)

@@ -24,11 +24,12 @@ def lora_plan(name, tmp_path, targets=ALL, **extra):
     [
         ("layers", ALL),
         ("experts", ALL),
-        ("heads", ["experts", "shared_experts"]),  # head groups stay frozen
-        ("mixed-top1", ["experts", "shared_experts"]),
+        ("heads", ALL),  # q/k/v's A and o_proj's B with the block, the rest with the head groups
+        ("three-orgs", ALL),
+        ("mixed-top1", ALL),
         (CARVED, ALL),
     ],
-    ids=["layers", "experts", "heads", "mixed-top1", "carved-attention"],
+    ids=["layers", "experts", "heads", "three-orgs", "mixed-top1", "carved-attention"],
 )
 def test_split_lora_finetuning_equals_monolithic_lora_finetuning(name, targets, tmp_path):
     plan = lora_plan(name, tmp_path, targets)
@@ -102,7 +103,6 @@ def test_lora_through_the_whole_recipe_equals_the_monolith(tmp_path):
         ("layers", {"rank": 4096}, "finetune", "rank 4096 is larger than"),
         ("layers", {"dropout": 0.1}, "finetune.dropout", "dropout is not supported"),
         ("layers", {"base_dtype": "bf16"}, "finetune.base_dtype", "bf16-mixed"),
-        ("heads", {"targets": ["q_proj"]}, "finetune.targets", "splits them"),
         ("layers", {"train": ["layers.9"]}, "finetune.train", "layer"),
         ("layers", {"train": ["layers.0.attention.heads.0-1"]}, "finetune.train", "attention trains or stays frozen"),
     ],
