@@ -182,7 +182,8 @@ def memory(args, work: Path) -> list[str]:
             precision="bf16-mixed", activation_checkpointing=True
         ),
     }
-    rows, rest = [], {}
+    rows, rest, per_param = [], {}, []
+    fixed = idle_worker_rss()
     for label, plan in variants.items():
         mine = {k: v for k, v in weights.items() if k in parameter_shapes(plan.model)}
         with ProcessFederation(plan, mine, insecure=True, timeout=3600) as fed:
@@ -197,6 +198,19 @@ def memory(args, work: Path) -> list[str]:
             state = trained * 12  # fp32 gradients and AdamW's two moments (bf16-mixed: of the fp32 masters)
             grown = peak[org] - ready[org]
             rest[(label, org)] = grown - state
+            if plan.frozen:
+                # What a LoRA organisation's peak costs per frozen base parameter it holds, once the
+                # fixed cost of a worker process and the adapters' own state are taken off: the
+                # base in bf16 is 2 bytes; the rest is activations.
+                adapters = trained * (4 + 2 + 12)  # fp32 master, bf16 compute copy, grads + AdamW
+                per_param.append(
+                    [
+                        label,
+                        org,
+                        f"{params - trained:,}",
+                        f"{(ready[org] + grown - fixed - adapters) / (params - trained):.2f}",
+                    ]
+                )
             rows.append(
                 [
                     label,
@@ -226,6 +240,10 @@ def memory(args, work: Path) -> list[str]:
         *table(cols, rows),
         f"data owner's activations and rest, bf16-mixed / bf16-mixed + checkpointing: {cut:.1f}x",
         "",
+        f"## LoRA: peak bytes per held base parameter (peak RSS less an idle worker's {fixed / 2**20:,.0f} MiB "
+        "and the adapters' state)",
+        *table(["variant", "organisation", "frozen parameters", "bytes / parameter"], per_param),
+        "",
         "## Flower bytes per round (weights out to every organisation and back, fp32)",
         *table(
             ["training", "bytes per round", "full / this"],
@@ -235,6 +253,17 @@ def memory(args, work: Path) -> list[str]:
 
 
 LORA = "finetune: {rank: 8, alpha: 16, targets: [q_proj, k_proj, v_proj, o_proj, experts, shared_experts]}"
+
+
+def idle_worker_rss() -> int:
+    """RSS of a process that has imported what a worker imports and holds no weights: the fixed
+    cost of an organisation's worker process."""
+    import subprocess
+
+    probe = "import torch, fedsplit.hosting.host; print(open('/proc/self/status').read())"
+    status = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) << 10
 
 
 def control_plane_bytes(plan, weights) -> int:

@@ -19,13 +19,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 
-from ..plan import Plan, load_plan, select
+from ..plan import Plan, load_plan
 from ..runtime.batches import batches_for, eval_batches_for
 from ..runtime.rounds import Rounds
-from ..runtime.weights import initial_weights_of
+from ..runtime.weights import LazyWeights, initial_weights_of, selection
 from ..runtime.worker import Worker
 from ..transport.security import TLSConfig, load_token, load_verifiers
 from ..transport.service import Credentials, DataPlaneServer
@@ -71,7 +71,7 @@ class WorkerHost:
         self.workers: dict[str, Worker] = {}
         for org in orgs:
             if weights is not None:
-                mine = select(weights, plan.slices_of(org))
+                mine = selection(weights, plan.slices_of(org))
             else:  # a frozen base is loaded here, once; the rounds bring only what trains
                 mine = initial_weights_of(plan, org) if plan.frozen else None
             worker = Worker(plan, org, mine, device)
@@ -110,6 +110,12 @@ class WorkerHost:
             server.wait()
 
 
+def load_tensor(path: str, name: str) -> Tensor:
+    """One tensor of a safetensors file (memory-mapped: only its bytes are read)."""
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(name)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedsplit.hosting.host", description=__doc__)
     parser.add_argument(
@@ -138,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(WORKER_THREADS)
     plan = load_plan(args.plan)
-    weights = load_file(args.weights) if args.weights else None
+    weights = None
+    if args.weights:  # read tensor by tensor as each organisation loads its share, never all at once
+        with safe_open(args.weights, "pt") as f:
+            names = list(f.keys())
+        weights = LazyWeights(names, lambda name: load_tensor(args.weights, name))
     host = WorkerHost(
         plan,
         args.orgs,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from ..interop import CheckpointError, open_checkpoint
 from ..model import ModelConfig, MoETransformer, is_adapter, parameter_shapes
-from ..plan import Plan, select
+from ..plan import Plan, TensorSlice, select
 
 SEEDED = "seeded"  # a base drawn from the plan's seed, not read from a model directory
 
@@ -72,13 +73,47 @@ def base_weights(identity: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return checkpoint.reader.read_all()
 
 
-def initial_weights_of(plan: Plan, org: str) -> dict[str, torch.Tensor]:
-    """``org``'s share of :func:`initial_weights`, reading only its slices of a checkpoint."""
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """Tensors by key, each read when it is asked for: an organisation loading its share of a
+    checkpoint holds one of them at a time beside its model, not a second copy of its share."""
+
+    def __init__(self, keys: Iterable[str], read: Callable[[str], torch.Tensor]):
+        self._keys, self._read = list(keys), read
+        self._known = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def selection(weights: Mapping[str, torch.Tensor], slices: Iterable[TensorSlice]) -> LazyWeights:
+    """``slices`` of a (possibly lazy) full model's ``weights``, each cut when it is read."""
+    by_key = {s.key: s for s in slices}
+    return LazyWeights(by_key, lambda key: by_key[key].take(weights[by_key[key].name]))
+
+
+def initial_weights_of(plan: Plan, org: str) -> Mapping[str, torch.Tensor]:
+    """``org``'s share of :func:`initial_weights`, reading only its slices of a checkpoint, one
+    at a time as they are loaded."""
     if plan.checkpoint is None:
         return select(initial_weights(plan), plan.slices_of(org))
-    adapters = adapter_weights(plan)
-    held = [s for s in plan.slices_of(org) if is_adapter(s.name)]
-    return {**plan.checkpoint_slices(org), **select(adapters, held)}
+    adapters = select(adapter_weights(plan), [s for s in plan.slices_of(org) if is_adapter(s.name)])
+    base = {s.key: s for s in plan.slices_of(org) if not is_adapter(s.name)}
+
+    def read(key: str) -> torch.Tensor:
+        if key in adapters:
+            return adapters[key]
+        s = base[key]
+        return plan.checkpoint.reader.read([(s.name, s.dim, s.start, s.stop)])[0]
+
+    return LazyWeights([*base, *adapters], read)
 
 
 def adapter_weights(plan: Plan) -> dict[str, torch.Tensor]:
