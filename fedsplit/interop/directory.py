@@ -65,7 +65,9 @@ def open_checkpoint(path: str | Path) -> ModelCheckpoint:
             raise CheckpointError(f"not valid JSON ({e})", file=path / HF_CONFIG) from None
         cfg, arch = config_from_hf(hf, path / HF_CONFIG)
         files = SafetensorsFiles(path)
-        return ModelCheckpoint(path, cfg, "hf", arch, CheckpointReader(cfg, files, locate(cfg, arch, files.keys, path)))
+        reader = CheckpointReader(cfg, files, locate(cfg, arch, files.keys, path))
+        reader.check_shapes()
+        return ModelCheckpoint(path, cfg, "hf", arch, reader)
     if (path / FEDSPLIT_CONFIG).exists():
         try:
             cfg = ModelConfig.from_yaml(path / FEDSPLIT_CONFIG)
@@ -81,7 +83,9 @@ def open_checkpoint(path: str | Path) -> ModelCheckpoint:
                 file=path / SINGLE_FILE,
                 field=wrong[0],
             )
-        return ModelCheckpoint(path, cfg, "fedsplit", None, CheckpointReader(cfg, files, {n: Stored(n) for n in names}))
+        reader = CheckpointReader(cfg, files, {n: Stored(n) for n in names})
+        reader.check_shapes()
+        return ModelCheckpoint(path, cfg, "fedsplit", None, reader)
     raise CheckpointError(
         f"is not a model directory: it has neither {HF_CONFIG} (Hugging Face) nor {FEDSPLIT_CONFIG} (fedsplit)",
         file=path,

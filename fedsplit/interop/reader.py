@@ -102,7 +102,20 @@ class CheckpointReader:
         names = list(self.shapes)
         return dict(zip(names, self.read((n, None, 0, 0) for n in names)))
 
-    def _read_one(self, f, path: Path, name: str, dim: int | None, start: int, stop: int) -> Tensor:
+    def check_shapes(self) -> None:
+        """Every stored tensor has the shape the config implies (read from the files' headers,
+        no weights): a checkpoint of another model is refused when it is opened, by tensor."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name, stored in self.where.items():
+            if stored is not None:
+                by_file[self.files.file_of[stored.key]].append(name)
+        for path, names in by_file.items():
+            with safe_open(path, "pt") as f:
+                for name in names:
+                    self._locate(f, path, name)
+
+    def _locate(self, f, path: Path, name: str):
+        """The stored view of ``name`` and the index that selects it, its shape checked."""
         stored = self.where[name]
         view = f.get_slice(stored.key)
         index, shape = _compose(stored.index, list(view.get_shape()))
@@ -113,6 +126,10 @@ class CheckpointReader:
                 file=path,
                 field=stored.key,
             )
+        return view, index
+
+    def _read_one(self, f, path: Path, name: str, dim: int | None, start: int, stop: int) -> Tensor:
+        view, index = self._locate(f, path, name)
         if dim is not None:
             index = _narrow(index, dim, start, stop)
         return view[tuple(index)].to(torch.float32).contiguous()

@@ -245,6 +245,15 @@ def test_a_tensor_fedsplit_has_no_place_for_is_refused_by_name(tmp_path):
         open_checkpoint(tmp_path)
 
 
+def test_a_checkpoint_whose_shapes_do_not_match_its_config_is_refused_by_tensor_when_opened(tmp_path):
+    hf_model("qwen2-moe").save_pretrained(tmp_path / "hf-model")
+    _edit_config(tmp_path / "hf-model", moe_intermediate_size=32)  # the stored experts are 16 wide
+    with pytest.raises(PlanError) as exc:
+        load_plan(write_plan(tmp_path, "hf-model", SPLIT))
+    text = str(exc.value)
+    assert "model.safetensors" in text and "mlp.experts." in text and "has shape" in text, text
+
+
 def test_a_plan_naming_an_unsupported_checkpoint_says_which_field(tmp_path):
     hf_model("qwen2-moe").save_pretrained(tmp_path / "hf-model")
     _edit_config(tmp_path / "hf-model", mlp_only_layers=[0])
