@@ -30,7 +30,7 @@ test-fast: setup
 
 # The data-plane benchmarks of the README's performance section, one after another (about 20 min
 # on 2 cores). bench-quick runs each in its quick mode (a few minutes).
-BENCHES = bench_wire bench_split bench_torch_pipelining bench_compression bench_federation bench_recipe
+BENCHES = bench_wire bench_split bench_torch_pipelining bench_compression bench_federation bench_recipe bench_lora_quality
 
 bench: setup
 	@for b in $(BENCHES); do echo "== $$b"; .venv/bin/python benchmarks/$$b.py || exit 1; done
