@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors.torch import save_file
-from torch import Tensor
 
 from ..interop import CheckpointError, is_model_directory, open_checkpoint, save_hf
 from ..interop.adapters import merge_adapters
 from ..interop.peft_format import save_peft
 from ..model import ModelConfig, is_adapter
 from ..plan import resolved_model
+from ..runtime.weights import base_checkpoint
 from .checkpoint import Checkpoint, find_checkpoint, model_weights
 from .rundir import PLAN_FILE
 
@@ -48,9 +48,9 @@ def export(source: Path, out: Path, format: str = "safetensors", model: Path | N
         )
     needs_config = merge or format != "safetensors" or "base" in ckpt.manifest
     cfg = model_config(ckpt.path, model) if needs_config else None
-    weights = model_weights(ckpt, cfg) if cfg is not None else ckpt.weights
     if format == "peft":
-        return _export_peft(ckpt, cfg, weights, out)
+        return _export_peft(ckpt, cfg, out)
+    weights = model_weights(ckpt, cfg) if cfg is not None else ckpt.weights
     if merge:
         cfg, weights = merge_adapters(cfg, weights)
     if format == "hf":
@@ -62,10 +62,10 @@ def export(source: Path, out: Path, format: str = "safetensors", model: Path | N
     return f"wrote the full model of round {ckpt.round}{merged} ({len(weights)} tensors) to {out}"
 
 
-def _export_peft(ckpt: Checkpoint, cfg: ModelConfig, weights: dict[str, Tensor], out: Path) -> str:
-    """The adapters in ``out``, for the base model the run read (a Hugging Face directory), or for
-    the base written beside them in ``out/base``."""
-    base = ckpt.manifest.get("base") or {}
+def _export_peft(ckpt: Checkpoint, cfg: ModelConfig, out: Path) -> str:
+    """The adapters in ``out``, for the base model the run read (a Hugging Face directory, which
+    is checked, not read), or for the base written beside them in ``out/base``."""
+    base = ckpt.manifest.get("base")
     trained_full = sorted(k for k in ckpt.weights if not is_adapter(k)) if base else []
     if trained_full:
         raise CheckpointError(
@@ -74,12 +74,13 @@ def _export_peft(ckpt: Checkpoint, cfg: ModelConfig, weights: dict[str, Tensor],
             "export --format hf --merge",
             field=trained_full[0],
         )
-    source = Path(base.get("source", ""))
-    if base and is_model_directory(source) and open_checkpoint(source).format == "hf":
-        base_dir = source
+    checkpoint = base_checkpoint(base, cfg) if base else None
+    if checkpoint is not None and checkpoint.format == "hf":
+        base_dir = checkpoint.path
     else:
+        weights = model_weights(ckpt, cfg)
         base_dir = save_hf(cfg.base, {k: v for k, v in weights.items() if not is_adapter(k)}, out / "base").resolve()
-    written = save_peft(cfg, weights, out, str(base_dir))
+    written = save_peft(cfg, ckpt.weights, out, str(base_dir))
     return (
         f"wrote the LoRA adapters of round {ckpt.round} to {written} for the base in {base_dir}: "
         f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), {str(written)!r})"

@@ -123,7 +123,7 @@ class Coordinator:
                 f"{last.path} was written for another plan (hash {last.manifest.get('plan_hash')}, "
                 f"this plan is {self.hash}); resume with the plan it was started with"
             )
-        if self.plan.frozen:
+        if self.base is not None:
             check_base(last, self.base)
         self.aggregator.load_state_dict(last.server_state)
         record = last.manifest.get("metrics")

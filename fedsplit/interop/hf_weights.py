@@ -124,10 +124,14 @@ def _fused(cfg: ModelConfig, ours: str) -> Stored | None:
         return Stored(f"{prefix}.gate.weight")
     if parts[2:4] != ["moe", "experts"]:
         return None
-    e, w, f = int(parts[4]), parts[5], cfg.expert_ffn_size
-    if w == "w2":
-        return Stored(f"{prefix}.experts.down_proj", (e,))
-    return Stored(f"{prefix}.experts.gate_up_proj", (e, slice(0, f) if w == "w1" else slice(f, 2 * f)))
+    expert = _fused_swiglu(
+        ".".join(parts[:5]),
+        f"{prefix}.experts.gate_up_proj",
+        f"{prefix}.experts.down_proj",
+        cfg.expert_ffn_size,
+        (int(parts[4]),),
+    )
+    return expert.get(ours)
 
 
 def locate(cfg: ModelConfig, arch: str, keys: set[str], file: Path) -> dict[str, Stored | None]:

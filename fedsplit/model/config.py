@@ -110,6 +110,11 @@ class ModelConfig(BaseModel):
         return self.lora if self.lora is not None and target in self.lora.targets else None
 
     @property
+    def adapted_qkv(self) -> tuple[str, ...]:
+        """The q/k/v projections with adapters, in that order: their ``A`` reads a layer's input."""
+        return tuple(p for p in ("q_proj", "k_proj", "v_proj") if self.adapts(p))
+
+    @property
     def base(self) -> ModelConfig:
         """This model without its adapters."""
         return self if self.lora is None else self.model_copy(update={"lora": None})

@@ -81,16 +81,25 @@ class LoRALinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def adapter_in(self, x: Tensor) -> Tensor:
-        """``A x``: the adapter's rank-sized code of the input."""
-        return self.lora_A(x.to(self.lora_A.weight.dtype))
+        return lora_code(self.lora_A, x)
 
     def adapter_out(self, code: Tensor, dtype: torch.dtype) -> Tensor:
-        """``scaling * B code``, in ``dtype``: what the adapter adds to the base output."""
-        return self.lora_B(code).to(dtype) * self.scaling
+        return lora_update(self.lora_B, code, dtype, self.scaling)
 
     def merged_weight(self) -> Tensor:
         """``W + scaling * B A``: the plain weight that computes what this layer computes."""
         return self.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight).to(self.weight.dtype)
+
+
+def lora_code(lora_A: nn.Linear, x: Tensor) -> Tensor:
+    """``A x``: an adapter's rank-sized code of its input, in the adapter's dtype."""
+    return lora_A(x.to(lora_A.weight.dtype))
+
+
+def lora_update(lora_B: nn.Linear, code: Tensor, dtype: torch.dtype, scaling: float) -> Tensor:
+    """``scaling * B code`` in ``dtype``: what an adapter adds to its base output. A partition that
+    holds an adapter's two factors apart computes with these two, as :class:`LoRALinear` does."""
+    return lora_B(code).to(dtype) * scaling
 
 
 def is_adapter(name: str) -> bool:

@@ -89,7 +89,7 @@ def hub_adapter_slices(cfg: ModelConfig, layer: int) -> dict[str, TensorSlice]:
     """The attention adapter factors that act on all of a layer's heads, held with its block:
     keyed by their target (``q_proj``: its ``A``, ..., ``o_proj``: its ``B``)."""
     prefix = f"layers.{layer}.attention"
-    out = {p: TensorSlice(f"{prefix}.{p}.lora_A.weight") for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)}
+    out = {p: TensorSlice(f"{prefix}.{p}.lora_A.weight") for p in cfg.adapted_qkv}
     if cfg.adapts("o_proj"):
         out["o_proj"] = TensorSlice(f"{prefix}.o_proj.lora_B.weight")
     return out

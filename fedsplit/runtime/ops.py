@@ -100,13 +100,11 @@ class HeadsOp:
     kv_heads: tuple[int, int]
 
     def inputs(self, shape: Shape) -> list[TensorSpec]:
-        cfg = shape.model
-        adapted = [p for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)]
-        if not adapted:
-            return [_hidden(shape)]
-        hidden = _hidden(shape)
-        codes = TensorSpec("adapter codes", shape.activations, (*hidden.dims[:2], len(adapted) * cfg.lora.rank))
-        return [hidden, codes]
+        cfg, hidden = shape.model, _hidden(shape)
+        if not cfg.adapted_qkv:
+            return [hidden]
+        width = len(cfg.adapted_qkv) * cfg.lora.rank
+        return [hidden, TensorSpec("adapter codes", shape.activations, (*hidden.dims[:2], width))]
 
     def __str__(self) -> str:
         return f"heads/{self.layer}/{self.kv_heads[0]}-{self.kv_heads[1]}"

@@ -30,6 +30,8 @@ from ..model import (
     chunked_cross_entropy,
     cross_entropy,
     expert,
+    lora_code,
+    lora_update,
     rope_tables,
     run_block,
 )
@@ -59,14 +61,13 @@ class HeadGroup(nn.Module):
     def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int):
         super().__init__()
         self.attention = Attention(cfg.base, num_heads, num_kv_heads)
-        hd = cfg.head_dim
         lora = cfg.lora
-        self.adapted = [p for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)]
+        self.adapted = cfg.adapted_qkv
         self.scaling = lora.scaling if lora is not None else 1.0
         self.lora_B = nn.ModuleDict(
             {p: nn.Linear(lora.rank, getattr(self.attention, p).out_features, bias=False) for p in self.adapted}
         )
-        self.o_lora_A = nn.Linear(num_heads * hd, lora.rank, bias=False) if cfg.adapts("o_proj") else None
+        self.o_lora_A = nn.Linear(num_heads * cfg.head_dim, lora.rank, bias=False) if cfg.adapts("o_proj") else None
 
     def parameter(self, name: str) -> nn.Parameter:
         """A parameter by its name in the monolith's :class:`~fedsplit.model.Attention`."""
@@ -82,7 +83,7 @@ class HeadGroup(nn.Module):
         the monolith's order)."""
         a = self.attention
         q, k, v = (
-            getattr(a, p)(x) + self.lora_B[p](code(p)).to(x.dtype) * self.scaling
+            getattr(a, p)(x) + lora_update(self.lora_B[p], code(p), x.dtype, self.scaling)
             if p in self.lora_B
             else getattr(a, p)(x)
             for p in ("q_proj", "k_proj", "v_proj")
@@ -90,10 +91,10 @@ class HeadGroup(nn.Module):
         y = a.mix(q, k, v, rope)
         if self.o_lora_A is None:
             return (a.o_proj(y),)
-        return a.o_proj(y), self.o_lora_A(y.to(self.o_lora_A.weight.dtype))
+        return a.o_proj(y), lora_code(self.o_lora_A, y)
 
 
-def received_codes(adapted: list[str], codes: Tensor | None) -> Callable[[str], Tensor]:
+def received_codes(adapted: tuple[str, ...], codes: Tensor | None) -> Callable[[str], Tensor]:
     """The code of each adapted projection out of the ``codes`` a :class:`HeadsOp` carries (the
     adapted ones' side by side, in q, k, v order)."""
     parts = dict(zip(adapted, codes.chunk(len(adapted), dim=-1))) if codes is not None else {}
@@ -118,16 +119,9 @@ class HeadGroups(nn.Module):
         self.local = nn.ModuleDict(local)
         self.resolve = resolve
         lora, d = cfg.lora, cfg.hidden_size
-        self.lora_A = nn.ModuleDict(
-            {p: nn.Linear(d, lora.rank, bias=False) for p in ("q_proj", "k_proj", "v_proj") if cfg.adapts(p)}
-        )
+        self.lora_A = nn.ModuleDict({p: nn.Linear(d, lora.rank, bias=False) for p in cfg.adapted_qkv})
         self.o_lora_B = nn.Linear(lora.rank, d, bias=False) if cfg.adapts("o_proj") else None
         self.scaling = lora.scaling if lora is not None else 1.0
-
-    def _code(self, target: str, x: Tensor) -> Tensor:
-        """``A x`` of an adapted q/k/v projection (:meth:`~fedsplit.model.LoRALinear.adapter_in`)."""
-        a = self.lora_A[target]
-        return a(x.to(a.weight.dtype))
 
     def hub_parameter(self, target: str) -> nn.Parameter:
         """The factor of ``target``'s adapter held here (q/k/v: ``A``; o_proj: ``B``)."""
@@ -139,10 +133,10 @@ class HeadGroups(nn.Module):
         remote = [(run, peer) for run, peer in peers if peer is not None]
         inputs = [x]
         if remote and len(self.lora_A):
-            inputs.append(torch.cat([self._code(p, x) for p in self.lora_A], dim=-1))
+            inputs.append(torch.cat([lora_code(a, x) for a in self.lora_A.values()], dim=-1))
         results = remote_calls([(peer, key, HeadsOp(self.layer, run), inputs) for run, peer in remote])
         partial = {
-            run: self.local[f"{run[0]}-{run[1]}"](x, lambda p: self._code(p, x), rope)
+            run: self.local[f"{run[0]}-{run[1]}"](x, lambda p: lora_code(self.lora_A[p], x), rope)
             for run, peer in peers
             if peer is None
         }  # while the remote ones work
@@ -153,7 +147,7 @@ class HeadGroups(nn.Module):
             if self.o_lora_B is not None:
                 z = partial[run][1] if z is None else z + partial[run][1]
         if self.o_lora_B is not None:
-            total = total + self.o_lora_B(z).to(total.dtype) * self.scaling
+            total = total + lora_update(self.o_lora_B, z, total.dtype, self.scaling)
         return total
 
 

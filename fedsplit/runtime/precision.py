@@ -27,6 +27,15 @@ def compute_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def store_frozen_in(params: Mapping[str, nn.Parameter], dtype: torch.dtype, trains: Callable[[str], bool]) -> None:
+    """Give the frozen ``params`` (by name) their storage dtype before any weight is loaded into
+    them, so that a bf16 base never passes through fp32 storage of its own (a model's fresh,
+    unwritten fp32 storage costs no memory). :class:`MasterWeights` then finds them cast."""
+    for p in {id(p): p for k, p in params.items() if not trains(k)}.values():
+        if p.dtype != dtype:
+            p.data = torch.empty(p.shape, dtype=dtype, device=p.device)
+
+
 class MasterWeights:
     """The master weights of a model's parameters ``compute`` (by name) that train (``trains``):
     the parameters themselves in fp32; in bf16-mixed, fp32 copies, with the parameters cast to

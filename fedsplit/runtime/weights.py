@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..interop import CheckpointError, open_checkpoint
+from ..interop import CheckpointError, ModelCheckpoint, open_checkpoint
 from ..model import ModelConfig, MoETransformer, is_adapter, parameter_shapes
 from ..plan import Plan, TensorSlice, select
 
@@ -20,12 +20,14 @@ SEEDED = "seeded"  # a base drawn from the plan's seed, not read from a model di
 def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
     """The weights of the plan's model directory when it names one, else a seeded initialisation;
     with LoRA, plus the adapters' (the base is the same as without them)."""
-    if plan.checkpoint is not None:
-        base = plan.checkpoint.reader.read_all()
-    else:
-        torch.manual_seed(plan.training.seed)
-        base = MoETransformer(plan.model.base).state_dict()
+    base = plan.checkpoint.reader.read_all() if plan.checkpoint is not None else seeded(plan.model, plan.training.seed)
     return {**base, **adapter_weights(plan)}
+
+
+def seeded(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The seeded initialisation of ``cfg``'s base model (its adapters left out)."""
+    torch.manual_seed(seed)
+    return MoETransformer(cfg.base).state_dict()
 
 
 def trained_weights(plan: Plan) -> dict[str, torch.Tensor]:
@@ -52,25 +54,26 @@ def _seeded_hash(cfg: ModelConfig, seed: int) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def base_weights(identity: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The base weights that ``identity`` (from :func:`base_identity`) names, of the model ``cfg``
-    adapts; refused, naming both hashes, when what is there now is another base."""
-    if identity["source"] == SEEDED:
-        found = _seeded_hash(cfg.base, int(identity["seed"]))
-    else:
-        checkpoint = open_checkpoint(Path(identity["source"]))
-        found = checkpoint.identity()
+def base_checkpoint(identity: dict, cfg: ModelConfig) -> ModelCheckpoint | None:
+    """The model directory that ``identity`` (from :func:`base_identity`) names, opened (headers
+    only), or None for a seeded base of ``cfg``; refused, naming both hashes, when what is there
+    now is another base."""
+    seeded_base = identity["source"] == SEEDED
+    checkpoint = None if seeded_base else open_checkpoint(Path(identity["source"]))
+    found = _seeded_hash(cfg.base, int(identity["seed"])) if seeded_base else checkpoint.identity()
     if found != identity["sha256"]:
-        what = "the seeded base of this model" if identity["source"] == SEEDED else "it"
         raise CheckpointError(
-            f"{what} is not the base this run fine-tuned (hash {found}, the run's base {identity['sha256']}): "
-            "restore that base, or start a new run",
-            file=None if identity["source"] == SEEDED else Path(identity["source"]),
+            f"{'the seeded base of this model' if seeded_base else 'it'} is not the base this run fine-tuned "
+            f"(hash {found}, the run's base {identity['sha256']}): restore that base, or start a new run",
+            file=None if seeded_base else checkpoint.path,
         )
-    if identity["source"] == SEEDED:
-        torch.manual_seed(int(identity["seed"]))
-        return MoETransformer(cfg.base).state_dict()
-    return checkpoint.reader.read_all()
+    return checkpoint
+
+
+def base_weights(identity: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The base weights that ``identity`` names (see :func:`base_checkpoint`)."""
+    checkpoint = base_checkpoint(identity, cfg)
+    return seeded(cfg, int(identity["seed"])) if checkpoint is None else checkpoint.reader.read_all()
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):

@@ -30,7 +30,7 @@ from .ops import Op, Shape
 from .optim import clip_factor, learning_rate, make_optimizer, scale_grads, set_learning_rate
 from .partial import PartialModel
 from .policy import CallPolicy
-from .precision import MasterWeights, compute_dtype
+from .precision import MasterWeights, compute_dtype, store_frozen_in
 from .protocols import Peer, Traffic
 from .serving import Stage
 
@@ -65,7 +65,7 @@ class Worker:
         self.device = resolve_device(plan, org, device)
         self.peers: dict[str, Peer] = {}
         self.model = PartialModel(plan, org, self.device, self.serving, plan.checkpoints_activations(org))
-        self._store_frozen_in(compute_dtype(plan.training.precision))
+        store_frozen_in(self.model.bindings, compute_dtype(plan.training.precision), plan.trains)
         if weights is not None:
             self.model.load_selection(weights)
         else:
@@ -91,15 +91,6 @@ class Worker:
         self._load_lock = threading.Lock()  # data owners' calls route concurrently
         for layer, block in self.model.blocks.items():
             block.moe.experts.register_forward_pre_hook(self._count_routed(int(layer)))
-
-    def _store_frozen_in(self, dtype: torch.dtype) -> None:
-        """Give the frozen parameters their storage dtype before any weight is loaded, so that a bf16
-        base never passes through fp32 storage of its own (the model's fresh fp32 storage is not
-        yet written, so it costs no memory)."""
-        trains = self.plan.trains
-        for p in {id(p): p for k, p in self.model.bindings.items() if not trains(k)}.values():
-            if p.dtype != dtype:
-                p.data = torch.empty(p.shape, dtype=dtype, device=p.device)
 
     def _count_routed(self, layer: int):
         def hook(module, args) -> None:
