@@ -232,7 +232,9 @@ def _dp_start_server(require_finite: bool, tls: bool = False, codec: str = "none
             from fedsplit.transport.security import load_verifiers
 
             kw["credentials"] = Credentials(load_verifiers(opts["tls_dir"]))
-        server = DataPlaneServer(_BenchHandler(codec), HOST, 0, limits=_dp_limits(opts, require_finite), **kw).start()
+        server = DataPlaneServer(
+            _BenchHandler(codec), HOST, 0, limits=_dp_limits(opts, require_finite), shared_memory=True, **kw
+        ).start()
         _KEEP_ALIVE.append(server)
         return server.address
 

@@ -141,6 +141,9 @@ class WorkerHandler:
     def _connect(self, addresses: Mapping[str, str]) -> None:
         """Channels to the other organisations' workers (kept while the addresses stay the same)."""
         w = self.worker
+        unknown = sorted(set(addresses) - set(w.plan.orgs))
+        if unknown:
+            raise ValueError(f"plan {w.plan.name!r} has no organisation {', '.join(map(repr, unknown[:5]))}")
         if addresses == self._addresses and w.peers:
             return
         self.close()

@@ -63,9 +63,6 @@ class WorkerHost:
             raise ValueError(f"plan {plan.name!r} has no organisation {', '.join(map(repr, unknown))}")
         callers = Credentials(load_verifiers(credentials)) if credentials else None  # what servers check tokens against
         limits = Limits(max_tensor_bytes=plan.transport.max_tensor_mib << 20)
-        # Step-barrier calls block a server thread each (room for every data owner, twice over), and
-        # so do gradient norms sent to a step's reducer (one per organisation).
-        threads = 32 + 2 * len(plan.data_owners) + len(plan.orgs)
         self.handlers: dict[str, WorkerHandler] = {}
         self.servers: dict[str, DataPlaneServer] = {}
         self.workers: dict[str, Worker] = {}
@@ -93,7 +90,8 @@ class WorkerHost:
                 tls=tls,
                 credentials=callers,
                 limits=limits,
-                max_workers=threads,
+                callers=len(plan.orgs) + 1,  # and the coordinator
+                shared_memory=plan.transport.shared_memory,
             ).start()
 
     @property

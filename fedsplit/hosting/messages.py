@@ -8,8 +8,6 @@ from ..runtime.ops import ExpertsOp, HeadsOp, Op, SegmentOp, SharedOp
 from ..runtime.rounds import RoundSpec
 from ..transport.proto import dataplane_pb2 as pb
 
-MAX_NAME = 256  # longest organisation name or reason echoed back
-
 
 class MessageError(ValueError):
     """A message that does not describe a valid operation or control call."""

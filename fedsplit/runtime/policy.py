@@ -70,6 +70,11 @@ class CallPolicy:
         if isinstance(op, ExpertsOp):
             if max(op.experts) >= cfg.num_experts:
                 raise ValueError(f"expert {max(op.experts)} outside 0-{cfg.num_experts - 1}")
+            crowded = [e for e, n in op.rows if n > self.shape.rows]
+            if crowded:
+                raise ValueError(
+                    f"expert {crowded[0]} gets more rows than a micro-batch has tokens ({self.shape.rows})"
+                )
             if op.total_rows > self.shape.rows * cfg.top_k:
                 raise ValueError(
                     f"{op.total_rows} rows are more than a micro-batch routes ({self.shape.rows} x top-{cfg.top_k})"

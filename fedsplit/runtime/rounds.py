@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 5.0
 PROBE_TIMEOUT_S = 5.0
 PROBES_BEFORE_GIVING_UP = 3
+MAX_REASON = 1024  # characters of an abort's reason that are kept
+MAX_EARLY_ABORTS = 16  # aborts of rounds not yet begun that are kept (the oldest go first)
 
 
 @dataclass(frozen=True)
@@ -210,14 +212,28 @@ class Rounds:
                 self._cond.notify_all()
                 return
 
+    def check_step(self, step: int, current: bool) -> None:
+        """ValueError unless ``step`` is the step this worker is in (``current``) or, if not, one
+        of its round's steps that it has not applied yet. Calls for any other step would be
+        kept for a step that never comes."""
+        spec, next_step = self.spec, self._completed + 1
+        last = next_step if current else (spec.last_step if spec else -1)
+        if spec is None or not next_step <= step <= min(last, spec.last_step):
+            where = (
+                f"in step {next_step} of round {spec.round}" if spec and next_step <= spec.last_step else "in no step"
+            )
+            raise ValueError(f"{self.worker.name}: a call for step {step}, but this worker is {where}")
+
     def abort(self, round: int, attempt: int, reason: str) -> None:
         wanted = (round, attempt)
         with self._cond:
             if self.spec is not None and self.spec.id == wanted:
-                self._error = self._error or reason
+                self._error = self._error or reason[:MAX_REASON]
                 self._cond.notify_all()
             elif self.spec is None or self.spec.id < wanted:
-                self._early_aborts[wanted] = reason
+                self._early_aborts[wanted] = reason[:MAX_REASON]
+                while len(self._early_aborts) > MAX_EARLY_ABORTS:
+                    del self._early_aborts[min(self._early_aborts)]
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -236,7 +252,7 @@ class Rounds:
                 except Exception:
                     pass  # that organisation may be the one that is gone
             with self._cond:
-                self._error = self._error or reason
+                self._error = self._error or reason[:MAX_REASON]
                 self._cond.notify_all()
 
     def _restore_optimizer(self, round: int) -> None:

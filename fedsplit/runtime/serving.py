@@ -3,7 +3,8 @@ identity (data owner, step, micro-batch, operation) until its backward, which ha
 parameter gradients to the gradient book and returns the input gradients.
 
 A call that arrives again (a retry after a lost reply) is answered from what the first one
-left, never computed or applied twice.
+left, never computed or applied twice, even after its backward. What a stage holds is bounded:
+at most ``max_records`` forwards wait for their backward at once (the most one step can have).
 """
 
 from __future__ import annotations
@@ -37,17 +38,32 @@ class Stage:
     """The calls one worker serves, with ``compute`` doing the arithmetic of an operation."""
 
     def __init__(
-        self, org: str, compute: Compute, params: Mapping[str, nn.Parameter], grads: GradientBook, device: torch.device
+        self,
+        org: str,
+        compute: Compute,
+        params: Mapping[str, nn.Parameter],
+        grads: GradientBook,
+        device: torch.device,
+        max_records: int,
     ):
         self.org, self.compute, self.params, self.grads, self.device = org, compute, params, grads, device
+        self.max_records = max_records
         self._records: dict[tuple[CallKey, Op], _Record] = {}
-        self._done: dict[tuple[CallKey, Op], list[Tensor | None]] = {}
+        # answered backwards: the forward's outputs and the input gradients, until the step ends
+        self._done: dict[tuple[CallKey, Op], tuple[list[Tensor], list[Tensor | None]]] = {}
         self._lock = threading.Lock()
 
     def forward(self, key: CallKey, op: Op, inputs: Sequence[Tensor]) -> list[Tensor]:
         done = self._records.get((key, op))
         if done is not None:  # a retried call: answer it again, compute nothing
             return [o.detach() for o in done.outputs]
+        answered = self._done.get((key, op))
+        if answered is not None:  # a retry whose backward came already: the same answer, nothing kept
+            return answered[0]
+        if len(self._records) >= self.max_records:
+            raise ValueError(
+                f"{self.org} holds {len(self._records)} forwards waiting for their backward, the most a step can have"
+            )
         leaves = [t.to(self.device).detach().requires_grad_(t.is_floating_point()) for t in inputs]
         # A caller in this process may be inside an activation-checkpointed block: its saved-tensor
         # hooks must not take this graph's tensors (its recompute gets this call's answer from the
@@ -72,7 +88,7 @@ class Stage:
         """The input gradients of a forward, given one gradient (or None) per output of the
         forward, shaped and typed like it (ValueError otherwise, and the forward stays)."""
         if (key, op) in self._done:
-            return self._done[(key, op)]
+            return self._done[(key, op)][1]
         with self._lock:
             record = self._records.get((key, op))
             if record is None:
@@ -100,7 +116,7 @@ class Stage:
         self.grads.add(key.data_owner, {n: g for n, g in zip(names, result[len(wrt_inputs) :]) if g is not None})
         it = iter(result[: len(wrt_inputs)])
         input_grads = [next(it) if t.requires_grad else None for t in record.inputs]
-        self._done[(key, op)] = input_grads
+        self._done[(key, op)] = ([o.detach() for o in record.outputs], input_grads)
         return input_grads
 
     @property

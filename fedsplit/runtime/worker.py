@@ -81,7 +81,17 @@ class Worker:
         shape = Shape(plan.model, t.batch_size // t.micro_batches, t.seq_len, compute_dtype(t.precision))
         self.policy = CallPolicy(plan, org, shape)
         self.grads = GradientBook(plan, org, params, self.device)
-        self.stage = Stage(org, self.model.compute, self.weights.compute, self.grads, self.device)
+        # the most forwards one step can leave waiting here: every data owner's micro-batches,
+        # each through every segment, head group, expert call and shared expert of every layer
+        calls_per_micro_batch = self.cfg.num_layers * (self.cfg.num_kv_heads + 2) + 1
+        self.stage = Stage(
+            org,
+            self.model.compute,
+            self.weights.compute,
+            self.grads,
+            self.device,
+            max_records=len(plan.data_owners) * t.micro_batches * calls_per_micro_batch,
+        )
         self.data_owner = DataOwner(plan, org, self.device, self.peer) if org in plan.data_owners else None
         self.rounds = None  # a Rounds, when this worker runs rounds on its own
         self.proximal: tuple[float, dict[str, Tensor]] | None = None  # FedProx: (mu, the round's weights)
@@ -146,19 +156,32 @@ class Worker:
     def forward(self, caller: str, key: CallKey, op: Op, inputs: Sequence[Tensor], keep: bool = True) -> list[Tensor]:
         """A forward the plan lets ``caller`` ask for; ``keep=False``: an evaluation (no graph)."""
         self.policy.check(caller, key, op, inputs)
-        return self.stage.forward(key, op, inputs) if keep else self.stage.evaluate(key, op, inputs)
+        if not keep:
+            return self.stage.evaluate(key, op, inputs)
+        self._check_step(key.step, current=True)
+        return self.stage.forward(key, op, inputs)
 
     def backward(self, caller: str, key: CallKey, op: Op, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         self.policy.check(caller, key, op)
+        self._check_step(key.step, current=True)
         return self.stage.backward(key, op, grads)
 
     def add_replica_grads(self, caller: str, org: str, step: int, grads: Sequence[tuple[str, Tensor]]) -> None:
         self.policy.check_replica_sender(caller, org)
+        self._check_step(step, current=False)
         self.grads.receive(org, step, grads)
 
     def reduce_norm(self, caller: str, org: str, step: int, squared: float) -> float:
         self.policy.check_replica_sender(caller, org)
+        self._check_step(step, current=False)
         return self.grads.reduce_norm(org, step, squared, self.plan.transport.step_timeout_s)
+
+    def _check_step(self, step: int, current: bool) -> None:
+        """A worker that runs rounds takes calls only for the steps of its round that it has not
+        applied yet: the step it is in (``current``: data owners start a step only once every
+        worker on their path applied the one before) or, from co-holders, any later step."""
+        if self.rounds is not None:
+            self.rounds.check_step(step, current)
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -218,7 +241,15 @@ class Worker:
 
     def load_state(self, state: Mapping[str, Tensor]) -> None:
         """Overwrite some or all of this worker's weights (e.g. with the round's average)."""
+        master = self.weights.master
+        wrong = [
+            f"{k} {tuple(v.shape)} {v.dtype}" if k in master else f"{k} (not a weight {self.name} trains)"
+            for k, v in state.items()
+            if k not in master or v.shape != master[k].shape or not v.is_floating_point()
+        ]
+        if wrong:
+            raise ValueError(f"{self.name} cannot load {', '.join(wrong[:5])}" + (", ..." if len(wrong) > 5 else ""))
         with torch.no_grad():
             for k, v in state.items():
-                self.weights.master[k].copy_(v)
+                master[k].copy_(v)
         self.weights.refresh()

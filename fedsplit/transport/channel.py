@@ -54,7 +54,7 @@ class DataPlaneChannel:
     ):
         """``tls=None`` connects in plaintext: callers must ask for it explicitly.
         ``shared_memory``: the callee is on this host; tensors go through /dev/shm segments."""
-        self._pool = SegmentPool() if shared_memory else None
+        self._pool = SegmentPool(caller) if shared_memory else None
         self._shm_failed = False
         self._reply_bytes: dict[str, int] = {}
         self.org, self.address, self.caller, self.limits, self.timeout, self.retries = (

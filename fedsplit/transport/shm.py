@@ -8,7 +8,9 @@ reply tensors are views of its reply segment, which is not reused while any of t
 kept as long as the callee needs them (a forward's input until its backward): the caller *lends*
 the segment and reuses it only after a later reply names it as released. A caller can therefore
 still write into tensors its callee holds, so organisations that share a host this way must
-trust each other with that memory (the plan turns it on: ``transport.shared_memory``).
+trust each other with that memory (the plan turns it on: ``transport.shared_memory``). A segment's
+name says which organisation made it (``fedsplit-PID-RANDOM-ORG``), and a callee maps only the
+segments of the organisation that calls it.
 Plain ``/dev/shm`` files with ``mmap`` (not ``multiprocessing.shared_memory``, whose resource
 tracker unlinks segments it merely attached to on Python 3.11).
 """
@@ -24,16 +26,26 @@ import threading
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
-_NAME = re.compile(r"^fedsplit-\d+-[0-9a-f]{16}$")
+_NAME = re.compile(r"^fedsplit-\d+-[0-9a-f]{16}-(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,127})$")
+
+
+def segment_owner(name: str) -> str:
+    """The organisation whose pool made the segment ``name``; ValueError for any other name."""
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(f"not a fedsplit shared-memory segment name: {name[:100]!r}")
+    return match["owner"]
 
 
 class Segment:
     def __init__(self, name: str, size: int, create: bool):
-        if not _NAME.match(name):
-            raise ValueError(f"not a fedsplit shared-memory segment name: {name!r}")
+        segment_owner(name)
         self.name = name
         path = SHM_DIR / name
-        fd = os.open(path, (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR, 0o600)
+        try:
+            fd = os.open(path, (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else os.O_RDWR, 0o600)
+        except FileNotFoundError:
+            raise ValueError(f"no shared-memory segment {name!r} on this host") from None
         try:
             if create:
                 # Reserve the pages now: a full /dev/shm then fails here with ENOSPC instead of
@@ -49,8 +61,8 @@ class Segment:
             os.close(fd)
 
     @classmethod
-    def create(cls, size: int) -> Segment:
-        return cls(f"fedsplit-{os.getpid()}-{secrets.token_hex(8)}", size, create=True)
+    def create(cls, size: int, owner: str) -> Segment:
+        return cls(f"fedsplit-{os.getpid()}-{secrets.token_hex(8)}-{owner}", size, create=True)
 
     @classmethod
     def attach(cls, name: str) -> Segment:
@@ -80,7 +92,8 @@ class SegmentPool:
     """Reusable segments of a caller, handed out one per in-flight call and direction, and
     again only once no tensor views them and the callee gave back what it was lent."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner  # the organisation whose calls use these segments
         self.id = secrets.token_hex(8)  # how a callee tells this pool's segments from others'
         self._free: list[Segment] = []
         self._all: list[Segment] = []
@@ -94,7 +107,7 @@ class SegmentPool:
                 seg = min(fitting, key=lambda s: s.size)
                 self._free.remove(seg)
                 return seg
-        seg = Segment.create(max(nbytes, 1 << 20))
+        seg = Segment.create(max(nbytes, 1 << 20), self.owner)
         with self._lock:
             self._all.append(seg)
         return seg

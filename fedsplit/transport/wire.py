@@ -35,6 +35,12 @@ CODECS = ("none", "bf16", "fp16", "int8")
 _CHUNK_TAG = 0x1A  # field 3 (chunk), wire type 2 (length-delimited)
 _FRAMES_TAG = 0x0A  # Frames.frames: field 1, wire type 2
 TENSOR_ALIGN = 64  # received tensors start at multiples of this, in segments and receive buffers
+# What a header may hold. The model's tensors have at most 4 dimensions; names are organisations,
+# runs, tensors and segments. A header frame is parsed whole, so its size bounds every list in it.
+MAX_DIMS = 8
+MAX_NAME = 256
+MAX_HEADER_FRAME = 1 << 20
+MAX_METRICS = 4096
 
 
 class WireError(ValueError):
@@ -109,10 +115,22 @@ def parse_frame(raw: bytes | memoryview) -> pb.Frame | memoryview:
         if pos + n != len(view):
             raise WireError(f"chunk frame declares {n} bytes but carries {len(view) - pos}")
         return view[pos:]
+    if len(view) > MAX_HEADER_FRAME:
+        raise WireError(f"a header frame of {len(view)} bytes; at most {MAX_HEADER_FRAME} are accepted")
     try:
         return pb.Frame.FromString(raw)
     except Exception as e:  # protobuf's DecodeError and friends
         raise WireError(f"undecodable frame: {e}") from None
+
+
+def check_call_header(header: pb.CallHeader) -> None:
+    """A :class:`WireError` for a call header whose names or lists are longer than any valid
+    call's (checked before anything else reads it; what an error echoes is cut short)."""
+    for field in ("run", "caller", "data_owner", "shm_request", "shm_reply", "shm_pool"):
+        if len(getattr(header, field)) > MAX_NAME:
+            raise WireError(f"the call header's {field} is longer than {MAX_NAME} characters")
+    if len(header.shm_released) > MAX_METRICS or len(header.metrics) > MAX_METRICS:
+        raise WireError(f"the call header lists more than {MAX_METRICS} segments or metrics")
 
 
 def call_frame(header: pb.CallHeader) -> bytes:
@@ -319,6 +337,8 @@ def decode_tensors(
         if isinstance(header, memoryview) or header.WhichOneof("kind") != "tensor":
             raise WireError(f"tensor {index}: expected a tensor header frame")
         header = header.tensor
+        if len(header.name) > MAX_NAME or len(header.dtype) > MAX_NAME or len(header.codec) > MAX_NAME:
+            raise WireError(f"a tensor header's name, dtype or codec is longer than {MAX_NAME} characters")
         if header.absent:
             out.append((header.name, None))
             continue
@@ -330,11 +350,19 @@ def _read_tensor(
     header: pb.TensorHeader, frames: Iterator[bytes | memoryview], limits: Limits, segment, view_segment: bool
 ) -> Tensor:
     name = header.name or "<unnamed>"
+    if len(header.shape) > MAX_DIMS:
+        raise WireError(f"tensor {name!r}: {len(header.shape)} dimensions; at most {MAX_DIMS} are accepted")
     dtype = DTYPES.get(header.dtype)
     if dtype is None:
         raise WireError(f"tensor {name!r}: dtype {header.dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
     if any(d < 0 for d in header.shape):
         raise WireError(f"tensor {name!r}: negative dimension in shape {list(header.shape)}")
+    if math.prod(max(d, 1) for d in header.shape) * dtype.itemsize > limits.max_tensor_bytes:
+        # with a zero dimension too: torch could not even lay out an empty tensor of that shape
+        raise WireError(
+            f"tensor {name!r}: shape {list(header.shape)} of {header.dtype} exceeds the limit of "
+            f"{limits.max_tensor_bytes} bytes"
+        )
     if header.codec not in ("", *CODECS[1:]) or (header.codec and dtype != torch.float32):
         raise WireError(f"tensor {name!r}: codec {header.codec!r} is not allowed for {header.dtype}")
     if header.codec == "int8" and (not header.shape or header.shape[-1] == 0):

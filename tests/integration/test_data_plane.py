@@ -37,7 +37,12 @@ def served():
     worker = Worker(plan, "compute-b", select(weights, plan.slices_of("compute-b")), "cpu")
     creds = Credentials.of_tokens({"hospital-a": "secret-a", "compute-c": "secret-c"})
     server = DataPlaneServer(
-        WorkerHandler(worker, RUN, tls=None), tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)
+        WorkerHandler(worker, RUN, tls=None),
+        tls=None,
+        credentials=creds,
+        limits=Limits(max_tensor_bytes=1 << 20),
+        shared_memory=True,
+        idle_s=1.0,
     ).start()
     yield plan, worker, server
     server.stop(None)
@@ -124,7 +129,8 @@ def test_inconsistent_tensors_are_invalid_argument_and_the_server_keeps_serving(
         (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3], rows=[0])), "at least one row"),
         (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3, 4], rows=[2])), "as many row counts"),
         (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[99], rows=[4])), "expert 99 outside"),
-        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3], rows=[1 << 40])), "more than a micro-batch routes"),
+        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[3], rows=[1 << 40])), "more rows than a micro-batch has"),
+        (pb.Operation(experts=pb.ExpertRows(layer=1, experts=[0, 1, 2], rows=[256] * 3)), "micro-batch routes"),
         (pb.Operation(heads=pb.HeadGroup(layer=1, kv_start=0, kv_stop=9)), "outside 0-3"),
         (pb.Operation(shared=pb.SharedExperts(layer=7)), "layer 7 outside"),
     ],
@@ -167,7 +173,7 @@ def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text)
     from fedsplit.transport.wire import call_frame
 
     _, worker, server = served
-    seg = Segment.create(1 << 20)
+    seg = Segment.create(1 << 20, "hospital-a")
     try:
         header = pb.CallHeader(
             run=RUN,
@@ -332,7 +338,7 @@ def test_mutual_tls_admits_only_certificates_of_the_federation_ca(tmp_path):
 
 @pytest.mark.parametrize("shared_memory", [False, True])
 def test_small_and_large_calls_round_trip_and_replies_stay_intact_while_held(shared_memory):
-    server = DataPlaneServer(_Echo(), tls=None, port=0).start()
+    server = DataPlaneServer(_Echo(), tls=None, port=0, shared_memory=True).start()
     channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=30, shared_memory=shared_memory)
     try:
         for numel in (1 << 10, 5 << 20):  # one message each way, and 20 MiB streamed in chunks
@@ -362,7 +368,7 @@ class _Keeper:
 
 def test_shared_memory_callee_reads_requests_in_place_and_its_kept_tensors_are_never_overwritten():
     keeper = _Keeper()
-    server = DataPlaneServer(keeper, tls=None, port=0).start()
+    server = DataPlaneServer(keeper, tls=None, port=0, shared_memory=True).start()
     channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=30, shared_memory=True)
     segments = lambda: len([f for f in os.listdir("/dev/shm") if f.startswith(f"fedsplit-{os.getpid()}-")])  # noqa: E731
     try:
@@ -388,7 +394,7 @@ def test_calls_go_over_grpc_while_shared_memory_is_full_and_say_so(monkeypatch, 
     def full(fd, offset, size):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    server = DataPlaneServer(_Echo(), tls=None, port=0).start()
+    server = DataPlaneServer(_Echo(), tls=None, port=0, shared_memory=True).start()
     channel = DataPlaneChannel("b", server.address, caller="a", tls=None, timeout=30, shared_memory=True)
     x = torch.randn(1 << 16)
     try:
