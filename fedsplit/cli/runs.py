@@ -252,8 +252,12 @@ def baseline(args: argparse.Namespace) -> None:
 def _run_rounds(plan, options, run, failure: type[Exception], what: str, sample: str | None = None) -> None:
     """``run(plan, options)`` with a progress bar over its run directory, then the end-of-run summary."""
     from ..federation.progress import watch_rounds
+    from ..interop import CheckpointError
 
-    run_dir = options.directory(plan)
+    try:
+        run_dir = options.directory(plan)
+    except CheckpointError as e:  # resuming a run none of whose rounds is usable
+        raise CliError(f"cannot resume: {e}") from None
     try:
         with watch_rounds(run_dir, plan.training.rounds, console):
             run(plan, options)

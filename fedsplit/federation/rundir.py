@@ -7,14 +7,16 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import TOKENIZER_FILE
 from ..plan import Plan, write_resolved
 from ..runtime.batches import tokenizer_for
+from .checkpoint import SkippedCheckpoint, newest_usable_round
 
 PLAN_FILE = "plan.json"  # the run's resolved plan: what every process of the run loads
+CHECKPOINTS = "checkpoints"  # the run's round-NNNN checkpoint directories
 
 
 def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path:
@@ -39,9 +41,16 @@ class RunPlace:
     runs_root: Path = Path("runs")
     resume: Path | None = None  # a run directory to continue from its last complete round
     run_dir: Path | None = None
+    _resumable: bool = field(default=False, init=False, repr=False)
 
     def directory(self, plan: Plan) -> Path:
+        """The run directory. Resuming, its checkpoints are checked first (once), so that a run
+        with no usable round stops here, before any worker starts, naming each bad file
+        (:class:`~fedsplit.interop.CheckpointError`)."""
         if self.resume is not None:
+            if not self._resumable:
+                newest_usable_round(Path(self.resume) / CHECKPOINTS)
+                self._resumable = True
             return Path(self.resume)
         if self.run_dir is None:
             self.run_dir = new_run_dir(plan, self.runs_root)
@@ -97,4 +106,16 @@ def evaluation_record(round: int, losses: dict[str, tuple[float, float]]) -> dic
         "ppl": math.exp(loss),
         "tokens": tokens,
         "orgs": {d: {"loss": value, "ppl": math.exp(value), "tokens": n} for d, (value, n) in losses.items()},
+    }
+
+
+def skipped_checkpoint_record(skipped: SkippedCheckpoint, resumed_from: int) -> dict:
+    """The ``checkpoint-skipped`` line of ``metrics.jsonl``: a resume passed over ``skipped``'s
+    round (the file at fault and why) and went on from round ``resumed_from``."""
+    return {
+        "round": skipped.round,
+        "event": "checkpoint-skipped",
+        "path": str(skipped.error.file),
+        "reason": skipped.error.reason,
+        "resumed_from": resumed_from,
     }

@@ -35,7 +35,7 @@ from .aggregate import aggregate_round, make_aggregator
 from .checkpoint import check_base, latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .exchange import FederationError, Outcome, exchange, register
 from .records import RoundConfig
-from .rundir import MetricsLog, evaluation_record
+from .rundir import MetricsLog, evaluation_record, skipped_checkpoint_record
 from .settings import CoordinatorSettings
 
 app = ServerApp()
@@ -128,6 +128,9 @@ class Coordinator:
         self.aggregator.load_state_dict(last.server_state)
         record = last.manifest.get("metrics")
         self.metrics.resume_after(last.round, {**record, "checkpoint": str(last.path)} if record else None)
+        for skipped in last.skipped:
+            log(WARNING, "fedsplit: %s; resuming from round %d", skipped.error, last.round)
+            self.metrics.write(skipped_checkpoint_record(skipped, last.round))
         log(INFO, "fedsplit: resuming %s after round %d", self.run_id, last.round)
         return last.weights, last.local, last.round + 1
 
