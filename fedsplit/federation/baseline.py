@@ -14,7 +14,7 @@ from torch import Tensor
 from ..plan import Plan
 from ..runtime import MonolithicTrainer, initial_weights
 from ..runtime.batches import batches_for, eval_batches_for
-from .checkpoint import plan_hash, write_checkpoint
+from .checkpoint import CHECKPOINTS, plan_hash, write_checkpoint
 from .rundir import MetricsLog, evaluation_record, new_run_dir
 
 Progress = Callable[[int, int, dict], None]  # (step done, total steps, step metrics)
@@ -68,7 +68,7 @@ def run_baseline(
             "alive": owners,
         }
         path = write_checkpoint(
-            run_dir / "checkpoints",
+            run_dir / CHECKPOINTS,
             r,
             trainer.state_dict(),
             {},

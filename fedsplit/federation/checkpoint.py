@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..interop import CheckpointError
+from ..interop.reader import safetensors_header
 from ..model import ModelConfig
 from ..plan import Plan
 from ..runtime.weights import base_weights
@@ -38,6 +38,7 @@ from .exchange import FederationError
 MODEL_FILE = "model.safetensors"
 MANIFEST = "manifest.json"
 SERVER_STATE_FILE = "server-optimizer.safetensors"
+CHECKPOINTS = "checkpoints"  # a run directory's folder of round-NNNN checkpoints
 ROUND_GLOB = "round-[0-9][0-9][0-9][0-9]"
 CHUNK = 1 << 20  # files are hashed a MiB at a time: a base model's gigabytes never sit in memory twice
 DAMAGED = "(truncated or corrupted)"
@@ -230,9 +231,8 @@ def _check_layout(file: Path) -> None:
     long as its header says: an 8-byte header length, the JSON header, then the tensors' bytes."""
     size = file.stat().st_size
     with open(file, "rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-        header = f.read(length) if length <= size - 8 else b""
+        header = safetensors_header(f) or b""
+    length = len(header)
     try:
         entries = json.loads(header)
         end = max((e["data_offsets"][1] for k, e in entries.items() if k != "__metadata__"), default=0)
@@ -313,7 +313,7 @@ def find_checkpoint(source: Path) -> Checkpoint | None:
     source = Path(source)
     if (source / MANIFEST).exists() or source.match(ROUND_GLOB):
         return load_checkpoint(source)
-    return latest_checkpoint(source / "checkpoints") or latest_checkpoint(source)
+    return latest_checkpoint(source / CHECKPOINTS) or latest_checkpoint(source)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

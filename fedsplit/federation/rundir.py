@@ -13,10 +13,9 @@ from pathlib import Path
 from ..data import TOKENIZER_FILE
 from ..plan import Plan, write_resolved
 from ..runtime.batches import tokenizer_for
-from .checkpoint import SkippedCheckpoint, newest_usable_round
+from .checkpoint import CHECKPOINTS, SkippedCheckpoint, newest_usable_round
 
 PLAN_FILE = "plan.json"  # the run's resolved plan: what every process of the run loads
-CHECKPOINTS = "checkpoints"  # the run's round-NNNN checkpoint directories
 
 
 def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path:

@@ -32,7 +32,7 @@ from ..runtime.rounds import RoundSpec
 from ..runtime.weights import base_identity, trained_weights
 from ..transport.security import load_verifiers, token_verifier
 from .aggregate import aggregate_round, make_aggregator
-from .checkpoint import check_base, latest_checkpoint, layout_hash, plan_hash, write_checkpoint
+from .checkpoint import CHECKPOINTS, check_base, latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .exchange import FederationError, Outcome, exchange, register
 from .records import RoundConfig
 from .rundir import MetricsLog, evaluation_record, skipped_checkpoint_record
@@ -96,7 +96,7 @@ class Coordinator:
         self.run_dir = Path(settings.run_dir)
         self.run_id = self.run_dir.name
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoints = self.run_dir / CHECKPOINTS
         self.hash, self.layout = plan_hash(self.plan), layout_hash(self.plan)
         self.base = base_identity(self.plan) if self.plan.frozen else None
         self.aggregator = make_aggregator(self.plan.aggregation)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -28,6 +30,18 @@ _SAMPLE = 64 * 1024  # bytes of tensor data at each end of a file that its ident
 
 # (fedsplit name, dim or None for the whole tensor, start, stop): the fields of a TensorSlice.
 Request = tuple[str, int | None, int, int]
+
+
+def safetensors_header(f: BinaryIO) -> bytes | None:
+    """The JSON header of the safetensors file open as ``f`` (read from its start, leaving ``f``
+    at the tensor data): an 8-byte little-endian length, then that many bytes. None when the file
+    is too short for the header it declares (a length is never trusted to allocate)."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    (length,) = struct.unpack("<Q", head)
+    return f.read(length) if length <= size - 8 else None
 
 
 class SafetensorsFiles:
@@ -62,8 +76,7 @@ class SafetensorsFiles:
         digest = hashlib.sha256()
         for path in sorted(set(self.file_of.values())):
             with open(path, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                digest.update(path.name.encode() + f.read(size) + f.read(_SAMPLE))
+                digest.update(path.name.encode() + (safetensors_header(f) or b"") + f.read(_SAMPLE))
                 f.seek(max(f.tell(), path.stat().st_size - _SAMPLE))
                 digest.update(f.read())
         return digest.hexdigest()[:16]

@@ -217,12 +217,13 @@ class Rounds:
         of its round's steps that it has not applied yet. Calls for any other step would be
         kept for a step that never comes."""
         spec, next_step = self.spec, self._completed + 1
-        last = next_step if current else (spec.last_step if spec else -1)
-        if spec is None or not next_step <= step <= min(last, spec.last_step):
-            where = (
-                f"in step {next_step} of round {spec.round}" if spec and next_step <= spec.last_step else "in no step"
+        if spec is None or next_step > spec.last_step:
+            raise ValueError(f"{self.worker.name}: a call for step {step}, but this worker is in no step")
+        if not next_step <= step <= (next_step if current else spec.last_step):
+            raise ValueError(
+                f"{self.worker.name}: a call for step {step}, but this worker is in step {next_step} "
+                f"of round {spec.round}"
             )
-            raise ValueError(f"{self.worker.name}: a call for step {step}, but this worker is {where}")
 
     def abort(self, round: int, attempt: int, reason: str) -> None:
         wanted = (round, attempt)

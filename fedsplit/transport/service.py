@@ -30,6 +30,7 @@ from .proto import dataplane_pb2 as pb
 from .security import TLSConfig, token_verifier
 from .shm import AttachedSegments, Segment, segment_owner
 from .wire import (
+    MAX_NAME,
     Encoded,
     Limits,
     WireError,
@@ -125,6 +126,8 @@ class _Ticket:
             if self._held:
                 self._held = False
                 self._open[self._org] -= 1
+                if not self._open[self._org]:  # callers' names (without credentials, any) never pile up
+                    del self._open[self._org]
 
 
 class _IdleWatch:
@@ -223,21 +226,21 @@ class DataPlaneServer:
     def wait(self) -> None:
         self._server.wait_for_termination()
 
-    def admit(self, metadata: Mapping[str, str]) -> tuple[str, _Ticket] | CallRejected:
-        """The calling organisation and its place in its quota, or why it is refused; checked on
-        the call's metadata, before the call holds a server thread or reads a frame."""
+    def admit(self, metadata: Mapping[str, str]) -> tuple[str, _Ticket]:
+        """The calling organisation and its place in its quota (:class:`CallRejected` if refused),
+        checked on the call's metadata, before the call holds a server thread or reads a frame."""
         org = metadata.get("x-fedsplit-org", "")
         if self.credentials is not None:
             token = metadata.get("authorization", "").removeprefix("Bearer ")
             if not self.credentials.check(org, token):
-                return CallRejected(
+                raise CallRejected(
                     grpc.StatusCode.UNAUTHENTICATED, _reason(f"no valid credential for organisation {org!r}")
                 )
-        elif len(org) > MAX_REASON:
-            return CallRejected(grpc.StatusCode.INVALID_ARGUMENT, "the caller's name is too long")
+        elif len(org) > MAX_NAME:
+            raise CallRejected(grpc.StatusCode.INVALID_ARGUMENT, "the caller's name is too long")
         with self._open_lock:
             if self._open.get(org, 0) >= self._calls_per_caller:
-                return CallRejected(
+                raise CallRejected(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     _reason(f"organisation {org!r} has {self._calls_per_caller} calls open here, the most it may"),
                 )
@@ -376,10 +379,10 @@ class _Admission(grpc.GenericRpcHandler):
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if details.method not in (METHOD, METHOD_ONCE):
             return None
-        admitted = self.server.admit({k: v for k, v in details.invocation_metadata if isinstance(v, str)})
-        if isinstance(admitted, CallRejected):
-            return _refusal(admitted)
-        org, ticket = admitted
+        try:
+            org, ticket = self.server.admit({k: v for k, v in details.invocation_metadata if isinstance(v, str)})
+        except CallRejected as rejected:
+            return _refusal(rejected)
 
         def behaviour(frames, context: grpc.ServicerContext):
             if not context.add_callback(ticket.release):
