@@ -215,9 +215,13 @@ class Rounds:
     def check_step(self, step: int, current: bool) -> None:
         """ValueError unless ``step`` is the step this worker is in (``current``) or, if not, one
         of its round's steps that it has not applied yet. Calls for any other step would be
-        kept for a step that never comes."""
+        kept for a step that never comes. Before its first round a worker is driven step by step
+        by the coordinator (``verify``), which names the step; the stage's bound on what it keeps
+        holds there, and beginning a round drops it."""
         spec, next_step = self.spec, self._completed + 1
-        if spec is None or next_step > spec.last_step:
+        if spec is None:
+            return
+        if next_step > spec.last_step:
             raise ValueError(f"{self.worker.name}: a call for step {step}, but this worker is in no step")
         if not next_step <= step <= (next_step if current else spec.last_step):
             raise ValueError(
