@@ -27,6 +27,7 @@ from pathlib import Path
 from .. import __version__
 from ..hosting.host import WorkerHost
 from ..plan import Plan
+from ..plan.schema import host_port
 from .checkpoint import layout_hash
 from .rundir import RunPlace
 from .server_app import RESULT_FILE
@@ -42,10 +43,11 @@ class DeploymentError(RuntimeError):
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise DeploymentError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    """Host and port of an address to listen on or connect to (no host: every interface)."""
+    try:
+        return host_port(address, default_host="0.0.0.0")
+    except ValueError as e:
+        raise DeploymentError(str(e)) from None
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

@@ -17,10 +17,10 @@ class LoraConfig(BaseModel):
     ``B`` starts at zero, so the adapted model starts as its base. ``experts`` and
     ``shared_experts`` adapt all three projections (w1, w2, w3) of every routed or shared expert."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    rank: int = Field(gt=0)
-    alpha: float = Field(gt=0)
+    rank: int = Field(gt=0, le=1 << 16)
+    alpha: float = Field(gt=0, le=1 << 16)
     targets: tuple[LoraTarget, ...] = Field(min_length=1)
 
     @property
@@ -35,24 +35,26 @@ class ModelConfig(BaseModel):
     never silently falls back to a default.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Bounds far beyond today's largest open MoE models (vocabularies of ~256k, 7168 hidden, 61
+    # layers, 384 experts): a number past them is a typo or a hostile file, not a model.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    vocab_size: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_layers: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    rope_theta: float = Field(default=10000.0, gt=0)
-    rms_norm_eps: float = Field(default=1e-5, gt=0)
-    num_experts: int = Field(gt=0)
+    vocab_size: int = Field(gt=0, le=1 << 24)
+    hidden_size: int = Field(gt=0, le=1 << 17)
+    num_layers: int = Field(gt=0, le=1 << 10)
+    num_heads: int = Field(gt=0, le=1 << 10)
+    num_kv_heads: int = Field(gt=0, le=1 << 10)
+    head_dim: int = Field(gt=0, le=1 << 12)
+    rope_theta: float = Field(default=10000.0, gt=0, le=1e12)
+    rms_norm_eps: float = Field(default=1e-5, gt=0, le=1)
+    num_experts: int = Field(gt=0, le=1 << 14)
     top_k: int = Field(gt=0)
-    expert_ffn_size: int = Field(gt=0)
-    num_shared_experts: int = Field(default=0, ge=0)
-    shared_expert_ffn_size: int | None = Field(default=None, gt=0)
+    expert_ffn_size: int = Field(gt=0, le=1 << 18)
+    num_shared_experts: int = Field(default=0, ge=0, le=1 << 10)
+    shared_expert_ffn_size: int | None = Field(default=None, gt=0, le=1 << 20)
     normalize_top_k: bool = True
     router_jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
-    aux_loss_coef: float = Field(default=0.01, ge=0.0)
+    aux_loss_coef: float = Field(default=0.01, ge=0.0, le=1e3)
     tie_embeddings: bool = False
     qkv_bias: bool = Field(default=False, description="q, k and v projections add a bias (Qwen2-MoE)")
     shared_expert_gate: bool = Field(
@@ -62,9 +64,10 @@ class ModelConfig(BaseModel):
     sliding_window: int | None = Field(
         default=None,
         gt=0,
+        le=1 << 30,
         description="a query attends to at most this many latest positions, itself included (Mixtral)",
     )
-    init_std: float = Field(default=0.02, gt=0)
+    init_std: float = Field(default=0.02, gt=0, le=1)
     lora: LoraConfig | None = Field(
         default=None, description="low-rank adapters; a plan's finetune section sets them on its base model"
     )

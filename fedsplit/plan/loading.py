@@ -21,9 +21,9 @@ from ..model import ModelConfig
 from .errors import PlanError, Problem
 from .finetune import adapted_model, frozen_parameters
 from .plan import Entry, Org, Partition, Plan
-from .schema import FederationFile, FinetuneConfig, OrgFile
+from .schema import MAX_ORGS, FederationFile, FinetuneConfig, OrgFile
 from .units import SelectorError, Unit, all_units, describe, parse_selector
-from .yaml_io import Lines, load_yaml
+from .yaml_io import Lines, load_yaml, not_a_regular_file
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -136,10 +136,14 @@ def _load_orgs(fed_file: Path, fed: FederationFile, lines: Lines, model: ModelCo
                 yield org
             continue
         files = sorted(glob.glob(str(fed_file.parent / item)))
+        where = {"file": fed_file, "line": lines.of("orgs", i), "field": "orgs"}
         if not files:
+            problems.append(Problem(f"no organisation file matches {item!r}", **where))
+        if len(files) + len(loaded) > MAX_ORGS:
             problems.append(
-                Problem(f"no organisation file matches {item!r}", file=fed_file, line=lines.of("orgs", i), field="orgs")
+                Problem(f"{item!r} matches {len(files)} files: a plan has at most {MAX_ORGS} organisations", **where)
             )
+            return
         for f in files:
             if Path(f).resolve() in loaded:
                 continue
@@ -215,17 +219,17 @@ def _data_paths(file: Path, lines: Lines, spec: OrgFile, split: str, problems: l
     paths: list[Path] = []
     for pattern in [value] if isinstance(value, str) else value:
         matches = sorted(glob.glob(str(file.parent / pattern)))
+        where = {"file": file, "line": lines.of("data", split), "org": spec.org, "field": f"data.{split}"}
         if not matches:
             problems.append(
-                Problem(
-                    f"data file {pattern!r} does not exist (paths are relative to {file.parent})",
-                    file=file,
-                    line=lines.of("data", split),
-                    org=spec.org,
-                    field=f"data.{split}",
-                )
+                Problem(f"data file {pattern!r} does not exist (paths are relative to {file.parent})", **where)
             )
-        paths += [Path(m).resolve() for m in matches]
+        for m in matches:
+            why = not_a_regular_file(Path(m))
+            if why:
+                problems.append(Problem(f"data file {m} {why}", **where))
+            else:
+                paths.append(Path(m).resolve())
     return paths
 
 
@@ -304,6 +308,10 @@ def _checked_tokenizer(
         "line": lines.of("tokenizer") if path else lines.of("model"),
         "field": "tokenizer" if path else "model",
     }
+    why = not_a_regular_file(path) if path else None
+    if why:
+        problems.append(Problem(f"the tokenizer file {path} {why}", **where))
+        return path
     try:
         vocab = load_tokenizer(path).vocab_size if path else ByteTokenizer.vocab_size
     except TokenizerError as e:

@@ -2,17 +2,48 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..model import LoraTarget, ModelConfig
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+NonEmpty = Annotated[str, Field(min_length=1, max_length=4096)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Selectors = Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=1024)]
+Rate = Annotated[float, Field(ge=0, lt=1)]
+
+# Bounds on the numbers of a plan, far beyond any real run, so that a typo or a hostile file is
+# an error at check time rather than an allocation or a loop that never ends.
+MAX_STEPS = 1 << 30
+MAX_SEQUENCES = 1 << 20  # a batch's sequences; its tokens: batch_size x seq_len
+MAX_SEQ_LEN = 1 << 20
+MAX_SEED = (1 << 32) - 1  # what numpy and every other seeded library accepts
+DAY_S = 86_400.0
+MAX_ORGS = 1024
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"\[[0-9A-Fa-f:.]+\]|{_LABEL}(\.{_LABEL})*")
+
+
+def host_port(address: str, default_host: str | None = None) -> tuple[str, int]:
+    """The host and port of a ``HOST:PORT`` address (an IPv6 host in brackets; with
+    ``default_host``, the host may be left out: ``:9092``). ValueError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not host and default_host is not None:
+        host = default_host
+    if not (sep and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536 and _HOST.fullmatch(host)):
+        raise ValueError(
+            f"expected HOST:PORT with a port from 1 to 65535 (e.g. 'hospital-a.example.org:50051' or "
+            f"'[::1]:50051'), got {address[:100]!r}"
+        )
+    return host.strip("[]"), int(port)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ScheduleConfig(_Strict):
@@ -20,41 +51,42 @@ class ScheduleConfig(_Strict):
     warmup from lr / warmup_steps to lr, then held (constant) or decayed to min_lr_ratio x lr
     over decay_steps (default: the rest of the run), linearly or along a half cosine."""
 
-    warmup_steps: int = Field(default=0, ge=0, description="steps of linear warmup")
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS, description="steps of linear warmup")
     decay: Literal["constant", "linear", "cosine"] = "constant"
     decay_steps: int | None = Field(
-        default=None, gt=0, description="steps of decay after the warmup (default: the rest)"
+        default=None, gt=0, le=MAX_STEPS, description="steps of decay after the warmup (default: the rest)"
     )
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="the decay's end, as a fraction of lr")
 
 
 class OptimizerConfig(_Strict):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(default=3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(default=1e-8, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    lr: float = Field(default=3e-4, gt=0, le=10)
+    betas: tuple[Rate, Rate] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     schedule: ScheduleConfig | None = Field(default=None, description="default: lr at every step")
 
 
 class TrainingConfig(_Strict):
-    rounds: int = Field(default=1, gt=0)
-    steps_per_round: int = Field(default=10, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-    seq_len: int = Field(default=64, gt=1)
-    micro_batches: int = Field(default=1, gt=0)
+    rounds: int = Field(default=1, gt=0, le=1 << 20)
+    steps_per_round: int = Field(default=10, gt=0, le=1 << 20)
+    batch_size: int = Field(default=8, gt=0, le=MAX_SEQUENCES)
+    seq_len: int = Field(default=64, gt=1, le=MAX_SEQ_LEN)
+    micro_batches: int = Field(default=1, gt=0, le=MAX_SEQUENCES)
     schedule: Literal["gpipe", "1f1b", "sequential"] = Field(
         default="1f1b", description="how a data owner's micro-batches are in flight across organisations"
     )
     max_in_flight: int = Field(
-        default=0, ge=0, description="micro-batches in flight at once; 0 = one per stage of the path"
+        default=0, ge=0, le=MAX_SEQUENCES, description="micro-batches in flight at once; 0 = one per stage of the path"
     )
     optimizer: OptimizerConfig = OptimizerConfig()
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     eval_tokens: int = Field(
         default=4096,
         ge=0,
+        le=1 << 40,
         description=(
             "held-out tokens evaluated per data owner each round (whole batches of batch_size x seq_len, "
             "at least one); 0: no evaluation"
@@ -70,6 +102,7 @@ class TrainingConfig(_Strict):
     grad_clip: float | None = Field(
         default=None,
         gt=0,
+        le=1e6,
         description="clip the whole model's gradient to this L2 norm before every step (all organisations together)",
     )
     activation_checkpointing: bool = Field(
@@ -110,13 +143,16 @@ class TrainingConfig(_Strict):
 class AggregationConfig(_Strict):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(
-        default=0.0, ge=0, description="FedProx: weight of mu/2 |w - w_round|^2 in each organisation's objective"
+        default=0.0,
+        ge=0,
+        le=1e6,
+        description="FedProx: weight of mu/2 |w - w_round|^2 in each organisation's objective",
     )
-    server_lr: float = Field(default=1e-2, gt=0, description="FedAdam: the server's step size (eta)")
-    server_betas: tuple[float, float] = Field(
-        default=(0.9, 0.99), description="FedAdam: the server's moment decay rates"
+    server_lr: float = Field(default=1e-2, gt=0, le=10, description="FedAdam: the server's step size (eta)")
+    server_betas: tuple[Rate, Rate] = Field(default=(0.9, 0.99), description="FedAdam: the server's moment decay rates")
+    server_tau: float = Field(
+        default=1e-3, gt=0, le=1, description="FedAdam: adaptivity (epsilon of the server's Adam)"
     )
-    server_tau: float = Field(default=1e-3, gt=0, description="FedAdam: adaptivity (epsilon of the server's Adam)")
     replica_sync: Literal["round", "step"] = Field(
         default="round",
         description=(
@@ -142,13 +178,16 @@ class CompressionConfig(_Strict):
 
 class TransportConfig(_Strict):
     compression: CompressionConfig = CompressionConfig()
-    timeout_s: float = Field(default=60.0, gt=0, description="deadline of one data-plane call")
-    retries: int = Field(default=2, ge=0, description="retries of a call whose peer was unreachable (UNAVAILABLE)")
-    max_tensor_mib: int = Field(default=1024, gt=0, description="largest tensor a worker accepts")
+    timeout_s: float = Field(default=60.0, gt=0, le=DAY_S, description="deadline of one data-plane call")
+    retries: int = Field(
+        default=2, ge=0, le=100, description="retries of a call whose peer was unreachable (UNAVAILABLE)"
+    )
+    max_tensor_mib: int = Field(default=1024, gt=0, le=1 << 20, description="largest tensor a worker accepts")
     shared_memory: bool = Field(default=False, description="move tensors through /dev/shm between workers on one host")
     step_timeout_s: float = Field(
         default=300.0,
         gt=0,
+        le=DAY_S,
         description=(
             "longest a worker waits for the other data owners to finish a step, or for an organisation to begin a round"
         ),
@@ -156,20 +195,27 @@ class TransportConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str | list[str] | None = None
-    eval: str | list[str] | None = None
+    train: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4096)] | None = None
+    eval: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4096)] | None = None
 
 
 class OrgFile(_Strict):
-    org: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    org: Name
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?|mps)$")
     data: DataConfig | None = None
-    holds: list[str] = []
-    local: list[str] = Field(default=[], description="held selectors that are never averaged")
-    address: str | None = Field(default=None, description="data-plane host:port, for deployment")
+    holds: Selectors = []
+    local: Selectors = Field(default=[], description="held selectors that are never averaged")
+    address: str | None = Field(default=None, description="data-plane HOST:PORT, for deployment")
     activation_checkpointing: bool | None = Field(
         default=None, description="this organisation's own choice (default: the federation's training setting)"
     )
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host_port(value)
+        return value
 
 
 class FinetuneConfig(_Strict):
@@ -177,15 +223,15 @@ class FinetuneConfig(_Strict):
     and no optimizer state; the adapters (and the pieces ``train`` names) train."""
 
     method: Literal["lora"] = "lora"
-    rank: int = Field(default=8, gt=0)
-    alpha: float = Field(default=16.0, gt=0)
+    rank: int = Field(default=8, gt=0, le=1 << 16)
+    alpha: float = Field(default=16.0, gt=0, le=1 << 16)
     dropout: float = Field(default=0.0, ge=0, lt=1, description="only 0.0 for now")
     targets: list[LoraTarget] = Field(
         default=["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
         min_length=1,
         description="the linear maps that get adapters; experts: w1, w2, w3 of every routed expert",
     )
-    train: list[str] = Field(default=[], description="selectors trained fully, besides the adapters (e.g. routers)")
+    train: Selectors = Field(default=[], description="selectors trained fully, besides the adapters (e.g. routers)")
     base_dtype: Literal["fp32", "bf16"] | None = Field(
         default=None, description="the frozen base's storage: the run's compute precision (bf16 with bf16-mixed)"
     )
@@ -202,7 +248,7 @@ class FinetuneConfig(_Strict):
 
 
 class FederationFile(_Strict):
-    name: str = Field(min_length=1)
+    name: Name
     model: NonEmpty | ModelConfig = Field(
         description=(
             "relative to this file: a model YAML (seeded initial weights), or a Hugging Face or fedsplit model "
@@ -217,7 +263,9 @@ class FederationFile(_Strict):
     aggregation: AggregationConfig = AggregationConfig()
     transport: TransportConfig = TransportConfig()
     orgs: list[NonEmpty | OrgFile] = Field(
-        min_length=1, description="org files or globs, relative to this file, or organisations written inline"
+        min_length=1,
+        max_length=MAX_ORGS,
+        description="org files or globs, relative to this file, or organisations written inline",
     )
     finetune: FinetuneConfig | None = Field(default=None, description="LoRA over a frozen base (default: train all)")
-    freeze: list[str] = Field(default=[], description="selectors whose pieces do not train (no gradient, no state)")
+    freeze: Selectors = Field(default=[], description="selectors whose pieces do not train (no gradient, no state)")

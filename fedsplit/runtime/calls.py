@@ -33,7 +33,8 @@ class CallKey:
 
     def noise_seed(self, base_seed: int, owner_index: int) -> int:
         """Seed of the router jitter of this micro-batch, identical in split and monolithic runs."""
-        return ((base_seed * 1_000_003 + self.step) * 1_009 + owner_index) * 1_013 + self.micro_batch
+        seed = ((base_seed * 1_000_003 + self.step) * 1_009 + owner_index) * 1_013 + self.micro_batch
+        return seed % (1 << 63)  # what a torch.Generator takes; smaller seeds are unchanged
 
 
 _current: contextvars.ContextVar[CallKey] = contextvars.ContextVar("fedsplit_call")
