@@ -67,8 +67,17 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path):
     assert "not UTF-8" in _data_error(tmp_path, "latin1.txt", "café".encode("latin-1"))
 
 
-def test_an_unreadable_path_is_named(tmp_path):
+def test_a_directory_named_as_data_is_a_plan_error_naming_org_and_field(tmp_path):
     (tmp_path / "adir.txt").mkdir()
-    plan = load_plan(write_plan(tmp_path, {"train": "../adir.txt"}))
-    with pytest.raises(DataError, match=r"organisation 'owner': cannot read train data .*adir\.txt"):
+    with pytest.raises(PlanError) as e:
+        load_plan(write_plan(tmp_path, {"train": "../adir.txt"}))
+    (problem,) = e.value.problems
+    assert problem.org == "owner" and problem.field == "data.train" and "is a directory" in problem.message
+
+
+def test_a_file_gone_after_the_plan_was_checked_is_named_when_read(tmp_path):
+    (tmp_path / "gone.txt").write_text(TEXT)
+    plan = load_plan(write_plan(tmp_path, {"train": "../gone.txt"}))
+    (tmp_path / "gone.txt").unlink()
+    with pytest.raises(DataError, match=r"organisation 'owner': cannot read train data .*gone\.txt"):
         batches_for(plan, "owner")
