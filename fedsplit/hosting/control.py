@@ -73,5 +73,9 @@ class WorkerControl:
         """The worker's peak memory: its process's RSS and, on a GPU, what torch allocated there."""
         return self.call(pb.Control(read_memory=pb.ReadMemory()))[0]
 
+    def end_run(self) -> None:
+        """Say the run is over: a deployed client then stops serving and exits."""
+        self.call(pb.Control(end_run=pb.EndRun()))
+
     def close(self) -> None:
         self.channel.close()

@@ -9,6 +9,7 @@ rounds in step (the step barrier); co-holders of replicas kept in step send thei
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import grpc
@@ -46,6 +47,7 @@ class WorkerHandler:
         self.worker, self.run, self.tls, self.token = worker, run, tls, token
         self.co_hosted = co_hosted if co_hosted is not None else {worker.name: worker}
         self._addresses: dict[str, str] = {}
+        self.run_ended = threading.Event()  # set when the coordinator says the run is over
 
     def handle(self, header: pb.CallHeader, tensors: Named) -> Reply:
         kind = header.control.WhichOneof("kind") if header.phase == pb.CONTROL else None
@@ -128,6 +130,8 @@ class WorkerHandler:
             w.load_state(dict(tensors))
         elif kind == "read_memory":
             return Reply(metrics=w.memory())
+        elif kind == "end_run":
+            self.run_ended.set()
         elif kind == "read_traffic":
             traffic = w.traffic()
             return Reply(metrics={"wire_bytes": traffic.wire_bytes, "tensor_bytes": traffic.tensor_bytes})

@@ -98,6 +98,11 @@ class WorkerHost:
     def addresses(self) -> dict[str, str]:
         return {org: s.address for org, s in self.servers.items()}
 
+    @property
+    def run_ended(self) -> bool:
+        """Whether the coordinator said the run its organisations served is over."""
+        return any(h.run_ended.is_set() for h in self.handlers.values())
+
     def stop(self) -> None:
         for org, server in self.servers.items():
             server.stop(None)

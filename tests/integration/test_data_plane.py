@@ -444,3 +444,29 @@ def test_worker_process_refuses_to_start_without_credentials_or_explicit_insecur
         text=True,
     )
     assert proc.returncode != 0 and "--insecure explicitly" in proc.stderr
+
+
+def test_only_the_worker_s_own_organisation_can_say_its_run_is_over():
+    """A deployed client exits once its worker hears `end_run`: another organisation, even with a
+    valid credential, cannot make it stop (PERMISSION_DENIED); its own client can."""
+    plan = load_plan(PLANS / "layers" / "federation.yaml")
+    worker = Worker(plan, "compute-b", select(initial_weights(plan), plan.slices_of("compute-b")), "cpu")
+    handler = WorkerHandler(worker, RUN, tls=None)
+    creds = Credentials.of_tokens({"hospital-a": "secret-a", "compute-b": "secret-b"})
+    server = DataPlaneServer(handler, tls=None, credentials=creds, limits=Limits(max_tensor_bytes=1 << 20)).start()
+
+    def end_run(caller: str, token: str) -> None:
+        channel = DataPlaneChannel("compute-b", server.address, caller=caller, tls=None, token=token, timeout=10)
+        try:
+            channel.call(pb.CallHeader(run=RUN, phase=pb.CONTROL, control=pb.Control(end_run=pb.EndRun())), [])
+        finally:
+            channel.close()
+
+    try:
+        with pytest.raises(PeerError) as err:
+            end_run("hospital-a", "secret-a")
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and not handler.run_ended.is_set()
+        end_run("compute-b", "secret-b")
+        assert handler.run_ended.is_set()
+    finally:
+        server.stop(None)

@@ -112,7 +112,7 @@ class SharedExperts(_message.Message):
     def __init__(self, layer: _Optional[int] = ...) -> None: ...
 
 class Control(_message.Message):
-    __slots__ = ("connect", "begin", "wait", "train_batch", "apply_step", "read_state", "load_state", "read_traffic", "await_round", "finish_step", "abort_round", "replica_gradients", "reduce_norm", "read_memory")
+    __slots__ = ("connect", "begin", "wait", "train_batch", "apply_step", "read_state", "load_state", "read_traffic", "await_round", "finish_step", "abort_round", "replica_gradients", "reduce_norm", "read_memory", "end_run")
     CONNECT_FIELD_NUMBER: _ClassVar[int]
     BEGIN_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class Control(_message.Message):
     REPLICA_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     REDUCE_NORM_FIELD_NUMBER: _ClassVar[int]
     READ_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    END_RUN_FIELD_NUMBER: _ClassVar[int]
     connect: Connect
     begin: Begin
     wait: Wait
@@ -141,7 +142,8 @@ class Control(_message.Message):
     replica_gradients: ReplicaGradients
     reduce_norm: ReduceNorm
     read_memory: ReadMemory
-    def __init__(self, connect: _Optional[_Union[Connect, _Mapping]] = ..., begin: _Optional[_Union[Begin, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., train_batch: _Optional[_Union[TrainBatch, _Mapping]] = ..., apply_step: _Optional[_Union[ApplyStep, _Mapping]] = ..., read_state: _Optional[_Union[ReadState, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, _Mapping]] = ..., read_traffic: _Optional[_Union[ReadTraffic, _Mapping]] = ..., await_round: _Optional[_Union[AwaitRound, _Mapping]] = ..., finish_step: _Optional[_Union[FinishStep, _Mapping]] = ..., abort_round: _Optional[_Union[AbortRound, _Mapping]] = ..., replica_gradients: _Optional[_Union[ReplicaGradients, _Mapping]] = ..., reduce_norm: _Optional[_Union[ReduceNorm, _Mapping]] = ..., read_memory: _Optional[_Union[ReadMemory, _Mapping]] = ...) -> None: ...
+    end_run: EndRun
+    def __init__(self, connect: _Optional[_Union[Connect, _Mapping]] = ..., begin: _Optional[_Union[Begin, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., train_batch: _Optional[_Union[TrainBatch, _Mapping]] = ..., apply_step: _Optional[_Union[ApplyStep, _Mapping]] = ..., read_state: _Optional[_Union[ReadState, _Mapping]] = ..., load_state: _Optional[_Union[LoadState, _Mapping]] = ..., read_traffic: _Optional[_Union[ReadTraffic, _Mapping]] = ..., await_round: _Optional[_Union[AwaitRound, _Mapping]] = ..., finish_step: _Optional[_Union[FinishStep, _Mapping]] = ..., abort_round: _Optional[_Union[AbortRound, _Mapping]] = ..., replica_gradients: _Optional[_Union[ReplicaGradients, _Mapping]] = ..., reduce_norm: _Optional[_Union[ReduceNorm, _Mapping]] = ..., read_memory: _Optional[_Union[ReadMemory, _Mapping]] = ..., end_run: _Optional[_Union[EndRun, _Mapping]] = ...) -> None: ...
 
 class Connect(_message.Message):
     __slots__ = ("addresses",)
@@ -205,6 +207,10 @@ class ReadTraffic(_message.Message):
     def __init__(self) -> None: ...
 
 class ReadMemory(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EndRun(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
