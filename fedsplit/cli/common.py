@@ -54,10 +54,17 @@ def warn_insecure() -> None:
 
 
 def credentials(args: argparse.Namespace) -> Path | None:
+    """The ``--credentials`` directory, absolute (Flower's processes run elsewhere and take only
+    absolute paths), once it holds the CA of ``fedsplit certs``."""
     if args.insecure:
         warn_insecure()
         return None
-    return Path(args.credentials)
+    path = Path(args.credentials).resolve()
+    if not (path / "ca.pem").is_file():
+        raise CliError(
+            f"--credentials {args.credentials}: {path} has no ca.pem; make the credentials with `fedsplit certs`"
+        )
+    return path
 
 
 def run_arguments(parser: argparse.ArgumentParser) -> None:

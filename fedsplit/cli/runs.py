@@ -122,6 +122,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     client.add_argument(
         "--supernode-port", type=int, default=0, help="the SuperNode's local API port (default: any free one)"
     )
+    client.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="serve the coordinator's next runs too (default: exit once the coordinator finishes a run)",
+    )
     security_arguments(client, "ca.pem, verifiers.yaml and this organisation's NAME.pem/NAME.key/NAME.token")
     client.set_defaults(func=client_)
 
@@ -225,11 +230,18 @@ def client_(args: argparse.Namespace) -> int:
         device=args.device,
         state_dir=Path(args.state_dir),
         supernode_port=args.supernode_port,
+        keep_serving=args.keep_serving,
+    )
+    say(
+        f"{args.org}: serving its worker on the data plane at {args.data_plane_address} and joining the "
+        f"SuperLink at {args.superlink} (Ctrl-C stops both)"
     )
     try:
-        return run_client(plan, options)
+        end = run_client(plan, options)
     except DeploymentError as e:
         raise CliError(f"client failed: {e}") from None
+    say(f"{args.org}: {end.why}; client stopped")
+    return end.code
 
 
 def baseline(args: argparse.Namespace) -> None:
@@ -297,9 +309,9 @@ def print_rounds(run_dir: Path) -> None:
     if 0 in evals:
         table.add_row("0", "", f"{evals[0]['loss']:.4f}", f"{evals[0]['ppl']:.2f}", "", "", "")
     for r in records:
-        ev = evals.get(r["round"], {})
-        held_out = (f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}") if ev else ("", "")
         if r["event"] == "round":
+            ev = evals.get(r["round"], {})
+            held_out = (f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}") if ev else ("", "")
             table.add_row(
                 str(r["round"]),
                 f"{r['loss']:.4f}",

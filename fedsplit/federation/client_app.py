@@ -8,7 +8,8 @@ and settings, and later returns what it trained. Two messages per round in simul
   (a data owner starts training on its own and the message returns at once);
 * ``train``: wait for the round to end and reply with the trained weights and metrics;
 
-and one in deployment, ``train.round``, which does both.
+and one in deployment, ``train.round``, which does both; ``query.end`` at the end of a
+deployed run tells the worker that the run is over (its client then exits).
 """
 
 from __future__ import annotations
@@ -107,3 +108,16 @@ def whole_round(msg: Message, context: Context) -> Message:
         return _failure(msg, site, e)
     finally:
         control.close()
+
+
+@app.query("end")
+def end(msg: Message, context: Context) -> Message:
+    site = ClientSite.of(context.node_config)
+    control = _control(site, str(msg.content["config"]["run"]))
+    try:
+        control.end_run()
+    except PeerError as e:
+        return _failure(msg, site, e)
+    finally:
+        control.close()
+    return _reply(msg, OK)

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +31,24 @@ from ..plan import Plan
 from ..plan.schema import host_port
 from .checkpoint import layout_hash
 from .rundir import RunPlace
-from .server_app import RESULT_FILE
+from .server_app import RELEASE_TIMEOUT_S, RESULT_FILE
 from .settings import COORDINATOR_ENV, CoordinatorSettings
 from .simulate import QUIET_ENV
 
+FLWR_RUN_LOG = "flwr-run.log"  # what `flwr run --stream` prints: the ServerApp's log
+SUPERNODE_LOG = "supernode.log"  # in a client's state directory
 CONNECTION = "fedsplit"  # the one SuperLink connection in the run's own FLWR_HOME (never Flower's hosted default)
 COORDINATOR_CERT = "coordinator"
 
 
 class DeploymentError(RuntimeError):
     pass
+
+
+def absolute(credentials: Path | None) -> Path | None:
+    """The credentials directory as an absolute path: Flower's processes run in other
+    directories and refuse relative certificate paths."""
+    return Path(credentials).resolve() if credentials is not None else None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -76,6 +85,18 @@ def wait_for_port(address: str, timeout: float, proc: subprocess.Popen | None = 
         except OSError:
             time.sleep(0.2)
     raise DeploymentError(f"the {what} did not listen on {address} within {timeout:.0f} s")
+
+
+def wait_until_closed(address: str, timeout: float, stop_waiting: Callable[[], bool]) -> None:
+    """Until nothing listens on ``address`` (or ``timeout`` passes, or ``stop_waiting()``)."""
+    host, port = split_address(address)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop_waiting():
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.5)
 
 
 def start(command: list[str], **popen) -> subprocess.Popen:
@@ -118,6 +139,9 @@ class CoordinatorOptions(RunPlace):
     insecure: bool = False
     node_timeout_s: float = 300.0
     start_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.credentials = absolute(self.credentials)
 
 
 def write_app(app_dir: Path) -> Path:
@@ -194,7 +218,8 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
         resume=options.resume is not None,
         node_timeout_s=options.node_timeout_s,
         one_message_per_round=True,
-        credentials=str(options.credentials.resolve()) if options.credentials else None,
+        credentials=str(options.credentials) if options.credentials else None,
+        release_clients=True,
     )
     settings_file = settings.write(run_dir / "coordinator.json").resolve()
     superlink = None
@@ -214,31 +239,42 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
             address = options.superlink
         write_connection(flwr_home, address, options.credentials / "ca.pem" if options.credentials else None)
         app_dir = write_app(run_dir / "app")
-        flwr = subprocess.run(
-            [
-                executable("flwr"),
-                "run",
-                str(app_dir),
-                CONNECTION,
-                "--stream",
-                "-c",
-                f"fedsplit-settings='{settings_file}'",
-            ],
-            env={**env, COORDINATOR_ENV: str(settings_file)},
-            preexec_fn=_terminate_with_parent,
-        )
+        flwr_log = run_dir / "logs" / FLWR_RUN_LOG
+        with open(flwr_log, "ab") as out:
+            flwr = subprocess.run(
+                [
+                    executable("flwr"),
+                    "run",
+                    str(app_dir),
+                    CONNECTION,
+                    "--stream",
+                    "-c",
+                    f"fedsplit-settings='{settings_file}'",
+                ],
+                env={**env, COORDINATOR_ENV: str(settings_file)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_terminate_with_parent,
+            )
     finally:
         if superlink is not None:
             stop(superlink)
     result = run_dir / RESULT_FILE
     if not result.exists():  # `flwr run` exits 0 even when the ServerApp failed: the result file decides
         raise DeploymentError(
-            f"the coordinator did not finish (flwr run exited {flwr.returncode}); see {run_dir / 'logs'}"
+            f"the coordinator did not finish (flwr run exited {flwr.returncode}); "
+            f"the end of {flwr_log}:\n{tail(flwr_log)}"
         )
     outcome = json.loads(result.read_text())
     if outcome["status"] != "finished":
         raise DeploymentError(outcome.get("error", "the coordinator failed"))
     return run_dir
+
+
+def tail(path: Path, lines: int = 12) -> str:
+    """The last ``lines`` lines of a log, for an error message."""
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
 # -- client -------------------------------------------------------------------------------------
@@ -255,6 +291,10 @@ class ClientOptions:
     device: str | None = None
     state_dir: Path = Path("fedsplit-state")
     supernode_port: int = 0  # the SuperNode's local API port for its ClientApps; 0: any free one
+    keep_serving: bool = False  # serve further runs after the coordinator ends one (else exit)
+
+    def __post_init__(self) -> None:
+        self.credentials = absolute(self.credentials)
 
 
 def free_port() -> int:
@@ -271,7 +311,7 @@ def supernode_command(plan: Plan, options: ClientOptions, port: int) -> list[str
         "layout": layout_hash(plan),
     }
     if options.credentials:
-        site["credentials"] = str(options.credentials.resolve())
+        site["credentials"] = str(options.credentials)
     else:
         site["insecure"] = True
     node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in site.items())
@@ -288,9 +328,17 @@ def supernode_command(plan: Plan, options: ClientOptions, port: int) -> list[str
     ]
 
 
-def run_client(plan: Plan, options: ClientOptions) -> int:
-    """Serve this organisation's worker and its SuperNode until the SuperNode ends (or a signal);
-    returns the SuperNode's exit code."""
+@dataclass(frozen=True)
+class ClientEnd:
+    """How a client ended: its exit code and why, in words."""
+
+    code: int
+    why: str
+
+
+def run_client(plan: Plan, options: ClientOptions) -> ClientEnd:
+    """Serve this organisation's worker and its SuperNode until the coordinator says the run is
+    over (unless ``keep_serving``), the SuperNode ends, or a signal."""
     if options.credentials is None and not options.insecure:
         raise DeploymentError("give this organisation's credentials (fedsplit certs), or insecure explicitly")
     if options.org not in plan.orgs:
@@ -307,16 +355,30 @@ def run_client(plan: Plan, options: ClientOptions) -> int:
         device=options.device,
         state_dir=state_dir / "optimizer",
     )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    supernode_log = state_dir / SUPERNODE_LOG
     supernode = start(
-        supernode_command(plan, options, options.supernode_port or free_port()), env=flower_env(state_dir / "flwr")
+        supernode_command(plan, options, options.supernode_port or free_port()),
+        env=flower_env(state_dir / "flwr"),
+        stdout=open(supernode_log, "ab"),
+        stderr=subprocess.STDOUT,
     )
     ended = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: ended.append(signum))
     try:
-        while supernode.poll() is None and not ended:
+        while supernode.poll() is None and not ended and not (host.run_ended and not options.keep_serving):
             time.sleep(0.5)
+        if host.run_ended and not ended:  # let the SuperNode send its reply: until the SuperLink goes
+            wait_until_closed(options.superlink, RELEASE_TIMEOUT_S, lambda: bool(ended) or supernode.poll() is not None)
     finally:
         stop(supernode)
         host.stop()
-    return supernode.returncode or 0
+    if ended:
+        return ClientEnd(0, f"stopped by signal {signal.Signals(ended[0]).name}")
+    if host.run_ended and not options.keep_serving:
+        return ClientEnd(0, "the coordinator finished the run")
+    return ClientEnd(
+        supernode.returncode if supernode.returncode >= 0 else 1,  # < 0: ended by a signal
+        f"the SuperNode exited with code {supernode.returncode}; the end of {supernode_log}:\n{tail(supernode_log)}",
+    )

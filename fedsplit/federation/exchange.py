@@ -66,16 +66,27 @@ def _judge(org: str, reply: Message, outcome: Outcome) -> None:
 
 
 def register(
-    grid: Grid, plan: Plan, node_timeout: float, message_timeout: float, check_identity: Callable[[str, object], None]
+    grid: Grid,
+    plan: Plan,
+    node_timeout: float,
+    message_timeout: float,
+    check_identity: Callable[[str, object], None],
+    joined: Callable[[int], None] = lambda count: None,
 ) -> tuple[dict[str, int], dict[str, str]]:
-    """Wait for a node per organisation and ask each which organisation it is (checked by
-    ``check_identity``) and where its data plane listens: (node of each org, its address)."""
+    """Wait for a node per organisation (``joined(count)`` each time the count of connected
+    nodes changes) and ask each which organisation it is (checked by ``check_identity``) and
+    where its data plane listens: (node of each org, its address)."""
     expected = len(plan.orgs)
     deadline = time.monotonic() + node_timeout
+    seen = -1
     while len(nodes := list(grid.get_node_ids())) < expected:
+        if len(nodes) != seen:
+            seen = len(nodes)
+            joined(seen)
         if time.monotonic() > deadline:
             raise FederationError(f"{len(nodes)} of {expected} organisations connected within {node_timeout:.0f} s")
         time.sleep(0.5)
+    joined(len(nodes))
     msgs = {str(nid): Message(RecordDict(), dst_node_id=nid, message_type="query.register") for nid in nodes}
     outcome = exchange(grid, msgs, message_timeout)
     if outcome.failed:

@@ -32,6 +32,11 @@ def status_of(records: list[dict]) -> tuple[int, str]:
     held-out perplexity)."""
     rounds = [r for r in records if r.get("event") == "round"]
     evals = [r for r in records if r.get("event") == "eval"]
+    joined = [r for r in records if r.get("event") == "joined"]
+    if not rounds and joined:
+        last = joined[-1]
+        running = "; round 1 running" if last["joined"] == last["expected"] else ""
+        return 0, f"{last['joined']} of {last['expected']} organisations joined{running}"
     parts = []
     if rounds:
         last = rounds[-1]
@@ -49,17 +54,26 @@ def status_of(records: list[dict]) -> tuple[int, str]:
 
 @contextmanager
 def watch_rounds(run_dir: Path, total_rounds: int, console: Console, every_s: float = 1.0) -> Iterator[None]:
-    """Show the rounds of ``run_dir`` as they complete while the block runs."""
+    """Show the rounds of ``run_dir`` as they complete while the block runs. Where the console
+    is not a terminal (a log file), each new status is also a line of its own: a progress bar
+    there shows nothing until it ends."""
     log = MetricsLog(Path(run_dir) / "metrics.jsonl")
     stop = threading.Event()
     with progress_bar(console, "rounds") as bar:
-        task = bar.add_task("rounds", total=total_rounds, status="waiting for the organisations")
+        first = "waiting for the organisations"
+        task = bar.add_task("rounds", total=total_rounds, status=first)
+        shown = [(0, first)]
+        if not console.is_terminal:
+            console.print(f"rounds 0/{total_rounds}: {first}", highlight=False, soft_wrap=True)
 
         def poll() -> None:
             while not stop.wait(every_s):
                 done, status = status_of(log.read())
                 if status:
                     bar.update(task, completed=done, status=status)
+                if status and (done, status) != shown[-1] and not console.is_terminal:
+                    shown.append((done, status))
+                    console.print(f"rounds {done}/{total_rounds}: {status}", highlight=False, soft_wrap=True)
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()

@@ -40,6 +40,7 @@ from .settings import CoordinatorSettings
 
 app = ServerApp()
 RESULT_FILE = "result.json"
+RELEASE_TIMEOUT_S = 60.0  # how long the end of a run waits for the clients to hear it
 
 
 @app.main()
@@ -142,14 +143,46 @@ class Coordinator:
             self.train_round(r)
         if self.evaluates:
             self.evaluate_final()
+        if self.settings.release_clients:
+            self.release_clients()
 
     def register(self) -> None:
         """Learn which node is which organisation and where its data plane listens."""
+        expected = len(self.plan.orgs)
+        log(
+            INFO,
+            "fedsplit: waiting up to %.0f s for %d organisations to join: %s",
+            self.settings.node_timeout_s,
+            expected,
+            ", ".join(self.plan.orgs),
+        )
+
+        def joined(count: int) -> None:
+            log(INFO, "fedsplit: %d of %d organisations joined", count, expected)
+            self.metrics.write({"event": "joined", "joined": count, "expected": expected})
+
         self.node_of, self.addresses = register(
-            self.grid, self.plan, self.settings.node_timeout_s, self.settings.message_timeout_s, self._check_identity
+            self.grid,
+            self.plan,
+            self.settings.node_timeout_s,
+            self.settings.message_timeout_s,
+            self._check_identity,
+            joined,
         )
         self.alive = set(self.plan.orgs)
         log(INFO, "fedsplit: %d organisations registered: %s", len(self.alive), ", ".join(sorted(self.alive)))
+
+    def release_clients(self) -> None:
+        """Tell every organisation still in the run that it is over, so that its client exits
+        instead of waiting for another run; one that does not hear it keeps serving."""
+        config = ConfigRecord({"run": self.run_id})
+        msgs = {
+            org: Message(RecordDict({"config": config}), dst_node_id=self.node_of[org], message_type="query.end")
+            for org in sorted(self.alive)
+        }
+        outcome = exchange(self.grid, msgs, min(self.settings.message_timeout_s, RELEASE_TIMEOUT_S))
+        for org, reason in sorted(outcome.failed.items()):
+            log(WARNING, "fedsplit: could not tell %s that the run is over (%s): stop its client by hand", org, reason)
 
     def _check_identity(self, org: str, info) -> None:
         """With credentials, a node proves it is ``org`` by its token; a deployed client also says

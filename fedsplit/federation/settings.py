@@ -40,6 +40,9 @@ class CoordinatorSettings(BaseModel):
     credentials: str | None = Field(
         default=None, description=("`fedsplit certs` output: each organisation's token is checked when it registers")
     )
+    release_clients: bool = Field(
+        default=False, description="after a successful run, tell every client the run is over (deployed clients exit)"
+    )
 
     def load_plan(self) -> Plan:
         return load_plan(self.plan)
