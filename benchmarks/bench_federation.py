@@ -11,10 +11,12 @@ simulation engine (data plane on loopback, no TLS, evaluation off). A round's ti
 coordinator measures from sending ``train.begin`` to having every reply; its training time is the
 slowest data owner's time inside its steps (``step_s x steps``, measured by the worker); the
 overhead is the difference: Flower message waves, weights in and out, barrier hand-offs,
-aggregation. The overhead does not grow with the length of training, so its share of a round of
-60 s of training is ``overhead / (60 + overhead)``, printed per organisation count. ``--deploy N``
-does the same with ``fedsplit coordinator`` and N ``fedsplit client`` processes on loopback
-(SuperLink and SuperNodes, TLS off).
+aggregation. Of it, the slowest organisation's message took "to ClientApp" from the coordinator to
+its ClientApp handler (SuperLink, SuperNode polling, a ClientApp process started and importing),
+and its reply "back" from the handler to the coordinator. The overhead does not grow with the
+length of training, so its share of a round of 60 s of training is ``overhead / (60 + overhead)``,
+printed per organisation count. ``--deploy N`` does the same with ``fedsplit coordinator`` and N
+``fedsplit client`` processes on loopback (SuperLink and SuperNodes, TLS off).
 
 **Memory.** One worker host process per organisation (``--process-per-org``) on the
 ``--memory-model`` plan of 4 organisations, AdamW, one round. Each process's peak resident set
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -62,22 +65,45 @@ def make_plan(orgs: int, out: Path, rounds: int, steps: int, model: str | None =
     return plan
 
 
-def overheads(run_dir: Path) -> list[tuple[float, float]]:
-    """Per round: (round seconds, slowest data owner's seconds inside its steps)."""
+@dataclass(frozen=True)
+class RoundTimes:
+    """One round as the coordinator saw it: its seconds, the slowest data owner's seconds inside
+    its steps, and the slowest Flower hops (message to ClientApp handler; reply to coordinator)."""
+
+    seconds: float
+    training: float
+    to_client: float
+    back: float
+
+
+def overheads(run_dir: Path) -> list[RoundTimes]:
     out = []
     for r in MetricsLog(run_dir / "metrics.jsonl").read():
         if r["event"] == "round":
-            training = max(m["step_s"] * r["steps"] for m in r["orgs"].values() if m.get("tokens", 0) > 0)
-            out.append((r["seconds"], training))
+            orgs = r["orgs"].values()
+            training = max(m["step_s"] * r["steps"] for m in orgs if m.get("tokens", 0) > 0)
+            to_client = max(m["flower_in_s"] for m in orgs)
+            out.append(RoundTimes(r["seconds"], training, to_client, max(m["flower_back_s"] for m in orgs)))
     return out
 
 
-def simulated(orgs: int, work: Path, rounds: int, steps: int) -> list[tuple[float, float]]:
+def import_seconds(module: str, repeats: int = 3) -> float:
+    """Median wall time of a fresh Python process that imports ``module`` (what a ClientApp
+    process pays before its handler runs)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=REPO)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def simulated(orgs: int, work: Path, rounds: int, steps: int) -> list[RoundTimes]:
     plan = make_plan(orgs, work / f"plan-{orgs}", rounds, steps)
     return overheads(simulate(plan, SimulationOptions(runs_root=work / "runs", insecure=True)))
 
 
-def deployed(orgs: int, work: Path, rounds: int, steps: int) -> list[tuple[float, float]]:
+def deployed(orgs: int, work: Path, rounds: int, steps: int) -> list[RoundTimes]:
     fed = generate_plan(orgs, work / f"deploy-plan-{orgs}", rounds=rounds, steps_per_round=steps)
     spec = yaml.safe_load(fed.read_text())
     spec["training"]["eval_tokens"] = 0
@@ -128,18 +154,18 @@ def deployed(orgs: int, work: Path, rounds: int, steps: int) -> list[tuple[float
     return overheads(run_dir)
 
 
-def overhead_rows(label: str, orgs: int, per_round: list[tuple[float, float]]) -> list[str]:
-    seconds = [s for s, _ in per_round]
-    training = [t for _, t in per_round]
-    over = [s - t for s, t in per_round]
+def overhead_rows(label: str, orgs: int, per_round: list[RoundTimes]) -> list[str]:
+    over = [r.seconds - r.training for r in per_round]
     share = [o / (ROUND_OF_TRAINING_S + o) for o in over]
     return [
         label,
         str(orgs),
         str(len(per_round)),
-        fmt_stats(seconds, 1),
-        fmt_stats(training, 1),
+        fmt_stats([r.seconds for r in per_round], 1),
+        fmt_stats([r.training for r in per_round], 1),
         fmt_stats(over, 1),
+        fmt_stats([r.to_client for r in per_round], 1),
+        fmt_stats([r.back for r in per_round], 1),
         f"{100 * statistics.median(share):.1f}%",
     ]
 
@@ -214,6 +240,7 @@ def main() -> None:
         "--deploy", type=int, nargs="*", default=[4], help="organisation counts to run as separate processes"
     )
     parser.add_argument("--memory-model", default=str(REPO / "configs" / "models" / "small.yaml"))
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = parser.parse_args()
     if args.quick:
         args.orgs, args.rounds, args.deploy = [4, 16], 2, []
@@ -244,12 +271,27 @@ def main() -> None:
                             "round s",
                             "training s",
                             "overhead s",
+                            "to ClientApp s",
+                            "reply back s",
                             f"share of a {ROUND_OF_TRAINING_S:.0f} s round",
                         ],
                         rows,
                     )
                 )
             )
+        if args.deploy:
+            imports = {
+                m: import_seconds(m) for m in ("sys", "flwr.clientapp", "torch", "fedsplit.federation.client_app")
+            }
+            print(
+                "\nA fresh Python process (medians of 3) importing: "
+                + ", ".join(f"{m} {t:.2f} s" for m, t in imports.items())
+                + " (a deployed ClientApp process imports the last, once per message)"
+            )
+        if args.no_memory:
+            print(f"\nload after: {loadavg()}")
+            print(json.dumps({"overhead": rows}))
+            return
         mem_rows, fixed = memory(work, args.memory_model)
         print(
             f"\n## Memory per organisation ({Path(args.memory_model).name}, one worker process each, AdamW, "

@@ -14,6 +14,8 @@ deployed run tells the worker that the run is over (its client then exits).
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -59,8 +61,11 @@ def _begin(control: WorkerControl, msg: Message) -> None:
     control.begin(config.spec, msg.content["arrays"].to_torch_state_dict())
 
 
-def _trained(control: WorkerControl, msg: Message) -> Message:
+def _trained(control: WorkerControl, msg: Message, arrived: float) -> Message:
+    """The round's trained weights and metrics, with ``flower_in_s``: how long the message took
+    from the coordinator to this handler (SuperLink, SuperNode, ClientApp process start)."""
     metrics = control.wait(RoundConfig.of(msg.content["config"]).wait_s)
+    metrics["flower_in_s"] = arrived - msg.metadata.created_at
     return _reply(
         msg,
         OK,
@@ -84,10 +89,11 @@ def begin(msg: Message, context: Context) -> Message:
 
 @app.train()
 def collect(msg: Message, context: Context) -> Message:
+    arrived = time.time()
     site = ClientSite.of(context.node_config)
     control = _control(site, str(msg.content["config"]["run"]))
     try:
-        return _trained(control, msg)
+        return _trained(control, msg, arrived)
     except PeerError as e:
         return _failure(msg, site, e)
     finally:
@@ -99,11 +105,12 @@ def whole_round(msg: Message, context: Context) -> Message:
     """Begin and collect in one message, for deployment: every SuperNode runs its own ClientApp
     processes, so all organisations' rounds run at once and one message wave per round is enough
     (in simulation a few Ray actors serve every organisation, hence the two-message form)."""
+    arrived = time.time()
     site = ClientSite.of(context.node_config)
     control = _control(site, str(msg.content["config"]["run"]))
     try:
         _begin(control, msg)
-        return _trained(control, msg)
+        return _trained(control, msg, arrived)
     except PeerError as e:
         return _failure(msg, site, e)
     finally:

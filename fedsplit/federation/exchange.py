@@ -25,9 +25,14 @@ class Outcome:
     replies: dict[str, Message] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # organisations whose node or worker is gone
+    back_s: dict[str, float] = field(default_factory=dict)  # from each reply's making to its arrival here
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        return {org: {k: float(v) for k, v in reply.content["metrics"].items()} for org, reply in self.replies.items()}
+        """Each reply's metrics, with ``flower_back_s``: how long the reply took to get here."""
+        return {
+            org: {**{k: float(v) for k, v in reply.content["metrics"].items()}, "flower_back_s": self.back_s[org]}
+            for org, reply in self.replies.items()
+        }
 
 
 def exchange(grid: Grid, msgs: dict[str, Message], timeout: float) -> Outcome:
@@ -42,6 +47,7 @@ def exchange(grid: Grid, msgs: dict[str, Message], timeout: float) -> Outcome:
         for reply in grid.pull_messages(list(pending)):
             mid = reply.metadata.reply_to_message_id
             pending.discard(mid)
+            outcome.back_s[org_of[mid]] = time.time() - reply.metadata.created_at
             _judge(org_of[mid], reply, outcome)
         if pending:
             time.sleep(0.2)
