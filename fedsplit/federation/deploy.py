@@ -37,7 +37,6 @@ from .simulate import QUIET_ENV
 
 FLWR_RUN_LOG = "flwr-run.log"  # what `flwr run --stream` prints: the ServerApp's log
 SUPERNODE_LOG = "supernode.log"  # in a client's state directory
-SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 CONNECTION = "fedsplit"  # the one SuperLink connection in the run's own FLWR_HOME (never Flower's hosted default)
 COORDINATOR_CERT = "coordinator"
 
@@ -63,10 +62,8 @@ def split_address(address: str) -> tuple[str, int]:
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Flower's processes with their own home, nothing installed at run time, no telemetry, and
     this Python's scripts first on PATH (the SuperLink and SuperNode start Flower's other
-    executables by name). Their SuperExec looks for a message to start a process for every
-    0.2 s rather than every 1 s (unless the environment says otherwise): it costs a message
-    that much on its way in."""
-    env = {SUPEREXEC_POLL_ENV: "0.2", **os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
+    executables by name)."""
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home)}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
