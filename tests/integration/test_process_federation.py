@@ -54,14 +54,15 @@ def test_pipelined_schedules_over_grpc_compute_what_the_sequential_schedule_comp
     """Backwards run one at a time in micro-batch order: a layer plan stays bitwise equal to the
     monolith, and a mixed plan trains to the parameters of its sequential run within 1e-5 (its
     distance to the monolith is head-group rounding that AdamW magnifies on near-zero gradients:
-    2.2e-5 for three-orgs at 4 micro-batches, see the README)."""
+    2.2e-5 for three-orgs at 4 micro-batches, see the README). Its two data owners' backwards
+    reach the middle layers in whatever order they arrive unless ``training.deterministic``
+    adds them up in data-owner order: without it the two runs differed by 1.1e-5 and 1.2e-5
+    in two full-suite runs."""
 
     def plan_of(name: str, s: str):
         plan = load_plan(PLANS / name / "federation.yaml")
-        plan = plan.with_settings(
-            training=plan.training.model_copy(update={"schedule": s, "micro_batches": 4, "max_in_flight": 2})
-        )
-        return plan
+        update = {"schedule": s, "micro_batches": 4, "max_in_flight": 2, "deterministic": True}
+        return plan.with_settings(training=plan.training.model_copy(update=update))
 
     assert verify(plan_of("layers", schedule), steps=5, transport="grpc").max_abs_diff == 0.0
     trained = {}
