@@ -54,15 +54,16 @@ def warn_insecure() -> None:
 
 
 def credentials(args: argparse.Namespace) -> Path | None:
-    """The ``--credentials`` directory, absolute (Flower's processes run elsewhere and take only
-    absolute paths), once it holds the CA of ``fedsplit certs``."""
+    """The ``--credentials`` directory, once it holds the CA of ``fedsplit certs`` (the
+    deployment options make it absolute for Flower's processes)."""
     if args.insecure:
         warn_insecure()
         return None
-    path = Path(args.credentials).resolve()
+    path = Path(args.credentials)
     if not (path / "ca.pem").is_file():
         raise CliError(
-            f"--credentials {args.credentials}: {path} has no ca.pem; make the credentials with `fedsplit certs`"
+            f"--credentials {args.credentials}: {path.resolve()} has no ca.pem; "
+            "make the credentials with `fedsplit certs`"
         )
     return path
 

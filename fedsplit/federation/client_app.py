@@ -15,6 +15,7 @@ deployed run tells the worker that the run is over (its client then exits).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -74,30 +75,32 @@ def _trained(control: WorkerControl, msg: Message, arrived: float) -> Message:
     )
 
 
-@app.train("begin")
-def begin(msg: Message, context: Context) -> Message:
+def _drive(msg: Message, context: Context, act: Callable[[WorkerControl], Message]) -> Message:
+    """``act`` on this organisation's worker for ``msg``'s run; a data-plane failure becomes the
+    reply that says whose it was."""
     site = ClientSite.of(context.node_config)
     control = _control(site, str(msg.content["config"]["run"]))
     try:
-        _begin(control, msg)
+        return act(control)
     except PeerError as e:
         return _failure(msg, site, e)
     finally:
         control.close()
-    return _reply(msg, OK)
+
+
+@app.train("begin")
+def begin(msg: Message, context: Context) -> Message:
+    def act(control: WorkerControl) -> Message:
+        _begin(control, msg)
+        return _reply(msg, OK)
+
+    return _drive(msg, context, act)
 
 
 @app.train()
 def collect(msg: Message, context: Context) -> Message:
     arrived = time.time()
-    site = ClientSite.of(context.node_config)
-    control = _control(site, str(msg.content["config"]["run"]))
-    try:
-        return _trained(control, msg, arrived)
-    except PeerError as e:
-        return _failure(msg, site, e)
-    finally:
-        control.close()
+    return _drive(msg, context, lambda control: _trained(control, msg, arrived))
 
 
 @app.train("round")
@@ -106,25 +109,18 @@ def whole_round(msg: Message, context: Context) -> Message:
     processes, so all organisations' rounds run at once and one message wave per round is enough
     (in simulation a few Ray actors serve every organisation, hence the two-message form)."""
     arrived = time.time()
-    site = ClientSite.of(context.node_config)
-    control = _control(site, str(msg.content["config"]["run"]))
-    try:
+
+    def act(control: WorkerControl) -> Message:
         _begin(control, msg)
         return _trained(control, msg, arrived)
-    except PeerError as e:
-        return _failure(msg, site, e)
-    finally:
-        control.close()
+
+    return _drive(msg, context, act)
 
 
 @app.query("end")
 def end(msg: Message, context: Context) -> Message:
-    site = ClientSite.of(context.node_config)
-    control = _control(site, str(msg.content["config"]["run"]))
-    try:
+    def act(control: WorkerControl) -> Message:
         control.end_run()
-    except PeerError as e:
-        return _failure(msg, site, e)
-    finally:
-        control.close()
-    return _reply(msg, OK)
+        return _reply(msg, OK)
+
+    return _drive(msg, context, act)

@@ -87,16 +87,18 @@ def wait_for_port(address: str, timeout: float, proc: subprocess.Popen | None = 
     raise DeploymentError(f"the {what} did not listen on {address} within {timeout:.0f} s")
 
 
-def wait_until_closed(address: str, timeout: float, stop_waiting: Callable[[], bool]) -> None:
-    """Until nothing listens on ``address`` (or ``timeout`` passes, or ``stop_waiting()``)."""
+def wait_until_closed(address: str, timeout: float, stop_waiting: Callable[[], bool] = lambda: False) -> bool:
+    """Until nothing listens on ``address`` (True), or ``timeout`` passes or ``stop_waiting()``
+    (False)."""
     host, port = split_address(address)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not stop_waiting():
         try:
             socket.create_connection((host, port), timeout=1).close()
         except OSError:
-            return
-        time.sleep(0.5)
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def start(command: list[str], **popen) -> subprocess.Popen:
@@ -370,17 +372,21 @@ def run_client(plan: Plan, options: ClientOptions) -> ClientEnd:
     ended = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: ended.append(signum))
+
+    def released() -> bool:
+        return host.run_ended and not options.keep_serving
+
     try:
-        while supernode.poll() is None and not ended and not (host.run_ended and not options.keep_serving):
+        while supernode.poll() is None and not ended and not released():
             time.sleep(0.5)
-        if host.run_ended and not ended:  # let the SuperNode send its reply: until the SuperLink goes
+        if released() and not ended:  # let the SuperNode send its reply: until the SuperLink goes
             wait_until_closed(options.superlink, RELEASE_TIMEOUT_S, lambda: bool(ended) or supernode.poll() is not None)
     finally:
         stop(supernode)
         host.stop()
     if ended:
         return ClientEnd(0, f"stopped by signal {signal.Signals(ended[0]).name}")
-    if host.run_ended and not options.keep_serving:
+    if released():
         return ClientEnd(0, "the coordinator finished the run")
     return ClientEnd(
         supernode.returncode if supernode.returncode >= 0 else 1,  # < 0: ended by a signal

@@ -60,20 +60,23 @@ def watch_rounds(run_dir: Path, total_rounds: int, console: Console, every_s: fl
     log = MetricsLog(Path(run_dir) / "metrics.jsonl")
     stop = threading.Event()
     with progress_bar(console, "rounds") as bar:
+        shown: list[tuple[int, str]] = []
+
+        def show(done: int, status: str) -> None:
+            if not console.is_terminal and (not shown or shown[-1] != (done, status)):
+                shown.append((done, status))
+                console.print(f"rounds {done}/{total_rounds}: {status}", highlight=False, soft_wrap=True)
+
         first = "waiting for the organisations"
         task = bar.add_task("rounds", total=total_rounds, status=first)
-        shown = [(0, first)]
-        if not console.is_terminal:
-            console.print(f"rounds 0/{total_rounds}: {first}", highlight=False, soft_wrap=True)
+        show(0, first)
 
         def poll() -> None:
             while not stop.wait(every_s):
                 done, status = status_of(log.read())
                 if status:
                     bar.update(task, completed=done, status=status)
-                if status and (done, status) != shown[-1] and not console.is_terminal:
-                    shown.append((done, status))
-                    console.print(f"rounds {done}/{total_rounds}: {status}", highlight=False, soft_wrap=True)
+                    show(done, status)
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()

@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedsplit.federation.checkpoint import latest_checkpoint
-from fedsplit.federation.deploy import FLWR_RUN_LOG, free_port, split_address
+from fedsplit.federation.deploy import FLWR_RUN_LOG, free_port, wait_until_closed
 from fedsplit.federation.rundir import MetricsLog
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
@@ -241,19 +240,6 @@ def wait_for_round(deployment: Deployment, round: int, coordinator: subprocess.P
     raise AssertionError(f"round {round} was not done: nothing was written for {stalled:.0f} s")
 
 
-def wait_until_closed(address: str, timeout: float = 60) -> None:
-    """Until nothing listens on ``address`` any more."""
-    host, port = split_address(address)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-        except OSError:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"something still listens on {address} after {timeout:.0f} s")
-
-
 def test_a_deployed_run_resumes_after_the_coordinator_dies_and_ends_as_an_uninterrupted_run(tmp_path):
     """The coordinator is SIGKILLed (its process group, as in a crash) once round 1 is checkpointed;
     the clients stay up, and `fedsplit coordinator --resume RUN_DIR` runs round 2 only and ends
@@ -269,7 +255,8 @@ def test_a_deployed_run_resumes_after_the_coordinator_dies_and_ends_as_an_uninte
         assert latest_checkpoint(run_dir / "checkpoints").round == 1, (
             "the coordinator was to die before round 2 was done"
         )
-        wait_until_closed(deployment.superlink)  # its SuperLink goes with it (parent-death signal)
+        # its SuperLink goes with it (parent-death signal)
+        assert wait_until_closed(deployment.superlink, 60), f"something still listens on {deployment.superlink}"
         assert [c.poll() for c in clients] == [None] * len(ORGS), "a client exited when the coordinator died"
         resumed = deployment.coordinator("--resume", str(run_dir), log="coordinator-resumed.log")
         procs.append(resumed)
@@ -329,7 +316,7 @@ def test_the_readme_rehearsal_runs_as_written_and_every_client_exits_when_the_ru
     assert "2 of 2 organisations joined" in said and "rounds of deploy-" in said, said[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert latest_checkpoint(run_dir / "checkpoints").round == load_plan(tmp_path / commands[1][2]).training.rounds
-    assert "fedsplit: round 2/2" in (run_dir / "logs" / "flwr-run.log").read_text()
+    assert "fedsplit: round 2/2" in (run_dir / "logs" / FLWR_RUN_LOG).read_text()
 
 
 class Namespaces:
