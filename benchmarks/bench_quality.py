@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_quality.py [--quick] [--splits iid domain dirichlet] [--alpha 0.5]
                                                  [--orgs 6] [--data-owners 3] [--rounds 4] [--steps 30]
-                                                 [--replica-sync round step]
+                                                 [--modes fedavg diloco step]
     .venv/bin/python benchmarks/bench_quality.py --plan configs/plans/demo/federation.yaml
 
 For each data split of the shipped corpora (Shakespeare, Python source, arithmetic) over the data
@@ -14,11 +14,16 @@ is trained through Flower's simulation engine, and the monolithic model is train
 (`fedsplit baseline`) on the union of the same batches: same initial weights, rounds, steps,
 optimizer and tokens. Both evaluate the same held-out files of every data owner after each round.
 ``--plan`` trains a given plan on its own data and settings instead (the demo plan: two data
-owners with IID Shakespeare). Each is trained twice by default: with the replicated ends averaged after each round
-(``replica_sync: round``, FedAvg) and kept in step by adding up their gradients every step
-(``replica_sync: step``, which equals centralised training up to rounding).
-Printed: held-out perplexity per round (overall, token-weighted over the data owners) and the gap
-of the last round, federated / centralised - 1. The target for IID data is a gap within 5%.
+owners with IID Shakespeare). Each is trained three ways by default (``--modes``): ``fedavg``, the
+replicated ends trained apart and averaged after each round (``replica_sync: round``);
+``diloco``, the same but the coordinator takes an outer Nesterov step along each replica group's
+averaged update (``strategy: diloco``, ``--outer-lr``, ``--outer-momentum``); ``step``, replicas
+kept in step by adding up their gradients every step (``replica_sync: step``, which equals
+centralised training up to rounding).
+Printed: held-out perplexity per round (overall, token-weighted over the data owners), the gap
+of the last round, federated / centralised - 1, and what a round moves: data-plane bytes (all
+organisations' calls, gradient exchanges of replicas kept in step included) and control-plane
+bytes (each organisation's trained weights to it and back through Flower).
 """
 
 from __future__ import annotations
@@ -44,13 +49,38 @@ from fedsplit.data.corpus_split import split_corpora  # noqa: E402
 from fedsplit.federation.baseline import run_baseline  # noqa: E402
 from fedsplit.federation.rundir import MetricsLog  # noqa: E402
 from fedsplit.federation.simulate import SimulationOptions, simulate  # noqa: E402
-from fedsplit.plan import Plan, load_plan  # noqa: E402
-from fedsplit.plan.schema import OptimizerConfig  # noqa: E402
+from fedsplit.plan import Plan, load_plan, select  # noqa: E402
+from fedsplit.plan.schema import AggregationConfig, OptimizerConfig  # noqa: E402
 from fedsplit.plan.templates import data_owner_names, generate_plan  # noqa: E402
+from fedsplit.runtime import initial_weights  # noqa: E402
 
 
 def held_out_ppl(run_dir: Path) -> dict[int, float]:
     return {r["round"]: r["ppl"] for r in MetricsLog(run_dir / "metrics.jsonl").read() if r["event"] == "eval"}
+
+
+def data_plane_mb_per_round(run_dir: Path) -> float:
+    rounds = [r for r in MetricsLog(run_dir / "metrics.jsonl").read() if r["event"] == "round"]
+    sent = [sum(float(m.get("bytes_sent", 0)) for m in r["orgs"].values()) for r in rounds]
+    return sum(sent) / len(sent) / 1e6
+
+
+def control_plane_mb_per_round(plan: Plan) -> float:
+    """Each organisation's trained weights, sent to it and returned, once a round (fp32)."""
+    weights = initial_weights(plan)
+    held = (select(weights, plan.slices_of(org, trained_only=True)) for org in plan.orgs)
+    return 2 * sum(t.numel() * t.element_size() for state in held for t in state.values()) / 1e6
+
+
+def aggregation_for(mode: str, base: AggregationConfig, args: argparse.Namespace) -> AggregationConfig:
+    """The plan's aggregation settings with the replicas synchronised as ``mode`` says."""
+    update: dict = {"strategy": "fedavg", "replica_sync": "step" if mode == "step" else "round"}
+    if mode == "diloco":
+        update.update(strategy="diloco", outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
+    return AggregationConfig.model_validate({**base.model_dump(), **update})
+
+
+MODE_LABELS = {"fedavg": "FedAvg after each round", "diloco": "DiLoCo after each round", "step": "kept in step"}
 
 
 def plans_to_train(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, Plan]]:
@@ -93,7 +123,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replica-sync", nargs="+", choices=["round", "step"], default=["round", "step"])
+    parser.add_argument("--modes", nargs="+", choices=list(MODE_LABELS), default=list(MODE_LABELS))
+    parser.add_argument("--outer-lr", type=float, default=AggregationConfig().outer_lr, help="diloco's outer rate")
+    parser.add_argument(
+        "--outer-momentum", type=float, default=AggregationConfig().outer_momentum, help="diloco's outer momentum"
+    )
     parser.add_argument("--plan", type=Path, help="a federation file to train as it is, instead of generated splits")
     args = parser.parse_args()
     if args.quick:
@@ -108,33 +142,35 @@ def main() -> None:
             central = held_out_ppl(run_baseline(plan, work / "runs"))
             base_s = time.monotonic() - started
             curves[label] = {"centralised": central}
-            for sync in args.replica_sync:
-                plan = plan.with_settings(aggregation=plan.aggregation.model_copy(update={"replica_sync": sync}))
+            control_mb = control_plane_mb_per_round(plan)
+            for mode in args.modes:
+                trained = plan.with_settings(aggregation=aggregation_for(mode, plan.aggregation, args))
                 started = time.monotonic()
-                federated = held_out_ppl(simulate(plan, SimulationOptions(runs_root=work / "runs", insecure=True)))
+                run_dir = simulate(trained, SimulationOptions(runs_root=work / "runs", insecure=True))
                 fed_s = time.monotonic() - started
+                federated = held_out_ppl(run_dir)
                 last = max(federated)
-                curves[label][f"federated, sync {sync}"] = federated
+                curves[label][f"federated, {mode}"] = federated
                 rows.append(
                     [
                         label,
-                        sync,
+                        MODE_LABELS[mode],
                         f"{federated[0]:.2f}",
                         f"{federated[last]:.2f}",
                         f"{central[last]:.2f}",
                         f"{100 * (federated[last] / central[last] - 1):+.1f}%",
+                        f"{data_plane_mb_per_round(run_dir):.1f}",
+                        f"{control_mb:.1f}",
                         f"{fed_s:.0f}",
                         f"{base_s:.0f}",
                     ]
                 )
-                print(
-                    f"  {label}, replicas in step every {sync}: federated {fed_s:.0f} s, centralised {base_s:.0f} s",
-                    flush=True,
-                )
+                print(f"  {label}, {mode}: federated {fed_s:.0f} s, centralised {base_s:.0f} s", flush=True)
     t = plan.training
     setting = (
         f"{len(plan.orgs)} organisations, {len(plan.data_owners)} data owners, AdamW lr {t.optimizer.lr:g}, "
-        f"{t.rounds} rounds x {t.steps_per_round} steps"
+        f"{t.rounds} rounds x {t.steps_per_round} steps; DiLoCo outer lr {args.outer_lr:g}, momentum "
+        f"{args.outer_momentum:g}, Nesterov"
     )
     print(f"\n## Held-out perplexity, split-federated vs centralised ({setting})\n")
     print(
@@ -142,11 +178,13 @@ def main() -> None:
             table(
                 [
                     "split",
-                    "replicas in step every",
+                    "replicas",
                     "initial",
                     "federated",
                     "centralised",
                     "gap",
+                    "data plane MB/round",
+                    "Flower MB/round",
                     "federated s",
                     "centralised s",
                 ],

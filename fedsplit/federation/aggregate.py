@@ -1,6 +1,7 @@
 """Aggregating the replicas of each partition within its replica group, with Flower's own code:
 FedAvg (``aggregate_arrayrecords``) by default, FedAdam (Flower's ``FedAdam`` strategy, one per
-partition) when the plan asks for it. FedProx changes the clients' objective, not this step."""
+partition) when the plan asks for it, and DiLoCo (an outer Nesterov SGD, torch's own, on the
+group's averaged update). FedProx changes the clients' objective, not this step."""
 
 from __future__ import annotations
 
@@ -141,8 +142,73 @@ class FedAdamAggregator(FedAvgAggregator):
                 s.v_t = moments
 
 
-def make_aggregator(config: AggregationConfig) -> FedAvgAggregator:
-    return FedAdamAggregator(config) if config.strategy == "fedadam" else FedAvgAggregator()
+class DiLoCoAggregator(FedAvgAggregator):
+    """DiLoCo's outer step (Douillard et al., 2023): a replica group's averaged round update,
+    weights before the round minus their FedAvg, is the pseudo-gradient of an outer SGD with
+    (Nesterov) momentum, ``torch.optim.SGD`` itself, one momentum buffer per partition.
+
+    Only replicated partitions (two or more holders averaged together) take the outer step: a
+    piece held once trains continuously, as in the monolith, and has no round update to
+    synchronise. Flower's ``FedAvgM`` is this with heavy-ball momentum only; like it, an outer
+    step of rate 1 without momentum is the identity on the average and is skipped, so that
+    setting is FedAvg bit for bit."""
+
+    def __init__(self, config: AggregationConfig, replicated: Iterable[str]):
+        self.config = config
+        self.replicated = frozenset(replicated)
+        self.momentum: dict[str, dict[str, Tensor]] = {}  # per partition, per weight
+
+    def __call__(
+        self,
+        partition: str,
+        round: int,
+        before: Mapping[str, Tensor],
+        replicas: Mapping[str, Mapping[str, Tensor]],
+        weights: Mapping[str, float],
+    ) -> dict[str, Tensor]:
+        if not any(weights.get(org, 0) > 0 for org in replicas):
+            return {k: v.clone() for k, v in before.items()}
+        average = average_replicas(replicas, weights)
+        c = self.config
+        if partition not in self.replicated or (c.outer_lr == 1 and c.outer_momentum == 0):
+            return average
+        params = {k: before[k].detach().to(torch.float32, copy=True) for k in average}
+        for k, p in params.items():
+            p.grad = p - average[k].to(torch.float32)
+        outer = torch.optim.SGD(
+            list(params.values()),
+            lr=c.outer_lr,
+            momentum=c.outer_momentum,
+            nesterov=c.nesterov and c.outer_momentum > 0,
+        )
+        for k, buffer in self.momentum.get(partition, {}).items():
+            outer.state[params[k]]["momentum_buffer"] = buffer.clone()
+        outer.step()
+        if c.outer_momentum > 0:
+            self.momentum[partition] = {k: outer.state[p]["momentum_buffer"] for k, p in params.items()}
+        return {k: p.to(before[k].dtype) for k, p in params.items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"{partition}::momentum::{k}": v for partition, m in self.momentum.items() for k, v in m.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        for name, value in state.items():
+            partition, _, key = name.split("::", 2)
+            self.momentum.setdefault(partition, {})[key] = value.to(torch.float32)
+
+
+def replica_groups(plan: Plan) -> list[str]:
+    """The partitions that two or more holders train apart and average each round."""
+    return [p.name for p in plan.partitions if len(set(p.holders) - p.local_holders) > 1]
+
+
+def make_aggregator(plan: Plan) -> FedAvgAggregator:
+    config = plan.aggregation
+    if config.strategy == "fedadam":
+        return FedAdamAggregator(config)
+    if config.strategy == "diloco":
+        return DiLoCoAggregator(config, replica_groups(plan))
+    return FedAvgAggregator()
 
 
 def aggregate_round(

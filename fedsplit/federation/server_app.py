@@ -100,7 +100,7 @@ class Coordinator:
         self.checkpoints = self.run_dir / CHECKPOINTS
         self.hash, self.layout = plan_hash(self.plan), layout_hash(self.plan)
         self.base = base_identity(self.plan) if self.plan.frozen else None
-        self.aggregator = make_aggregator(self.plan.aggregation)
+        self.aggregator = make_aggregator(self.plan)
         self.verifiers = load_verifiers(settings.credentials) if settings.credentials else None
         self.weights, self.local, self.first_round = self._starting_point(settings.resume)
         self.evaluates = self.plan.training.eval_tokens > 0

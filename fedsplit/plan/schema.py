@@ -141,7 +141,7 @@ class TrainingConfig(_Strict):
 
 
 class AggregationConfig(_Strict):
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "diloco"] = "fedavg"
     proximal_mu: float = Field(
         default=0.0,
         ge=0,
@@ -153,6 +153,16 @@ class AggregationConfig(_Strict):
     server_tau: float = Field(
         default=1e-3, gt=0, le=1, description="FedAdam: adaptivity (epsilon of the server's Adam)"
     )
+    outer_lr: float = Field(
+        default=0.7,
+        gt=0,
+        le=10,
+        description="DiLoCo: step size of the outer SGD on each replica group's averaged round update",
+    )
+    outer_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="DiLoCo: momentum of the outer SGD (0: plain averaging scaled by outer_lr)"
+    )
+    nesterov: bool = Field(default=True, description="DiLoCo: Nesterov momentum in the outer SGD")
     replica_sync: Literal["round", "step"] = Field(
         default="round",
         description=(

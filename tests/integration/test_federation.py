@@ -20,7 +20,7 @@ from fedsplit.federation.checkpoint import latest_checkpoint, load_checkpoint
 from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
-from fedsplit.plan.schema import OptimizerConfig
+from fedsplit.plan.schema import AggregationConfig, OptimizerConfig
 from fedsplit.runtime import MonolithicTrainer, initial_weights
 from fedsplit.runtime.batches import eval_batches_for
 
@@ -112,6 +112,31 @@ def test_deterministic_runs_with_several_data_owners_repeat_bitwise(tmp_path):
     assert (
         max_diff(first, monolithic(plan, 6)) > 0
     )  # replicas averaged per round: not the monolith, but the same every time
+
+
+def test_diloco_through_the_simulation_is_fedavg_at_rate_one_and_checkpoints_its_momentum(tmp_path):
+    """The coordinator's outer step on the replicated ends: at outer_lr 1 without momentum it is
+    FedAvg bit for bit (deterministic runs repeat bitwise); with the paper's settings it moves the
+    ends elsewhere and each checkpoint holds the momentum of exactly the replicated partitions."""
+    plan = small_plan("u-shape-3", rounds=2, steps=2, deterministic=True, schedule="1f1b")
+    settings = {
+        "fedavg": AggregationConfig(strategy="fedavg"),
+        "rate-one": AggregationConfig(strategy="diloco", outer_lr=1.0, outer_momentum=0.0),
+        "diloco": AggregationConfig(strategy="diloco"),
+    }
+    ckpt = {
+        name: latest_checkpoint(
+            simulate(plan.with_settings(aggregation=a), SimulationOptions(runs_root=tmp_path / name, insecure=True))
+            / "checkpoints"
+        )
+        for name, a in settings.items()
+    }
+    fedavg, rate_one, diloco = (ckpt[n].weights for n in settings)
+    assert all(torch.equal(fedavg[k], rate_one[k]) for k in fedavg)
+    replicated = {p.name for p in plan.partitions if len(p.holders) > 1}
+    assert {name.split("::")[0] for name in ckpt["diloco"].server_state} == replicated
+    ends = [k for k in fedavg if k.startswith(("embed", "lm_head"))]
+    assert ends and all(not torch.equal(fedavg[k], diloco[k]) for k in ends)
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
