@@ -7,6 +7,7 @@ command imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,18 @@ from rich.console import Console
 if TYPE_CHECKING:
     from ..plan import Plan
 
-console = Console()
-err_console = Console(stderr=True)
+LOG_WIDTH = 10_000  # columns of output that is not a terminal: wide enough that nothing wraps
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich fits tables to 80 columns when output is a file or a pipe, cutting cells short
+    (``organisat…``); a log keeps every cell whole instead."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else LOG_WIDTH)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 OK, FAILED, USAGE = 0, 1, 2  # exit codes: done; a failed run or invalid input; a command line that cannot work
 

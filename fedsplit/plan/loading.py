@@ -241,7 +241,7 @@ def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], proble
             if shared and not (a.units <= b.units or b.units <= a.units):
                 problems.append(
                     Problem(
-                        f"overlaps '{b.selector}' of org '{b.org}' ({b.file}) on {describe(shared)}, but the "
+                        f"overlaps '{b.selector}' of org '{b.org}' ({b.file}) on {describe(shared, model)}, but the "
                         "two are neither "
                         f"the same piece (replicas hold identical selections) nor one inside the other (a carve-out); "
                         f"split them so that each unit has one smallest holder",
@@ -263,7 +263,8 @@ def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], proble
     if missing:
         problems.append(
             Problem(
-                f"held by no organisation: {describe(missing)}; add them to some organisation's 'holds'", file=fed_file
+                f"held by no organisation: {describe(missing, model)}; add them to some organisation's 'holds'",
+                file=fed_file,
             )
         )
 

@@ -30,12 +30,17 @@ class MapRow:
         return len(self.cells) == 1
 
 
+def _heads_label(kv: int, per: int) -> str:
+    """A KV head's column, named by the query heads that read it, as plans select them."""
+    return f"head {kv}" if per == 1 else f"heads {kv * per}-{kv * per + per - 1}"
+
+
 def partition_map(plan: Plan) -> tuple[list[str], list[MapRow]]:
     """(column labels, rows) of ``plan``'s partition map."""
     cfg = plan.model
     columns = (
         ["router"]
-        + [f"kv {g}" for g in range(cfg.num_kv_heads)]
+        + [_heads_label(g, cfg.heads_per_kv_head) for g in range(cfg.num_kv_heads)]
         + [f"expert {e}" for e in range(cfg.num_experts)]
         + (["shared"] if cfg.num_shared_experts else [])
     )

@@ -142,34 +142,41 @@ def _kv_groups(lo: str | None, hi: str | None, cfg: ModelConfig) -> range:
     return range(heads.start // per, heads.stop // per)
 
 
-def describe(units: frozenset[Unit] | set[Unit], cfg: ModelConfig | None = None) -> str:
-    """A short description of a unit set in model order: consecutive indices fold into ranges
-    and, given the model, whole layers into ``layers.A-B``."""
-    whole: list[int] = []
-    if cfg is not None:
-        whole = [i for i in range(cfg.num_layers) if layer_units(cfg, i) <= set(units)]
+def describe(units: frozenset[Unit] | set[Unit], cfg: ModelConfig) -> str:
+    """A unit set in model order as selectors a plan can hold: whole layers fold into
+    ``layers.A-B``, consecutive experts into ``layers.N.experts.E-F`` and KV heads into the query
+    heads that read them, ``layers.N.attention.heads.H-K`` (plans select query heads)."""
+    whole = [i for i in range(cfg.num_layers) if layer_units(cfg, i) <= set(units)]
     rest = [u for u in units if u.layer not in whole]
     groups: dict[tuple[str, int], list[int]] = {}
     for u in sorted(rest, key=lambda u: u.position):
         groups.setdefault((u.kind, u.layer), []).append(u.index)
-    parts: list[tuple[tuple, str]] = []
-    for run in _fold(whole).split(",") if whole else []:
-        parts.append(((int(run.split("-")[0]), -1, 0), f"layers.{run}"))
+    parts: list[tuple[tuple, str]] = [((a, -1, 0), f"layers.{_span(a, b)}") for a, b in _runs(whole)]
+    per = cfg.heads_per_kv_head
     for (kind, layer), idx in groups.items():
-        position = Unit(kind, layer, idx[0]).position
         if layer < 0 or kind in ("router", "shared_experts"):
-            parts.append((position, str(Unit(kind, layer))))
-        else:
-            label = "attention.kv" if kind == "kv" else "experts"
-            parts.append((position, f"layers.{layer}.{label}.{_fold(idx)}"))
+            parts.append((Unit(kind, layer, idx[0]).position, str(Unit(kind, layer))))
+            continue
+        every = cfg.num_experts if kind == "expert" else cfg.num_kv_heads
+        for a, b in _runs(idx):
+            if kind == "expert":
+                name = "experts" if b - a + 1 == every else f"experts.{_span(a, b)}"
+            else:
+                name = "attention" if b - a + 1 == every else f"attention.heads.{_span(a * per, b * per + per - 1)}"
+            parts.append((Unit(kind, layer, a).position, f"layers.{layer}.{name}"))
     return ", ".join(text for _, text in sorted(parts))
 
 
-def _fold(values: list[int]) -> str:
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted values as (first, last) of each run of consecutive ones."""
     runs: list[tuple[int, int]] = []
     for v in values:
         if runs and v == runs[-1][1] + 1:
             runs[-1] = (runs[-1][0], v)
         else:
             runs.append((v, v))
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    return runs
+
+
+def _span(a: int, b: int) -> str:
+    return f"{a}" if a == b else f"{a}-{b}"

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..plan import Plan, Unit
+from ..plan.units import describe
 from .calls import CallKey
 from .ops import ExpertsOp, HeadsOp, Op, SegmentOp, Shape, SharedOp
 from .path import segments
@@ -55,9 +56,11 @@ class CallPolicy:
                 f"{caller!r} may not call {op} for {key.data_owner}'s batches (only {expected!r} may)"
             )
         route = plan.route(key.data_owner)
-        not_mine = [str(u) for u in units if route.get(u) != self.org]
+        not_mine = {u for u in units if route.get(u) != self.org}
         if not_mine:
-            raise PermissionError(f"{self.org} does not serve {', '.join(not_mine)} for {key.data_owner}'s batches")
+            raise PermissionError(
+                f"{self.org} does not serve {describe(not_mine, plan.model)} for {key.data_owner}'s batches"
+            )
         if inputs is not None:
             self.check_inputs(op, inputs)
 
