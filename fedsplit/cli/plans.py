@@ -1,4 +1,4 @@
-"""``fedsplit plan check | show | generate``."""
+"""``fedsplit plan check | show | new | generate``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    plan = sub.add_parser("plan", help="check, show and generate partition plans")
+    plan = sub.add_parser("plan", help="check, show, start and generate partition plans")
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
     check = plan_sub.add_parser("check", help="validate a plan and print what goes where")
     check.add_argument("federation", help="the federation YAML file")
@@ -27,6 +27,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("federation", help="the federation YAML file")
     show.add_argument("--png", metavar="FILE", help="draw it into a PNG (default: print it as text)")
     show.set_defaults(func=show_plan)
+    new = plan_sub.add_parser(
+        "new",
+        help="write a commented starting plan for a model: its shape, and a U-shaped three-organisation split",
+        description=(
+            "Write OUT/federation.yaml and OUT/orgs/{data-owner,compute,experts}.yaml: a data owner holding both "
+            "ends of the model, a compute organisation holding the middle layers, and an expert holder carved out "
+            "of them, with comments on the model's layers, heads, KV heads and experts. Edit it, then check it."
+        ),
+        epilog="example:\n  fedsplit plan new my-plan --model configs/models/small.yaml\n"
+        "  fedsplit plan check my-plan/federation.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    new.add_argument("out", help="directory to write the plan into (new or empty)")
+    new.add_argument("--model", help="model YAML or model directory (default: configs/models/tiny.yaml)")
+    new.add_argument("--name", help="plan name (default: the directory's name)")
+    new.set_defaults(func=new_plan)
     generate = plan_sub.add_parser(
         "generate", help="write a U-shaped plan for many organisations (data owners hold both ends)"
     )
@@ -150,6 +166,20 @@ def generate_plan(args: argparse.Namespace) -> None:
     )
     if split is not None:
         print_split(split)
+
+
+def new_plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..plan import starter
+
+    try:
+        path = starter.write_starting_plan(Path(args.out), Path(args.model or starter.DEFAULT_MODEL), args.name)
+    except ValueError as e:
+        raise CliError(f"cannot write a plan: {e}", USAGE) from None
+    plan = load(str(path))
+    say(f"wrote {path}: plan '{plan.name}' is valid: {', '.join(plan.orgs)}")
+    say(f"next: edit it, then `fedsplit plan check {path}` and `fedsplit simulate {path}`")
 
 
 def print_split(split: CorpusSplit, tokenizer: Tokenizer | None = None) -> None:
