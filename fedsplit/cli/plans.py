@@ -13,6 +13,7 @@ from .common import USAGE, CliError, console, load, say
 if TYPE_CHECKING:
     from ..data import Tokenizer
     from ..data.corpus_split import CorpusSplit
+    from ..plan.schema import AggregationConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,11 +94,7 @@ def check_plan(args: argparse.Namespace) -> None:
             org.device,
         )
     console.print(orgs)
-    sync = (
-        "add up their gradients every step"
-        if plan.aggregation.replica_sync == "step"
-        else "are averaged after each round"
-    )
+    sync = replica_sync_text(plan.aggregation)
     parts = Table(title=f"partitions (replicas {sync})")
     for col in ("partition", "units", "held by", ""):
         parts.add_column(col)
@@ -166,6 +163,20 @@ def generate_plan(args: argparse.Namespace) -> None:
     )
     if split is not None:
         print_split(split)
+
+
+def replica_sync_text(aggregation: AggregationConfig) -> str:
+    """How replicas are kept together, as ``plan check`` says it: "replicas ..."."""
+    if aggregation.replica_sync == "step":
+        return "add up their gradients every step"
+    if aggregation.strategy == "diloco":
+        return (
+            f"are averaged after each round, then take an outer SGD step (DiLoCo: rate {aggregation.outer_lr:g}, "
+            f"momentum {aggregation.outer_momentum:g}{', Nesterov' if aggregation.nesterov else ''})"
+        )
+    if aggregation.strategy == "fedadam":
+        return f"are averaged after each round, then take a server Adam step (FedAdam: rate {aggregation.server_lr:g})"
+    return "are averaged after each round"
 
 
 def new_plan(args: argparse.Namespace) -> None:

@@ -290,11 +290,19 @@ def finish_run(run_dir: Path, prompt: str | None) -> None:
         say(f"report: {report.summary} ({', '.join(p.name for p in report.plots)})")
     except ReportError as e:
         err_console.print(f"[yellow]no report:[/] {e}", highlight=False, soft_wrap=True)
-    say(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, plan.json, logs/)")
+    say(f"run directory: {run_dir} ({run_contents(run_dir)})")
     if prompt:
         text = generate_text(load_model(run_dir), prompt, 200, temperature=0.8, top_k=20, seed=0)
         console.print("[bold]sample[/] (200 tokens, temperature 0.8, top-k 20):", highlight=False)
         print(text)
+
+
+def run_contents(run_dir: Path) -> str:
+    """What a finished run's directory holds, logs by their paths in it (simulations log under
+    ``workers/``, deployments under ``logs/``)."""
+    logs = sorted(p.relative_to(run_dir).as_posix() for d in ("logs", "workers") for p in (run_dir / d).glob("*.log"))
+    shown = ", ".join(logs) if len(logs) <= 4 else f"{', '.join(logs[:3])} and {len(logs) - 3} more"
+    return "metrics.jsonl, checkpoints/, plan.json" + (f"; logs: {shown}" if logs else "")
 
 
 def print_rounds(run_dir: Path) -> None:

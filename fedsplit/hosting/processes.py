@@ -71,7 +71,9 @@ class HostProcesses:
         plan_file = plan_file or write_resolved(plan, self.work_dir / "plan.json")
         self.credentials: Path | None = None
         if not insecure:
-            self.credentials = generate_credentials([*plan.orgs, COORDINATOR], self.work_dir / "credentials")
+            self.credentials = generate_credentials(
+                [*plan.orgs, COORDINATOR], self.work_dir / "credentials", keep_ca_key=False
+            )
         common = [
             "--exit-with-parent",
             *(["--credentials", str(self.credentials)] if self.credentials else ["--insecure"]),

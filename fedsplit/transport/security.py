@@ -109,10 +109,15 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def generate_credentials(
-    names: Iterable[str], out: str | Path, hosts: Iterable[str] = ("localhost", "127.0.0.1"), days: int = 365
+    names: Iterable[str],
+    out: str | Path,
+    hosts: Iterable[str] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+    keep_ca_key: bool = True,
 ) -> Path:
     """Write ``ca.pem``/``ca.key``, ``NAME.pem``/``NAME.key``/``NAME.token`` for each name, and
-    ``verifiers.yaml``."""
+    ``verifiers.yaml``. Without ``keep_ca_key`` the CA's private key is never written: nobody can
+    sign another certificate for this CA once the call returns (a run's own credentials)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
@@ -129,7 +134,8 @@ def generate_credentials(
         .sign(ca_key, hashes.SHA256())
     )
     (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    _write_private(out / "ca.key", _key_pem(ca_key))
+    if keep_ca_key:
+        _write_private(out / "ca.key", _key_pem(ca_key))
     alt = []
     for h in hosts:
         try:

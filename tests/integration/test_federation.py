@@ -53,6 +53,8 @@ def test_simulated_rounds_without_replicas_equal_monolithic_training(tmp_path):
     for org, m in rounds[0]["orgs"].items():  # how long its message and reply took through Flower
         assert 0 < m["flower_in_s"] < rounds[0]["seconds"] and 0 < m["flower_back_s"] < rounds[0]["seconds"], org
     assert json.loads((run_dir / "plan.json").read_text())["name"] == "three-orgs"
+    credentials = run_dir / "workers" / "credentials"  # the run's own CA signs nothing after it started
+    assert (credentials / "ca.pem").exists() and not (credentials / "ca.key").exists()
     for layer, load in rounds[-1]["expert_load"].items():
         assert len(load) == plan.model.num_experts and abs(sum(load) - 1) < 1e-6, layer
 

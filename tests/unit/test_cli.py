@@ -37,6 +37,11 @@ def test_plan_check_says_how_replicas_are_kept_together(capsys, tmp_path):
     assert "add up their gradients every step" in capsys.readouterr().out
     assert main(["plan", "check", str(src / "federation.yaml")]) == 0
     assert "averaged after each round" in capsys.readouterr().out
+    (tmp_path / "federation.yaml").write_text(
+        (tmp_path / "federation.yaml").read_text().replace("strategy: fedavg, replica_sync: step", "strategy: diloco")
+    )
+    assert main(["plan", "check", str(tmp_path / "federation.yaml")]) == 0
+    assert "then take an outer SGD step (DiLoCo: rate 0.7, momentum 0.9, Nesterov)" in capsys.readouterr().out
 
 
 def test_plan_check_exits_1_and_names_the_problem_on_an_invalid_plan(capsys, tmp_path):
@@ -78,3 +83,17 @@ def test_the_command_and_its_help_import_no_torch():
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
     out = subprocess.run([sys.executable, "-m", "fedsplit.cli", "--help"], capture_output=True, text=True, check=True)
     assert "plan" in out.stdout and "simulate" in out.stdout and "examples:" in out.stdout
+
+
+def test_the_end_of_a_run_points_to_the_logs_where_they_are(tmp_path):
+    from fedsplit.cli.runs import run_contents
+
+    (tmp_path / "logs").mkdir()
+    assert run_contents(tmp_path) == "metrics.jsonl, checkpoints/, plan.json"  # an empty logs/ is not named
+    (tmp_path / "workers").mkdir()
+    for i in range(2):
+        (tmp_path / "workers" / f"host-{i}.log").write_text("")
+    assert run_contents(tmp_path).endswith("; logs: workers/host-0.log, workers/host-1.log")
+    for i in range(2, 6):
+        (tmp_path / "workers" / f"host-{i}.log").write_text("")
+    assert run_contents(tmp_path).endswith("workers/host-2.log and 3 more")
