@@ -48,7 +48,10 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
     called once the workers serve (tests use it to kill one)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    from flwr.common.logger import console_handler
     from flwr.simulation import run_simulation  # after the environment above is set
+
+    console_handler.colored = console_handler.stream.isatty()  # no colour codes in a log file or a pipe
 
     from .client_app import app as client_app
     from .server_app import app as server_app

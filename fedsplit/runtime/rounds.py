@@ -85,6 +85,7 @@ class Rounds:
         self._error: str | None = None
         self._driver: threading.Thread | None = None
         self._metrics: dict[str, float] = {}
+        self._traffic_at_begin = Traffic()
         self._unreachable: dict[str, int] = {}  # failed probes in a row, per data owner
         self._early_aborts: dict[int, str] = {}  # aborts of a round that reached us before it began
         worker.rounds = self
@@ -105,6 +106,7 @@ class Rounds:
             w.grads.drop_before(spec.first_step)
             w.expert_load.clear()
             w.load_state(weights)
+            self._traffic_at_begin = w.traffic()
             self._restore_optimizer(spec.restore_round)
             w.anchor_proximal()
             self.spec, self._error, self._metrics, self._arrived = (
@@ -156,7 +158,11 @@ class Rounds:
             for layer, counts in self.worker.expert_load.items()
             for e, n in enumerate(counts)
         }
-        return {**self._metrics, **load}
+        # Every organisation's calls, not only the data owners': a middle layer's calls to the
+        # holders of its experts and head groups are part of the round's traffic too.
+        moved: Traffic = self.worker.traffic() - self._traffic_at_begin
+        traffic = {"bytes_sent": float(moved.sent), "bytes_received": float(moved.received)}
+        return {**self._metrics, **load, **traffic}
 
     # -- what data owners ask (RoundControl) -----------------------------------------------------
 
@@ -286,7 +292,6 @@ def run_round(
     owner = worker.data_owner
     totals = {"loss": 0.0, "aux_loss": 0.0, "tokens": 0.0, "step_s": 0.0}
     per_step: dict[str, float] = {}  # "lr/<step>", "grad_norm/<step>", "clip_factor/<step>"
-    traffic_before = worker.traffic()
     for c in controls.values():
         c.await_round(spec.round, spec.attempt)
     evaluated = {}
@@ -306,8 +311,6 @@ def run_round(
             for k in ("loss", "aux_loss", "tokens"):
                 totals[k] += m[k]
             totals["last_loss"] = m["loss"]
-    moved: Traffic = worker.traffic() - traffic_before
-    traffic = {"bytes_sent": float(moved.sent), "bytes_received": float(moved.received)}
     n = max(spec.steps, 1)
     trained = {}
     if spec.steps:
@@ -317,4 +320,4 @@ def run_round(
             "last_loss": totals["last_loss"],
             "step_s": totals["step_s"] / n,
         }
-    return {**trained, **per_step, "tokens": totals["tokens"], **evaluated, **traffic}
+    return {**trained, **per_step, "tokens": totals["tokens"], **evaluated}

@@ -50,6 +50,7 @@ def test_simulated_rounds_without_replicas_equal_monolithic_training(tmp_path):
     rounds = [r for r in records if r["event"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["orgs"]["hospital-a"]["bytes_sent"] > 0
+    assert rounds[0]["orgs"]["compute-b"]["bytes_sent"] > 0  # its calls to experts-c count too
     for org, m in rounds[0]["orgs"].items():  # how long its message and reply took through Flower
         assert 0 < m["flower_in_s"] < rounds[0]["seconds"] and 0 < m["flower_back_s"] < rounds[0]["seconds"], org
     assert json.loads((run_dir / "plan.json").read_text())["name"] == "three-orgs"
