@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +30,47 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # the behaviour Ray's FutureWarning announces, without it
 }
+
+
+FLOWER_LOG = "flower.log"  # under the run's logs/: Flower's and the coordinator's log lines
 
 
 class SimulationFailed(RuntimeError):
     pass
+
+
+@contextmanager
+def flower_log_in(path: Path) -> Iterator[None]:
+    """Flower's log lines (the coordinator's rounds, Flower's own notices) go to ``path``; the
+    console keeps Flower's warnings and errors, without colour codes when it is not a terminal,
+    and without the notice that ``run_simulation`` is deprecated (this is its caller, by design:
+    the simulation engine runs in-process here)."""
+    from flwr.common.logger import console_handler
+
+    flwr_log = logging.getLogger("flwr")
+    file = logging.FileHandler(path, encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file.setLevel(logging.INFO)
+    level, colored = console_handler.level, console_handler.colored
+    console_handler.setLevel(logging.WARNING)
+    console_handler.colored = console_handler.stream.isatty()
+    console_handler.addFilter(_not_the_run_simulation_notice)
+    flwr_log.addHandler(file)
+    flwr_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        flwr_log.removeHandler(file)
+        file.close()
+        console_handler.removeFilter(_not_the_run_simulation_notice)
+        console_handler.setLevel(level)
+        console_handler.colored = colored
+
+
+def _not_the_run_simulation_notice(record: logging.LogRecord) -> bool:
+    return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 @dataclass
@@ -48,10 +86,7 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
     called once the workers serve (tests use it to kill one)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    from flwr.common.logger import console_handler
     from flwr.simulation import run_simulation  # after the environment above is set
-
-    console_handler.colored = console_handler.stream.isatty()  # no colour codes in a log file or a pipe
 
     from .client_app import app as client_app
     from .server_app import app as server_app
@@ -91,17 +126,25 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
         os.environ[COORDINATOR_ENV] = str(settings.write(run_dir / "coordinator.json"))
         if on_started:
             on_started(hosts, run_dir)
-        logging.getLogger("flwr").setLevel(logging.INFO)
         try:
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=len(plan.orgs),
-                backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": max(1, options.actors), "include_dashboard": False},
-                },
-            )
+            (run_dir / "logs").mkdir(exist_ok=True)
+            with flower_log_in(run_dir / "logs" / FLOWER_LOG):
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=len(plan.orgs),
+                    backend_config={
+                        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        # The client apps' own output (Flower's "Manually terminating ClientAppActor"
+                        # at every exit) stays in Ray's session logs; their failures come back in
+                        # their replies, which the coordinator reports.
+                        "init_args": {
+                            "num_cpus": max(1, options.actors),
+                            "include_dashboard": False,
+                            "log_to_driver": False,
+                        },
+                    },
+                )
         except Exception as e:  # the ServerApp's own exception, re-raised by Flower; result.json says why
             crash = e
         else:
@@ -110,7 +153,10 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
         hosts.close()
     result = run_dir / RESULT_FILE
     if not result.exists():
-        raise SimulationFailed(f"the coordinator did not finish ({crash!r}); see the log above and {run_dir}")
+        raise SimulationFailed(
+            f"the coordinator did not finish ({crash!r}); see {run_dir / 'logs' / FLOWER_LOG} and the "
+            f"workers' logs in {run_dir / 'workers'}"
+        )
     outcome = json.loads(result.read_text())
     if outcome["status"] != "finished":
         raise SimulationFailed(outcome.get("error", "the coordinator failed"))

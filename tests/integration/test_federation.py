@@ -158,6 +158,11 @@ def test_a_killed_and_resumed_coordinator_reaches_the_weights_of_a_clean_run(tmp
     common = ["--rounds", "3", "--steps", "2", "--insecure"]
     clean = run_cli("simulate", fed, "--runs-dir", str(tmp_path / "clean"), *common)
     assert clean.returncode == 0, clean.stderr[-3000:]
+    printed = clean.stdout + clean.stderr  # a successful run prints what the user needs, in plain text
+    assert "\x1b[" not in printed and "deprecated" not in printed and "ClientAppActor" not in printed
+    assert "--insecure" in clean.stderr and "Warning" not in printed
+    run_dir = next((tmp_path / "clean").iterdir())
+    assert "fedsplit: round 3/3" in (run_dir / "logs" / "flower.log").read_text()  # the rest is in the run's log
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedsplit.cli", "simulate", fed, "--runs-dir", str(tmp_path / "killed"), *common],
         stdout=subprocess.DEVNULL,
