@@ -107,18 +107,22 @@ def sample(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
     seed: int = 0,
     context: int = 256,
     vocab_size: int | None = None,
 ) -> list[int]:
     """``max_tokens`` new token ids after ``prompt``: temperature 0 is greedy, otherwise softmax
-    sampling at ``temperature`` over the ``top_k`` most likely tokens (all when None), drawn
-    from a generator seeded with ``seed``. Only ids below ``vocab_size`` (the tokenizer's) are
-    drawn; the model sees the last ``context`` tokens."""
+    sampling at ``temperature`` over the ``top_k`` most likely tokens (all when None), then over
+    the smallest set of those whose probabilities add up to ``top_p`` (nucleus sampling; 1: all),
+    drawn from a generator seeded with ``seed``. Only ids below ``vocab_size`` (the tokenizer's)
+    are drawn; the model sees the last ``context`` tokens."""
     if not prompt:
         raise ValueError("the prompt encodes to no tokens: give some text")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     ids = list(prompt)
@@ -134,7 +138,12 @@ def sample(
         if top_k is not None and top_k < logits.numel():
             kth = logits.topk(top_k).values[-1]
             logits[logits < kth] = float("-inf")
-        ids.append(int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)))
+        probs = torch.softmax(logits, dim=-1)
+        if top_p < 1:
+            ranked, order = probs.sort(descending=True)
+            outside = ranked.cumsum(0) - ranked >= top_p  # the tokens after the nucleus is full
+            probs[order[outside]] = 0.0
+        ids.append(int(torch.multinomial(probs, 1, generator=generator)))
     return ids[len(prompt) :]
 
 
@@ -145,9 +154,11 @@ def generate_text(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
     seed: int = 0,
 ) -> str:
-    """``prompt`` followed by ``max_tokens`` sampled tokens, decoded."""
+    """``prompt`` followed by ``max_tokens`` sampled tokens, decoded (bytes that are not UTF-8,
+    which a byte-level model can sample, decode to U+FFFD)."""
     ids = loaded.tokenizer.encode(prompt)
     new = sample(
         loaded.model,
@@ -155,6 +166,7 @@ def generate_text(
         max_tokens,
         temperature=temperature,
         top_k=top_k,
+        top_p=top_p,
         seed=seed,
         context=loaded.context,
         vocab_size=loaded.tokenizer.vocab_size,

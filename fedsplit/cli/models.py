@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--max-tokens", type=int, default=200, help="tokens to sample (default 200)")
     gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50; 0: all)")
+    gen.add_argument(
+        "--top-p", type=float, default=1.0, help="then among the most likely tokens adding up to p (default 1: all)"
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument(
         "--plan", metavar="PLAN_JSON", help="the run's plan.json (default: found beside or above the checkpoint)"
@@ -164,12 +167,24 @@ def generate(args: argparse.Namespace) -> None:
     try:
         loaded = load_model(args.checkpoint, plan_file=args.plan, tokenizer_file=args.tokenizer, device=args.device)
         text = generate_text(
-            loaded, args.prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k or None, seed=args.seed
+            loaded,
+            args.prompt,
+            args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            seed=args.seed,
         )
     except (GenerateError, ValueError) as e:
         raise CliError(f"cannot generate: {e}", USAGE) from None
     err_console.print(f"[dim]{loaded.description}, {loaded.tokenizer.vocab_size}-token vocabulary[/]", highlight=False)
     print(text)
+    replaced = text.count("\ufffd") - args.prompt.count("\ufffd")
+    if replaced > 0:
+        err_console.print(
+            f"[dim]{replaced} sampled byte sequence{'s are' if replaced > 1 else ' is'} not UTF-8, shown as \ufffd[/]",
+            highlight=False,
+        )
 
 
 def report_run(args: argparse.Namespace) -> None:

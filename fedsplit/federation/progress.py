@@ -47,8 +47,8 @@ def status_of(records: list[dict]) -> tuple[int, str]:
             parts.append(f"lr {last['lr'][-1]:.2e}")
         if last.get("grad_norm"):
             parts.append(f"grad norm {last['grad_norm'][-1]:.3f}")
-    if evals:
-        parts.append(f"held-out ppl {evals[-1]['ppl']:.2f}")
+    if evals:  # the model after round r is evaluated after the round's record: say which it is
+        parts.append(f"held-out ppl {evals[-1]['ppl']:.2f} (model of round {evals[-1]['round']})")
     return len({r["round"] for r in rounds}), "  ".join(parts)
 
 

@@ -61,3 +61,24 @@ def test_cli_prints_prompt_and_sample(run_dir, capsys):
 def test_a_directory_without_checkpoints_says_what_to_give(tmp_path):
     with pytest.raises(GenerateError, match="no complete checkpoint"):
         load_model(tmp_path)
+
+
+def test_a_tiny_nucleus_is_the_most_likely_token_and_a_whole_one_changes_nothing(run_dir):
+    model = load_model(run_dir).model
+    prompt = list(b"ROMEO:")
+    greedy = sample(model, prompt, 8, temperature=0.0, context=8, vocab_size=256)
+    for seed in (1, 2):
+        assert sample(model, prompt, 8, temperature=1.0, top_p=1e-6, seed=seed, context=8, vocab_size=256) == greedy
+        assert sample(model, prompt, 8, temperature=1.0, top_p=1.0, seed=seed, context=8, vocab_size=256) == sample(
+            model, prompt, 8, temperature=1.0, seed=seed, context=8, vocab_size=256
+        )
+    with pytest.raises(ValueError, match="top-p"):
+        sample(model, prompt, 1, top_p=0.0)
+
+
+def test_the_cli_says_once_when_sampled_bytes_are_not_utf8(run_dir, capsys):
+    """A random byte-level model samples bytes that are not UTF-8 at once; the note counts them."""
+    assert main(["generate", str(run_dir), "--prompt", "ROMEO:", "--max-tokens", "40", "--temperature", "1"]) == 0
+    out, err = capsys.readouterr()
+    replaced = out.count("\ufffd")
+    assert replaced > 0 and f"{replaced} sampled byte sequences are not UTF-8" in err

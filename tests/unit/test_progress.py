@@ -23,6 +23,13 @@ def test_before_round_one_the_status_counts_the_organisations_that_joined():
     assert done == 1 and line.startswith("loss 2.5000  50 tok/s")
 
 
+def test_the_held_out_perplexity_says_which_rounds_model_it_measured():
+    records = [{"event": "eval", "round": 0, "ppl": 260.7}, {"event": "round", "round": 1, "loss": 2.5, "tokens": 1}]
+    assert status_of(records)[1].endswith("held-out ppl 260.70 (model of round 0)")  # round 1's is not in yet
+    records.append({"event": "eval", "round": 1, "ppl": 229.4})
+    assert status_of(records)[1].endswith("held-out ppl 229.40 (model of round 1)")
+
+
 def test_a_log_file_gets_a_line_for_each_new_status(tmp_path):
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=200)
