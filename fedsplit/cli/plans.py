@@ -13,6 +13,7 @@ from .common import USAGE, CliError, console, load, say
 if TYPE_CHECKING:
     from ..data import Tokenizer
     from ..data.corpus_split import CorpusSplit
+    from ..plan import Plan
     from ..plan.schema import AggregationConfig
 
 
@@ -102,6 +103,7 @@ def check_plan(args: argparse.Namespace) -> None:
         mark = "local" if p.local_holders else ("replicated" if p.replicated else "")
         parts.add_row(p.name, describe(p.units, plan.model), ", ".join(p.holders), mark)
     console.print(parts)
+    print_exposure(plan)
     copies = ", bf16 compute copies" if plan.training.precision == "bf16-mixed" else ""
     frozen = ""
     if trains:
@@ -163,6 +165,22 @@ def generate_plan(args: argparse.Namespace) -> None:
     )
     if split is not None:
         print_split(split)
+
+
+def print_exposure(plan: Plan) -> None:
+    """What each organisation receives about each data owner's batches (docs/privacy.md)."""
+    from ..plan.exposure import exposures
+
+    table = Table(title="what each organisation receives about the data owners' batches (see docs/privacy.md)")
+    for col in ("organisation", "from", "about the batches of", "what"):
+        table.add_column(col)
+    rows = sorted(exposures(plan), key=lambda e: (e.receiver, e.data_owner, e.sender))
+    for e in rows:
+        table.add_row(e.receiver, e.sender, e.data_owner, e.what)
+    if rows:
+        console.print(table)
+    else:
+        say("no organisation receives anything about another's batches: every data owner computes its whole path")
 
 
 def replica_sync_text(aggregation: AggregationConfig) -> str:

@@ -1,0 +1,70 @@
+"""What each organisation receives about each data owner's batches, as ``plan check`` states it,
+read off the plan's routes."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsplit.cli import main
+from fedsplit.plan import load_plan
+from fedsplit.plan.exposure import expected_routed_fraction, exposures
+
+from ..conftest import PLANS, ROOT
+
+
+def received(plan, receiver: str, data_owner: str) -> list[str]:
+    return [e.what for e in exposures(plan) if e.receiver == receiver and e.data_owner == data_owner]
+
+
+def test_the_u_shape_says_who_sees_whose_hidden_states_routed_rows_and_replicas():
+    plan = load_plan(PLANS / "u-shape-3" / "federation.yaml")
+    for owner in ("hospital-a", "hospital-b"):
+        assert received(plan, "compute-c", owner) == [
+            "hidden states after layer 0 (every token)",
+            "the gradients of the hidden states it returns",
+        ]
+    # hospital-b holds half of layer 2's experts: it sees the other data owner's routed rows
+    (experts,) = received(plan, "hospital-b", "hospital-a")[:1]
+    assert experts.startswith("layer 2's normalised hidden states of the tokens routed to its 4 experts (~79%")
+    # hospital-a holds a head group of layer 3: every token of hospital-b's batches reaches it
+    assert any(
+        w.startswith("layer 3's normalised hidden states of every token")
+        for w in received(plan, "hospital-a", "hospital-b")
+    )
+    assert any(
+        "round's average of embed, layers.0, final_norm, lm_head" in w
+        for w in received(plan, "hospital-a", "hospital-b")
+    )
+    assert not any(e.receiver == e.data_owner for e in exposures(plan))  # nothing a data owner sends itself
+
+
+def test_token_ids_and_labels_are_stated_when_the_ends_are_elsewhere(tmp_path):
+    (tmp_path / "orgs").mkdir()
+    (tmp_path / "train.txt").write_text("to be or not to be\n")
+    (tmp_path / "orgs" / "owner.yaml").write_text("org: owner\ndata: {train: ../train.txt}\nholds: [layers.0]\n")
+    (tmp_path / "orgs" / "ends.yaml").write_text("org: ends\nholds: [embed, layers.1-3, final_norm, lm_head]\n")
+    (tmp_path / "federation.yaml").write_text(
+        f"name: t\nmodel: {ROOT / 'configs' / 'models' / 'tiny.yaml'}\norgs: [orgs/*.yaml]\n"
+    )
+    plan = load_plan(tmp_path / "federation.yaml")
+    assert received(plan, "ends", "owner") == [
+        "token ids",
+        "the gradients of the hidden states it returns",
+        "hidden states after layer 0 (every token)",
+        "labels (the next token of every position)",
+    ]
+
+
+def test_the_expected_routed_share_is_what_uniform_top_k_routing_gives():
+    gen = torch.Generator().manual_seed(0)
+    chosen = torch.randn(200_000, 8, generator=gen).topk(2, dim=-1).indices
+    for held in (1, 3, 4, 8):
+        measured = (chosen < held).any(dim=-1).float().mean().item()
+        assert abs(measured - expected_routed_fraction(held, 8, 2)) < 0.005, held
+    assert expected_routed_fraction(8, 8, 2) == 1.0
+
+
+def test_plan_check_prints_the_exposure_table(capsys):
+    assert main(["plan", "check", str(PLANS / "three-orgs" / "federation.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "what each organisation receives" in out and "hidden states after layer 1 (every token)" in out
