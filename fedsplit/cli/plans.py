@@ -134,6 +134,7 @@ def show_plan(args: argparse.Namespace) -> None:
             mark = " [dim](replicated)[/]" if len(holders) > 1 else ""
             table.add_row(row.label if i == 0 else "", describe(units, plan.model), ", ".join(holders) + mark)
     console.print(table)
+    print_exposure(plan)
 
 
 def generate_plan(args: argparse.Namespace) -> None:

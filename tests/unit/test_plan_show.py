@@ -44,6 +44,7 @@ def test_text_map_names_pieces_and_holders(capsys):
     assert main(["plan", "show", str(U_SHAPE)]) == 0
     out = capsys.readouterr().out
     assert "layers.2.experts.4-7" in out and "hospital-b" in out and "replicated" in out
+    assert "what each organisation receives" in out  # and who sees whose batches
 
 
 def test_every_piece_fedsplit_prints_is_a_selector_that_holds_exactly_those_units():
