@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""How much of a data owner's text can the organisations that receive its activations recover?
+
+    .venv/bin/python benchmarks/bench_privacy.py [--quick] [--train-steps 300] [--probe-steps 400]
+
+The victim is a data owner training on Shakespeare. The attacker is an organisation on its path
+(`fedsplit plan check` lists who receives what): the holder of the middle layers (hidden states
+after layer 0, 1 or 2, every token), a head-group holder (a layer's normalised attention input,
+every token) or an expert holder (a layer's normalised MoE input, only the rows routed to its
+experts). It is white-box: it knows the weights below the cut (every replica holder of the ends
+does at the start of each round, and every member gets the final model), so it computes hidden
+states of a public corpus it has (the shipped Python source and arithmetic, never Shakespeare)
+through the same weights, trains an inversion probe on them (hidden state -> the token at that
+position; a linear map and a small MLP), and applies it to the victim's real activations.
+
+Split training is exact, so the activations an organisation receives are those of the monolithic
+model with the same weights; the benchmark computes them there. It does so for the initial
+weights and for weights trained on all three corpora (``--train-steps`` AdamW steps), and
+prints top-1 token recovery on the victim's text next to the baseline of always guessing its most
+frequent token. Deterministic: fixed seeds, CPU. No plan here sends labels or their gradients to
+another organisation (data owners hold the loss), so no label-inference attack is run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from report import loadavg, provenance, table  # noqa: E402
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fedsplit.model import ModelConfig, MoETransformer  # noqa: E402
+from fedsplit.model.moe import route  # noqa: E402
+
+DATA = REPO / "data"
+SEQ = 64
+
+
+def byte_sequences(path: Path, count: int, seed: int, part: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """``count`` random windows of SEQ + 1 bytes from the ``part`` of ``path`` (fractions of its length)."""
+    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
+    lo, hi = int(len(data) * part[0]), int(len(data) * part[1])
+    gen = torch.Generator().manual_seed(seed)
+    starts = lo + torch.randint(0, hi - lo - SEQ - 1, (count,), generator=gen)
+    return torch.stack([data[s : s + SEQ + 1] for s in starts.tolist()])
+
+
+FIRST_HALF, SECOND_HALF = (0.0, 0.5), (0.5, 1.0)
+
+
+def train_monolith(model: MoETransformer, steps: int, seed: int) -> None:
+    """AdamW on batches from all three shipped corpora in turn (Shakespeare's first half only:
+    the victim's observed text comes from its second half)."""
+    corpora = [
+        (DATA / "tinyshakespeare.txt", FIRST_HALF),
+        (DATA / "python-stdlib.txt", (0.0, 1.0)),
+        (DATA / "arithmetic.txt", (0.0, 1.0)),
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        path, part = corpora[step % len(corpora)]
+        batch = byte_sequences(path, 8, seed * 100_000 + step, part)
+        logits, aux = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)) + aux
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+Observer = Callable[[MoETransformer, Tensor], tuple[Tensor, Tensor]]  # tokens -> (states, their tokens)
+
+
+def after_layer(layer: int) -> Observer:
+    """The residual stream after ``layer``: what the holder of the next layers receives."""
+
+    def observe(model: MoETransformer, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        seen = {}
+        hook = model.layers[layer].register_forward_hook(lambda m, a, out: seen.update(h=out[0]))
+        with torch.no_grad():
+            model(tokens)
+        hook.remove()
+        return seen["h"].reshape(-1, model.cfg.hidden_size), tokens.reshape(-1)
+
+    return observe
+
+
+def attention_input(layer: int) -> Observer:
+    """A layer's normalised attention input: what each of its head-group holders receives."""
+
+    def observe(model: MoETransformer, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        seen = {}
+        hook = model.layers[layer].attention.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+        with torch.no_grad():
+            model(tokens)
+        hook.remove()
+        return seen["x"].reshape(-1, model.cfg.hidden_size), tokens.reshape(-1)
+
+    return observe
+
+
+def routed_rows(layer: int, experts: range) -> Observer:
+    """A layer's normalised MoE input, only the tokens routed to ``experts``: what their holder
+    receives (a token routed to two of them arrives twice; counted once)."""
+
+    def observe(model: MoETransformer, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        seen = {}
+        moe = model.layers[layer].moe
+        hook = moe.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+        with torch.no_grad():
+            model(tokens)
+        hook.remove()
+        x = seen["x"].reshape(-1, model.cfg.hidden_size)
+        _, _, chosen = route(moe.router(x), model.cfg.top_k, model.cfg.normalize_top_k)
+        mine = ((chosen >= experts.start) & (chosen < experts.stop)).any(dim=-1)
+        return x[mine], tokens.reshape(-1)[mine]
+
+    return observe
+
+
+def train_probe(states: Tensor, tokens: Tensor, hidden: int | None, steps: int, seed: int) -> nn.Module:
+    """An inversion probe, hidden state -> token: linear (``hidden`` None) or a one-hidden-layer MLP."""
+    torch.manual_seed(seed)
+    dim = states.shape[-1]
+    probe = (
+        nn.Linear(dim, 256)
+        if hidden is None
+        else nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 256))
+    )
+    mean, std = states.mean(0), states.std(0) + 1e-6
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    x = (states - mean) / std
+    for _ in range(steps):
+        loss = F.cross_entropy(probe(x), tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    probe.eval()
+    return nn.Sequential(_Standardise(mean, std), probe)
+
+
+class _Standardise(nn.Module):
+    def __init__(self, mean: Tensor, std: Tensor):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def recovery(probe: nn.Module, states: Tensor, tokens: Tensor) -> float:
+    with torch.no_grad():
+        return float((probe(states).argmax(-1) == tokens).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer training and probe steps, less text")
+    parser.add_argument("--train-steps", type=int, default=300, help="AdamW steps of the trained weights")
+    parser.add_argument("--probe-steps", type=int, default=400, help="Adam steps of each probe (full batch)")
+    parser.add_argument("--public-seqs", type=int, default=256, help="public sequences the attacker has")
+    parser.add_argument("--victim-seqs", type=int, default=128, help="victim sequences it observes")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.quick:
+        args.train_steps, args.probe_steps, args.public_seqs, args.victim_seqs = 60, 150, 96, 48
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    print("\n".join(provenance()))
+    print(f"load before: {loadavg()}")
+    started = time.monotonic()
+    cfg = ModelConfig.from_yaml(REPO / "configs" / "models" / "tiny.yaml")
+    torch.manual_seed(args.seed)
+    initial = MoETransformer(cfg).eval()
+    trained = MoETransformer(cfg)
+    trained.load_state_dict(initial.state_dict())
+    train_monolith(trained, args.train_steps, args.seed)
+    half = args.public_seqs // 2
+    public = torch.cat(
+        [
+            byte_sequences(DATA / "python-stdlib.txt", half, args.seed + 1),
+            byte_sequences(DATA / "arithmetic.txt", args.public_seqs - half, args.seed + 2),
+        ]
+    )[:, :SEQ]
+    victim = byte_sequences(DATA / "tinyshakespeare.txt", args.victim_seqs, args.seed + 3, SECOND_HALF)[:, :SEQ]
+    counts = torch.bincount(victim.reshape(-1), minlength=256)
+    baseline = float(counts.max() / counts.sum())
+    experts = range(cfg.num_experts // 2, cfg.num_experts)
+    positions = [
+        ("middle-layer holder", "hidden states after layer 0", after_layer(0)),
+        ("middle-layer holder", "hidden states after layer 1", after_layer(1)),
+        ("middle-layer holder", "hidden states after layer 2", after_layer(2)),
+        ("head-group holder", "layer 3 attention input", attention_input(3)),
+        (
+            "expert holder",
+            f"layer 2 rows routed to experts {experts.start}-{experts.stop - 1}",
+            routed_rows(2, experts),
+        ),
+    ]
+    rows = []
+    for attacker, observed, observe in positions:
+        cells = [attacker, observed]
+        shares = []
+        for weights in (initial, trained):
+            pub_states, pub_tokens = observe(weights, public)
+            vic_states, vic_tokens = observe(weights, victim)
+            shares.append(len(vic_tokens) / victim.numel())
+            for hidden in (None, 256):
+                probe = train_probe(pub_states, pub_tokens, hidden, args.probe_steps, args.seed)
+                cells.append(f"{100 * recovery(probe, vic_states, vic_tokens):.1f}%")
+        cells.append(f"{100 * shares[-1]:.0f}%")
+        rows.append(cells)
+        print(f"  {attacker}, {observed}: {', '.join(cells[2:])}", flush=True)
+    print(
+        f"\n## Token recovery from a data owner's activations (tiny model, byte-level; attacker's probe trained on "
+        f"{args.public_seqs} x {SEQ} public tokens of Python and arithmetic, applied to {args.victim_seqs} x {SEQ} "
+        f"of the victim's Shakespeare; trained weights: {args.train_steps} AdamW steps)\n"
+    )
+    print(
+        "\n".join(
+            table(
+                [
+                    "attacker",
+                    "observes",
+                    "initial, linear",
+                    "initial, MLP",
+                    "trained, linear",
+                    "trained, MLP",
+                    "victim tokens seen (trained)",
+                ],
+                rows,
+            )
+        )
+    )
+    print(f"\nbaseline (always the victim's most frequent token): {100 * baseline:.1f}%")
+    print(f"took {time.monotonic() - started:.0f} s; load after: {loadavg()}")
+    print(json.dumps({"rows": rows, "baseline": baseline}))
+
+
+if __name__ == "__main__":
+    main()
