@@ -7,11 +7,13 @@ The victim is a data owner training on Shakespeare. The attacker is an organisat
 (`fedsplit plan check` lists who receives what): the holder of the middle layers (hidden states
 after layer 0, 1 or 2, every token), a head-group holder (a layer's normalised attention input,
 every token) or an expert holder (a layer's normalised MoE input, only the rows routed to its
-experts). It is white-box: it knows the weights below the cut (every replica holder of the ends
-does at the start of each round, and every member gets the final model), so it computes hidden
-states of a public corpus it has (the shipped Python source and arithmetic, never Shakespeare)
-through the same weights, trains an inversion probe on them (hidden state -> the token at that
-position; a linear map and a small MLP), and applies it to the victim's real activations.
+experts). It is assumed white-box: it knows the weights below the cut. That holds for a data
+owner that also hosts middle pieces (it holds a replica of the ends, the same weights at the
+start of each round) and for anyone given the reassembled model; a pure compute organisation
+holds none of them, so for it the numbers are an upper bound. It computes hidden states of a
+public corpus it has (the shipped Python source and arithmetic, never Shakespeare) through the
+same weights, trains an inversion probe on them (hidden state -> the token at that position; a
+linear map and a small MLP), and applies it to the victim's real activations.
 
 Split training is exact, so the activations an organisation receives are those of the monolithic
 model with the same weights; the benchmark computes them there. It does so for the initial
@@ -73,7 +75,8 @@ def train_monolith(model: MoETransformer, steps: int, seed: int) -> None:
         path, part = corpora[step % len(corpora)]
         batch = byte_sequences(path, 8, seed * 100_000 + step, part)
         logits, aux = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)) + aux
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = ce + model.cfg.aux_loss_coef * aux  # fedsplit's objective
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -21,9 +21,10 @@ averaged update (``strategy: diloco``, ``--outer-lr``, ``--outer-momentum``); ``
 kept in step by adding up their gradients every step (``replica_sync: step``, which equals
 centralised training up to rounding).
 Printed: held-out perplexity per round (overall, token-weighted over the data owners), the gap
-of the last round, federated / centralised - 1, and what a round moves: data-plane bytes (all
-organisations' calls, gradient exchanges of replicas kept in step included) and control-plane
-bytes (each organisation's trained weights to it and back through Flower).
+of the last round, federated / centralised - 1, and what a round moves: data-plane bytes (every
+call's request and reply, gradient exchanges of replicas kept in step included, measured) and
+control-plane bytes (each organisation's trained weights to it and back through Flower, from
+their sizes). Modes set the strategy: ``--plan`` keeps the rest of its aggregation settings.
 """
 
 from __future__ import annotations
@@ -60,13 +61,18 @@ def held_out_ppl(run_dir: Path) -> dict[int, float]:
 
 
 def data_plane_mb_per_round(run_dir: Path) -> float:
+    """Every call's request and reply, each counted once: at the organisation that made it."""
     rounds = [r for r in MetricsLog(run_dir / "metrics.jsonl").read() if r["event"] == "round"]
-    sent = [sum(float(m.get("bytes_sent", 0)) for m in r["orgs"].values()) for r in rounds]
-    return sum(sent) / len(sent) / 1e6
+    moved = [
+        sum(float(m.get("bytes_sent", 0)) + float(m.get("bytes_received", 0)) for m in r["orgs"].values())
+        for r in rounds
+    ]
+    return sum(moved) / len(moved) / 1e6
 
 
 def control_plane_mb_per_round(plan: Plan) -> float:
-    """Each organisation's trained weights, sent to it and returned, once a round (fp32)."""
+    """Each organisation's trained weights, sent to it and returned, once a round: computed from
+    their sizes, not measured (Flower's own framing is not counted)."""
     weights = initial_weights(plan)
     held = (select(weights, plan.slices_of(org, trained_only=True)) for org in plan.orgs)
     return 2 * sum(t.numel() * t.element_size() for state in held for t in state.values()) / 1e6

@@ -207,7 +207,11 @@ def new_plan(args: argparse.Namespace) -> None:
         path = starter.write_starting_plan(Path(args.out), Path(args.model or starter.DEFAULT_MODEL), args.name)
     except ValueError as e:
         raise CliError(f"cannot write a plan: {e}", USAGE) from None
-    plan = load(str(path))
+    try:
+        plan = load(str(path))
+    except CliError:  # e.g. a --name that is not a plan name: leave nothing invalid behind
+        starter.remove_starting_plan(Path(args.out))
+        raise
     say(f"wrote {path}: plan '{plan.name}' is valid: {', '.join(plan.orgs)}")
     say(f"next: edit it, then `fedsplit plan check {path}` and `fedsplit simulate {path}`")
 

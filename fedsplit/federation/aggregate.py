@@ -64,7 +64,8 @@ class _Reply:
 
 class FedAvgAggregator:
     """Called per partition with (its name, the round, its weights before the round, its replicas
-    after the round, their weights); returns its new weights. FedAvg keeps no state."""
+    after the round, their weights); returns its new weights. FedAvg keeps no state, and a
+    checkpoint with a server optimizer's state was not written by it."""
 
     def __call__(
         self,
@@ -80,7 +81,10 @@ class FedAvgAggregator:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        pass
+        if state:
+            raise ValueError(
+                f"{next(iter(state))!r} is a server optimizer's state: the run was trained with another strategy"
+            )
 
 
 class FedAdamAggregator(FedAvgAggregator):
@@ -133,6 +137,8 @@ class FedAdamAggregator(FedAvgAggregator):
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         for name, value in state.items():
             partition, moment, key = name.split("::", 2)
+            if moment not in ("m", "v"):
+                raise ValueError(f"{name!r} is not a FedAdam moment: the run was trained with another strategy")
             s = self._strategy(partition)
             moments = (s.m_t if moment == "m" else s.v_t) or {}
             moments[key] = value.numpy().astype(np.float32)
@@ -193,7 +199,9 @@ class DiLoCoAggregator(FedAvgAggregator):
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         for name, value in state.items():
-            partition, _, key = name.split("::", 2)
+            partition, kind, key = name.split("::", 2)
+            if kind != "momentum":
+                raise ValueError(f"{name!r} is not DiLoCo momentum: the run was trained with another strategy")
             self.momentum.setdefault(partition, {})[key] = value.to(torch.float32)
 
 

@@ -126,7 +126,13 @@ class Coordinator:
             )
         if self.base is not None:
             check_base(last, self.base)
-        self.aggregator.load_state_dict(last.server_state)
+        try:
+            self.aggregator.load_state_dict(last.server_state)
+        except ValueError as e:
+            raise FederationError(
+                f"{last.path}: {e}; resume with the aggregation strategy the run was started with "
+                f"(this plan's is {self.plan.aggregation.strategy})"
+            ) from None
         record = last.manifest.get("metrics")
         self.metrics.resume_after(last.round, {**record, "checkpoint": str(last.path)} if record else None)
         for skipped in last.skipped:

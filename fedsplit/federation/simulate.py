@@ -53,7 +53,7 @@ def flower_log_in(path: Path) -> Iterator[None]:
     file = logging.FileHandler(path, encoding="utf-8")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     file.setLevel(logging.INFO)
-    level, colored = console_handler.level, console_handler.colored
+    level, colored, flwr_level = console_handler.level, console_handler.colored, flwr_log.level
     console_handler.setLevel(logging.WARNING)
     console_handler.colored = console_handler.stream.isatty()
     console_handler.addFilter(_not_the_run_simulation_notice)
@@ -63,6 +63,7 @@ def flower_log_in(path: Path) -> Iterator[None]:
         yield
     finally:
         flwr_log.removeHandler(file)
+        flwr_log.setLevel(flwr_level)
         file.close()
         console_handler.removeFilter(_not_the_run_simulation_notice)
         console_handler.setLevel(level)

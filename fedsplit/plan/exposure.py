@@ -102,6 +102,8 @@ def exposures(plan: Plan) -> list[Exposure]:
     step = plan.aggregation.replica_sync == "step"
     shared: dict[tuple[str, str, str], list[str]] = {}  # (receiver, sender, data owner) -> partitions
     for p in plan.partitions:
+        if not plan.trained_slices(p.units):  # a frozen base is not averaged: nothing to see
+            continue
         group = [o for o in p.holders if o not in p.local_holders]
         for receiver in group:
             for sender in (o for o in group if o != receiver):

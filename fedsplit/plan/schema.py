@@ -174,6 +174,16 @@ class AggregationConfig(_Strict):
         ),
     )
 
+    @model_validator(mode="after")
+    def _one_way_to_keep_replicas(self) -> AggregationConfig:
+        if self.replica_sync == "step" and self.strategy in ("fedadam", "diloco"):
+            raise ValueError(
+                f"replica_sync: step keeps replicas identical and equal to centralised training; strategy "
+                f"{self.strategy} would step them again after each round: use strategy fedavg with replica_sync "
+                f"step, or {self.strategy} with replica_sync round"
+            )
+        return self
+
 
 Codec = Literal["none", "bf16", "fp16", "int8"]
 

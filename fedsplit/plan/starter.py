@@ -13,6 +13,7 @@ heads and the KV heads they share, experts) and how each kind of piece is select
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -72,8 +73,8 @@ def starting_plan(out_dir: Path, model: Path = DEFAULT_MODEL, name: str | None =
 #
 # The model ({_relative(model, out)}):
 {shape}
-name: {name or out.name}
-model: {_relative(model, out)}
+name: {json.dumps(name or out.name)}
+model: {json.dumps(_relative(model, out))}
 training:
   rounds: 2                  # rounds of training; the coordinator averages replicas after each
   steps_per_round: 5         # optimizer steps per round on every data owner's batches
@@ -94,7 +95,7 @@ orgs: [orgs/*.yaml]          # one file per organisation
 # A second data owner with the same 'holds' would hold replicas of them, averaged each round.
 org: data-owner
 data:
-  train: {_relative(TRAIN_DATA, out / "orgs")}   # text, or .jsonl with a "text" field; eval: for held-out files
+  train: {json.dumps(_relative(TRAIN_DATA, out / "orgs"))}   # text, or .jsonl with a "text" field; eval: held-out
 holds:
   - embed
   - layers.0
@@ -134,11 +135,24 @@ def write_starting_plan(out_dir: Path, model: Path = DEFAULT_MODEL, name: str | 
     taken += sorted(str(p) for p in (out_dir / "orgs").glob("*.yaml") if f"orgs/{p.name}" not in files)
     if taken:
         raise ValueError(f"{out_dir} already holds a plan ({', '.join(taken)}): choose an empty directory")
-    for relative, text in files.items():
-        path = out_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    try:
+        for relative, text in files.items():
+            path = out_dir / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        remove_starting_plan(out_dir)
+        raise ValueError(f"cannot write into {out_dir}: {e.strerror or e}") from None
     return out_dir / "federation.yaml"
+
+
+def remove_starting_plan(out_dir: Path) -> None:
+    """Remove what :func:`write_starting_plan` wrote (a plan that did not validate)."""
+    for relative in (*(f"orgs/{org}.yaml" for org in ORGS), "federation.yaml"):
+        (Path(out_dir) / relative).unlink(missing_ok=True)
+    for directory in (Path(out_dir) / "orgs", Path(out_dir)):
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def _relative(target: Path, start: Path) -> str:

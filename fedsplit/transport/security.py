@@ -136,6 +136,8 @@ def generate_credentials(
     (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     if keep_ca_key:
         _write_private(out / "ca.key", _key_pem(ca_key))
+    else:  # nor an older run's key beside this CA's certificate
+        (out / "ca.key").unlink(missing_ok=True)
     alt = []
     for h in hosts:
         try:

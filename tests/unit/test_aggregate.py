@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from fedsplit.federation.aggregate import (
@@ -146,3 +147,24 @@ def test_diloco_steps_the_partitions_that_a_replica_group_averages():
     assert isinstance(aggregator, DiLoCoAggregator)
     averaged = {p.name for p in plan.partitions if len(p.holders) > 1 and not p.local_holders}
     assert averaged and aggregator.replicated == set(replica_groups(plan)) == averaged
+
+
+def test_a_server_state_of_another_strategy_is_refused_not_misread():
+    config = AggregationConfig(strategy="fedadam", server_lr=0.05)
+    adam = FedAdamAggregator(config)
+    before, trained = replicas(7)
+    adam("layers.0", 1, before, trained, {"a": 1.0, "b": 1.0})
+    momentum = DiLoCoAggregator(AggregationConfig(strategy="diloco"), ["layers.0"])
+    momentum("layers.0", 1, before, trained, {"a": 1.0, "b": 1.0})
+    with pytest.raises(ValueError, match="not DiLoCo momentum"):
+        DiLoCoAggregator(AggregationConfig(strategy="diloco"), ["layers.0"]).load_state_dict(adam.state_dict())
+    with pytest.raises(ValueError, match="not a FedAdam moment"):
+        FedAdamAggregator(config).load_state_dict(momentum.state_dict())
+    with pytest.raises(ValueError, match="another strategy"):
+        FedAvgAggregator().load_state_dict(momentum.state_dict())
+
+
+def test_an_outer_optimizer_on_replicas_kept_in_step_is_refused():
+    for strategy in ("diloco", "fedadam"):
+        with pytest.raises(ValueError, match="replica_sync: step keeps replicas identical"):
+            AggregationConfig(strategy=strategy, replica_sync="step")

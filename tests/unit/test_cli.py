@@ -97,3 +97,12 @@ def test_the_end_of_a_run_points_to_the_logs_where_they_are(tmp_path):
     for i in range(2, 6):
         (tmp_path / "workers" / f"host-{i}.log").write_text("")
     assert run_contents(tmp_path).endswith("workers/host-2.log and 3 more")
+
+
+def test_credentials_without_the_ca_key_leave_none_behind(tmp_path):
+    from fedsplit.transport.security import generate_credentials
+
+    generate_credentials(["a"], tmp_path)
+    assert (tmp_path / "ca.key").exists()
+    generate_credentials(["a"], tmp_path, keep_ca_key=False)  # a resumed run's fresh credentials
+    assert (tmp_path / "ca.pem").exists() and not (tmp_path / "ca.key").exists()

@@ -10,6 +10,7 @@ from fedsplit.plan import load_plan
 from fedsplit.plan.exposure import expected_routed_fraction, exposures
 
 from ..conftest import PLANS, ROOT
+from ..recipes import ALL, finetuned
 
 
 def received(plan, receiver: str, data_owner: str) -> list[str]:
@@ -68,3 +69,11 @@ def test_plan_check_prints_the_exposure_table(capsys):
     assert main(["plan", "check", str(PLANS / "three-orgs" / "federation.yaml")]) == 0
     out = capsys.readouterr().out
     assert "what each organisation receives" in out and "hidden states after layer 1 (every token)" in out
+
+
+def test_a_frozen_replicated_piece_is_not_said_to_be_averaged(tmp_path):
+    """Under LoRA the ends' embedding, final norm and head are frozen: only layer 0's adapters
+    are averaged between the hospitals."""
+    plan = finetuned("u-shape-3", tmp_path, method="lora", rank=4, alpha=8, targets=ALL)
+    (line,) = [e.what for e in exposures(plan) if "round's average" in e.what and e.receiver == "hospital-a"]
+    assert line.startswith("the round's average of layers.0, which") and "embed" not in line

@@ -46,3 +46,10 @@ def test_plan_new_refuses_to_write_over_a_plan_and_changes_nothing(tmp_path, cap
 def test_plan_new_names_an_unreadable_model(tmp_path, capsys):
     assert main(["plan", "new", str(tmp_path / "p"), "--model", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read the model" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_a_name_that_yaml_would_misread_is_quoted_and_an_invalid_one_leaves_nothing(tmp_path, capsys):
+    assert main(["plan", "new", str(tmp_path / "2024")]) == 0  # unquoted, YAML would read a number
+    assert load_plan(tmp_path / "2024" / "federation.yaml").name == "2024"
+    assert main(["plan", "new", str(tmp_path / "p"), "--name", "my plan"]) == 1
+    assert "name" in capsys.readouterr().err and not (tmp_path / "p").exists()
