@@ -87,7 +87,35 @@ class FedAvgAggregator:
             )
 
 
-class FedAdamAggregator(FedAvgAggregator):
+class ServerOptimizer(FedAvgAggregator):
+    """A server-side step along a replica group's averaged round update. When none of the
+    replicas trained there is no update: the weights stay as they were."""
+
+    def __call__(
+        self,
+        partition: str,
+        round: int,
+        before: Mapping[str, Tensor],
+        replicas: Mapping[str, Mapping[str, Tensor]],
+        weights: Mapping[str, float],
+    ) -> dict[str, Tensor]:
+        trained = {org: r for org, r in replicas.items() if weights.get(org, 0) > 0}
+        if not trained:
+            return {k: v.clone() for k, v in before.items()}
+        return self.step(partition, round, before, trained, weights)
+
+    def step(
+        self,
+        partition: str,
+        round: int,
+        before: Mapping[str, Tensor],
+        trained: Mapping[str, Mapping[str, Tensor]],
+        weights: Mapping[str, float],
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class FedAdamAggregator(ServerOptimizer):
     """Adaptive server optimisation (Reddi et al., FedAdam): each partition's averaged update is a
     pseudo-gradient for a server-side Adam step. One Flower ``FedAdam`` per partition keeps that
     partition's moments; ``state_dict`` / ``load_state_dict`` carry them across a resume."""
@@ -104,24 +132,21 @@ class FedAdamAggregator(FedAvgAggregator):
             )
         return self.strategies[partition]
 
-    def __call__(
+    def step(
         self,
         partition: str,
         round: int,
         before: Mapping[str, Tensor],
-        replicas: Mapping[str, Mapping[str, Tensor]],
+        trained: Mapping[str, Mapping[str, Tensor]],
         weights: Mapping[str, float],
     ) -> dict[str, Tensor]:
-        trained = [org for org in replicas if weights.get(org, 0) > 0]
-        if not trained:
-            return {k: v.clone() for k, v in before.items()}
         strategy = self._strategy(partition)
         strategy.current_arrays = {k: v.detach().cpu().numpy() for k, v in before.items()}
         flwr_log = logging.getLogger("flwr")
         level = flwr_log.level
         flwr_log.setLevel(logging.WARNING)  # one "Received N results" line per partition is noise here
         try:
-            arrays, _ = strategy.aggregate_train(round, [_Reply(r) for r in _records(replicas, weights, trained)])
+            arrays, _ = strategy.aggregate_train(round, [_Reply(r) for r in _records(trained, weights, trained)])
         finally:
             flwr_log.setLevel(level)
         return {k: torch.from_numpy(np.asarray(a.numpy())).to(before[k].dtype) for k, a in arrays.items()}
@@ -148,7 +173,7 @@ class FedAdamAggregator(FedAvgAggregator):
                 s.v_t = moments
 
 
-class DiLoCoAggregator(FedAvgAggregator):
+class DiLoCoAggregator(ServerOptimizer):
     """DiLoCo's outer step (Douillard et al., 2023): a replica group's averaged round update,
     weights before the round minus their FedAvg, is the pseudo-gradient of an outer SGD with
     (Nesterov) momentum, ``torch.optim.SGD`` itself, one momentum buffer per partition.
@@ -164,17 +189,15 @@ class DiLoCoAggregator(FedAvgAggregator):
         self.replicated = frozenset(replicated)
         self.momentum: dict[str, dict[str, Tensor]] = {}  # per partition, per weight
 
-    def __call__(
+    def step(
         self,
         partition: str,
         round: int,
         before: Mapping[str, Tensor],
-        replicas: Mapping[str, Mapping[str, Tensor]],
+        trained: Mapping[str, Mapping[str, Tensor]],
         weights: Mapping[str, float],
     ) -> dict[str, Tensor]:
-        if not any(weights.get(org, 0) > 0 for org in replicas):
-            return {k: v.clone() for k, v in before.items()}
-        average = average_replicas(replicas, weights)
+        average = average_replicas(trained, weights)
         c = self.config
         if partition not in self.replicated or (c.outer_lr == 1 and c.outer_momentum == 0):
             return average

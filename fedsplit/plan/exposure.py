@@ -1,6 +1,6 @@
 """What each organisation receives about each data owner's batches, read off the plan.
 
-A data owner drives its micro-batches through its path (``runtime.path``): it sends each segment
+A data owner drives its micro-batches through its path (:meth:`.Plan.path`): it sends each segment
 of consecutive blocks to the organisation computing them and gets the segment's output back, so
 a segment's organisation receives the segment's input (the token ids, or the hidden states after
 the block before it), the labels if it computes the loss, and in the backward the gradient of
@@ -48,17 +48,8 @@ def exposures(plan: Plan) -> list[Exposure]:
     out: list[Exposure] = []
     for d in plan.data_owners:
         route = plan.route(d)
-        blocks: list[tuple[str | int, str]] = [("embed", route[Unit("embed")])]
-        blocks += [(i, route[Unit("router", i)]) for i in range(cfg.num_layers)]
-        blocks += [("final_norm", route[Unit("final_norm")]), ("lm_head", route[Unit("lm_head")])]
-        segments: list[tuple[str, list[str | int]]] = []
-        for block, org in blocks:
-            if segments and segments[-1][0] == org:
-                segments[-1][1].append(block)
-            else:
-                segments.append((org, [block]))
         before: str | int | None = None
-        for org, run in segments:
+        for org, run in plan.path(d):
             if org != d:
                 first = "token ids" if before is None else f"hidden states after {_block_name(before)} (every token)"
                 out.append(Exposure(org, d, d, first))

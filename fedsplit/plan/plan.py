@@ -135,6 +135,21 @@ class Plan:
             self._routes[data_owner] = {u: self.replica_for(p, data_owner) for p in self.partitions for u in p.units}
         return self._routes[data_owner]
 
+    def path(self, data_owner: str) -> list[tuple[str, tuple[str | int, ...]]]:
+        """The data owner's path: (organisation, blocks) for each run of consecutive blocks
+        (``embed``, layer indices, ``final_norm``, ``lm_head``) that one organisation computes."""
+        route = self.route(data_owner)
+        blocks: list[tuple[str | int, str]] = [("embed", route[Unit("embed")])]
+        blocks += [(i, route[Unit("router", i)]) for i in range(self.model.num_layers)]
+        blocks += [("final_norm", route[Unit("final_norm")]), ("lm_head", route[Unit("lm_head")])]
+        path: list[tuple[str, list[str | int]]] = []
+        for block, org in blocks:
+            if path and path[-1][0] == org:
+                path[-1][1].append(block)
+            else:
+                path.append((org, [block]))
+        return [(org, tuple(run)) for org, run in path]
+
     def path_orgs(self, data_owner: str) -> frozenset[str]:
         """Every organisation that computes something for ``data_owner``'s batches, itself included."""
         return frozenset(self.route(data_owner).values()) | {data_owner}

@@ -19,10 +19,8 @@ from pathlib import Path
 
 from ..interop import is_model_directory, open_checkpoint
 from ..model import ModelConfig
+from .templates import DEFAULT_MODEL, REPO, TRAIN_DATA
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "configs" / "models" / "tiny.yaml"
-TRAIN_DATA = REPO / "data" / "tinyshakespeare.txt"
 ORGS = ("data-owner", "compute", "experts")
 
 
