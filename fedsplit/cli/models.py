@@ -33,6 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--merge", action="store_true", help="fold a LoRA fine-tune's adapters into the base weights (W + alpha/r B A)"
     )
+    export.add_argument(
+        "--without",
+        metavar="ORG",
+        action="append",
+        default=[],
+        help="leave out the experts ORG owns (its plan's 'owns'), the router renormalised over the rest; repeatable",
+    )
     export.set_defaults(func=export_model)
 
     imp = sub.add_parser(
@@ -103,7 +110,7 @@ def export_model(args: argparse.Namespace) -> None:
 
     try:
         model = Path(args.model) if args.model else None
-        say(export(Path(args.checkpoint), Path(args.out), args.format, model, merge=args.merge))
+        say(export(Path(args.checkpoint), Path(args.out), args.format, model, merge=args.merge, without=args.without))
     except (CheckpointError, ValueError, OSError) as e:
         raise CliError(f"cannot export: {e}", USAGE) from None
 

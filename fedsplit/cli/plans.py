@@ -99,8 +99,12 @@ def check_plan(args: argparse.Namespace) -> None:
     parts = Table(title=f"partitions (replicas {sync})")
     for col in ("partition", "units", "held by", ""):
         parts.add_column(col)
+    owner_of = plan.owner_of
     for p in plan.partitions:
         mark = "local" if p.local_holders else ("replicated" if p.replicated else "")
+        owners = sorted({owner_of[u] for u in p.units if u in owner_of})
+        if owners:
+            mark = ", ".join(filter(None, (mark, f"owned by {', '.join(owners)}")))
         parts.add_row(p.name, describe(p.units, plan.model), ", ".join(p.holders), mark)
     console.print(parts)
     print_exposure(plan)

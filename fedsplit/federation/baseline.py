@@ -20,10 +20,12 @@ from .rundir import MetricsLog, evaluation_record, new_run_dir
 Progress = Callable[[int, int, dict], None]  # (step done, total steps, step metrics)
 
 
-def held_out_loss(trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor]]) -> tuple[float, float]:
-    """(token-weighted mean cross-entropy, tokens) of held-out batches."""
+def held_out_loss(
+    trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor]], data_owner: str | None = None
+) -> tuple[float, float]:
+    """(token-weighted mean cross-entropy, tokens) of held-out batches (routed as ``data_owner``'s)."""
     tokens = [float(tok.numel()) for tok, _ in batches]
-    losses = [trainer.evaluate(tok, lab) for tok, lab in batches]
+    losses = [trainer.evaluate(tok, lab, data_owner) for tok, lab in batches]
     return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), sum(tokens)
 
 
@@ -40,7 +42,9 @@ def run_baseline(
 
     def evaluate(r: int) -> None:
         if held_out:
-            metrics.write(evaluation_record(r, {d: held_out_loss(trainer, batches) for d, batches in held_out.items()}))
+            metrics.write(
+                evaluation_record(r, {d: held_out_loss(trainer, batches, d) for d, batches in held_out.items()})
+            )
 
     evaluate(0)
     total = t.rounds * t.steps_per_round

@@ -3,6 +3,7 @@ one safetensors file, as a Hugging Face directory, or as a PEFT adapter."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -10,11 +11,17 @@ from safetensors.torch import save_file
 from ..interop import CheckpointError, is_model_directory, open_checkpoint, save_hf
 from ..interop.adapters import merge_adapters
 from ..interop.peft_format import save_peft
+from ..interop.withdraw import without_experts
 from ..model import ModelConfig, is_adapter
-from ..plan import resolved_model
+from ..plan import resolved_model, resolved_owned_experts
 from ..runtime.weights import base_checkpoint
 from .checkpoint import Checkpoint, find_checkpoint, model_weights
 from .rundir import PLAN_FILE
+
+
+def run_plan_file(source: Path) -> Path | None:
+    """The run's resolved plan beside or above a checkpoint, if there is one."""
+    return next((d / PLAN_FILE for d in (source, *source.parents[:3]) if (d / PLAN_FILE).exists()), None)
 
 
 def model_config(source: Path, model: Path | None = None) -> ModelConfig:
@@ -22,20 +29,44 @@ def model_config(source: Path, model: Path | None = None) -> ModelConfig:
     run's resolved plan beside or above the checkpoint."""
     if model is not None:
         return open_checkpoint(model).config if model.is_dir() else ModelConfig.from_yaml(model)
-    plans = [d / PLAN_FILE for d in (source, *source.parents[:3]) if (d / PLAN_FILE).exists()]
-    if not plans:
+    plan = run_plan_file(source)
+    if plan is None:
         raise CheckpointError(
             f"no {PLAN_FILE} beside or above it to take the model config from: give --model MODEL_YAML", file=source
         )
-    return resolved_model(plans[0])
+    return resolved_model(plan)
 
 
-def export(source: Path, out: Path, format: str = "safetensors", model: Path | None = None, merge: bool = False) -> str:
+def withdrawn_experts(source: Path, without: Sequence[str] = ()) -> tuple[list[str], list[tuple[int, int]]]:
+    """The organisations whose owned experts leave the exported model (``without``, and those whose
+    plan says ``withdraw_experts``) and those experts, as (layer, expert) pairs."""
+    plan = run_plan_file(source)
+    owned = resolved_owned_experts(plan) if plan is not None else {}
+    unknown = [o for o in without if o not in owned]
+    if unknown:
+        owners = ", ".join(sorted(owned)) or "none: its plan has no 'owns'"
+        raise CheckpointError(
+            f"--without {', '.join(unknown)}: owns no experts in this run (organisations that own experts: {owners})",
+            file=plan or source,
+        )
+    orgs = sorted(set(without) | {o for o, (_, withdrawn) in owned.items() if withdrawn})
+    return orgs, sorted((u.layer, u.index) for o in orgs for u in owned[o][0])
+
+
+def export(
+    source: Path,
+    out: Path,
+    format: str = "safetensors",
+    model: Path | None = None,
+    merge: bool = False,
+    without: Sequence[str] = (),
+) -> str:
     """Write the model at ``source`` to ``out``; what was written, for the user. ``format``:
     ``safetensors`` (fedsplit's names), ``hf`` (a transformers directory) or ``peft`` (a LoRA
     fine-tune's adapters as PEFT saves them). ``merge``: fold a fine-tuned model's LoRA adapters
-    into its base weights first. Raises :class:`CheckpointError` when ``source`` holds no complete
-    checkpoint or cannot be exported so."""
+    into its base weights first. ``without``: organisations whose owned experts are left out (the
+    router renormalised over the rest), besides those whose plan withdraws them. Raises
+    :class:`CheckpointError` when ``source`` holds no complete checkpoint or cannot be exported so."""
     source, out = Path(source), Path(out)
     if format == "hf" and is_model_directory(source):
         directory = open_checkpoint(source)
@@ -46,20 +77,37 @@ def export(source: Path, out: Path, format: str = "safetensors", model: Path | N
         raise CheckpointError(
             "holds no complete checkpoint (give a run directory or a checkpoints/round-NNNN directory)", file=source
         )
-    needs_config = merge or format != "safetensors" or "base" in ckpt.manifest
+    orgs, removed = withdrawn_experts(ckpt.path, without)
+    if removed and format == "peft":
+        raise CheckpointError(
+            f"a PEFT adapter applies to its base, which keeps the experts of {', '.join(orgs)}: export --format hf "
+            "(or --merge) to leave them out"
+        )
+    needs_config = merge or removed or format != "safetensors" or "base" in ckpt.manifest
     cfg = model_config(ckpt.path, model) if needs_config else None
     if format == "peft":
         return _export_peft(ckpt, cfg, out)
     weights = model_weights(ckpt, cfg) if cfg is not None else ckpt.weights
     if merge:
         cfg, weights = merge_adapters(cfg, weights)
+    left_out = ""
+    if removed:
+        cfg, weights = without_experts(cfg, weights, removed)
+        left_out = f" without the experts of {', '.join(orgs)} ({cfg.num_experts} experts per layer left)"
     if format == "hf":
         written = save_hf(cfg, weights, out)
-        return f"wrote a Hugging Face checkpoint to {written}: AutoModelForCausalLM.from_pretrained({str(written)!r})"
+        return (
+            f"wrote a Hugging Face checkpoint{left_out} to {written}: "
+            f"AutoModelForCausalLM.from_pretrained({str(written)!r})"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, out, metadata={"format": "pt", "round": str(ckpt.round)})
+    metadata = {"format": "pt", "round": str(ckpt.round)}
+    if removed:
+        metadata["num_experts"] = str(cfg.num_experts)
+    save_file({k: v.contiguous() for k, v in weights.items()}, out, metadata=metadata)
     merged = " (adapters merged)" if merge else ""
-    return f"wrote the full model of round {ckpt.round}{merged} ({len(weights)} tensors) to {out}"
+    model_yaml = f"; load it with num_experts: {cfg.num_experts} in the model YAML" if removed else ""
+    return f"wrote the full model of round {ckpt.round}{merged}{left_out} ({len(weights)} tensors) to {out}{model_yaml}"
 
 
 def _export_peft(ckpt: Checkpoint, cfg: ModelConfig, out: Path) -> str:

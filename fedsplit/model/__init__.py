@@ -4,6 +4,7 @@ from .config import LoraConfig, LoraTarget, ModelConfig
 from .moe import (
     Attention,
     Block,
+    BlockedExperts,
     Experts,
     LoRALinear,
     MoE,
@@ -27,6 +28,7 @@ from .moe import (
 __all__ = [
     "Attention",
     "Block",
+    "BlockedExperts",
     "Experts",
     "LoRALinear",
     "LoraConfig",

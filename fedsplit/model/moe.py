@@ -17,7 +17,7 @@ So the monolithic model and every partition run the same code below.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 import torch
@@ -244,12 +244,16 @@ class MoE(nn.Module):
         noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         return x * (1.0 - eps + 2.0 * eps * noise)
 
-    def forward(self, x: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, noise_seed: int | None = None, blocked: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """(output, load-balancing loss); ``blocked`` experts get no token of this batch: their
+        router logits are -inf, so their probability and router gradient are exactly zero (another
+        data owner's owned experts, see :meth:`fedsplit.plan.Plan.blocked_experts`)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs, weights, chosen = route(
-            self.router(self.jitter(x, noise_seed)), self.cfg.top_k, self.cfg.normalize_top_k
-        )
+        logits = self.router(self.jitter(x, noise_seed))
+        if blocked:
+            logits = logits.index_fill(-1, torch.tensor(blocked, device=x.device), float("-inf"))
+        probs, weights, chosen = route(logits, self.cfg.top_k, self.cfg.normalize_top_k)
         aux = load_balancing_loss(probs, chosen, self.cfg.num_experts)
 
         # Dispatch loops over experts, never over tokens: gather each expert's rows once.
@@ -276,18 +280,32 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe = MoE(cfg, layer_idx)
 
-    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, h: Tensor, rope: tuple[Tensor, Tensor], noise_seed: int | None = None, blocked: Sequence[int] = ()
+    ) -> tuple[Tensor, Tensor]:
         h = h + self.attention(self.attn_norm(h), rope)
-        moe_out, aux = self.moe(self.ffn_norm(h), noise_seed)
+        moe_out, aux = self.moe(self.ffn_norm(h), noise_seed, blocked)
         return h + moe_out, aux
 
 
-def run_block(block: Block, h: Tensor, rope: tuple[Tensor, Tensor], noise_seed: int | None, recompute: bool):
-    """``block(h, rope, noise_seed)``; with ``recompute`` (activation checkpointing), keeping only
-    its input: its forward runs again during backward, drawing the same router noise (seeded)."""
+BlockedExperts = Mapping[int, Sequence[int]]  # layer -> experts a batch may not be routed to
+
+
+def run_block(
+    block: Block,
+    h: Tensor,
+    rope: tuple[Tensor, Tensor],
+    noise_seed: int | None,
+    recompute: bool,
+    blocked: BlockedExperts | None = None,
+):
+    """``block(h, rope, noise_seed)``, routing to none of ``blocked[layer]``; with ``recompute``
+    (activation checkpointing), keeping only its input: its forward runs again during backward,
+    drawing the same router noise (seeded)."""
+    excluded = tuple(blocked.get(block.moe.layer_idx, ())) if blocked else ()
     if recompute and torch.is_grad_enabled():
-        return checkpoint(block, h, rope, noise_seed, use_reentrant=False)
-    return block(h, rope, noise_seed)
+        return checkpoint(block, h, rope, noise_seed, excluded, use_reentrant=False)
+    return block(h, rope, noise_seed, excluded)
 
 
 LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once in a recomputed loss
@@ -332,25 +350,31 @@ class MoETransformer(nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 
-    def hidden(self, tokens: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+    def hidden(
+        self, tokens: Tensor, noise_seed: int | None = None, blocked: BlockedExperts | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(the final-normed hidden state, summed auxiliary load-balancing loss of all layers)."""
         rope = rope_tables(self.cfg, tokens.shape[1], tokens.device)
         h = self.embed(tokens)
         aux = h.new_zeros(())
         for layer in self.layers:
-            h, layer_aux = run_block(layer, h, rope, noise_seed, self.activation_checkpointing)
+            h, layer_aux = run_block(layer, h, rope, noise_seed, self.activation_checkpointing, blocked)
             aux = aux + layer_aux
         return self.final_norm(h), aux
 
-    def forward(self, tokens: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, tokens: Tensor, noise_seed: int | None = None, blocked: BlockedExperts | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Returns (logits, summed auxiliary load-balancing loss of all layers)."""
-        h, aux = self.hidden(tokens, noise_seed)
+        h, aux = self.hidden(tokens, noise_seed, blocked)
         return self.logits(h), aux
 
-    def losses(self, tokens: Tensor, labels: Tensor, noise_seed: int | None = None) -> tuple[Tensor, Tensor]:
+    def losses(
+        self, tokens: Tensor, labels: Tensor, noise_seed: int | None = None, blocked: BlockedExperts | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(mean cross-entropy, summed aux loss) of a batch; with activation checkpointing the loss
         goes through :func:`chunked_cross_entropy` and the logits are never kept."""
-        h, aux = self.hidden(tokens, noise_seed)
+        h, aux = self.hidden(tokens, noise_seed, blocked)
         if self.activation_checkpointing:
             return chunked_cross_entropy(h, self.logits, labels), aux
         return cross_entropy(self.logits(h), labels), aux

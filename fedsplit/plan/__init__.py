@@ -1,7 +1,7 @@
 """Partition plans: YAML schema, loading and validation, and slicing the model by plan."""
 
 from .errors import PlanError, Problem
-from .loading import load_plan, resolved, resolved_model, write_resolved
+from .loading import load_plan, resolved, resolved_model, resolved_owned_experts, write_resolved
 from .plan import Entry, Org, Partition, Plan
 from .slicing import ReassemblyError, TensorSlice, reassemble, select, unit_slices
 from .units import SelectorError, Unit, parse_selector
@@ -22,6 +22,7 @@ __all__ = [
     "reassemble",
     "resolved",
     "resolved_model",
+    "resolved_owned_experts",
     "select",
     "unit_slices",
     "write_resolved",

@@ -66,8 +66,12 @@ def exposures(plan: Plan) -> list[Exposure]:
                 holder = route[Unit("kv", layer, g)]
                 if holder not in (runner, d):
                     heads[holder] = heads.get(holder, 0) + 1
+            blocked = plan.blocked_experts(d).get(layer, ())
+            reachable = cfg.num_experts - len(blocked)  # the others' owned experts never get its tokens
             for e in range(cfg.num_experts):
                 holder = route[Unit("expert", layer, e)]
+                if e in blocked:
+                    continue
                 if holder not in (runner, d):
                     experts[holder] = experts.get(holder, 0) + 1
             for holder, groups in heads.items():
@@ -77,7 +81,7 @@ def exposures(plan: Plan) -> list[Exposure]:
                 )
                 out.append(Exposure(holder, runner, d, what))
             for holder, held in experts.items():
-                share = expected_routed_fraction(held, cfg.num_experts, cfg.top_k)
+                share = expected_routed_fraction(held, reachable, cfg.top_k)
                 what = (
                     f"layer {layer}'s normalised hidden states of the tokens routed to its {held} experts "
                     f"(~{share:.0%} of tokens under uniform top-{cfg.top_k} routing) and the gradients of their output"

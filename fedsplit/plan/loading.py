@@ -66,6 +66,8 @@ def load_plan(path: str | Path) -> Plan:
 
     partitions = _partitions(model, path, orgs, problems)
     _check_data_owners(path, orgs, problems)
+    if not problems:
+        _check_owned_experts(model, orgs, partitions, problems)
     tokenizer = _checked_tokenizer(path, fed, lines, model, problems)
     if problems:
         raise PlanError(problems)
@@ -197,6 +199,7 @@ def _org(spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, problems: 
                 field="activation_checkpointing",
             )
         )
+    owns = _owned(spec, file, lines, model, bool(train), problems)
     local = tuple(s.strip() for s in spec.local)
     return Org(
         spec.org,
@@ -209,7 +212,59 @@ def _org(spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, problems: 
         spec.address,
         spec.activation_checkpointing,
         lines.of("device"),
+        owns,
+        spec.withdraw_experts,
     )
+
+
+def _owned(
+    spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, holds_data: bool, problems: list[Problem]
+) -> tuple[Entry, ...]:
+    """The org's ``owns`` entries: routed experts only, and only a data owner's."""
+    where = {"file": file, "org": spec.org}
+    if spec.owns and not holds_data:
+        problems.append(
+            Problem(
+                "owned experts train on their owner's batches only, and this organisation has none: give it "
+                "'data: {train: ...}', or name the experts in the 'owns' of the data owner they serve",
+                line=lines.of("owns"),
+                field="owns",
+                **where,
+            )
+        )
+    if spec.withdraw_experts and not spec.owns:
+        problems.append(
+            Problem(
+                "withdraw_experts leaves this organisation's owned experts out of exported models, and it owns "
+                "none: add them to 'owns', or remove the field",
+                line=lines.of("withdraw_experts"),
+                field="withdraw_experts",
+                **where,
+            )
+        )
+    entries = []
+    for i, selector in enumerate(spec.owns):
+        line = lines.of("owns", i)
+        try:
+            units = parse_selector(selector, model)
+        except SelectorError as e:
+            problems.append(Problem(str(e), line=line, selector=selector, field="owns", **where))
+            continue
+        others = frozenset(u for u in units if u.kind != "expert")
+        if others:
+            problems.append(
+                Problem(
+                    f"an organisation owns routed experts only (layers.A-B.experts.E-F), and this also names "
+                    f"{describe(others, model)}",
+                    line=line,
+                    selector=selector,
+                    field="owns",
+                    **where,
+                )
+            )
+            continue
+        entries.append(Entry(spec.org, selector.strip(), units, file, line))
+    return tuple(entries)
 
 
 def _data_paths(file: Path, lines: Lines, spec: OrgFile, split: str, problems: list[Problem]) -> list[Path]:
@@ -290,6 +345,51 @@ def _partitions(model: ModelConfig, fed_file: Path, orgs: dict[str, Org], proble
                 )
             )
     return partitions
+
+
+def _check_owned_experts(
+    model: ModelConfig, orgs: dict[str, Org], partitions: list[Partition], problems: list[Problem]
+) -> None:
+    """Owned experts have one owner and one holder (they are never averaged), and every data owner
+    keeps at least ``top_k`` experts it may be routed to in every layer."""
+    partition_of = {u: p for p in partitions for u in p.units}
+    owner: dict[Unit, str] = {}
+    for org in orgs.values():
+        for entry in org.owns:
+            where = {"file": entry.file, "line": entry.line, "org": org.name, "selector": entry.selector}
+            taken = sorted({owner[u] for u in entry.units if u in owner and owner[u] != org.name})
+            if taken:
+                problems.append(Problem(f"these experts are already owned by {', '.join(taken)}", **where))
+            holders = sorted({h for u in entry.units for h in partition_of[u].holders})
+            if len(holders) > 1:
+                problems.append(
+                    Problem(
+                        f"owned experts are never averaged, so exactly one organisation holds them, and "
+                        f"{', '.join(holders)} hold these: carve them out into one organisation's holds "
+                        f"(e.g. '{entry.selector}' in {org.name}'s)",
+                        **where,
+                    )
+                )
+            owner.update(dict.fromkeys(entry.units, org.name))
+    if problems or not owner:
+        return
+    for name, org in orgs.items():
+        if not org.holds_data:
+            continue
+        for layer in range(model.num_layers):
+            barred = sorted((u.index, o) for u, o in owner.items() if u.layer == layer and o != name)
+            if model.num_experts - len(barred) < model.top_k:
+                problems.append(
+                    Problem(
+                        f"its batches may be routed to {model.num_experts - len(barred)} experts of layer {layer} "
+                        f"(the others are owned by {', '.join(sorted({o for _, o in barred}))}), fewer than "
+                        f"top_k ({model.top_k}): own fewer experts in that layer",
+                        file=org.file,
+                        org=name,
+                        field="owns",
+                    )
+                )
+                break
 
 
 def _check_data_owners(fed_file: Path, orgs: dict[str, Org], problems: list[Problem]) -> None:
@@ -373,6 +473,10 @@ def resolved(plan: Plan) -> dict:
             org["address"] = o.address
         if o.activation_checkpointing is not None:
             org["activation_checkpointing"] = o.activation_checkpointing
+        if o.owns:
+            org["owns"] = [e.selector for e in o.owns]
+        if o.withdraw_experts:
+            org["withdraw_experts"] = True
         orgs.append(org)
     document = {
         "name": plan.name,
@@ -398,6 +502,21 @@ def write_resolved(plan: Plan, path: Path) -> Path:
     tmp.write_text(json.dumps(resolved(plan), indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def resolved_owned_experts(path: Path) -> dict[str, tuple[frozenset[Unit], bool]]:
+    """Each owning organisation's owned experts and whether it withdrew them, read from a run's
+    resolved plan without validating the rest (as :func:`resolved_model`): what export leaves out."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    model = resolved_model(path)
+    return {
+        o["org"]: (
+            frozenset(u for s in o["owns"] for u in parse_selector(s, model)),
+            bool(o.get("withdraw_experts", False)),
+        )
+        for o in document["orgs"]
+        if o.get("owns")
+    }
 
 
 def resolved_model(path: Path) -> ModelConfig:

@@ -52,6 +52,12 @@ class Org:
     address: str | None
     activation_checkpointing: bool | None = None  # its own choice; None: the federation's
     device_line: int | None = None  # where its file names its device, for errors about the device
+    owns: tuple[Entry, ...] = ()  # routed experts trained on its batches only (see Plan.blocked_experts)
+    withdraw_experts: bool = False  # its owned experts are left out of exported models
+
+    @property
+    def owned_experts(self) -> frozenset[Unit]:
+        return frozenset(u for e in self.owns for u in e.units)
 
     @property
     def holds_data(self) -> bool:
@@ -89,10 +95,12 @@ class Plan:
     frozen: frozenset[str] = frozenset()  # parameter names that get no gradient (see .finetune)
     _partition_of: dict[Unit, Partition] = field(init=False, repr=False, compare=False)
     _routes: dict[str, dict[Unit, str]] = field(init=False, repr=False, compare=False)
+    _blocked: dict[str, dict[int, tuple[int, ...]]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_partition_of", {u: p for p in self.partitions for u in p.units})
         object.__setattr__(self, "_routes", {})
+        object.__setattr__(self, "_blocked", {})
 
     def with_settings(
         self,
@@ -134,6 +142,23 @@ class Plan:
         if data_owner not in self._routes:
             self._routes[data_owner] = {u: self.replica_for(p, data_owner) for p in self.partitions for u in p.units}
         return self._routes[data_owner]
+
+    @property
+    def owner_of(self) -> dict[Unit, str]:
+        """Each owned expert's data owner (experts nobody owns are shared and not listed)."""
+        return {u: name for name, org in self.orgs.items() for u in org.owned_experts}
+
+    def blocked_experts(self, data_owner: str) -> dict[int, tuple[int, ...]]:
+        """Per layer, the experts that ``data_owner``'s batches are never routed to: the other data
+        owners' owned experts. Its router sees -inf for them, so the monolith and the split model
+        route its tokens alike and no gradient of its batches reaches them."""
+        if data_owner not in self._blocked:
+            blocked: dict[int, list[int]] = {}
+            for unit, owner in sorted(self.owner_of.items()):
+                if owner != data_owner:
+                    blocked.setdefault(unit.layer, []).append(unit.index)
+            self._blocked[data_owner] = {layer: tuple(experts) for layer, experts in blocked.items()}
+        return self._blocked[data_owner]
 
     def path(self, data_owner: str) -> list[tuple[str, tuple[str | int, ...]]]:
         """The data owner's path: (organisation, blocks) for each run of consecutive blocks

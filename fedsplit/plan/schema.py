@@ -225,6 +225,18 @@ class OrgFile(_Strict):
     data: DataConfig | None = None
     holds: Selectors = []
     local: Selectors = Field(default=[], description="held selectors that are never averaged")
+    owns: Selectors = Field(
+        default=[],
+        description=(
+            "routed experts (layers.A-B.experts.E-F) trained on this data owner's batches only: no other data "
+            "owner's tokens are routed to them; held by one organisation (this one, or a host whose holds name "
+            "them), never averaged"
+        ),
+    )
+    withdraw_experts: bool = Field(
+        default=False,
+        description="leave this organisation's owned experts out of every exported model (as export --without)",
+    )
     address: str | None = Field(default=None, description="data-plane HOST:PORT, for deployment")
     activation_checkpointing: bool | None = Field(
         default=None, description="this organisation's own choice (default: the federation's training setting)"

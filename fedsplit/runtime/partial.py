@@ -210,6 +210,7 @@ class PartialModel(nn.Module):
         self.bindings: dict[str, nn.Parameter] = {}
         self.seed = plan.training.seed  # router noise: a function of (seed, step, data owner, micro-batch, layer)
         self.owner_index = {d: i for i, d in enumerate(plan.data_owners)}
+        self.blocked = {d: plan.blocked_experts(d) for d in plan.data_owners}  # other owners' experts
         mine = [p for p in plan.partitions if org in p.holders]
         units = {u for p in mine for u in p.units}
         with torch.device("meta"):
@@ -340,7 +341,9 @@ class PartialModel(nn.Module):
             rope = rope_tables(self.cfg, h.shape[1], h.device)
             seed = key.noise_seed(self.seed, self.owner_index[key.data_owner])
             for i in op.layers:
-                h, layer_aux = run_block(self.blocks[str(i)], h, rope, seed, self.recompute)
+                h, layer_aux = run_block(
+                    self.blocks[str(i)], h, rope, seed, self.recompute, self.blocked[key.data_owner]
+                )
                 aux = aux + layer_aux
         if "final_norm" in op.blocks:
             h = self.final_norm(h)

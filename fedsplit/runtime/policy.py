@@ -55,6 +55,15 @@ class CallPolicy:
             raise PermissionError(
                 f"{caller!r} may not call {op} for {key.data_owner}'s batches (only {expected!r} may)"
             )
+        if isinstance(op, ExpertsOp):
+            blocked = plan.blocked_experts(key.data_owner).get(op.layer, ())
+            theirs = sorted(e for e in op.experts if e in blocked)
+            if theirs:
+                owner = plan.owner_of[Unit("expert", op.layer, theirs[0])]
+                raise PermissionError(
+                    f"layer {op.layer}'s expert {theirs[0]} is owned by {owner} and trains on its batches only, "
+                    f"not {key.data_owner}'s"
+                )
         route = plan.route(key.data_owner)
         not_mine = {u for u in units if route.get(u) != self.org}
         if not_mine:

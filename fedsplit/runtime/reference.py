@@ -48,7 +48,8 @@ class MonolithicTrainer:
 
             def forward(mb: int, tok: Tensor, lab: Tensor, owner: str = d, index: int = index) -> MicroBatchLoss:
                 seed = CallKey(owner, step, mb).noise_seed(t.seed, index)
-                mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed)
+                blocked = self.plan.blocked_experts(owner)
+                mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed, blocked)
                 loss = (mean_ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
                 if len(owners) > 1:
                     loss = loss / len(owners)
@@ -75,16 +76,18 @@ class MonolithicTrainer:
         stats = {"grad_norm": squared**0.5, "clip_factor": factor, "lr": lr}
         return {"loss": total, **{f"ce/{d}": v for d, v in ce.items()}, **stats}
 
-    def evaluate(self, tokens: Tensor, labels: Tensor) -> float:
+    def evaluate(self, tokens: Tensor, labels: Tensor, data_owner: str | None = None) -> float:
         """Mean cross-entropy of a held-out batch, micro-batch by micro-batch as the split
-        model evaluates it (no gradients, no router noise)."""
+        model evaluates it (no gradients, no router noise); routed as ``data_owner``'s batches
+        are (none of the other owners' experts), or to every expert when it is None."""
         micro = self.plan.training.micro_batches
+        blocked = self.plan.blocked_experts(data_owner) if data_owner is not None else None
         self.model.eval()
         try:
             with torch.no_grad():
                 return (
                     sum(
-                        self.model.losses(tok.to(self.device), lab.to(self.device))[0].item()
+                        self.model.losses(tok.to(self.device), lab.to(self.device), blocked=blocked)[0].item()
                         for tok, lab in zip(tokens.chunk(micro), labels.chunk(micro))
                     )
                     / micro

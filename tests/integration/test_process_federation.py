@@ -19,7 +19,7 @@ from ..recipes import ALL, CARVED, finetuned, recipe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["layers", "heads", "experts", "shared-experts", "three-orgs"])
+@pytest.mark.parametrize("name", ["layers", "heads", "experts", "shared-experts", "three-orgs", "owned-experts"])
 def test_split_training_over_grpc_matches_monolithic(name):
     result = verify(load_plan(PLANS / name / "federation.yaml"), steps=10, transport="grpc")
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
