@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_quality.py [--quick] [--splits iid domain dirichlet] [--alpha 0.5]
                                                  [--orgs 6] [--data-owners 3] [--rounds 4] [--steps 30]
-                                                 [--modes fedavg diloco step]
+                                                 [--modes fedavg diloco step owned]
     .venv/bin/python benchmarks/bench_quality.py --plan configs/plans/demo/federation.yaml
 
 For each data split of the shipped corpora (Shakespeare, Python source, arithmetic) over the data
@@ -19,7 +19,10 @@ replicated ends trained apart and averaged after each round (``replica_sync: rou
 ``diloco``, the same but the coordinator takes an outer Nesterov step along each replica group's
 averaged update (``strategy: diloco``, ``--outer-lr``, ``--outer-momentum``); ``step``, replicas
 kept in step by adding up their gradients every step (``replica_sync: step``, which equals
-centralised training up to rounding).
+centralised training up to rounding); ``owned``, FedAvg with each data owner owning one routed
+expert of every layer (``owns``: trained on its batches only, never averaged), after which each
+owner's held-out perplexity is measured on the reassembled model with every expert, with the
+shared part only, and without each owner's experts in turn (``fedsplit export --without``).
 Printed: held-out perplexity per round (overall, token-weighted over the data owners), the gap
 of the last round, federated / centralised - 1, and what a round moves: data-plane bytes (every
 call's request and reply, gradient exchanges of replicas kept in step included, measured) and
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -46,14 +51,20 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
 from fedsplit.data.corpus_split import split_corpora  # noqa: E402
 from fedsplit.federation.baseline import run_baseline  # noqa: E402
+from fedsplit.federation.checkpoint import latest_checkpoint  # noqa: E402
 from fedsplit.federation.rundir import MetricsLog  # noqa: E402
 from fedsplit.federation.simulate import SimulationOptions, simulate  # noqa: E402
+from fedsplit.interop.withdraw import without_experts  # noqa: E402
+from fedsplit.model import ModelConfig, MoETransformer, cross_entropy  # noqa: E402
 from fedsplit.plan import Plan, load_plan, select  # noqa: E402
 from fedsplit.plan.schema import AggregationConfig, OptimizerConfig  # noqa: E402
 from fedsplit.plan.templates import data_owner_names, generate_plan  # noqa: E402
 from fedsplit.runtime import initial_weights  # noqa: E402
+from fedsplit.runtime.batches import eval_batches_for  # noqa: E402
 
 
 def held_out_ppl(run_dir: Path) -> dict[int, float]:
@@ -78,44 +89,104 @@ def control_plane_mb_per_round(plan: Plan) -> float:
     return 2 * sum(t.numel() * t.element_size() for state in held for t in state.values()) / 1e6
 
 
+def with_owned_experts(federation: Path) -> Path:
+    """A copy of a generated plan in which data owner ``i`` owns expert ``E-1-i`` of every layer
+    (held by itself where the layer is replicated among the owners, else by the layer's expert
+    host), beside the original so that its relative paths still hold."""
+    import yaml
+
+    out = federation.parent.with_name(federation.parent.name + "-owned")
+    shutil.copytree(federation.parent, out, dirs_exist_ok=True)
+    plan = load_plan(federation)
+    last_layer, last_expert = plan.model.num_layers - 1, plan.model.num_experts - 1
+    for i, d in enumerate(plan.data_owners):
+        path = out / "orgs" / plan.orgs[d].file.name
+        spec = yaml.safe_load(path.read_text())
+        e = last_expert - i
+        mine = [s for s in spec["holds"] if s.startswith("layers.")]  # the layers it shares with the others
+        spec["holds"] += [f"{s}.experts.{e}" for s in mine]
+        spec["owns"] = [f"layers.0-{last_layer}.experts.{e}"]
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out / federation.name
+
+
+def inference_ppl(cfg: ModelConfig, weights: dict, batches: list) -> float:
+    """Held-out perplexity of a reassembled model (every expert it has, no owner's routing)."""
+    model = MoETransformer(cfg)
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    with torch.no_grad():
+        losses = [(cross_entropy(model(tok)[0], lab).item(), tok.numel()) for tok, lab in batches]
+    return math.exp(sum(loss * n for loss, n in losses) / sum(n for _, n in losses))
+
+
+def owned_expert_rows(label: str, owned: Plan, owned_run: Path, shared_run: Path | None) -> list[list[str]]:
+    """Per data owner, on its own held-out text: the all-shared FedAvg model, the model with every
+    owner's experts, with its own and the shared ones (the others withdrawn: how it trained), the
+    shared part alone (every owner's experts withdrawn), and without each owner's experts in turn."""
+    weights = latest_checkpoint(owned_run / "checkpoints").weights
+    by_owner = {d: sorted((u.layer, u.index) for u in owned.orgs[d].owned_experts) for d in owned.data_owners}
+    every = [x for experts in by_owner.values() for x in experts]
+    shared = latest_checkpoint(shared_run / "checkpoints").weights if shared_run else None
+    rows = []
+    for d in owned.data_owners:
+        batches = eval_batches_for(owned, d)
+        row = [label, d, f"{inference_ppl(owned.model, shared, batches):.2f}" if shared else "-"]
+        others = [x for o, experts in by_owner.items() if o != d for x in experts]
+        for removed in ([], others, every):
+            row.append(f"{inference_ppl(*without_experts(owned.model, weights, removed), batches):.2f}")
+        row += [f"{inference_ppl(*without_experts(owned.model, weights, by_owner[x]), batches):.2f}" for x in by_owner]
+        rows.append(row)
+    return rows
+
+
 def aggregation_for(mode: str, base: AggregationConfig, args: argparse.Namespace) -> AggregationConfig:
     """The plan's aggregation settings with the replicas synchronised as ``mode`` says."""
-    update: dict = {"strategy": "fedavg", "replica_sync": "step" if mode == "step" else "round"}
+    update: dict = {"strategy": "fedavg", "replica_sync": "step" if mode == "step" else "round"}  # owned: FedAvg
     if mode == "diloco":
         update.update(strategy="diloco", outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
     return AggregationConfig.model_validate({**base.model_dump(), **update})
 
 
-MODE_LABELS = {"fedavg": "FedAvg after each round", "diloco": "DiLoCo after each round", "step": "kept in step"}
+MODE_LABELS = {
+    "fedavg": "FedAvg after each round",
+    "diloco": "DiLoCo after each round",
+    "step": "kept in step",
+    "owned": "FedAvg, an owned expert per owner",
+}
 
 
-def plans_to_train(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, Plan]]:
-    """(label, plan): the plan given with ``--plan`` as it is, else one generated plan per split."""
+def plans_to_train(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, Plan, Plan | None]]:
+    """(label, plan, the plan with owned experts): the plan given with ``--plan`` as it is, else one
+    generated plan per split (and its owned-experts variant, with ``--modes owned``)."""
     if args.plan:
         plan = load_plan(args.plan)
-        yield f"plan {plan.name}", plan
+        yield f"plan {plan.name}", plan, None
         return
     for by in args.splits:
         split = split_corpora(data_owner_names(args.data_owners), by, alpha=args.alpha, seed=args.seed)
-        plan = load_plan(
-            generate_plan(
-                args.orgs,
-                work / by,
-                data_owners=args.data_owners,
-                split=split,
-                rounds=args.rounds,
-                steps_per_round=args.steps,
-                batch_size=8,
-                seq_len=64,
-                seed=args.seed,
-            )
+        federation = generate_plan(
+            args.orgs,
+            work / by,
+            data_owners=args.data_owners,
+            split=split,
+            rounds=args.rounds,
+            steps_per_round=args.steps,
+            batch_size=8,
+            seq_len=64,
+            seed=args.seed,
         )
-        plan = plan.with_settings(
-            training=plan.training.model_copy(
-                update={"micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)}
-            )
+        files = [federation, with_owned_experts(federation) if "owned" in args.modes else None]
+        plan, owned = (None if f is None else bench_settings(load_plan(f), args) for f in files)
+        yield (f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by), plan, owned
+
+
+def bench_settings(plan: Plan, args: argparse.Namespace) -> Plan:
+    return plan.with_settings(
+        training=plan.training.model_copy(
+            update={"micro_batches": 2, "eval_tokens": 4096, "optimizer": OptimizerConfig(name="adamw", lr=args.lr)}
         )
-        yield (f"dirichlet(alpha={args.alpha:g})" if by == "dirichlet" else by), plan
+    )
 
 
 def main() -> None:
@@ -140,19 +211,23 @@ def main() -> None:
         args.splits, args.rounds, args.steps = ["iid"], 2, 10
     print("\n".join(provenance()))
     print(f"load before: {loadavg()}")
-    rows, curves = [], {}
+    rows, owner_rows, curves = [], [], {}
     with tempfile.TemporaryDirectory(prefix="fedsplit-bench-quality-") as tmp:
         work = Path(tmp)
-        for label, plan in plans_to_train(args, work):
+        for label, plan, owned in plans_to_train(args, work):
             started = time.monotonic()
             central = held_out_ppl(run_baseline(plan, work / "runs"))
             base_s = time.monotonic() - started
             curves[label] = {"centralised": central}
             control_mb = control_plane_mb_per_round(plan)
+            runs: dict[str, Path] = {}
             for mode in args.modes:
-                trained = plan.with_settings(aggregation=aggregation_for(mode, plan.aggregation, args))
+                base = owned if mode == "owned" else plan
+                if base is None:
+                    continue  # --plan: no generated owners to give experts to
+                trained = base.with_settings(aggregation=aggregation_for(mode, base.aggregation, args))
                 started = time.monotonic()
-                run_dir = simulate(trained, SimulationOptions(runs_root=work / "runs", insecure=True))
+                run_dir = runs[mode] = simulate(trained, SimulationOptions(runs_root=work / "runs", insecure=True))
                 fed_s = time.monotonic() - started
                 federated = held_out_ppl(run_dir)
                 last = max(federated)
@@ -172,6 +247,8 @@ def main() -> None:
                     ]
                 )
                 print(f"  {label}, {mode}: federated {fed_s:.0f} s, centralised {base_s:.0f} s", flush=True)
+            if "owned" in runs:
+                owner_rows += owned_expert_rows(label, owned, runs["owned"], runs.get("fedavg"))
     t = plan.training
     setting = (
         f"{len(plan.orgs)} organisations, {len(plan.data_owners)} data owners, AdamW lr {t.optimizer.lr:g}, "
@@ -198,12 +275,21 @@ def main() -> None:
             )
         )
     )
+    if owner_rows:
+        owners = plan.data_owners
+        print(
+            "\n## Owned experts: each data owner's held-out perplexity on its own text, reassembled model "
+            "(every expert it keeps, no owner's routing)\n"
+        )
+        header = ["split", "data owner", "FedAvg, all shared", "owned: every expert", "owned: its own + shared"]
+        header.append("owned: shared only")
+        print("\n".join(table(header + [f"owned: without {x}" for x in owners], owner_rows)))
     for label, c in curves.items():
         print(f"\n{label}, held-out perplexity by round:")
         for name, ppl in c.items():
             print(f"  {name:>22}: " + "  ".join(f"{r}: {ppl[r]:.2f}" for r in sorted(ppl)))
     print(f"\nload after: {loadavg()}")
-    print(json.dumps({"rows": rows}))
+    print(json.dumps({"rows": rows, "owned_experts": owner_rows}))
 
 
 if __name__ == "__main__":

@@ -360,13 +360,14 @@ def _check_owned_experts(
             taken = sorted({owner[u] for u in entry.units if u in owner and owner[u] != org.name})
             if taken:
                 problems.append(Problem(f"these experts are already owned by {', '.join(taken)}", **where))
-            holders = sorted({h for u in entry.units for h in partition_of[u].holders})
-            if len(holders) > 1:
+            shared = frozenset(u for u in entry.units if partition_of[u].replicated)
+            if shared:
+                holders = sorted({h for u in shared for h in partition_of[u].holders})
                 problems.append(
                     Problem(
-                        f"owned experts are never averaged, so exactly one organisation holds them, and "
-                        f"{', '.join(holders)} hold these: carve them out into one organisation's holds "
-                        f"(e.g. '{entry.selector}' in {org.name}'s)",
+                        f"owned experts are never averaged, so exactly one organisation holds each, and "
+                        f"{', '.join(holders)} all hold {describe(shared, model)}: carve them out into one "
+                        f"organisation's holds (e.g. '{describe(shared, model).split(', ')[0]}' in {org.name}'s)",
                         **where,
                     )
                 )

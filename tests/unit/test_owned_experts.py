@@ -119,7 +119,8 @@ def test_an_owned_expert_held_by_two_organisations_is_refused(write_plan):  # no
     )
     problem, text = only_problem(fed)
     assert (problem.org, problem.selector, problem.line) == ("a", "layers.0-3.experts.7", 4)
-    assert "exactly one organisation holds them, and a, b hold these" in text
+    assert "exactly one organisation holds each, and a, b all hold layers.0.experts.7, layers.1.experts.7" in text
+    assert "(e.g. 'layers.0.experts.7' in a's)" in text
 
 
 def test_an_expert_owned_twice_is_refused(write_plan):  # noqa: F811
