@@ -206,7 +206,7 @@ def _problem(err: dict, path: Path, lines: dict[tuple, int], data: dict) -> Prob
     field = ".".join(str(p) for p in loc) or None
     org = data.get("org") if isinstance(data.get("org"), str) else None
     if err["type"] == "extra_forbidden":
-        message = "unknown field (check its spelling; see the plan reference in the README)"
+        message = "unknown field (check its spelling; see the plan reference in docs/plans.md)"
     elif err["type"] == "missing":
         message = "required field is missing"
     elif err["type"] == "value_error":  # the schema's own check, which says what it got

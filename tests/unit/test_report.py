@@ -10,7 +10,7 @@ import pytest
 
 from fedsplit.cli import main
 from fedsplit.federation.rundir import evaluation_record
-from fedsplit.report import ReportError, read_rounds, write_report
+from fedsplit.report import ReportError, dead_experts, figure_title, read_rounds, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,12 +52,30 @@ def test_report_writes_plots_and_summary(tmp_path):
     )
     report = write_report(run)
     assert report.directory == run / "report"
-    assert {p.name for p in report.plots} == {"loss.png", "wire.png", "expert_load.png"}
+    assert {p.name for p in report.plots} == {"loss.png", "wire.png", "expert_load.png", "expert_load_rounds.png"}
     for plot in report.plots:
         assert plot.read_bytes()[:8] == PNG and plot.stat().st_size > 5_000
     summary = report.summary.read_text()
     assert "| 3 | 3.6000 | 3.6000 | 36.60 | 1,024 | 5.0 | 13.50 |" in summary  # 3 orgs x 4.5 MB sent in round 3
     assert "![loss](loss.png)" in summary and "hospital-b" in summary and not report.notes
+
+
+def test_dead_experts_are_named_and_every_figure_is_titled_with_the_plan_and_run(tmp_path):
+    run = _run(tmp_path / "run-7", [5.0, 4.2])
+    (run / "plan.json").write_text(json.dumps({"name": "two-hospitals"}))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        if line["event"] == "round" and line["round"] == 2:
+            line["expert_load"]["1"] = [0.3, 0.3, 0.2, 0.19, 0.005, 0.005, 0.0, 0.0]  # 0.0125 = a tenth of uniform
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert dead_experts(read_rounds(run)) == (2, {"1": [4, 5, 6, 7]})
+    assert figure_title(run) == "plan two-hospitals, run run-7"
+    summary = write_report(run).summary.read_text()
+    assert summary.startswith("# Report: plan two-hospitals, run run-7")
+    assert (
+        "Dead experts in round 2 (under 0.1 of a uniform share of their layer's routed tokens): layer 1: 4, 5, 6, 7"
+        in summary
+    )
 
 
 def test_report_compares_with_a_baseline(tmp_path):
