@@ -106,9 +106,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     coord.set_defaults(func=coordinator)
 
-    client = sub.add_parser("client", help="serve one organisation: its worker (data plane) and its SuperNode (Flower)")
+    client = sub.add_parser(
+        "client",
+        help="serve one organisation: its worker (data plane) and its SuperNode (Flower)",
+        usage="fedsplit client FEDERATION --org ORG --superlink HOST:PORT --data-plane-address HOST:PORT [options]",
+    )
+    client.add_argument(
+        "federation", nargs="?", help="the federation YAML file (the same plan as the coordinator's), as everywhere"
+    )
+    client.add_argument("--plan", dest="plan_option", help=argparse.SUPPRESS)  # the old spelling of FEDERATION
     client.add_argument("--org", required=True, help="this organisation's name in the plan")
-    client.add_argument("--plan", required=True, help="the federation YAML file (the same plan as the coordinator's)")
     client.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's SuperLink")
     client.add_argument(
         "--data-plane-address",
@@ -219,7 +226,14 @@ def coordinator(args: argparse.Namespace) -> None:
 def client_(args: argparse.Namespace) -> int:
     from ..federation.deploy import ClientOptions, DeploymentError, run_client
 
-    plan = load(args.plan)
+    given = [f for f in (args.federation, args.plan_option) if f]
+    if len(set(given)) != 1:
+        raise CliError(
+            "give the federation YAML file once, first: fedsplit client FEDERATION --org ORG ..."
+            + (f" (got {' and '.join(given)})" if given else ""),
+            USAGE,
+        )
+    plan = load(given[0])
     options = ClientOptions(
         org=args.org,
         superlink=args.superlink,

@@ -139,10 +139,9 @@ class Deployment:
         return [
             fedsplit(
                 "client",
+                str(self.fed),
                 "--org",
                 org,
-                "--plan",
-                str(self.fed),
                 "--superlink",
                 self.superlink,
                 "--data-plane-address",

@@ -106,3 +106,15 @@ def test_credentials_without_the_ca_key_leave_none_behind(tmp_path):
     assert (tmp_path / "ca.key").exists()
     generate_credentials(["a"], tmp_path, keep_ca_key=False)  # a resumed run's fresh credentials
     assert (tmp_path / "ca.pem").exists() and not (tmp_path / "ca.key").exists()
+
+
+def test_client_takes_the_federation_file_first_like_every_command(capsys):
+    common = ["--org", "a", "--superlink", "127.0.0.1:1", "--data-plane-address", "127.0.0.1:2", "--insecure"]
+    assert main(["client", *common]) == 2
+    assert "give the federation YAML file once, first: fedsplit client FEDERATION --org ORG" in capsys.readouterr().err
+    assert main(["client", "a.yaml", *common, "--plan", "b.yaml"]) == 2
+    assert "(got a.yaml and b.yaml)" in capsys.readouterr().err
+    help_text = subprocess.run(
+        [sys.executable, "-m", "fedsplit.cli", "client", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "usage: fedsplit client FEDERATION --org ORG" in help_text and "--plan" not in help_text
