@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 
 from .data.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from .federation.checkpoint import find_checkpoint, model_weights
+from .federation.export import withdrawn_experts
 from .federation.rundir import PLAN_FILE
 from .interop import CheckpointError
+from .interop.withdraw import without_experts
 from .model import MoETransformer
 from .plan import resolved_model
 
@@ -52,8 +54,10 @@ def load_model(
     plan_file: str | Path | None = None,
     tokenizer_file: str | Path | None = None,
     device: str = "cpu",
+    without: Sequence[str] = (),
 ) -> LoadedModel:
-    """The checkpoint at ``source`` in a monolithic model, with its tokenizer."""
+    """The checkpoint at ``source`` in a monolithic model, with its tokenizer; a run's checkpoint
+    without the owned experts of ``without`` and of the organisations its plan withdraws."""
     source = Path(source)
     ckpt = None
     if source.is_file():
@@ -78,8 +82,14 @@ def load_model(
     if ckpt is not None:
         try:
             weights = model_weights(ckpt, cfg)
+            orgs, removed = withdrawn_experts(plan_path, without)
+            if removed:
+                cfg, weights = without_experts(cfg, weights, removed)
+                description += f", without the experts of {', '.join(orgs)}"
         except CheckpointError as e:
-            raise GenerateError(f"cannot read the base of {ckpt.path}: {e}") from None
+            raise GenerateError(f"cannot load {ckpt.path}: {e}") from None
+    elif without:
+        raise GenerateError(f"--without applies to a run's checkpoint; {source} is an exported file already")
     tokenizer_path = Path(tokenizer_file) if tokenizer_file else plan_path.parent / TOKENIZER_FILE
     try:
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.exists() or tokenizer_file else ByteTokenizer()

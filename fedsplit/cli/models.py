@@ -93,6 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer", metavar="FILE", help="tokenizer file (default: the run's tokenizer.json, else UTF-8 bytes)"
     )
     gen.add_argument("--device", default="cpu", help="default cpu")
+    gen.add_argument(
+        "--without",
+        metavar="ORG",
+        action="append",
+        default=[],
+        help="leave out the experts ORG owns, as export --without does; repeatable",
+    )
     gen.set_defaults(func=generate)
 
     report = sub.add_parser("report", help="plots (PNG) and a Markdown summary of a run's metrics")
@@ -172,7 +179,13 @@ def generate(args: argparse.Namespace) -> None:
     from ..sampling import GenerateError, generate_text, load_model
 
     try:
-        loaded = load_model(args.checkpoint, plan_file=args.plan, tokenizer_file=args.tokenizer, device=args.device)
+        loaded = load_model(
+            args.checkpoint,
+            plan_file=args.plan,
+            tokenizer_file=args.tokenizer,
+            device=args.device,
+            without=args.without,
+        )
         text = generate_text(
             loaded,
             args.prompt,

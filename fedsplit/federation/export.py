@@ -37,17 +37,17 @@ def model_config(source: Path, model: Path | None = None) -> ModelConfig:
     return resolved_model(plan)
 
 
-def withdrawn_experts(source: Path, without: Sequence[str] = ()) -> tuple[list[str], list[tuple[int, int]]]:
-    """The organisations whose owned experts leave the exported model (``without``, and those whose
-    plan says ``withdraw_experts``) and those experts, as (layer, expert) pairs."""
-    plan = run_plan_file(source)
+def withdrawn_experts(plan: Path | None, without: Sequence[str] = ()) -> tuple[list[str], list[tuple[int, int]]]:
+    """The organisations whose owned experts leave a model of the run whose resolved plan is
+    ``plan`` (``without``, and those whose plan says ``withdraw_experts``) and those experts, as
+    (layer, expert) pairs."""
     owned = resolved_owned_experts(plan) if plan is not None else {}
     unknown = [o for o in without if o not in owned]
     if unknown:
         owners = ", ".join(sorted(owned)) or "none: its plan has no 'owns'"
         raise CheckpointError(
             f"--without {', '.join(unknown)}: owns no experts in this run (organisations that own experts: {owners})",
-            file=plan or source,
+            file=plan,
         )
     orgs = sorted(set(without) | {o for o, (_, withdrawn) in owned.items() if withdrawn})
     return orgs, sorted((u.layer, u.index) for o in orgs for u in owned[o][0])
@@ -77,7 +77,7 @@ def export(
         raise CheckpointError(
             "holds no complete checkpoint (give a run directory or a checkpoints/round-NNNN directory)", file=source
         )
-    orgs, removed = withdrawn_experts(ckpt.path, without)
+    orgs, removed = withdrawn_experts(run_plan_file(ckpt.path), without)
     if removed and format == "peft":
         raise CheckpointError(
             f"a PEFT adapter applies to its base, which keeps the experts of {', '.join(orgs)}: export --format hf "

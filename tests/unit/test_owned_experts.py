@@ -239,3 +239,13 @@ def test_export_without_experts_in_some_layers_only_says_why_it_cannot(tmp_path,
     run = run_of(partial, tmp_path, initial_weights(partial))
     with pytest.raises(CheckpointError, match=r"different numbers of experts \(layer 0: 8, layer 1: 7"):
         export(run, tmp_path / "out.safetensors", without=["b"])
+
+
+def test_generate_leaves_out_the_experts_a_run_withdraws_or_the_user_names(plan, tmp_path):
+    from fedsplit.sampling import load_model
+
+    run = run_of(plan, tmp_path, initial_weights(plan))
+    assert load_model(run).model.cfg.num_experts == 8
+    loaded = load_model(run, without=["hospital-a", "hospital-b"])
+    assert loaded.model.cfg.num_experts == 6 and loaded.model.layers[0].moe.router.weight.shape[0] == 6
+    assert "without the experts of hospital-a, hospital-b" in loaded.description
