@@ -133,9 +133,13 @@ def show_plan(args: argparse.Namespace) -> None:
     table = Table(title=f"partition map of plan '{plan.name}', layer by layer", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("row", "pieces", "held by"):
         table.add_column(col)
+    owner_of = plan.owner_of
     for row in partition_map(plan)[1]:
         for i, (holders, units) in enumerate(row.pieces()):
             mark = " [dim](replicated)[/]" if len(holders) > 1 else ""
+            owners = sorted({owner_of[u] for u in units if u in owner_of})
+            if owners:
+                mark += f" [dim](owned by {', '.join(owners)})[/]"
             table.add_row(row.label if i == 0 else "", describe(units, plan.model), ", ".join(holders) + mark)
     console.print(table)
     print_exposure(plan)

@@ -65,3 +65,13 @@ def test_a_table_written_to_a_file_or_pipe_keeps_every_cell_whole(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "…" not in out.stdout
     assert "layers.2.shared_experts, layers.3.router, layers.3.attention.heads.0-3" in out.stdout
+
+
+def test_owned_experts_are_marked_with_their_owner_in_show_and_check(capsys):
+    fed = str(PLANS / "owned-experts" / "federation.yaml")
+    assert main(["plan", "show", fed]) == 0
+    shown = capsys.readouterr().out
+    assert main(["plan", "check", fed]) == 0
+    checked = capsys.readouterr().out
+    for out in (shown, checked):
+        assert "owned by hospital-a" in out and "owned by hospital-b" in out
