@@ -429,6 +429,13 @@ def _summary(run_dir: Path, rounds: list[dict], base: list[dict], baseline: str 
             lines.append(
                 f"| {org} | {_num(_eval(rounds[-1], org), '.2f')} | {'–' if tokens is None else f'{int(tokens):,}'} |"
             )
+    spent = next((r["privacy"] for r in reversed(rounds) if r.get("privacy")), None)
+    if spent and spent.get("epsilon"):
+        lines += [
+            "",
+            f"Privacy spent (privacy.activations, ε at δ = {spent['delta']:g}, per data owner's training text): "
+            + ", ".join(f"{d} {eps:.3g}" for d, eps in spent["epsilon"].items()),
+        ]
     at, dead = dead_experts(rounds)
     if dead:
         lines += [

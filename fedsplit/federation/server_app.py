@@ -235,6 +235,11 @@ class Coordinator:
             **step_series(metrics, spec.data_owners),
             "alive": sorted(self.alive),
         }
+        if self.plan.privacy is not None and self.plan.privacy.activations is not None:
+            record["privacy"] = {
+                "delta": self.plan.privacy.delta,
+                "epsilon": {d: org_metrics[d]["epsilon"] for d in owners if "epsilon" in org_metrics[d]},
+            }
         path = write_checkpoint(
             self.checkpoints,
             r,

@@ -289,6 +289,7 @@ class Block(nn.Module):
 
 
 BlockedExperts = Mapping[int, Sequence[int]]  # layer -> experts a batch may not be routed to
+Release = Callable[[str | int, Tensor], Tensor]  # (block, its output) -> what the next block gets
 
 
 def run_block(
@@ -351,30 +352,47 @@ class MoETransformer(nn.Module):
         return F.linear(h, weight)
 
     def hidden(
-        self, tokens: Tensor, noise_seed: int | None = None, blocked: BlockedExperts | None = None
+        self,
+        tokens: Tensor,
+        noise_seed: int | None = None,
+        blocked: BlockedExperts | None = None,
+        release: Release | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(the final-normed hidden state, summed auxiliary load-balancing loss of all layers)."""
+        """(the final-normed hidden state, summed auxiliary load-balancing loss of all layers).
+        ``release(block, h)`` replaces the output of ``embed``, of each layer and of ``final_norm``
+        (what a split run's data owner does to the hidden states it sends out at those blocks)."""
+        keep = release or (lambda _, x: x)
         rope = rope_tables(self.cfg, tokens.shape[1], tokens.device)
-        h = self.embed(tokens)
+        h = keep("embed", self.embed(tokens))
         aux = h.new_zeros(())
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             h, layer_aux = run_block(layer, h, rope, noise_seed, self.activation_checkpointing, blocked)
+            h = keep(i, h)
             aux = aux + layer_aux
-        return self.final_norm(h), aux
+        return keep("final_norm", self.final_norm(h)), aux
 
     def forward(
-        self, tokens: Tensor, noise_seed: int | None = None, blocked: BlockedExperts | None = None
+        self,
+        tokens: Tensor,
+        noise_seed: int | None = None,
+        blocked: BlockedExperts | None = None,
+        release: Release | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Returns (logits, summed auxiliary load-balancing loss of all layers)."""
-        h, aux = self.hidden(tokens, noise_seed, blocked)
+        h, aux = self.hidden(tokens, noise_seed, blocked, release)
         return self.logits(h), aux
 
     def losses(
-        self, tokens: Tensor, labels: Tensor, noise_seed: int | None = None, blocked: BlockedExperts | None = None
+        self,
+        tokens: Tensor,
+        labels: Tensor,
+        noise_seed: int | None = None,
+        blocked: BlockedExperts | None = None,
+        release: Release | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(mean cross-entropy, summed aux loss) of a batch; with activation checkpointing the loss
         goes through :func:`chunked_cross_entropy` and the logits are never kept."""
-        h, aux = self.hidden(tokens, noise_seed, blocked)
+        h, aux = self.hidden(tokens, noise_seed, blocked, release)
         if self.activation_checkpointing:
             return chunked_cross_entropy(h, self.logits, labels), aux
         return cross_entropy(self.logits(h), labels), aux

@@ -86,6 +86,7 @@ def load_plan(path: str | Path) -> Plan:
         finetune=fed.finetune,
         freeze=tuple(fed.freeze),
         frozen=frozen,
+        privacy=fed.privacy,
     )
     return dataclasses.replace(plan, warnings=tuple(_privacy_warnings(plan)))
 
@@ -436,9 +437,12 @@ def _checked_tokenizer(
 
 def _privacy_warnings(plan: Plan) -> list[Problem]:
     warnings = []
+    noised = plan.privacy is not None and plan.privacy.activations is not None
     for d in plan.data_owners:
         route = plan.route(d)
         org = plan.orgs[d]
+        if noised:
+            warnings += _unnoised(plan, d)
         if route[Unit("embed")] != d:
             warnings.append(
                 Problem(
@@ -458,6 +462,40 @@ def _privacy_warnings(plan: Plan) -> list[Problem]:
                 )
             )
     return warnings
+
+
+def _unnoised(plan: Plan, d: str) -> list[Problem]:
+    """What ``privacy.activations`` leaves unnoised of data owner ``d``'s: the inputs of the pieces
+    held elsewhere inside the layers it runs itself, and the gradients it returns."""
+    route, org, cfg = plan.route(d), plan.orgs[d], plan.model
+    out = []
+    for layer in range(cfg.num_layers):
+        if route[Unit("router", layer)] != d:
+            continue
+        pieces = [("head groups", "kv", cfg.num_kv_heads), ("experts", "expert", cfg.num_experts)]
+        pieces.append(("shared experts", "shared_experts", 1 if cfg.num_shared_experts else 0))
+        for name, kind, count in pieces:
+            holders = sorted(
+                {route[Unit(kind, layer, i if kind != "shared_experts" else -1)] for i in range(count)} - {d}
+            )
+            for holder in holders:
+                out.append(
+                    Problem(
+                        f"privacy.activations noises the hidden states at the cuts of its path only: layer {layer}'s "
+                        f"{name} at {holder} receive its normalised hidden states without noise",
+                        file=org.file,
+                        org=d,
+                    )
+                )
+    if any(o != d for o, _ in plan.path(d)[1:]) and plan.path(d)[-1][0] == d:
+        out.append(
+            Problem(
+                "privacy.activations noises the hidden states it sends; the gradients it returns are not noised",
+                file=org.file,
+                org=d,
+            )
+        )
+    return out
 
 
 def resolved(plan: Plan) -> dict:
@@ -493,6 +531,8 @@ def resolved(plan: Plan) -> dict:
         document["freeze"] = list(plan.freeze)
     if plan.tokenizer is not None:
         document["tokenizer"] = str(plan.tokenizer)
+    if plan.privacy is not None:
+        document["privacy"] = plan.privacy.model_dump(mode="json")
     return document
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..interop import ModelCheckpoint
 from ..model import ModelConfig, is_adapter
 from .errors import Problem
-from .schema import AggregationConfig, FinetuneConfig, TrainingConfig, TransportConfig
+from .schema import AggregationConfig, FinetuneConfig, PrivacyConfig, TrainingConfig, TransportConfig
 from .slicing import TensorSlice, unit_parameter_count, unit_slices
 from .units import Unit
 
@@ -93,6 +93,7 @@ class Plan:
     finetune: FinetuneConfig | None = None  # LoRA over a frozen base (``model`` then has the adapters)
     freeze: tuple[str, ...] = ()  # the federation file's freeze selectors
     frozen: frozenset[str] = frozenset()  # parameter names that get no gradient (see .finetune)
+    privacy: PrivacyConfig | None = None  # noise on what data owners send (see fedsplit.runtime.privacy)
     _partition_of: dict[Unit, Partition] = field(init=False, repr=False, compare=False)
     _routes: dict[str, dict[Unit, str]] = field(init=False, repr=False, compare=False)
     _blocked: dict[str, dict[int, tuple[int, ...]]] = field(init=False, repr=False, compare=False)

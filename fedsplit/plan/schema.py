@@ -279,6 +279,27 @@ class FinetuneConfig(_Strict):
         return value
 
 
+class ActivationNoise(_Strict):
+    """Per-token clipping and Gaussian noise on the hidden states a data owner sends out."""
+
+    clip: float = Field(gt=0, le=1e6, description="the L2 norm each token's hidden state is clipped to")
+    noise_multiplier: float = Field(
+        default=0.0,
+        ge=0,
+        le=1e3,
+        description="the noise's standard deviation over clip (0: clipping alone, which guarantees nothing)",
+    )
+
+
+class PrivacyConfig(_Strict):
+    """Defences a data owner applies before its bytes leave it, and the δ its ε is reported at."""
+
+    activations: ActivationNoise | None = Field(
+        default=None, description="at every cut of a data owner's path: its hidden states, clipped and noised"
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="the δ at which ε is reported")
+
+
 class FederationFile(_Strict):
     name: Name
     model: NonEmpty | ModelConfig = Field(
@@ -301,3 +322,4 @@ class FederationFile(_Strict):
     )
     finetune: FinetuneConfig | None = Field(default=None, description="LoRA over a frozen base (default: train all)")
     freeze: Selectors = Field(default=[], description="selectors whose pieces do not train (no gradient, no state)")
+    privacy: PrivacyConfig | None = Field(default=None, description="noise on what data owners send (default: none)")

@@ -10,8 +10,6 @@ Held-out text is the organisation's ``data.eval`` files; without them it holds o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -58,17 +56,24 @@ def heldout_corpus(plan: Plan, org: str) -> TextCorpus:
     return read_corpus(org, spec.train_data, tokenizer_for(plan)).split(HELDOUT_FRACTION)[1]
 
 
-def batches_for(plan: Plan, org: str) -> Callable[[int], Batch]:
+class TrainingBatches:
+    """``batches(step) -> (tokens, labels)``: windows of one data owner's training text, drawn
+    from a seed of (plan seed, step, data owner); ``tokens``: how many the text has."""
+
+    def __init__(self, plan: Plan, org: str):
+        self.training, self.index = plan.training, plan.data_owners.index(org)
+        self.corpus = training_corpus(plan, org)
+        self.tokens = len(self.corpus.ids)
+
+    def __call__(self, step: int) -> Batch:
+        t = self.training
+        gen = torch.Generator().manual_seed((t.seed * 7919 + step) * 104_729 + self.index)
+        return self.corpus.batch(gen, t.batch_size, t.seq_len)
+
+
+def batches_for(plan: Plan, org: str) -> TrainingBatches:
     """``step -> (tokens, labels)``: windows of one data owner's training text."""
-    t = plan.training
-    index = plan.data_owners.index(org)
-    corpus = training_corpus(plan, org)
-
-    def batch(step: int) -> Batch:
-        gen = torch.Generator().manual_seed((t.seed * 7919 + step) * 104_729 + index)
-        return corpus.batch(gen, t.batch_size, t.seq_len)
-
-    return batch
+    return TrainingBatches(plan, org)
 
 
 def eval_batches_for(plan: Plan, org: str) -> list[Batch]:

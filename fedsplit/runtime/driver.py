@@ -13,6 +13,7 @@ from .calls import CallKey, calling, remote_call
 from .microbatches import MicroBatchLoss, run_micro_batches
 from .path import segments
 from .policy import EVAL_STEP
+from .privacy import releaser
 from .protocols import Peer
 
 
@@ -64,11 +65,14 @@ class DataOwner:
 
     def _through_path(self, key: CallKey, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(cross-entropy, summed aux loss) of one micro-batch: each segment of the path in turn."""
+        release = releaser(self.plan, key)  # noise on what leaves this organisation (privacy.activations)
         with calling(key):
             x = tokens.to(self.device)
             aux = torch.zeros((), device=self.device)
             for org, segment in self.path:
                 inputs = [x, labels.to(self.device)] if segment.takes_labels else [x]
                 x, segment_aux = remote_call(self.peer(org), key, segment, inputs)
+                if release is not None and org == self.name:
+                    x = release(segment.blocks[-1], x)
                 aux = aux + segment_aux
         return x, aux

@@ -21,7 +21,9 @@ from ..plan import Plan
 from .calls import CallKey
 from .microbatches import MicroBatchLoss, run_micro_batches
 from .optim import clip_factor, learning_rate, make_optimizer, scale_grads, set_learning_rate, squared_norm
+from .policy import EVAL_STEP
 from .precision import MasterWeights
+from .privacy import releaser
 
 
 class MonolithicTrainer:
@@ -48,8 +50,8 @@ class MonolithicTrainer:
 
             def forward(mb: int, tok: Tensor, lab: Tensor, owner: str = d, index: int = index) -> MicroBatchLoss:
                 seed = CallKey(owner, step, mb).noise_seed(t.seed, index)
-                blocked = self.plan.blocked_experts(owner)
-                mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed, blocked)
+                blocked, release = self.plan.blocked_experts(owner), releaser(self.plan, CallKey(owner, step, mb))
+                mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed, blocked, release)
                 loss = (mean_ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
                 if len(owners) > 1:
                     loss = loss / len(owners)
@@ -79,7 +81,8 @@ class MonolithicTrainer:
     def evaluate(self, tokens: Tensor, labels: Tensor, data_owner: str | None = None) -> float:
         """Mean cross-entropy of a held-out batch, micro-batch by micro-batch as the split
         model evaluates it (no gradients, no router noise); routed as ``data_owner``'s batches
-        are (none of the other owners' experts), or to every expert when it is None."""
+        are (none of the other owners' experts) and noised where its hidden states leave it, or
+        to every expert and without noise when it is None."""
         micro = self.plan.training.micro_batches
         blocked = self.plan.blocked_experts(data_owner) if data_owner is not None else None
         self.model.eval()
@@ -87,8 +90,15 @@ class MonolithicTrainer:
             with torch.no_grad():
                 return (
                     sum(
-                        self.model.losses(tok.to(self.device), lab.to(self.device), blocked=blocked)[0].item()
-                        for tok, lab in zip(tokens.chunk(micro), labels.chunk(micro))
+                        self.model.losses(
+                            tok.to(self.device),
+                            lab.to(self.device),
+                            blocked=blocked,
+                            release=None
+                            if data_owner is None
+                            else releaser(self.plan, CallKey(data_owner, EVAL_STEP, mb)),
+                        )[0].item()
+                        for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro)))
                     )
                     / micro
                 )

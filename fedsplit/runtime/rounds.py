@@ -24,6 +24,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .optim import OptimizerStates, make_optimizer
+from .privacy import epsilon
 from .protocols import RoundControl, Traffic
 from .threads import align_threads, compute_pool
 from .worker import Worker
@@ -320,4 +321,9 @@ def run_round(
             "last_loss": totals["last_loss"],
             "step_s": totals["step_s"] / n,
         }
-    return {**trained, **per_step, "tokens": totals["tokens"], **evaluated}
+    spent = {}
+    if worker.plan.privacy is not None and worker.plan.privacy.activations is not None:
+        # TrainingBatches know their text's size; any other source counts every position released
+        # at every step (q = 1), the bound that assumes nothing.
+        spent = {"epsilon": epsilon(worker.plan, spec.last_step + 1, getattr(batches, "tokens", None))}
+    return {**trained, **per_step, "tokens": totals["tokens"], **evaluated, **spent}

@@ -1,0 +1,96 @@
+"""Noise on what a data owner's hidden states tell the organisations its path leads to.
+
+With ``privacy.activations: {clip: C, noise_multiplier: s}`` a data owner clips each token's hidden
+state to L2 norm ``C`` and adds Gaussian noise of standard deviation ``s * C`` at every cut of its
+path: after each run of blocks it computes itself that another organisation continues
+(DP-Forward's per-token Gaussian mechanism, applied by the sender before any byte leaves it). The
+noise is drawn from a seed of (plan seed, step, data owner, micro-batch, block), so the monolithic
+reference draws the same noise at the same place and split training stays exact. The gradient
+passes through the clipping; the noise is a constant of the forward.
+
+The accountant is opacus's Rényi-DP analysis (``compute_rdp``, ``get_privacy_spent``): each step is
+a Gaussian mechanism with noise multiplier ``s`` on one token position's clipped vector
+(sensitivity ``C`` under adding or removing it), applied to a random share of the data owner's
+positions (its batch's tokens over its training tokens), composed over the steps so far.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..model.moe import Release
+from ..plan import Plan
+from ..plan.schema import ActivationNoise
+from .calls import CallKey
+
+
+def cut_blocks(plan: Plan, data_owner: str) -> frozenset[str | int]:
+    """The blocks after which ``data_owner``'s hidden states leave it: the last block of each run
+    of its path that it computes, when another organisation computes the next run."""
+    path = plan.path(data_owner)
+    return frozenset(
+        blocks[-1] for (org, blocks), (after, _) in zip(path, path[1:]) if org == data_owner and after != data_owner
+    )
+
+
+def _block_position(plan: Plan, block: str | int) -> int:
+    return {"embed": 0, "final_norm": plan.model.num_layers + 1}.get(block, block + 1 if isinstance(block, int) else 0)
+
+
+def release_noise(noise: ActivationNoise, x: Tensor, seed: int) -> Tensor:
+    """``x`` with each token's vector clipped to L2 norm ``clip`` and Gaussian noise of standard
+    deviation ``noise_multiplier * clip`` added (drawn in fp32 from ``seed``, then cast)."""
+    norms = x.float().norm(dim=-1, keepdim=True)
+    clipped = x * (noise.clip / norms.clamp_min(1e-12)).clamp(max=1.0).to(x.dtype)
+    if not noise.noise_multiplier:
+        return clipped
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    drawn = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
+    return clipped + (drawn * (noise.noise_multiplier * noise.clip)).to(x.dtype)
+
+
+def releaser(plan: Plan, key: CallKey) -> Release | None:
+    """What ``key``'s data owner applies to a block's output before it leaves it (None: the plan
+    asks for nothing, or its path never leaves it)."""
+    noise = plan.privacy.activations if plan.privacy is not None else None
+    cuts = cut_blocks(plan, key.data_owner) if noise is not None else frozenset()
+    if not cuts:
+        return None
+    base = key.noise_seed(plan.training.seed, plan.data_owners.index(key.data_owner))
+
+    def release(block: str | int, x: Tensor) -> Tensor:
+        if block not in cuts:
+            return x
+        return release_noise(noise, x, (base * 1_000_033 + 7_919 * (_block_position(plan, block) + 1)) % (1 << 63))
+
+    return release
+
+
+def sample_rate(plan: Plan, train_tokens: int | None) -> float:
+    """The share of a data owner's token positions that one step's batch releases (1 when the
+    size of its text is unknown)."""
+    t = plan.training
+    return 1.0 if not train_tokens else min(1.0, t.batch_size * t.seq_len / train_tokens)
+
+
+def epsilon(plan: Plan, steps: int, train_tokens: int | None) -> float:
+    """ε at ``privacy.delta`` of ``steps`` steps of a data owner with ``train_tokens`` training
+    tokens (inf without noise; 0 before any step)."""
+    noise = plan.privacy.activations
+    return gaussian_epsilon(noise.noise_multiplier, sample_rate(plan, train_tokens), steps, plan.privacy.delta)
+
+
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # opacus's default orders
+
+
+def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε at ``delta`` of ``steps`` subsampled Gaussian mechanisms (opacus's RDP analysis)."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    if steps == 0:
+        return 0.0
+    if not noise_multiplier:
+        return float("inf")
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=RDP_ORDERS)
+    return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])
