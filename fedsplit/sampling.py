@@ -89,7 +89,10 @@ def load_model(
         except CheckpointError as e:
             raise GenerateError(f"cannot load {ckpt.path}: {e}") from None
     elif without:
-        raise GenerateError(f"--without applies to a run's checkpoint; {source} is an exported file already")
+        raise GenerateError(
+            f"--without applies to a run's checkpoint: give the run directory or its checkpoints/round-NNNN "
+            f"directory, not the file {source}"
+        )
     tokenizer_path = Path(tokenizer_file) if tokenizer_file else plan_path.parent / TOKENIZER_FILE
     try:
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.exists() or tokenizer_file else ByteTokenizer()

@@ -8,8 +8,8 @@ from fedsplit.runtime import MonolithicTrainer, initial_weights
 from fedsplit.runtime.batches import batches_for
 
 
-def monolithic(plan, total_steps: int) -> dict[str, torch.Tensor]:
-    mono = MonolithicTrainer(plan, initial_weights(plan))
+def monolithic(plan, total_steps: int, noise_keys=None) -> dict[str, torch.Tensor]:
+    mono = MonolithicTrainer(plan, initial_weights(plan), noise_keys=noise_keys)
     sources = {d: batches_for(plan, d) for d in plan.data_owners}
     for step in range(total_steps):
         mono.train_step(step, {d: sources[d](step) for d in plan.data_owners})

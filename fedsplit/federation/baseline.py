@@ -21,11 +21,12 @@ Progress = Callable[[int, int, dict], None]  # (step done, total steps, step met
 
 
 def held_out_loss(
-    trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor]], data_owner: str | None = None
+    trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor]], data_owner: str, round: int = 0
 ) -> tuple[float, float]:
-    """(token-weighted mean cross-entropy, tokens) of held-out batches (routed as ``data_owner``'s)."""
+    """(token-weighted mean cross-entropy, tokens) of ``data_owner``'s held-out batches, routed
+    and noised as the split model evaluates them at the start of ``round``."""
     tokens = [float(tok.numel()) for tok, _ in batches]
-    losses = [trainer.evaluate(tok, lab, data_owner) for tok, lab in batches]
+    losses = [trainer.evaluate(tok, lab, data_owner, round) for tok, lab in batches]
     return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), sum(tokens)
 
 
@@ -43,7 +44,7 @@ def run_baseline(
     def evaluate(r: int) -> None:
         if held_out:
             metrics.write(
-                evaluation_record(r, {d: held_out_loss(trainer, batches, d) for d, batches in held_out.items()})
+                evaluation_record(r, {d: held_out_loss(trainer, batches, d, r + 1) for d, batches in held_out.items()})
             )
 
     evaluate(0)

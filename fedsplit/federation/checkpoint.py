@@ -53,6 +53,11 @@ def _digest(plan: Plan, training: dict) -> str:
             [p.name, sorted(map(str, p.units)), list(p.holders), sorted(p.local_holders)] for p in plan.partitions
         ],
     }
+    # Only when set, so that the hashes of runs from before these fields existed stay the same.
+    if plan.owner_of:
+        spec["owned"] = sorted((str(u), owner) for u, owner in plan.owner_of.items())
+    if plan.privacy is not None:
+        spec["privacy"] = plan.privacy.model_dump(mode="json")
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

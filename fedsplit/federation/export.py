@@ -41,7 +41,14 @@ def withdrawn_experts(plan: Path | None, without: Sequence[str] = ()) -> tuple[l
     """The organisations whose owned experts leave a model of the run whose resolved plan is
     ``plan`` (``without``, and those whose plan says ``withdraw_experts``) and those experts, as
     (layer, expert) pairs."""
-    owned = resolved_owned_experts(plan) if plan is not None else {}
+    if plan is None:
+        if without:
+            raise CheckpointError(f"--without needs the run's {PLAN_FILE} beside or above the checkpoint (none found)")
+        return [], []
+    try:
+        owned = resolved_owned_experts(plan)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"not a run's resolved plan ({e})", file=plan) from None
     unknown = [o for o in without if o not in owned]
     if unknown:
         owners = ", ".join(sorted(owned)) or "none: its plan has no 'owns'"
@@ -69,6 +76,11 @@ def export(
     :class:`CheckpointError` when ``source`` holds no complete checkpoint or cannot be exported so."""
     source, out = Path(source), Path(out)
     if format == "hf" and is_model_directory(source):
+        if merge or without:
+            raise CheckpointError(
+                "--merge and --without apply to a run's checkpoint; a model directory is converted as it is",
+                file=source,
+            )
         directory = open_checkpoint(source)
         written = save_hf(directory.config, directory.reader.read_all(), out)
         return f"wrote a Hugging Face checkpoint to {written}: AutoModelForCausalLM.from_pretrained({str(written)!r})"
@@ -80,8 +92,8 @@ def export(
     orgs, removed = withdrawn_experts(run_plan_file(ckpt.path), without)
     if removed and format == "peft":
         raise CheckpointError(
-            f"a PEFT adapter applies to its base, which keeps the experts of {', '.join(orgs)}: export --format hf "
-            "(or --merge) to leave them out"
+            f"a PEFT adapter applies to its base, which keeps the experts of {', '.join(orgs)}: use --format hf, "
+            "or --format safetensors, to leave them out"
         )
     needs_config = merge or removed or format != "safetensors" or "base" in ckpt.manifest
     cfg = model_config(ckpt.path, model) if needs_config else None

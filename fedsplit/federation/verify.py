@@ -12,6 +12,7 @@ from ..hosting.processes import ProcessFederation
 from ..plan import Plan
 from ..plan.schema import OptimizerConfig
 from ..runtime import InProcessFederation, MonolithicTrainer, initial_weights, synthetic_batches
+from ..runtime.privacy import fresh_noise_keys
 from .aggregate import average_replicas
 
 
@@ -63,18 +64,20 @@ def verify(
             f"or keep the replicas in step (aggregation: {{replica_sync: step}})"
         )
     weights = initial_weights(plan)
-    mono = MonolithicTrainer(plan, weights, device)
+    keys = fresh_noise_keys(plan)  # both sides draw privacy.activations' noise from the same secrets
+    mono = MonolithicTrainer(plan, weights, device, keys)
     if transport == "grpc":
         # Worker processes compute with one intra-op thread (WORKER_THREADS); the reference
         # uses the same, so that both run the same matmul kernels and blocking.
         threads = torch.get_num_threads()
         torch.set_num_threads(WORKER_THREADS)
         try:
-            with ProcessFederation(plan, weights, device, insecure=insecure) as split:
+            with ProcessFederation(plan, weights, device, insecure=insecure, noise_keys=keys) as split:
                 return _train_and_compare(plan, steps, mono, split, replicated)
         finally:
             torch.set_num_threads(threads)
-    return _train_and_compare(plan, steps, mono, InProcessFederation(plan, weights, device), replicated)
+    split = InProcessFederation(plan, weights, device, noise_keys=keys)
+    return _train_and_compare(plan, steps, mono, split, replicated)
 
 
 def _train_and_compare(plan: Plan, steps: int, mono: MonolithicTrainer, split, replicated) -> VerifyResult:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..plan import Plan, load_plan
 from ..runtime.batches import batches_for, eval_batches_for
+from ..runtime.privacy import noise_key
 from ..runtime.rounds import Rounds
 from ..runtime.weights import LazyWeights, initial_weights_of, selection
 from ..runtime.worker import Worker
@@ -73,6 +74,8 @@ class WorkerHost:
                 mine = initial_weights_of(plan, org) if plan.frozen else None
             worker = Worker(plan, org, mine, device)
             owner = org in plan.data_owners
+            if owner:
+                worker.data_owner.noise_key = noise_key(state_dir / org if state_dir else None)
             Rounds(
                 worker,
                 batches_for(plan, org) if owner else None,

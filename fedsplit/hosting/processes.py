@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..plan import Partition, Plan, reassemble, write_resolved
+from ..runtime.privacy import KEY_FILE
 from ..runtime.protocols import Batches
 from ..transport.security import TLSConfig, generate_credentials, load_token
 from ..transport.shm import remove_segments_of
@@ -170,12 +171,18 @@ class ProcessFederation:
         start_timeout: float = 120.0,
         insecure: bool = False,
         groups: Sequence[Sequence[str]] | None = None,
+        noise_keys: Mapping[str, int] | None = None,
     ):
-        """Workers get fresh TLS certificates and tokens for this run unless ``insecure``."""
+        """Workers get fresh TLS certificates and tokens for this run unless ``insecure``;
+        data owners the ``noise_keys`` given (privacy.activations), else keys of their own."""
         self.plan, self.timeout = plan, timeout
         self.frozen = plan.frozen_part(weights)  # never changes
         self.run = f"{plan.name}-{secrets.token_hex(4)}"
         self._tmp = tempfile.TemporaryDirectory(prefix="fedsplit-")
+        state = Path(self._tmp.name) / "state"
+        for org, key in (noise_keys or {}).items():
+            (state / org).mkdir(parents=True, exist_ok=True)
+            (state / org / KEY_FILE).write_text(f"{key}\n")
         self.hosts = HostProcesses(
             plan,
             groups or [[org] for org in plan.orgs],
@@ -184,6 +191,7 @@ class ProcessFederation:
             weights=weights,
             device=device,
             insecure=insecure,
+            state_dir=state,
             start_timeout=start_timeout,
         )
         self.addresses = self.hosts.addresses

@@ -474,10 +474,10 @@ def _unnoised(plan: Plan, d: str) -> list[Problem]:
             continue
         pieces = [("head groups", "kv", cfg.num_kv_heads), ("experts", "expert", cfg.num_experts)]
         pieces.append(("shared experts", "shared_experts", 1 if cfg.num_shared_experts else 0))
+        blocked = plan.blocked_experts(d).get(layer, ())  # the other owners' experts never get its tokens
         for name, kind, count in pieces:
-            holders = sorted(
-                {route[Unit(kind, layer, i if kind != "shared_experts" else -1)] for i in range(count)} - {d}
-            )
+            reached = [i for i in range(count) if not (kind == "expert" and i in blocked)]
+            holders = sorted({route[Unit(kind, layer, i if kind != "shared_experts" else -1)] for i in reached} - {d})
             for holder in holders:
                 out.append(
                     Problem(
@@ -487,7 +487,7 @@ def _unnoised(plan: Plan, d: str) -> list[Problem]:
                         org=d,
                     )
                 )
-    if any(o != d for o, _ in plan.path(d)[1:]) and plan.path(d)[-1][0] == d:
+    if any(o == d for o, _ in plan.path(d)[1:]):  # it computes after another organisation: it returns gradients
         out.append(
             Problem(
                 "privacy.activations noises the hidden states it sends; the gradients it returns are not noised",

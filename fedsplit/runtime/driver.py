@@ -24,6 +24,7 @@ class DataOwner:
     def __init__(self, plan: Plan, name: str, device: torch.device, peer: Callable[[str], Peer]):
         self.plan, self.name, self.device, self.peer = plan, name, device, peer
         self.path = segments(plan, name)
+        self.noise_key: int | None = None  # its secret for privacy.activations (see runtime.privacy.noise_key)
 
     def train_batch(self, step: int, tokens: Tensor, labels: Tensor, schedule: str | None = None) -> dict[str, float]:
         """Forward and backward one batch through the whole split model. Gradients accumulate on
@@ -51,21 +52,22 @@ class DataOwner:
         del metrics["objective"]
         return metrics
 
-    def evaluate_batch(self, tokens: Tensor, labels: Tensor) -> float:
+    def evaluate_batch(self, tokens: Tensor, labels: Tensor, round: int = 0) -> float:
         """Mean cross-entropy of a held-out batch through the split model, with the weights as
-        they are (no graph, no gradients, no router noise). Micro-batches are shaped as in
+        they are (no graph, no gradients, no router noise; with privacy.activations, noised where
+        it leaves this organisation, fresh noise each ``round``). Micro-batches are shaped as in
         training, so every organisation checks them as it checks training calls."""
         micro = self.plan.training.micro_batches
         with torch.no_grad():
             losses = [
-                self._through_path(CallKey(self.name, EVAL_STEP, mb), tok, lab)[0]
+                self._through_path(CallKey(self.name, EVAL_STEP, mb), tok, lab, round)[0]
                 for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro)))
             ]
         return sum(float(ce) for ce in losses) / micro
 
-    def _through_path(self, key: CallKey, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _through_path(self, key: CallKey, tokens: Tensor, labels: Tensor, salt: int = 0) -> tuple[Tensor, Tensor]:
         """(cross-entropy, summed aux loss) of one micro-batch: each segment of the path in turn."""
-        release = releaser(self.plan, key)  # noise on what leaves this organisation (privacy.activations)
+        release = releaser(self.plan, key, self.noise_key, salt)  # noise on what leaves it (privacy.activations)
         with calling(key):
             x = tokens.to(self.device)
             aux = torch.zeros((), device=self.device)

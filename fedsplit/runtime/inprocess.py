@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..plan import Partition, Plan, reassemble, select
 from .local import LocalPeer
+from .privacy import fresh_noise_keys
 from .protocols import Batches
 from .threads import compute_pool
 from .worker import Worker
@@ -21,11 +22,20 @@ class InProcessFederation:
     gains nothing. Pass ``schedule`` to exercise another one."""
 
     def __init__(
-        self, plan: Plan, weights: Mapping[str, Tensor], device: str | None = None, schedule: str = "sequential"
+        self,
+        plan: Plan,
+        weights: Mapping[str, Tensor],
+        device: str | None = None,
+        schedule: str = "sequential",
+        noise_keys: Mapping[str, int] | None = None,
     ):
+        """``noise_keys``: each data owner's secret for privacy.activations (default: fresh ones)."""
         self.plan, self.schedule = plan, schedule
         self.frozen = plan.frozen_part(weights)  # never changes
         self.workers = {org: Worker(plan, org, select(weights, plan.slices_of(org)), device) for org in plan.orgs}
+        keys = noise_keys if noise_keys is not None else fresh_noise_keys(plan)
+        for d in plan.data_owners:
+            self.workers[d].data_owner.noise_key = keys[d]
         for w in self.workers.values():
             w.connect({org: LocalPeer(other, caller=w.name) for org, other in self.workers.items()})
         # Holders of replicas kept in step wait for each other's gradients while applying a step,

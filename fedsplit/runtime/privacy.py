@@ -8,6 +8,12 @@ noise is drawn from a seed of (plan seed, step, data owner, micro-batch, block),
 reference draws the same noise at the same place and split training stays exact. The gradient
 passes through the clipping; the noise is a constant of the forward.
 
+The noise must be unknown to the receivers, or they would draw it again and subtract it: its seed
+mixes in a secret key of the data owner (:func:`noise_key`, kept in its state directory, never
+sent), hashed with the call's step, micro-batch and block. Whoever checks a run against the
+monolith holds every data owner's key (``verify``, the tests), and held-out evaluation draws
+fresh noise each round.
+
 The accountant is opacus's Rényi-DP analysis (``compute_rdp``, ``get_privacy_spent``): each step is
 a Gaussian mechanism with noise multiplier ``s`` on one token position's clipped vector
 (sensitivity ``C`` under adding or removing it), applied to a random share of the data owner's
@@ -15,6 +21,11 @@ positions (its batch's tokens over its training tokens), composed over the steps
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -50,19 +61,48 @@ def release_noise(noise: ActivationNoise, x: Tensor, seed: int) -> Tensor:
     return clipped + (drawn * (noise.noise_multiplier * noise.clip)).to(x.dtype)
 
 
-def releaser(plan: Plan, key: CallKey) -> Release | None:
+KEY_FILE = "noise.key"
+
+
+def noise_key(state_dir: Path | None) -> int:
+    """A data owner's secret noise key: read from ``state_dir/noise.key``, or made there (readable
+    by its owner only) on first use, so that a resumed worker draws what it would have drawn;
+    without a state directory, a fresh key."""
+    if state_dir is None:
+        return secrets.randbits(62)
+    path = Path(state_dir) / KEY_FILE
+    if path.exists():
+        return int(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.randbits(62)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(f"{key}\n")
+    return key
+
+
+def fresh_noise_keys(plan: Plan) -> dict[str, int]:
+    """A new secret noise key for every data owner (a run whose noise nobody needs to redraw)."""
+    return {d: noise_key(None) for d in plan.data_owners}
+
+
+def releaser(plan: Plan, key: CallKey, secret: int | None, salt: int = 0) -> Release | None:
     """What ``key``'s data owner applies to a block's output before it leaves it (None: the plan
-    asks for nothing, or its path never leaves it)."""
+    asks for nothing, or its path never leaves it), its noise drawn from its ``secret`` key (and
+    ``salt``: the round, for held-out evaluation)."""
     noise = plan.privacy.activations if plan.privacy is not None else None
     cuts = cut_blocks(plan, key.data_owner) if noise is not None else frozenset()
     if not cuts:
         return None
-    base = key.noise_seed(plan.training.seed, plan.data_owners.index(key.data_owner))
+    if secret is None:
+        raise ValueError(f"{key.data_owner} has no noise key: privacy.activations draws its noise from one")
+    base = f"{secret}:{key.data_owner}:{key.step}:{key.micro_batch}:{salt}"
 
     def release(block: str | int, x: Tensor) -> Tensor:
         if block not in cuts:
             return x
-        return release_noise(noise, x, (base * 1_000_033 + 7_919 * (_block_position(plan, block) + 1)) % (1 << 63))
+        digest = hashlib.sha256(f"{base}:{_block_position(plan, block)}".encode()).digest()
+        return release_noise(noise, x, int.from_bytes(digest[:8], "big") >> 1)
 
     return release
 

@@ -23,12 +23,21 @@ from .microbatches import MicroBatchLoss, run_micro_batches
 from .optim import clip_factor, learning_rate, make_optimizer, scale_grads, set_learning_rate, squared_norm
 from .policy import EVAL_STEP
 from .precision import MasterWeights
-from .privacy import releaser
+from .privacy import fresh_noise_keys, releaser
 
 
 class MonolithicTrainer:
-    def __init__(self, plan: Plan, weights: Mapping[str, Tensor], device: str = "cpu"):
+    def __init__(
+        self,
+        plan: Plan,
+        weights: Mapping[str, Tensor],
+        device: str = "cpu",
+        noise_keys: Mapping[str, int] | None = None,
+    ):
+        """``noise_keys``: each data owner's secret noise key, to draw the noise of
+        privacy.activations as the split run does (default: fresh keys, other draws)."""
         self.plan = plan
+        self.noise_keys = dict(noise_keys) if noise_keys is not None else fresh_noise_keys(plan)
         self.device = torch.device(device)
         self.model = MoETransformer(plan.model).to(self.device)
         self.model.load_state_dict(weights, strict=True)
@@ -50,7 +59,8 @@ class MonolithicTrainer:
 
             def forward(mb: int, tok: Tensor, lab: Tensor, owner: str = d, index: int = index) -> MicroBatchLoss:
                 seed = CallKey(owner, step, mb).noise_seed(t.seed, index)
-                blocked, release = self.plan.blocked_experts(owner), releaser(self.plan, CallKey(owner, step, mb))
+                blocked = self.plan.blocked_experts(owner)
+                release = releaser(self.plan, CallKey(owner, step, mb), self.noise_keys.get(owner))
                 mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed, blocked, release)
                 loss = (mean_ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
                 if len(owners) > 1:
@@ -78,7 +88,7 @@ class MonolithicTrainer:
         stats = {"grad_norm": squared**0.5, "clip_factor": factor, "lr": lr}
         return {"loss": total, **{f"ce/{d}": v for d, v in ce.items()}, **stats}
 
-    def evaluate(self, tokens: Tensor, labels: Tensor, data_owner: str | None = None) -> float:
+    def evaluate(self, tokens: Tensor, labels: Tensor, data_owner: str | None = None, round: int = 0) -> float:
         """Mean cross-entropy of a held-out batch, micro-batch by micro-batch as the split
         model evaluates it (no gradients, no router noise); routed as ``data_owner``'s batches
         are (none of the other owners' experts) and noised where its hidden states leave it, or
@@ -96,7 +106,9 @@ class MonolithicTrainer:
                             blocked=blocked,
                             release=None
                             if data_owner is None
-                            else releaser(self.plan, CallKey(data_owner, EVAL_STEP, mb)),
+                            else releaser(
+                                self.plan, CallKey(data_owner, EVAL_STEP, mb), self.noise_keys.get(data_owner), round
+                            ),
                         )[0].item()
                         for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro)))
                     )

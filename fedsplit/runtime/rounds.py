@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .optim import OptimizerStates, make_optimizer
-from .privacy import epsilon
+from .privacy import cut_blocks, epsilon
 from .protocols import RoundControl, Traffic
 from .threads import align_threads, compute_pool
 from .worker import Worker
@@ -298,7 +298,7 @@ def run_round(
     evaluated = {}
     if spec.evaluate and eval_batches:
         tokens = [float(tok.numel()) for tok, _ in eval_batches]
-        losses = [owner.evaluate_batch(tok, lab) for tok, lab in eval_batches]
+        losses = [owner.evaluate_batch(tok, lab, spec.round) for tok, lab in eval_batches]
         evaluated = {"eval_loss": sum(x * n for x, n in zip(losses, tokens)) / sum(tokens), "eval_tokens": sum(tokens)}
     with compute_pool(len(controls), "fedsplit-finish") as pool:
         for step in range(spec.first_step, spec.last_step + 1):
@@ -322,7 +322,8 @@ def run_round(
             "step_s": totals["step_s"] / n,
         }
     spent = {}
-    if worker.plan.privacy is not None and worker.plan.privacy.activations is not None:
+    noise = worker.plan.privacy.activations if worker.plan.privacy is not None else None
+    if noise is not None and noise.noise_multiplier and cut_blocks(worker.plan, worker.name):
         # TrainingBatches know their text's size; any other source counts every position released
         # at every step (q = 1), the bound that assumes nothing.
         spent = {"epsilon": epsilon(worker.plan, spec.last_step + 1, getattr(batches, "tokens", None))}

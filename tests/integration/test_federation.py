@@ -78,7 +78,7 @@ def test_held_out_evaluation_through_the_split_model_equals_the_reassembled_mode
     }
     for r, weights in models.items():
         for owner in plan.data_owners:
-            expected, tokens = held_out_loss(MonolithicTrainer(plan, weights), eval_batches_for(plan, owner))
+            expected, tokens = held_out_loss(MonolithicTrainer(plan, weights), eval_batches_for(plan, owner), owner)
             assert evals[r]["orgs"][owner]["tokens"] == tokens
             assert abs(evals[r]["orgs"][owner]["loss"] - expected) <= 1e-5, (r, owner)
     assert evals[2]["loss"] < evals[0]["loss"]  # something was learned through the split path
@@ -192,12 +192,16 @@ def test_noised_activations_through_flower_equal_the_monolith_and_report_the_pri
     from fedsplit.plan.schema import ActivationNoise, PrivacyConfig
     from fedsplit.report import write_report
     from fedsplit.runtime.batches import batches_for
-    from fedsplit.runtime.privacy import epsilon
+    from fedsplit.runtime.privacy import KEY_FILE, epsilon, noise_key
 
     plan = small_plan("layers", rounds=2, steps=2)
     plan = dataclasses.replace(plan, privacy=PrivacyConfig(activations=ActivationNoise(clip=1.0, noise_multiplier=1.0)))
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
-    assert max_diff(latest_checkpoint(run_dir / "checkpoints").weights, monolithic(plan, 4)) == 0.0
+    key_file = run_dir / "workers" / "state" / "hospital-a" / KEY_FILE  # the data owner's secret, never sent
+    assert key_file.stat().st_mode & 0o077 == 0
+    keys = {"hospital-a": noise_key(key_file.parent)}
+    assert max_diff(latest_checkpoint(run_dir / "checkpoints").weights, monolithic(plan, 4, keys)) == 0.0
+    assert max_diff(latest_checkpoint(run_dir / "checkpoints").weights, monolithic(plan, 4)) > 0  # other secrets
     rounds = [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())]
     spent = [r["privacy"] for r in rounds if r["event"] == "round"]
     tokens = batches_for(plan, "hospital-a").tokens

@@ -13,7 +13,7 @@ from fedsplit.federation.verify import verify
 from fedsplit.plan import PlanError, load_plan
 from fedsplit.plan.schema import ActivationNoise, PrivacyConfig
 from fedsplit.runtime.calls import CallKey
-from fedsplit.runtime.privacy import cut_blocks, epsilon, release_noise, releaser, sample_rate
+from fedsplit.runtime.privacy import KEY_FILE, cut_blocks, epsilon, noise_key, release_noise, releaser, sample_rate
 
 from ..conftest import PLANS
 from .test_plan_validation import DATA, only_problem, write_plan  # noqa: F401 (write_plan: a fixture)
@@ -65,7 +65,21 @@ def _kept_in_step():
 
 def test_a_plan_without_privacy_releases_everything_as_it_is():
     plan = load_plan(PLANS / "layers" / "federation.yaml")
-    assert releaser(plan, CallKey("hospital-a", 0, 0)) is None
+    assert releaser(plan, CallKey("hospital-a", 0, 0), None) is None
+
+
+def test_the_noise_comes_from_the_data_owners_secret_so_a_receiver_cannot_draw_it_again(tmp_path):
+    plan = noised("layers")
+    x = torch.randn(2, 16, 64)
+    key = CallKey("hospital-a", 3, 1)
+    mine, guessed = (releaser(plan, key, secret)(0, x) for secret in (noise_key(None), noise_key(None)))
+    assert not torch.equal(mine, guessed)  # everything in the plan and the call, but not the key: other noise
+    assert not torch.equal(releaser(plan, key, 7)(0, x), releaser(plan, key, 7, salt=1)(0, x))  # evaluation rounds
+    with pytest.raises(ValueError, match="hospital-a has no noise key"):
+        releaser(plan, key, None)
+    kept = noise_key(tmp_path / "state")
+    assert noise_key(tmp_path / "state") == kept  # a resumed worker draws what it would have drawn
+    assert (tmp_path / "state" / KEY_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_epsilon_is_opacus_rdp_of_the_steps_at_the_batch_share_of_the_owners_tokens():
