@@ -299,7 +299,7 @@ def run_block(
     noise_seed: int | None,
     recompute: bool,
     blocked: BlockedExperts | None = None,
-):
+) -> tuple[Tensor, Tensor]:
     """``block(h, rope, noise_seed)``, routing to none of ``blocked[layer]``; with ``recompute``
     (activation checkpointing), keeping only its input: its forward runs again during backward,
     drawing the same router noise (seeded)."""

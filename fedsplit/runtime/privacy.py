@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..model.moe import Release
+from ..model import Release
 from ..plan import Plan
 from ..plan.schema import ActivationNoise
 from .calls import CallKey
