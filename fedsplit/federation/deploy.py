@@ -37,6 +37,7 @@ from .simulate import QUIET_ENV
 
 FLWR_RUN_LOG = "flwr-run.log"  # what `flwr run --stream` prints: the ServerApp's log
 SUPERNODE_LOG = "supernode.log"  # in a client's state directory
+SUPERNODE_RESTARTS = 3  # SuperNodes a client starts again after one is killed before joining a run
 CONNECTION = "fedsplit"  # the one SuperLink connection in the run's own FLWR_HOME (never Flower's hosted default)
 COORDINATOR_CERT = "coordinator"
 
@@ -363,12 +364,17 @@ def run_client(plan: Plan, options: ClientOptions) -> ClientEnd:
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     supernode_log = state_dir / SUPERNODE_LOG
-    supernode = start(
-        supernode_command(plan, options, options.supernode_port or free_port()),
-        env=flower_env(state_dir / "flwr"),
-        stdout=open(supernode_log, "ab"),
-        stderr=subprocess.STDOUT,
-    )
+
+    def start_supernode() -> subprocess.Popen:
+        return start(
+            supernode_command(plan, options, options.supernode_port or free_port()),
+            env=flower_env(state_dir / "flwr"),
+            stdout=open(supernode_log, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    supernode = start_supernode()
+    restarts = 0
     ended = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: ended.append(signum))
@@ -377,8 +383,21 @@ def run_client(plan: Plan, options: ClientOptions) -> ClientEnd:
         return host.run_ended and not options.keep_serving
 
     try:
-        while supernode.poll() is None and not ended and not released():
-            time.sleep(0.5)
+        while not ended and not released():
+            if supernode.poll() is None:
+                time.sleep(0.5)
+                continue
+            # A SuperNode killed by a signal before this organisation joined a run (gRPC's poller
+            # aborts now and then at start-up under load) has left nothing behind: start another.
+            if supernode.returncode >= 0 or restarts >= SUPERNODE_RESTARTS or host.began_a_round:
+                break
+            restarts += 1
+            print(
+                f"{options.org}: the SuperNode ended with code {supernode.returncode} before joining a run; "
+                f"starting it again ({restarts} of {SUPERNODE_RESTARTS})",
+                flush=True,
+            )
+            supernode = start_supernode()
         if released() and not ended:  # let the SuperNode send its reply: until the SuperLink goes
             wait_until_closed(options.superlink, RELEASE_TIMEOUT_S, lambda: bool(ended) or supernode.poll() is not None)
     finally:

@@ -102,6 +102,11 @@ class WorkerHost:
         return {org: s.address for org, s in self.servers.items()}
 
     @property
+    def began_a_round(self) -> bool:
+        """Whether any of its organisations has been sent a round (it has joined a run)."""
+        return any(w.rounds is not None and w.rounds.spec is not None for w in self.workers.values())
+
+    @property
     def run_ended(self) -> bool:
         """Whether the coordinator said the run its organisations served is over."""
         return any(h.run_ended.is_set() for h in self.handlers.values())

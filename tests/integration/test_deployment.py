@@ -377,3 +377,31 @@ def namespaces():
 def test_organisations_in_their_own_network_namespaces_train_the_plan_exactly(tmp_path, namespaces):
     run_dir = deploy(tmp_path, namespaces.coordinator, namespaces.hosts, {org: namespaces.prefix(org) for org in ORGS})
     check_run(run_dir, tmp_path)
+
+
+def test_a_supernode_killed_before_joining_a_run_is_started_again(tmp_path, monkeypatch, capsys):
+    """gRPC's poller in a SuperNode now and then aborts at start-up on a busy machine (SIGABRT):
+    the client starts another instead of leaving the coordinator waiting for it."""
+    from fedsplit.federation import deploy
+
+    starts = tmp_path / "starts"
+    script = (
+        "import os, pathlib, signal, sys\n"
+        f"p = pathlib.Path({str(starts)!r}); n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1))\n"
+        "os.kill(os.getpid(), signal.SIGABRT) if n == 0 else sys.exit(0)\n"
+    )
+    monkeypatch.setattr(deploy, "supernode_command", lambda plan, options, port: [sys.executable, "-c", script])
+    plan = load_plan(ROOT / "configs" / "plans" / "layers" / "federation.yaml")
+    options = deploy.ClientOptions(
+        org="compute-b",
+        superlink="127.0.0.1:1",
+        data_plane_address=f"127.0.0.1:{free_port()}",
+        insecure=True,
+        state_dir=tmp_path / "state",
+    )
+    end = deploy.run_client(plan, options)
+    assert starts.read_text() == "2"
+    assert (
+        "the SuperNode ended with code -6 before joining a run; starting it again (1 of 3)" in capsys.readouterr().out
+    )
+    assert end.code == 0 and "exited with code 0" in end.why

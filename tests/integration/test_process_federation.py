@@ -169,6 +169,9 @@ def test_lora_on_head_groups_of_several_organisations_over_grpc_equals_the_monol
 
 @pytest.mark.slow
 def test_bf16_mixed_over_grpc_gives_back_the_fp32_masters_bitwise_like_the_monolith():
-    plan = load_plan(PLANS / "layers" / "federation.yaml").with_training(precision="bf16-mixed")
+    # Sequential micro-batches: a stage adds each micro-batch's gradient in the order its backward
+    # arrives, and with 1F1B on a busy machine that order can differ from the monolith's, which
+    # bf16 rounding then shows (1.4e-3 once in a full suite); this test is about the bf16 masters.
+    plan = load_plan(PLANS / "layers" / "federation.yaml").with_training(precision="bf16-mixed", schedule="sequential")
     result = verify(plan, steps=3, transport="grpc")
     assert result.max_abs_diff == 0.0, (result.max_abs_diff, result.worst_parameter)
