@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from .data.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from .federation.checkpoint import find_checkpoint, model_weights
 from .federation.export import withdrawn_experts
-from .federation.rundir import PLAN_FILE
+from .federation.rundir import PLAN_FILE, find_run_plan
 from .interop import CheckpointError
 from .interop.withdraw import without_experts
 from .model import MoETransformer
@@ -37,15 +37,6 @@ class LoadedModel:
     tokenizer: Tokenizer
     context: int  # tokens the model sees at once: the run's training sequence length
     description: str  # what was loaded, for the user
-
-
-def _find_plan(start: Path) -> Path | None:
-    """``plan.json`` in ``start`` or up to three directories above (run/checkpoints/round-NNNN/model.safetensors)."""
-    first = start if start.is_dir() else start.parent
-    for directory in [first, *list(first.parents)[:3]]:
-        if (directory / PLAN_FILE).exists():
-            return directory / PLAN_FILE
-    return None
 
 
 def load_model(
@@ -70,7 +61,7 @@ def load_model(
                 f"directory or a model.safetensors"
             )
         weights, description = ckpt.weights, f"round {ckpt.round} ({ckpt.path})"
-    plan_path = Path(plan_file) if plan_file else _find_plan(source)
+    plan_path = Path(plan_file) if plan_file else find_run_plan(source)
     if plan_path is None:
         raise GenerateError(
             f"no {PLAN_FILE} beside or above {source}: give the run's plan with --plan RUN_DIR/{PLAN_FILE}"

@@ -99,10 +99,9 @@ def check_plan(args: argparse.Namespace) -> None:
     parts = Table(title=f"partitions (replicas {sync})")
     for col in ("partition", "units", "held by", ""):
         parts.add_column(col)
-    owner_of = plan.owner_of
     for p in plan.partitions:
         mark = "local" if p.local_holders else ("replicated" if p.replicated else "")
-        owners = sorted({owner_of[u] for u in p.units if u in owner_of})
+        owners = plan.owners(p.units)
         if owners:
             mark = ", ".join(filter(None, (mark, f"owned by {', '.join(owners)}")))
         parts.add_row(p.name, describe(p.units, plan.model), ", ".join(p.holders), mark)
@@ -133,11 +132,10 @@ def show_plan(args: argparse.Namespace) -> None:
     table = Table(title=f"partition map of plan '{plan.name}', layer by layer", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("row", "pieces", "held by"):
         table.add_column(col)
-    owner_of = plan.owner_of
     for row in partition_map(plan)[1]:
         for i, (holders, units) in enumerate(row.pieces()):
             mark = " [dim](replicated)[/]" if len(holders) > 1 else ""
-            owners = sorted({owner_of[u] for u in units if u in owner_of})
+            owners = plan.owners(units)
             if owners:
                 mark += f" [dim](owned by {', '.join(owners)})[/]"
             table.add_row(row.label if i == 0 else "", describe(units, plan.model), ", ".join(holders) + mark)

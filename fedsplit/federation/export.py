@@ -16,12 +16,7 @@ from ..model import ModelConfig, is_adapter
 from ..plan import resolved_model, resolved_owned_experts
 from ..runtime.weights import base_checkpoint
 from .checkpoint import Checkpoint, find_checkpoint, model_weights
-from .rundir import PLAN_FILE
-
-
-def run_plan_file(source: Path) -> Path | None:
-    """The run's resolved plan beside or above a checkpoint, if there is one."""
-    return next((d / PLAN_FILE for d in (source, *source.parents[:3]) if (d / PLAN_FILE).exists()), None)
+from .rundir import PLAN_FILE, find_run_plan
 
 
 def model_config(source: Path, model: Path | None = None) -> ModelConfig:
@@ -29,7 +24,7 @@ def model_config(source: Path, model: Path | None = None) -> ModelConfig:
     run's resolved plan beside or above the checkpoint."""
     if model is not None:
         return open_checkpoint(model).config if model.is_dir() else ModelConfig.from_yaml(model)
-    plan = run_plan_file(source)
+    plan = find_run_plan(source)
     if plan is None:
         raise CheckpointError(
             f"no {PLAN_FILE} beside or above it to take the model config from: give --model MODEL_YAML", file=source
@@ -89,7 +84,7 @@ def export(
         raise CheckpointError(
             "holds no complete checkpoint (give a run directory or a checkpoints/round-NNNN directory)", file=source
         )
-    orgs, removed = withdrawn_experts(run_plan_file(ckpt.path), without)
+    orgs, removed = withdrawn_experts(find_run_plan(ckpt.path), without)
     if removed and format == "peft":
         raise CheckpointError(
             f"a PEFT adapter applies to its base, which keeps the experts of {', '.join(orgs)}: use --format hf, "

@@ -18,6 +18,13 @@ from .checkpoint import CHECKPOINTS, SkippedCheckpoint, newest_usable_round
 PLAN_FILE = "plan.json"  # the run's resolved plan: what every process of the run loads
 
 
+def find_run_plan(start: Path) -> Path | None:
+    """The run's ``plan.json`` in ``start`` (a directory, or a file's directory) or up to three
+    directories above it (run/checkpoints/round-NNNN/model.safetensors), if there is one."""
+    first = start if start.is_dir() else start.parent
+    return next((d / PLAN_FILE for d in (first, *list(first.parents)[:3]) if (d / PLAN_FILE).exists()), None)
+
+
 def new_run_dir(plan: Plan, root: Path = Path("runs"), suffix: str = "") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{plan.name}-{suffix}" if suffix else plan.name

@@ -97,11 +97,14 @@ class Plan:
     _partition_of: dict[Unit, Partition] = field(init=False, repr=False, compare=False)
     _routes: dict[str, dict[Unit, str]] = field(init=False, repr=False, compare=False)
     _blocked: dict[str, dict[int, tuple[int, ...]]] = field(init=False, repr=False, compare=False)
+    _owner_of: dict[Unit, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_partition_of", {u: p for p in self.partitions for u in p.units})
         object.__setattr__(self, "_routes", {})
         object.__setattr__(self, "_blocked", {})
+        owned = {u: name for name, org in self.orgs.items() for u in org.owned_experts}
+        object.__setattr__(self, "_owner_of", owned)
 
     def with_settings(
         self,
@@ -147,7 +150,11 @@ class Plan:
     @property
     def owner_of(self) -> dict[Unit, str]:
         """Each owned expert's data owner (experts nobody owns are shared and not listed)."""
-        return {u: name for name, org in self.orgs.items() for u in org.owned_experts}
+        return self._owner_of
+
+    def owners(self, units) -> list[str]:
+        """The data owners that own any of ``units``, by name."""
+        return sorted({self._owner_of[u] for u in units if u in self._owner_of})
 
     def blocked_experts(self, data_owner: str) -> dict[int, tuple[int, ...]]:
         """Per layer, the experts that ``data_owner``'s batches are never routed to: the other data
