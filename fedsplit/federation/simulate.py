@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,45 @@ QUIET_ENV = {
 FLOWER_LOG = "flower.log"  # under the run's logs/: Flower's and the coordinator's log lines
 
 
+RAY_START_ATTEMPTS = 3
+
+
 class SimulationFailed(RuntimeError):
     pass
+
+
+def stop_ray() -> None:
+    """Flower shuts Ray down when its backend ends; not when the run failed before that."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def start_ray(init_args: Mapping[str, object], attempts: int = RAY_START_ATTEMPTS) -> None:
+    """Start the Ray runtime that Flower's simulation engine then finds running.
+
+    Ray gives its raylet a fixed 30 s to register at start-up; on a busy machine it sometimes
+    misses it ("The current node timed out during startup"), and Flower, which starts Ray itself,
+    ends the whole simulation on it. Nothing of the run has happened yet, so this starts Ray
+    again instead, as Flower would have started it (its ``init_args``, and the driver's
+    ``sys.path`` as the workers' PYTHONPATH)."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except Exception as e:
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise SimulationFailed(f"Ray did not start ({e}); Flower's simulation engine needs it") from e
+            logging.getLogger(__name__).warning(
+                "Ray timed out starting (attempt %d of %d); starting it again", attempt, attempts
+            )
 
 
 @contextmanager
@@ -127,6 +165,11 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
         os.environ[COORDINATOR_ENV] = str(settings.write(run_dir / "coordinator.json"))
         if on_started:
             on_started(hosts, run_dir)
+        # The client apps' own output (Flower's "Manually terminating ClientAppActor" at every
+        # exit) stays in Ray's session logs; their failures come back in their replies, which the
+        # coordinator reports.
+        ray_args = {"num_cpus": max(1, options.actors), "include_dashboard": False, "log_to_driver": False}
+        start_ray(ray_args)
         try:
             (run_dir / "logs").mkdir(exist_ok=True)
             with flower_log_in(run_dir / "logs" / FLOWER_LOG):
@@ -134,22 +177,14 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
                     server_app=server_app,
                     client_app=client_app,
                     num_supernodes=len(plan.orgs),
-                    backend_config={
-                        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        # The client apps' own output (Flower's "Manually terminating ClientAppActor"
-                        # at every exit) stays in Ray's session logs; their failures come back in
-                        # their replies, which the coordinator reports.
-                        "init_args": {
-                            "num_cpus": max(1, options.actors),
-                            "include_dashboard": False,
-                            "log_to_driver": False,
-                        },
-                    },
+                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": ray_args},
                 )
         except Exception as e:  # the ServerApp's own exception, re-raised by Flower; result.json says why
             crash = e
         else:
             crash = None
+        finally:
+            stop_ray()
     finally:
         hosts.close()
     result = run_dir / RESULT_FILE
