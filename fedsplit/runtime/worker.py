@@ -18,6 +18,7 @@ import resource
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -54,6 +55,18 @@ def resolve_device(plan: Plan, org: str, device: str | None = None) -> torch.dev
         o = plan.orgs[org]
         raise PlanError([Problem(why, file=o.file, line=o.device_line, org=org, field="device")])
     return resolved
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes. Linux's getrusage peak carries over exec from the
+    parent (a worker host started by a large process would report the parent's), so read this
+    address space's own high-water mark there."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) << 10
 
 
 class Worker:
@@ -142,10 +155,12 @@ class Worker:
         self.grads.arrange(data_owners)
 
     def memory(self) -> dict[str, float]:
-        """Peak memory so far: this process's resident set, and what torch allocated on the GPU."""
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-        return {"peak_rss_bytes": float(peak_rss), "peak_device_bytes": float(gpu)}
+        """Peak memory so far: this process's resident set, and what torch allocated on the GPU (its
+        peak, and what it holds now: the difference is what a step needed only while it ran)."""
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        held = torch.cuda.memory_allocated(self.device) if cuda else 0
+        return {"peak_rss_bytes": float(peak_rss()), "peak_device_bytes": float(peak), "device_bytes": float(held)}
 
     def traffic(self) -> Traffic:
         """Data-plane bytes of this worker's calls to other organisations."""
