@@ -68,7 +68,7 @@ def start_ray(init_args: Mapping[str, object], attempts: int = RAY_START_ATTEMPT
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level=logging.WARNING, **init_args)
             return
         except Exception as e:
             ray.shutdown()
