@@ -436,6 +436,13 @@ def _summary(run_dir: Path, rounds: list[dict], base: list[dict], baseline: str 
             f"Privacy spent (privacy.activations, ε at δ = {spent['delta']:g}, per data owner's training text): "
             + ", ".join(f"{d} {eps:.3g}" for d, eps in spent["epsilon"].items()),
         ]
+    dropped = next((r for r in reversed(rounds) if r.get("capacity_dropped")), None)
+    if dropped:
+        lines += [
+            "",
+            f"Expert capacity dropped in round {dropped['round']} (fraction of (token, slot) assignments, per layer): "
+            + ", ".join(f"layer {layer} {f:.1%}" for layer, f in dropped["capacity_dropped"].items()),
+        ]
     at, dead = dead_experts(rounds)
     if dead:
         lines += [

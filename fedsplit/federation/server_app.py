@@ -68,6 +68,22 @@ def expert_load(metrics: dict[str, dict[str, float]], num_experts: int) -> dict[
     return {layer: [n / (sum(c) or 1.0) for n in c] for layer, c in sorted(counts.items(), key=lambda kv: int(kv[0]))}
 
 
+def capacity_dropped(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per layer, the fraction of (token, slot) assignments that expert capacity dropped this
+    round, over every organisation that routes that layer."""
+    assigned: dict[str, float] = {}
+    routed: dict[str, float] = {}
+    for m in metrics.values():
+        for key, n in m.items():
+            if key.startswith("assignments/"):
+                layer = key.split("/")[1]
+                assigned[layer] = assigned.get(layer, 0.0) + n
+            elif key.startswith("expert_load/"):
+                layer = key.split("/")[1]
+                routed[layer] = routed.get(layer, 0.0) + n
+    return {layer: 1.0 - routed.get(layer, 0.0) / n for layer, n in sorted(assigned.items(), key=lambda kv: int(kv[0]))}
+
+
 STEP_SERIES = ("lr", "grad_norm", "clip_factor")  # per-step metrics: "<name>/<step>" keys of data owners'
 
 
@@ -212,7 +228,7 @@ class Coordinator:
         started = time.monotonic()
         spec, outcome = self._run_round(lambda: self._round_spec(r, t.steps_per_round))
         metrics = outcome.metrics()
-        per_step = ("expert_load/", *(f"{name}/" for name in STEP_SERIES))
+        per_step = ("expert_load/", "assignments/", *(f"{name}/" for name in STEP_SERIES))
         org_metrics = {org: {k: v for k, v in m.items() if not k.startswith(per_step)} for org, m in metrics.items()}
         self._log_evaluation(r - 1, spec, org_metrics)
         trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
@@ -235,6 +251,8 @@ class Coordinator:
             **step_series(metrics, spec.data_owners),
             "alive": sorted(self.alive),
         }
+        if self.plan.model.router.capacity_factor is not None:
+            record["capacity_dropped"] = capacity_dropped(metrics)
         if self.plan.privacy is not None and self.plan.privacy.activations is not None:
             record["privacy"] = {
                 "delta": self.plan.privacy.delta,

@@ -182,6 +182,17 @@ class _Fields:
 def hf_architecture(cfg: ModelConfig) -> str:
     """The HF architecture that computes exactly what ``cfg`` does, or an error naming the field
     that no supported architecture can express."""
+    if cfg.router.kind == "hierarchical":
+        raise CheckpointError(
+            "no supported HF architecture has a hierarchical router (a gate over groups of experts)",
+            field="router.kind",
+        )
+    if cfg.router.capacity_factor is not None:
+        raise CheckpointError(
+            "no supported HF architecture drops tokens over an expert's capacity, so the exported model "
+            "would compute another function",
+            field="router.capacity_factor",
+        )
     if cfg.shared_expert_gate:
         return QWEN2_MOE
     if cfg.qkv_bias:

@@ -19,7 +19,14 @@ def without_experts(
     """The model with the routed experts ``removed`` ((layer, expert) pairs) taken out: their
     weights (and adapters) dropped, the others renumbered in order, and the router's rows for them
     deleted, so that its softmax renormalises over the experts that remain. Every layer must keep
-    the same number of experts, at least ``top_k``, since a model has one ``num_experts``."""
+    the same number of experts, at least ``top_k``, since a model has one ``num_experts``; a
+    hierarchical router's groups would not stay equal, so its experts are not withdrawn."""
+    if cfg.router.kind == "hierarchical":
+        raise CheckpointError(
+            "withdrawing experts from a hierarchical router would leave groups of different sizes; "
+            "withdraw from a top-k, soft or hard router's model",
+            field="router.kind",
+        )
     gone: dict[int, set[int]] = {}
     for layer, index in removed:
         gone.setdefault(layer, set()).add(index)
@@ -31,7 +38,7 @@ def without_experts(
             "has one num_experts: own experts in every layer, or withdraw the same number from each"
         )
     remaining = next(iter(left.values()))
-    if remaining < cfg.top_k:
+    if remaining < (1 if cfg.router.kind == "soft" else cfg.top_k):
         raise CheckpointError(
             f"withdrawing these experts leaves {remaining} per layer, fewer than top_k ({cfg.top_k})", field="top_k"
         )
@@ -51,4 +58,5 @@ def without_experts(
             out[name] = tensor[kept[layer]].clone()
         else:
             out[name] = tensor
-    return ModelConfig.model_validate({**cfg.model_dump(), "num_experts": remaining}), out
+    top_k = remaining if cfg.router.kind == "soft" else cfg.top_k  # a soft router weights every expert left
+    return ModelConfig.model_validate({**cfg.model_dump(), "num_experts": remaining, "top_k": top_k}), out

@@ -1,6 +1,6 @@
 """The MoE transformer: configuration and maths, with no knowledge of plans or networks."""
 
-from .config import LoraConfig, LoraTarget, ModelConfig
+from .config import LoraConfig, LoraTarget, ModelConfig, RouterConfig, RouterKind
 from .moe import (
     Attention,
     Block,
@@ -39,6 +39,8 @@ __all__ = [
     "ModelConfig",
     "Release",
     "RMSNorm",
+    "RouterConfig",
+    "RouterKind",
     "SharedExperts",
     "SwiGLU",
     "chunked_cross_entropy",

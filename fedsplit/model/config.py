@@ -6,9 +6,55 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts"]
+RouterKind = Literal["topk", "soft", "hard", "hierarchical"]
+
+
+class RouterConfig(BaseModel):
+    """How a layer's gate turns its logits into expert weights (``fedsplit.model.moe.route``).
+
+    * ``topk``: softmax over the experts, keep the ``top_k`` largest (Mixtral, Switch).
+    * ``soft``: every expert, weighted by the softmax (``top_k`` must equal ``num_experts``).
+    * ``hard``: one expert per token drawn by Gumbel-softmax at ``temperature``, weight one in the
+      forward, the softmax's gradient in the backward (straight-through; ``top_k`` must be 1); the
+      noise is seeded like router jitter, and evaluation takes the argmax.
+    * ``hierarchical``: the experts in ``groups`` equal groups; a gate over the groups keeps the
+      ``group_top_k`` largest, each kept group's own gate (its experts' rows of the router) keeps
+      ``top_k`` of its experts; an expert's weight is its group's weight times its own.
+
+    ``capacity_factor`` (topk, hierarchical) caps each expert at ``ceil(capacity_factor x
+    assignments / num_experts)`` (token, slot) assignments per micro-batch; the rest are dropped,
+    first slots before second ones and earlier tokens first, and pass through the residual only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    kind: RouterKind = "topk"
+    temperature: float | None = Field(default=None, gt=0, le=1e3, description="hard: the Gumbel-softmax's (default 1)")
+    groups: int | None = Field(default=None, gt=0, le=1 << 14, description="hierarchical: groups of experts")
+    group_top_k: int | None = Field(default=None, gt=0, description="hierarchical: groups kept per token (default 1)")
+    capacity_factor: float | None = Field(default=None, gt=0, le=1 << 10, description="topk, hierarchical")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> RouterConfig:
+        allowed = {"hard": {"temperature"}, "hierarchical": {"groups", "group_top_k", "capacity_factor"}}
+        allowed["topk"] = {"capacity_factor"}
+        for name in ("temperature", "groups", "group_top_k", "capacity_factor"):
+            if getattr(self, name) is not None and name not in allowed.get(self.kind, set()):
+                raise ValueError(f"router.{name} does not apply to router kind '{self.kind}'")
+        if self.kind == "hierarchical" and self.groups is None:
+            raise ValueError("router kind 'hierarchical' needs router.groups (how many groups of experts)")
+        return self
+
+    @property
+    def gumbel_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
+
+    @property
+    def groups_kept(self) -> int:
+        return 1 if self.group_top_k is None else self.group_top_k
 
 
 class LoraConfig(BaseModel):
@@ -54,6 +100,7 @@ class ModelConfig(BaseModel):
     shared_expert_ffn_size: int | None = Field(default=None, gt=0, le=1 << 20)
     normalize_top_k: bool = True
     router_jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
+    router: RouterConfig = Field(default_factory=RouterConfig, description="the gate's kind (default top-k)")
     aux_loss_coef: float = Field(default=0.01, ge=0.0, le=1e3)
     tie_embeddings: bool = False
     qkv_bias: bool = Field(default=False, description="q, k and v projections add a bias (Qwen2-MoE)")
@@ -72,6 +119,15 @@ class ModelConfig(BaseModel):
         default=None, description="low-rank adapters; a plan's finetune section sets them on its base model"
     )
 
+    @model_serializer(mode="wrap")
+    def _without_default_router(self, dump):
+        """A top-k router is written as before routers had kinds: files, hashes and manifests of
+        earlier runs stay the same."""
+        out = dump(self)
+        if self.router == RouterConfig() and isinstance(out, dict):
+            out.pop("router", None)
+        return out
+
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
         if self.num_heads % self.num_kv_heads:
@@ -81,6 +137,7 @@ class ModelConfig(BaseModel):
             )
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+        self._check_router(self.router)
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.shared_expert_gate and not self.num_shared_experts:
@@ -88,6 +145,31 @@ class ModelConfig(BaseModel):
         if self.lora is not None:
             self._check_lora(self.lora)
         return self
+
+    def _check_router(self, router: RouterConfig) -> None:
+        e, k = self.num_experts, self.top_k
+        if router.kind == "soft" and k != e:
+            raise ValueError(f"router kind 'soft' weights every expert: top_k must be num_experts ({e}), not {k}")
+        if router.kind == "hard" and k != 1:
+            raise ValueError(f"router kind 'hard' sends each token to one expert: top_k must be 1, not {k}")
+        if router.kind == "hierarchical":
+            g = router.groups or 1
+            if e % g:
+                raise ValueError(f"router.groups ({g}) must divide num_experts ({e}) into equal groups")
+            if router.groups_kept > g:
+                raise ValueError(f"router.group_top_k ({router.groups_kept}) exceeds router.groups ({g})")
+            if k > e // g:
+                raise ValueError(f"top_k ({k}) exceeds the {e // g} experts of a group (num_experts / router.groups)")
+
+    @property
+    def routed_slots(self) -> int:
+        """Experts each token is sent to: ``top_k``, times the groups kept for a hierarchical gate."""
+        return self.top_k * (self.router.groups_kept if self.router.kind == "hierarchical" else 1)
+
+    @property
+    def group_size(self) -> int:
+        """Experts per group of a hierarchical gate (all of them for any other kind)."""
+        return self.num_experts // (self.router.groups or 1) if self.router.kind == "hierarchical" else self.num_experts
 
     def _check_lora(self, lora: LoraConfig) -> None:
         if "shared_experts" in lora.targets and not self.num_shared_experts:

@@ -1,7 +1,8 @@
 """The Mixture-of-Experts decoder-only transformer, all of its maths in one file.
 
 Mixtral family: RMSNorm, rotary position embeddings, grouped-query attention (optionally with
-q/k/v biases and a sliding window), a top-k softmax router over SwiGLU experts, optional
+q/k/v biases and a sliding window), a router over SwiGLU experts (top-k softmax by default;
+soft, hard Gumbel-softmax or hierarchical, optionally with expert capacity), optional
 DeepSeek-style shared experts (optionally behind a sigmoid gate, as in Qwen2-MoE), the
 Switch/Mixtral load-balancing loss and multiplicative router jitter; optional LoRA adapters
 (:class:`LoRALinear`) on the attention projections and the experts.
@@ -17,15 +18,17 @@ So the monolithic model and every partition run the same code below.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, RouterConfig
 
 
 class RMSNorm(nn.Module):
@@ -221,28 +224,142 @@ def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Ten
     return num_experts * (tokens_per_expert * probs.mean(dim=0)).sum()
 
 
+class Routing(NamedTuple):
+    """Where a layer sends each token: ``experts[t, s]`` (-1: dropped by capacity) with weight
+    ``weights[t, s]`` for each of its slots, and the layer's load-balancing loss."""
+
+    weights: Tensor  # (tokens, slots), fp32
+    experts: Tensor  # (tokens, slots), int64
+    aux: Tensor
+
+
+def soft_routing(logits: Tensor, blocked: Sequence[int] = ()) -> Routing:
+    """Every expert (but the blocked ones), weighted by the softmax over all of them. No
+    load-balancing loss: every expert gets every token."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    allowed = [e for e in range(logits.shape[-1]) if e not in blocked]
+    experts = torch.tensor(allowed, device=logits.device).expand(logits.shape[0], -1)
+    return Routing(probs[:, allowed], experts, probs.new_zeros(()))
+
+
+def hard_routing(logits: Tensor, temperature: float, gumbel: Tensor | None) -> Routing:
+    """One expert per token: the argmax of ``softmax((logits + gumbel) / temperature)``, with
+    weight exactly one in the forward and that softmax's gradient in the backward
+    (straight-through Gumbel-softmax). Without ``gumbel`` (evaluation): the argmax of the logits."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if gumbel is None:
+        expert = logits.argmax(dim=-1, keepdim=True)
+        weight = torch.ones(expert.shape, device=logits.device)
+    else:
+        y = torch.softmax((logits.float() + gumbel) / temperature, dim=-1)
+        expert = y.argmax(dim=-1, keepdim=True)
+        chosen = y.gather(-1, expert)
+        weight = (chosen - chosen.detach()) + 1.0
+    return Routing(weight, expert, load_balancing_loss(probs, expert, logits.shape[-1]))
+
+
+def hierarchical_routing(
+    group_logits: Tensor, logits: Tensor, group_top_k: int, top_k: int, normalize: bool
+) -> Routing:
+    """A gate over groups of experts keeps ``group_top_k`` groups; inside each kept group, the
+    softmax over its experts' own logits keeps ``top_k`` of them; an expert's weight is its
+    group's weight times its weight inside the group (both renormalised when ``normalize``).
+    The loss balances both levels: the groups' (``E_g``) plus the experts' under the joint
+    probability ``P(group) * P(expert | group)``; equal to ``group_top_k + slots`` when balanced."""
+    tokens, groups = group_logits.shape
+    size = logits.shape[-1] // groups
+    group_probs, group_weights, kept = route(group_logits, group_top_k, normalize)
+    inner = torch.softmax(logits.float().reshape(tokens, groups, size), dim=-1)
+    in_kept = inner.gather(1, kept[..., None].expand(-1, -1, size))
+    weights, members = in_kept.topk(top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = (group_weights[..., None] * weights).reshape(tokens, -1)
+    experts = (kept[..., None] * size + members).reshape(tokens, -1)
+    joint = (group_probs[..., None] * inner).reshape(tokens, -1)
+    aux = load_balancing_loss(group_probs, kept, groups) + load_balancing_loss(joint, experts, logits.shape[-1])
+    return Routing(weights, experts, aux)
+
+
+def within_capacity(experts: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
+    """``experts`` with the assignments beyond each expert's capacity set to -1 (dropped).
+
+    Capacity is ``ceil(capacity_factor * assignments / num_experts)``; assignments are served
+    slot by slot (every token's first choice before any second choice), tokens in order (GShard)."""
+    capacity = math.ceil(capacity_factor * experts.numel() / num_experts)
+    order = experts.t().reshape(-1)  # slot-major
+    seen = F.one_hot(order, num_experts).cumsum(dim=0)
+    position = seen.gather(1, order[:, None]).squeeze(1) - 1
+    kept = (position < capacity).reshape(experts.shape[1], -1).t()
+    return experts.masked_fill(~kept, -1)
+
+
+GUMBEL_STREAM = 0x5DEECE66D  # a hard router's noise: a seed stream apart from jitter's
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        # A hierarchical gate's top level; each group's own gate is its experts' rows of ``router``.
+        hierarchical = cfg.router.kind == "hierarchical"
+        self.group_router = nn.Linear(cfg.hidden_size, cfg.router.groups, bias=False) if hierarchical else None
         self.experts = Experts(expert(cfg) for _ in range(cfg.num_experts))
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts else None
 
-    def jitter(self, x: Tensor, noise_seed: int | None) -> Tensor:
-        """Multiplicative router-input noise ``U(1-eps, 1+eps)`` (Switch Transformer).
+    def _generator(self, device: torch.device, noise_seed: int | None, stream: int = 0) -> torch.Generator | None:
+        """Router noise as a function of (seed, layer, stream) alone, so that a split run and the
+        monolithic run, and a recomputed forward, draw the same noise for the same micro-batch.
+        Stream 0 is jitter's, drawn as before routers had kinds (a top-k run is unchanged)."""
+        if noise_seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed((noise_seed * 100_003 + self.layer_idx) ^ stream)
 
-        With a ``noise_seed`` the noise is a function of (seed, layer) alone, so a split run and
-        the monolithic run draw the same noise for the same micro-batch."""
+    def _noisy(self) -> bool:
+        """Router noise is drawn in training only, never while evaluating."""
+        return self.training and torch.is_grad_enabled()
+
+    def jitter(self, x: Tensor, noise_seed: int | None) -> Tensor:
+        """Multiplicative router-input noise ``U(1-eps, 1+eps)`` (Switch Transformer)."""
         eps = self.cfg.router_jitter
-        if not (self.training and eps > 0 and torch.is_grad_enabled()):  # never while evaluating
+        if not (self._noisy() and eps > 0):
             return x
-        gen = None
-        if noise_seed is not None:
-            gen = torch.Generator(device=x.device).manual_seed(noise_seed * 100_003 + self.layer_idx)
-        noise = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        noise = torch.rand(x.shape, generator=self._generator(x.device, noise_seed), device=x.device, dtype=x.dtype)
         return x * (1.0 - eps + 2.0 * eps * noise)
+
+    def gumbel(self, shape: torch.Size, device: torch.device, noise_seed: int | None) -> Tensor | None:
+        """Standard Gumbel noise for a hard router's logits (training only)."""
+        if not self._noisy():
+            return None
+        gen = self._generator(device, noise_seed, GUMBEL_STREAM)
+        uniform = torch.rand(shape, generator=gen, device=device)
+        return -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+
+    def gate(self, x: Tensor, noise_seed: int | None, blocked: Sequence[int]) -> Routing:
+        """The layer's routing of the (flattened) tokens ``x``, by the config's router kind."""
+        router: RouterConfig = self.cfg.router
+        x = self.jitter(x, noise_seed)
+        logits = self.router(x)
+        if blocked:
+            logits = logits.index_fill(-1, torch.tensor(blocked, device=x.device), float("-inf"))
+        if router.kind == "soft":
+            return soft_routing(logits, blocked)
+        if router.kind == "hard":
+            gumbel = self.gumbel(logits.shape, logits.device, noise_seed)
+            return hard_routing(logits, router.gumbel_temperature, gumbel)
+        if router.kind == "hierarchical":
+            routing = hierarchical_routing(
+                self.group_router(x), logits, router.groups_kept, self.cfg.top_k, self.cfg.normalize_top_k
+            )
+        else:
+            probs, weights, chosen = route(logits, self.cfg.top_k, self.cfg.normalize_top_k)
+            routing = Routing(weights, chosen, load_balancing_loss(probs, chosen, self.cfg.num_experts))
+        if router.capacity_factor is not None:
+            kept = within_capacity(routing.experts, self.cfg.num_experts, router.capacity_factor)
+            routing = routing._replace(experts=kept)
+        return routing
 
     def forward(self, x: Tensor, noise_seed: int | None = None, blocked: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
         """(output, load-balancing loss); ``blocked`` experts get no token of this batch: their
@@ -250,11 +367,7 @@ class MoE(nn.Module):
         data owner's owned experts, see :meth:`fedsplit.plan.Plan.blocked_experts`)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.router(self.jitter(x, noise_seed))
-        if blocked:
-            logits = logits.index_fill(-1, torch.tensor(blocked, device=x.device), float("-inf"))
-        probs, weights, chosen = route(logits, self.cfg.top_k, self.cfg.normalize_top_k)
-        aux = load_balancing_loss(probs, chosen, self.cfg.num_experts)
+        weights, chosen, aux = self.gate(x, noise_seed, blocked)
 
         # Dispatch loops over experts, never over tokens: gather each expert's rows once.
         slots: dict[int, tuple[Tensor, Tensor]] = {}

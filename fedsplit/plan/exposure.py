@@ -16,9 +16,11 @@ recovered from hidden states or gradients) is measured by the privacy benchmark,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import comb
 
+from ..model import ModelConfig
 from .plan import Plan
 from .units import Unit
 
@@ -35,6 +37,42 @@ def expected_routed_fraction(held: int, num_experts: int, top_k: int) -> float:
     """The expected share of tokens that reach a holder of ``held`` of ``num_experts`` routed
     experts under uniform top-``top_k`` routing: those with at least one of its experts."""
     return 1 - comb(num_experts - held, top_k) / comb(num_experts, top_k)
+
+
+def expected_hierarchical_fraction(
+    held: Sequence[int], reachable: Sequence[int], groups_kept: int, top_k: int
+) -> float:
+    """The same under a uniform hierarchical gate: ``groups_kept`` of the groups, then ``top_k``
+    of the ``reachable[g]`` experts of each kept group, of which a holder has ``held[g]``. A token
+    misses the holder when every kept group misses it: averaged over the kept sets, the product of
+    the groups' miss probabilities, i.e. their elementary symmetric polynomial over C(G, kept)."""
+    miss = [comb(r - h, top_k) / comb(r, top_k) for h, r in zip(held, reachable)]
+    symmetric = [1.0] + [0.0] * groups_kept  # symmetric[j]: sum over j-sets of kept groups
+    for q in miss:
+        for j in range(groups_kept, 0, -1):
+            symmetric[j] += symmetric[j - 1] * q
+    return 1 - symmetric[groups_kept] / comb(len(miss), groups_kept)
+
+
+def routed_share(cfg: ModelConfig, held: Sequence[int], blocked: Sequence[int]) -> tuple[float, str]:
+    """(expected share of a data owner's tokens that reach a holder of experts ``held`` in a
+    layer where ``blocked`` experts get none of them, under uniform gates; how, in words)."""
+    router = cfg.router
+    reachable = [e for e in range(cfg.num_experts) if e not in blocked]
+    if router.kind == "soft":
+        return (1.0 if held else 0.0), "soft routing: every expert gets every token"
+    if router.kind == "hierarchical":
+        size = cfg.group_size
+        groups = range(cfg.num_experts // size)
+        in_group = [[e for e in reachable if e // size == g] for g in groups]
+        share = expected_hierarchical_fraction(
+            [sum(e in held for e in members) for members in in_group],
+            [len(members) for members in in_group],
+            router.groups_kept,
+            cfg.top_k,
+        )
+        return share, f"uniform hierarchical routing, top-{router.groups_kept} groups then top-{cfg.top_k}"
+    return expected_routed_fraction(len(held), len(reachable), cfg.top_k), f"uniform top-{cfg.top_k} routing"
 
 
 def _block_name(block: str | int) -> str:
@@ -61,19 +99,16 @@ def exposures(plan: Plan) -> list[Exposure]:
         for layer in range(cfg.num_layers):
             runner = route[Unit("router", layer)]
             heads: dict[str, int] = {}
-            experts: dict[str, int] = {}
+            experts: dict[str, list[int]] = {}
             for g in range(cfg.num_kv_heads):
                 holder = route[Unit("kv", layer, g)]
                 if holder not in (runner, d):
                     heads[holder] = heads.get(holder, 0) + 1
-            blocked = plan.blocked_experts(d).get(layer, ())
-            reachable = cfg.num_experts - len(blocked)  # the others' owned experts never get its tokens
+            blocked = plan.blocked_experts(d).get(layer, ())  # the others' owned experts never get its tokens
             for e in range(cfg.num_experts):
                 holder = route[Unit("expert", layer, e)]
-                if e in blocked:
-                    continue
-                if holder not in (runner, d):
-                    experts[holder] = experts.get(holder, 0) + 1
+                if e not in blocked and holder not in (runner, d):
+                    experts.setdefault(holder, []).append(e)
             for holder, groups in heads.items():
                 what = (
                     f"layer {layer}'s normalised hidden states of every token (attention input of "
@@ -81,10 +116,10 @@ def exposures(plan: Plan) -> list[Exposure]:
                 )
                 out.append(Exposure(holder, runner, d, what))
             for holder, held in experts.items():
-                share = expected_routed_fraction(held, reachable, cfg.top_k)
+                share, how = routed_share(cfg, held, blocked)
                 what = (
-                    f"layer {layer}'s normalised hidden states of the tokens routed to its {held} experts "
-                    f"(~{share:.0%} of tokens under uniform top-{cfg.top_k} routing) and the gradients of their output"
+                    f"layer {layer}'s normalised hidden states of the tokens routed to its {len(held)} experts "
+                    f"(~{share:.0%} of tokens under {how}) and the gradients of their output"
                 )
                 out.append(Exposure(holder, runner, d, what))
             if cfg.num_shared_experts:

@@ -380,18 +380,34 @@ def _check_owned_experts(
             continue
         for layer in range(model.num_layers):
             barred = sorted((u.index, o) for u, o in owner.items() if u.layer == layer and o != name)
-            if model.num_experts - len(barred) < model.top_k:
+            short = _too_few_reachable(model, [e for e, _ in barred])
+            if short:
                 problems.append(
                     Problem(
-                        f"its batches may be routed to {model.num_experts - len(barred)} experts of layer {layer} "
-                        f"(the others are owned by {', '.join(sorted({o for _, o in barred}))}), fewer than "
-                        f"top_k ({model.top_k}): own fewer experts in that layer",
+                        f"its batches may be routed to {short[0]} of layer {layer} (the others are owned by "
+                        f"{', '.join(sorted({o for _, o in barred}))}), {short[1]}: own fewer experts in that layer",
                         file=org.file,
                         org=name,
                         field="owns",
                     )
                 )
                 break
+
+
+def _too_few_reachable(model: ModelConfig, barred: list[int]) -> tuple[str, str] | None:
+    """(the experts left, why too few) when ``barred`` experts are out of a data owner's reach:
+    a soft router needs one, top-k ``top_k``, a hierarchical gate ``top_k`` in every group."""
+    left = model.num_experts - len(barred)
+    if model.router.kind == "soft":
+        return None if left else ("no expert", "and a soft router needs one")
+    if model.router.kind == "hierarchical":
+        size = model.group_size
+        for g in range(model.num_experts // size):
+            in_group = size - sum(e // size == g for e in barred)
+            if in_group < model.top_k:
+                return f"{in_group} experts of group {g}", f"fewer than top_k ({model.top_k}) inside a group"
+        return None
+    return None if left >= model.top_k else (f"{left} experts", f"fewer than top_k ({model.top_k})")
 
 
 def _check_data_owners(fed_file: Path, orgs: dict[str, Org], problems: list[Problem]) -> None:

@@ -121,6 +121,8 @@ def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
                 TensorSlice(f"{p}.moe.router.weight"),
                 *hub_adapter_slices(cfg, u.layer).values(),
             ]
+            if cfg.router.kind == "hierarchical":
+                out.append(TensorSlice(f"{p}.moe.group_router.weight"))
         elif u.kind == "kv":
             kv[u.layer].append(u.index)
         elif u.kind == "expert":

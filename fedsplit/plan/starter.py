@@ -29,6 +29,26 @@ def read_model(path: Path) -> ModelConfig:
     return open_checkpoint(path).config if is_model_directory(path) else ModelConfig.from_yaml(path)
 
 
+def router_description(cfg: ModelConfig) -> str:
+    """The router in a few words, as ``plan show`` and the starter plan's comments state it."""
+    router = cfg.router
+    if router.kind == "soft":
+        words = "soft: every expert, weighted"
+    elif router.kind == "hard":
+        words = f"hard: one expert by Gumbel-softmax at temperature {router.gumbel_temperature:g}"
+    elif router.kind == "hierarchical":
+        size = cfg.group_size
+        words = (
+            f"hierarchical: top-{router.groups_kept} of {router.groups} groups of {size} "
+            f"(group G is experts G*{size}-G*{size}+{size - 1}), then top-{cfg.top_k} inside"
+        )
+    else:
+        words = f"top-{cfg.top_k}"
+    if router.capacity_factor is not None:
+        words += f", capacity factor {router.capacity_factor:g}"
+    return words
+
+
 def model_shape(cfg: ModelConfig) -> list[str]:
     """The model's shape as a plan selects it, one comment line each."""
     last = cfg.num_layers - 1
@@ -37,7 +57,7 @@ def model_shape(cfg: ModelConfig) -> list[str]:
         f"layers 0-{last} ({cfg.num_layers}); hidden size {cfg.hidden_size}; vocabulary {cfg.vocab_size}",
         f"attention: {cfg.num_heads} query heads sharing {cfg.num_kv_heads} KV heads, {per} query heads each; "
         f"a head group is layers.N.attention.heads.H-K of whole KV heads (H and K + 1 multiples of {per})",
-        f"experts: {cfg.num_experts} routed (top-{cfg.top_k}), layers.N.experts.E-F with E, F in 0-"
+        f"experts: {cfg.num_experts} routed ({router_description(cfg)}), layers.N.experts.E-F with E, F in 0-"
         f"{cfg.num_experts - 1}",
     ]
     if cfg.num_shared_experts:

@@ -18,6 +18,7 @@ Selectors name sets of units:
     layers.A[-B].attention                    all heads
     layers.A[-B].attention.heads.H[-K]        query heads H..K, aligned to whole KV heads
     layers.A[-B].experts[.E[-F]]
+    layers.A[-B].experts.group.G[-H]          a hierarchical router's groups G..H, every expert of each
     layers.A[-B].shared_experts
 """
 
@@ -62,14 +63,15 @@ class SelectorError(ValueError):
 
 GRAMMAR = (
     "expected embed, final_norm, lm_head, or layers.A-B optionally followed by .router, "
-    ".attention, .attention.heads.H-K, .experts, .experts.E-F or .shared_experts"
+    ".attention, .attention.heads.H-K, .experts, .experts.E-F, .experts.group.G-H (a hierarchical router's "
+    "groups) or .shared_experts"
 )
 
 _SELECTOR = re.compile(
     r"^layers\.(?P<l0>\d+)(?:-(?P<l1>\d+))?"
     r"(?:\.(?P<part>router|shared_experts"
     r"|attention(?:\.heads\.(?P<h0>\d+)(?:-(?P<h1>\d+))?)?"
-    r"|experts(?:\.(?P<e0>\d+)(?:-(?P<e1>\d+))?)?))?$"
+    r"|experts(?:\.group\.(?P<g0>\d+)(?:-(?P<g1>\d+))?|\.(?P<e0>\d+)(?:-(?P<e1>\d+))?)?))?$"
 )
 
 
@@ -120,10 +122,22 @@ def parse_selector(selector: str, cfg: ModelConfig) -> frozenset[Unit]:
             units.add(Unit("shared_experts", i))
         elif part.startswith("attention"):
             units |= {Unit("kv", i, g) for g in _kv_groups(m["h0"], m["h1"], cfg)}
+        elif m["g0"] is not None:
+            units |= {Unit("expert", i, e) for e in _group_experts(m["g0"], m["g1"], cfg)}
         else:
             experts = range(cfg.num_experts) if m["e0"] is None else _range(m["e0"], m["e1"], "expert", cfg.num_experts)
             units |= {Unit("expert", i, e) for e in experts}
     return frozenset(units)
+
+
+def _group_experts(lo: str, hi: str | None, cfg: ModelConfig) -> range:
+    """The experts of a hierarchical router's groups ``lo``-``hi``: group G is experts G*S to G*S+S-1."""
+    if cfg.router.kind != "hierarchical":
+        raise SelectorError(
+            f"experts.group selects a hierarchical router's groups, and this model's router is '{cfg.router.kind}'"
+        )
+    groups = _range(lo, hi, "group", cfg.num_experts // cfg.group_size)
+    return range(groups.start * cfg.group_size, groups.stop * cfg.group_size)
 
 
 def _kv_groups(lo: str | None, hi: str | None, cfg: ModelConfig) -> range:

@@ -287,6 +287,8 @@ class PartialModel(nn.Module):
                 self.bindings[f"{p}.attn_norm.weight"] = block.attn_norm.weight
                 self.bindings[f"{p}.ffn_norm.weight"] = block.ffn_norm.weight
                 self.bindings[f"{p}.moe.router.weight"] = block.moe.router.weight
+                if block.moe.group_router is not None:
+                    self.bindings[f"{p}.moe.group_router.weight"] = block.moe.group_router.weight
                 for target, factor in hub_adapter_slices(self.cfg, u.layer).items():
                     self.bindings[factor.key] = block.attention.hub_parameter(target)
             elif u.kind == "expert":

@@ -87,9 +87,10 @@ class CallPolicy:
                 raise ValueError(
                     f"expert {crowded[0]} gets more rows than a micro-batch has tokens ({self.shape.rows})"
                 )
-            if op.total_rows > self.shape.rows * cfg.top_k:
+            if op.total_rows > self.shape.rows * cfg.routed_slots:
                 raise ValueError(
-                    f"{op.total_rows} rows are more than a micro-batch routes ({self.shape.rows} x top-{cfg.top_k})"
+                    f"{op.total_rows} rows are more than a micro-batch routes "
+                    f"({self.shape.rows} tokens x {cfg.routed_slots} experts each)"
                 )
             return [Unit("expert", op.layer, e) for e in op.experts]
         return [Unit("shared_experts", op.layer)]

@@ -106,6 +106,7 @@ class Rounds:
             w.set_live_owners(spec.data_owners)
             w.grads.drop_before(spec.first_step)
             w.expert_load.clear()
+            w.assignments.clear()
             w.load_state(weights)
             self._traffic_at_begin = w.traffic()
             self._restore_optimizer(spec.restore_round)
@@ -159,6 +160,8 @@ class Rounds:
             for layer, counts in self.worker.expert_load.items()
             for e, n in enumerate(counts)
         }
+        if self.worker.cfg.router.capacity_factor is not None:  # what was routed, dropped by capacity or not
+            load.update({f"assignments/{layer}": float(n) for layer, n in self.worker.assignments.items()})
         # Every organisation's calls, not only the data owners': a middle layer's calls to the
         # holders of its experts and head groups are part of the round's traffic too.
         moved: Traffic = self.worker.traffic() - self._traffic_at_begin

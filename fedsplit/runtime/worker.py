@@ -110,23 +110,40 @@ class Worker:
         self.proximal: tuple[float, dict[str, Tensor]] | None = None  # FedProx: (mu, the round's weights)
         self.last_step: dict[str, float] = {}  # the last applied step's learning rate, gradient norm, clip factor
         self.expert_load: dict[int, Tensor] = {}  # per layer this worker routes: training rows sent to each expert
-        self._counted: set[tuple[CallKey, int]] = set()  # (call, layer): counted once, even if recomputed
+        self.assignments: dict[int, int] = {}  # per layer: (token, slot) assignments, dropped ones included
+        self._counted: set[tuple[CallKey, int, str]] = set()  # (call, layer, what): once, even if recomputed
         self._load_lock = threading.Lock()  # data owners' calls route concurrently
         for layer, block in self.model.blocks.items():
+            block.moe.register_forward_pre_hook(self._count_assigned(int(layer)))
             block.moe.experts.register_forward_pre_hook(self._count_routed(int(layer)))
+
+    def _first_count(self, layer: int, what: str) -> bool:
+        """Whether this training call's ``what`` in ``layer`` is not counted yet (under the lock)."""
+        if not torch.is_grad_enabled():  # evaluation is not load
+            return False
+        key = (current_call(), layer, what)
+        if key in self._counted:
+            return False
+        self._counted.add(key)
+        return True
+
+    def _count_assigned(self, layer: int):
+        def hook(module, args) -> None:
+            with self._load_lock:
+                if self._first_count(layer, "assigned"):
+                    tokens = args[0].numel() // self.cfg.hidden_size
+                    self.assignments[layer] = self.assignments.get(layer, 0) + tokens * self.cfg.routed_slots
+
+        return hook
 
     def _count_routed(self, layer: int):
         def hook(module, args) -> None:
-            if not torch.is_grad_enabled():  # evaluation is not load
-                return
             counts = torch.zeros(self.cfg.num_experts)
             for e, rows in args[0].items():
                 counts[e] = rows.shape[0]
             with self._load_lock:
-                if (current_call(), layer) in self._counted:
-                    return
-                self._counted.add((current_call(), layer))
-                self.expert_load[layer] = self.expert_load.get(layer, torch.zeros(self.cfg.num_experts)) + counts
+                if self._first_count(layer, "routed"):
+                    self.expert_load[layer] = self.expert_load.get(layer, torch.zeros(self.cfg.num_experts)) + counts
 
         return hook
 

@@ -301,3 +301,21 @@ def test_a_dead_organisation_without_replicas_stops_the_run_with_a_clear_error(t
         )
     assert "layers.2.experts.4-7" in str(err.value) and "no organisation left" in str(err.value)
     assert latest_checkpoint(next(tmp_path.iterdir()) / "checkpoints").round >= 1  # the last good weights stay
+
+
+def test_a_hierarchical_router_with_capacity_through_flower_equals_the_monolith_and_reports_its_drops(tmp_path):
+    from fedsplit.report import write_report
+
+    from ..unit.test_router_kinds import plan_with
+
+    (tmp_path / "plan").mkdir()
+    router = {"kind": "hierarchical", "groups": 4, "group_top_k": 2, "capacity_factor": 1.0}
+    plan = plan_with(tmp_path / "plan", "three-orgs", top_k=1, router=router)
+    plan = plan.with_training(rounds=2, steps_per_round=2)
+    run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path / "runs", insecure=True))
+    assert max_diff(latest_checkpoint(run_dir / "checkpoints").weights, monolithic(plan, 4)) <= 1e-5
+    rounds = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["event"] == "round"]
+    for r in rounds:
+        assert set(r["capacity_dropped"]) == {str(layer) for layer in range(plan.model.num_layers)}
+        assert all(0 < f < 1 for f in r["capacity_dropped"].values())
+    assert "Expert capacity dropped in round 2" in write_report(run_dir).summary.read_text()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 from fedsplit.cli import main
+from fedsplit.model.moe import hierarchical_routing
 from fedsplit.plan import load_plan
-from fedsplit.plan.exposure import expected_routed_fraction, exposures
+from fedsplit.plan.exposure import expected_hierarchical_fraction, expected_routed_fraction, exposures
 
 from ..conftest import PLANS, ROOT
 from ..recipes import ALL, finetuned
+from .test_router_kinds import plan_with
 
 
 def received(plan, receiver: str, data_owner: str) -> list[str]:
@@ -77,3 +79,21 @@ def test_a_frozen_replicated_piece_is_not_said_to_be_averaged(tmp_path):
     plan = finetuned("u-shape-3", tmp_path, method="lora", rank=4, alpha=8, targets=ALL)
     (line,) = [e.what for e in exposures(plan) if "round's average" in e.what and e.receiver == "hospital-a"]
     assert line.startswith("the round's average of layers.0, which") and "embed" not in line
+
+
+def test_the_expected_routed_share_is_what_a_uniform_hierarchical_gate_gives():
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    routing = hierarchical_routing(
+        torch.randn(n, 4, generator=gen), torch.randn(n, 8, generator=gen), group_top_k=2, top_k=1, normalize=True
+    )
+    for held in ([0], [0, 1], [0, 2], [1, 4, 6]):
+        measured = torch.isin(routing.experts, torch.tensor(held)).any(dim=-1).float().mean().item()
+        per_group = [sum(e // 2 == g for e in held) for g in range(4)]
+        assert abs(measured - expected_hierarchical_fraction(per_group, [2] * 4, 2, 1)) < 0.005, held
+
+
+def test_plan_check_says_a_soft_router_sends_every_token_to_every_expert_holder(tmp_path, capsys):
+    plan = plan_with(tmp_path, "experts", top_k=8, router={"kind": "soft"})
+    lines = [e.what for e in exposures(plan) if "experts" in e.what and "routed" in e.what]
+    assert lines and all("~100% of tokens under soft routing: every expert gets every token" in w for w in lines)

@@ -14,6 +14,7 @@ from fedsplit.federation.verify import verify
 from fedsplit.interop import CheckpointError, open_checkpoint, save_hf
 from fedsplit.interop.adapters import merge_adapters
 from fedsplit.model import ModelConfig, MoETransformer
+from fedsplit.model.config import RouterConfig
 from fedsplit.plan import PlanError, load_plan, select
 from fedsplit.runtime import InProcessFederation, initial_weights, synthetic_batches
 
@@ -282,6 +283,8 @@ def test_every_shipped_model_config_exports_what_transformers_computes(tmp_path,
         ({"qkv_bias": True}, "qkv_bias"),
         ({"normalize_top_k": False}, "normalize_top_k"),
         ({"sliding_window": 8}, "sliding_window"),
+        ({"router": RouterConfig(kind="hierarchical", groups=4)}, "router.kind"),
+        ({"router": RouterConfig(capacity_factor=1.0)}, "router.capacity_factor"),
     ],
 )
 def test_export_refuses_what_no_supported_architecture_computes(tmp_path, changes, field):
@@ -289,6 +292,21 @@ def test_export_refuses_what_no_supported_architecture_computes(tmp_path, change
     with pytest.raises(CheckpointError) as exc:
         save_hf(cfg, MoETransformer(cfg).state_dict(), tmp_path)
     assert exc.value.field == field
+
+
+@pytest.mark.parametrize(
+    "router", [{"top_k": 8, "router": {"kind": "soft"}}, {"top_k": 1, "router": {"kind": "hard"}}], ids=["soft", "hard"]
+)
+def test_a_soft_or_hard_router_exports_the_mixtral_that_computes_it_at_inference(tmp_path, router, tokens):
+    # Soft is top-k over every expert; hard evaluates with the argmax, i.e. top-1 of weight one.
+    tiny = ModelConfig.from_yaml(ROOT / "configs" / "models" / "tiny.yaml")
+    cfg = ModelConfig.model_validate({**tiny.model_dump(), **router})
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    save_hf(cfg, model.state_dict(), tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (hf_logits(back, tokens) - model(tokens)[0]).abs().max() <= 1e-5
 
 
 def test_cli_imports_and_exports_hf(tmp_path, tokens, capsys):
