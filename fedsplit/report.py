@@ -433,7 +433,7 @@ def _summary(run_dir: Path, rounds: list[dict], base: list[dict], baseline: str 
     if spent and spent.get("epsilon"):
         lines += [
             "",
-            f"Privacy spent (privacy.activations, ε at δ = {spent['delta']:g}, per data owner's training text): "
+            f"Privacy spent (privacy's noise, ε at δ = {spent['delta']:g}, per data owner's training text): "
             + ", ".join(f"{d} {eps:.3g}" for d, eps in spent["epsilon"].items()),
         ]
     dropped = next((r for r in reversed(rounds) if r.get("capacity_dropped")), None)

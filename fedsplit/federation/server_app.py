@@ -253,7 +253,7 @@ class Coordinator:
         }
         if self.plan.model.router.capacity_factor is not None:
             record["capacity_dropped"] = capacity_dropped(metrics)
-        if self.plan.privacy is not None and self.plan.privacy.activations is not None:
+        if self.plan.privacy is not None and (self.plan.privacy.activations or self.plan.privacy.gradients):
             record["privacy"] = {
                 "delta": self.plan.privacy.delta,
                 "epsilon": {d: org_metrics[d]["epsilon"] for d in owners if "epsilon" in org_metrics[d]},

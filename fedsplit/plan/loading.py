@@ -453,11 +453,10 @@ def _checked_tokenizer(
 
 def _privacy_warnings(plan: Plan) -> list[Problem]:
     warnings = []
-    noised = plan.privacy is not None and plan.privacy.activations is not None
     for d in plan.data_owners:
         route = plan.route(d)
         org = plan.orgs[d]
-        if noised:
+        if plan.privacy is not None:
             warnings += _unnoised(plan, d)
         if route[Unit("embed")] != d:
             warnings.append(
@@ -481,9 +480,15 @@ def _privacy_warnings(plan: Plan) -> list[Problem]:
 
 
 def _unnoised(plan: Plan, d: str) -> list[Problem]:
-    """What ``privacy.activations`` leaves unnoised of data owner ``d``'s: the inputs of the pieces
-    held elsewhere inside the layers it runs itself, and the gradients it returns."""
-    route, org, cfg = plan.route(d), plan.orgs[d], plan.model
+    """What ``privacy`` leaves unnoised of data owner ``d``'s: inside the layers it runs itself, the
+    inputs (privacy.activations) and the output gradients (privacy.gradients) of the pieces held
+    elsewhere; and the gradients it returns, or the hidden states it sends, when only the other is
+    noised."""
+    route, org, cfg, privacy = plan.route(d), plan.orgs[d], plan.model, plan.privacy
+    sent = {
+        "privacy.activations": (privacy.activations, "its normalised hidden states"),
+        "privacy.gradients": (privacy.gradients, "the gradients of their outputs"),
+    }
     out = []
     for layer in range(cfg.num_layers):
         if route[Unit("router", layer)] != d:
@@ -495,18 +500,32 @@ def _unnoised(plan: Plan, d: str) -> list[Problem]:
             reached = [i for i in range(count) if not (kind == "expert" and i in blocked)]
             holders = sorted({route[Unit(kind, layer, i if kind != "shared_experts" else -1)] for i in reached} - {d})
             for holder in holders:
-                out.append(
-                    Problem(
-                        f"privacy.activations noises the hidden states at the cuts of its path only: layer {layer}'s "
-                        f"{name} at {holder} receive its normalised hidden states without noise",
-                        file=org.file,
-                        org=d,
-                    )
-                )
-    if any(o == d for o, _ in plan.path(d)[1:]):  # it computes after another organisation: it returns gradients
+                for field, (noise, what) in sent.items():
+                    if noise is not None:
+                        out.append(
+                            Problem(
+                                f"{field} noises what crosses the cuts of its path only: layer {layer}'s {name} at "
+                                f"{holder} receive {what} without noise",
+                                file=org.file,
+                                org=d,
+                            )
+                        )
+    returns = any(o == d for o, _ in plan.path(d)[1:])  # it computes after another organisation
+    if returns and privacy.activations is not None and privacy.gradients is None:
         out.append(
             Problem(
-                "privacy.activations noises the hidden states it sends; the gradients it returns are not noised",
+                "privacy.activations noises the hidden states it sends; the gradients it returns are not noised "
+                "(privacy.gradients)",
+                file=org.file,
+                org=d,
+            )
+        )
+    leaves = any(o != d for o, _ in plan.path(d))
+    if leaves and privacy.gradients is not None and privacy.activations is None:
+        out.append(
+            Problem(
+                "privacy.gradients noises the gradients it returns; the hidden states it sends are not noised "
+                "(privacy.activations)",
                 file=org.file,
                 org=d,
             )

@@ -291,11 +291,22 @@ class ActivationNoise(_Strict):
     )
 
 
+class GradientNoise(ActivationNoise):
+    """Per-token clipping and Gaussian noise on the gradients a data owner returns: of the hidden
+    states it received from the organisation before it on its path."""
+
+    clip: float = Field(gt=0, le=1e6, description="the L2 norm each token's returned gradient is clipped to")
+
+
 class PrivacyConfig(_Strict):
     """Defences a data owner applies before its bytes leave it, and the δ its ε is reported at."""
 
     activations: ActivationNoise | None = Field(
         default=None, description="at every cut of a data owner's path: its hidden states, clipped and noised"
+    )
+    gradients: GradientNoise | None = Field(
+        default=None,
+        description="where a data owner's path comes back to it: the gradients it returns, clipped and noised",
     )
     delta: float = Field(default=1e-5, gt=0, lt=1, description="the δ at which ε is reported")
 

@@ -67,14 +67,15 @@ class DataOwner:
 
     def _through_path(self, key: CallKey, tokens: Tensor, labels: Tensor, salt: int = 0) -> tuple[Tensor, Tensor]:
         """(cross-entropy, summed aux loss) of one micro-batch: each segment of the path in turn."""
-        release = releaser(self.plan, key, self.noise_key, salt)  # noise on what leaves it (privacy.activations)
+        # Noise on the hidden states that leave it and on the gradients it returns (privacy).
+        release = releaser(self.plan, key, self.noise_key, salt)
         with calling(key):
             x = tokens.to(self.device)
             aux = torch.zeros((), device=self.device)
             for org, segment in self.path:
                 inputs = [x, labels.to(self.device)] if segment.takes_labels else [x]
                 x, segment_aux = remote_call(self.peer(org), key, segment, inputs)
-                if release is not None and org == self.name:
+                if release is not None:
                     x = release(segment.blocks[-1], x)
                 aux = aux + segment_aux
         return x, aux

@@ -18,6 +18,12 @@ The accountant is opacus's Rényi-DP analysis (``compute_rdp``, ``get_privacy_sp
 a Gaussian mechanism with noise multiplier ``s`` on one token position's clipped vector
 (sensitivity ``C`` under adding or removing it), applied to a random share of the data owner's
 positions (its batch's tokens over its training tokens), composed over the steps so far.
+
+``privacy.gradients: {clip, noise_multiplier}`` does the same to what a data owner returns where
+its path comes back to it from another organisation: in the backward, the gradient of each
+token's received hidden state is clipped and noised before it is sent back (the forward is
+unchanged). The monolith applies the same function at the same block, so split training stays
+exact; ε then composes both mechanisms (their Rényi divergences add).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch import Tensor
 
 from ..model import Release
 from ..plan import Plan
-from ..plan.schema import ActivationNoise
+from ..plan.schema import ActivationNoise, GradientNoise
 from .calls import CallKey
 
 
@@ -42,6 +48,15 @@ def cut_blocks(plan: Plan, data_owner: str) -> frozenset[str | int]:
     path = plan.path(data_owner)
     return frozenset(
         blocks[-1] for (org, blocks), (after, _) in zip(path, path[1:]) if org == data_owner and after != data_owner
+    )
+
+
+def entry_blocks(plan: Plan, data_owner: str) -> frozenset[str | int]:
+    """The blocks after which ``data_owner``'s path comes back to it from another organisation:
+    where it returns, in the backward, the gradient of the hidden states it received."""
+    path = plan.path(data_owner)
+    return frozenset(
+        blocks[-1] for (org, blocks), (after, _) in zip(path, path[1:]) if org != data_owner and after == data_owner
     )
 
 
@@ -59,6 +74,24 @@ def release_noise(noise: ActivationNoise, x: Tensor, seed: int) -> Tensor:
     gen = torch.Generator(device=x.device).manual_seed(seed)
     drawn = torch.randn(x.shape, generator=gen, device=x.device, dtype=torch.float32)
     return clipped + (drawn * (noise.noise_multiplier * noise.clip)).to(x.dtype)
+
+
+class _NoisedGradient(torch.autograd.Function):
+    """The identity in the forward; in the backward, the incoming gradient clipped and noised per
+    token by :func:`release_noise`. ``scale``: how much smaller the gradient arriving here is than
+    the data owner's own objective's (the monolith averages over data owners), so that the
+    mechanism sees what a split run returns."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, noise: GradientNoise, seed: int, scale: float) -> Tensor:
+        ctx.noise, ctx.seed, ctx.scale = noise, seed, scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.scale == 1.0:
+            return release_noise(ctx.noise, grad, ctx.seed), None, None, None
+        return release_noise(ctx.noise, grad * ctx.scale, ctx.seed) / ctx.scale, None, None, None
 
 
 KEY_FILE = "noise.key"
@@ -86,25 +119,50 @@ def fresh_noise_keys(plan: Plan) -> dict[str, int]:
     return {d: noise_key(None) for d in plan.data_owners}
 
 
-def releaser(plan: Plan, key: CallKey, secret: int | None, salt: int = 0) -> Release | None:
-    """What ``key``'s data owner applies to a block's output before it leaves it (None: the plan
-    asks for nothing, or its path never leaves it), its noise drawn from its ``secret`` key (and
-    ``salt``: the round, for held-out evaluation)."""
-    noise = plan.privacy.activations if plan.privacy is not None else None
-    cuts = cut_blocks(plan, key.data_owner) if noise is not None else frozenset()
-    if not cuts:
+def releaser(
+    plan: Plan, key: CallKey, secret: int | None, salt: int = 0, gradient_scale: float = 1.0
+) -> Release | None:
+    """What ``key``'s data owner applies to a block's output where it leaves it (privacy.activations)
+    or comes back to it (privacy.gradients, on the gradient it returns); None when the plan asks
+    for neither, or its path never leaves it. The noise is drawn from its ``secret`` key (and
+    ``salt``: the round, for held-out evaluation); ``gradient_scale``: see :class:`_NoisedGradient`."""
+    privacy = plan.privacy
+    activations = privacy.activations if privacy is not None else None
+    gradients = privacy.gradients if privacy is not None else None
+    cuts = cut_blocks(plan, key.data_owner) if activations is not None else frozenset()
+    entries = entry_blocks(plan, key.data_owner) if gradients is not None else frozenset()
+    if not cuts and not entries:
         return None
     if secret is None:
-        raise ValueError(f"{key.data_owner} has no noise key: privacy.activations draws its noise from one")
+        raise ValueError(f"{key.data_owner} has no noise key: privacy's noise is drawn from one")
     base = f"{secret}:{key.data_owner}:{key.step}:{key.micro_batch}:{salt}"
 
+    def seed(block: str | int, what: str = "") -> int:
+        digest = hashlib.sha256(f"{base}:{what}{_block_position(plan, block)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
     def release(block: str | int, x: Tensor) -> Tensor:
-        if block not in cuts:
-            return x
-        digest = hashlib.sha256(f"{base}:{_block_position(plan, block)}".encode()).digest()
-        return release_noise(noise, x, int.from_bytes(digest[:8], "big") >> 1)
+        if block in cuts:
+            return release_noise(activations, x, seed(block))
+        if block in entries and torch.is_grad_enabled():
+            return _NoisedGradient.apply(x, gradients, seed(block, "gradient:"), gradient_scale)
+        return x
 
     return release
+
+
+def mechanisms(plan: Plan, data_owner: str) -> list[float]:
+    """The noise multipliers of the Gaussian mechanisms a data owner's training applies each step:
+    one for its activations if its path leaves it, one for its gradients if it comes back."""
+    privacy = plan.privacy
+    if privacy is None:
+        return []
+    out = []
+    if privacy.activations is not None and cut_blocks(plan, data_owner):
+        out.append(privacy.activations.noise_multiplier)
+    if privacy.gradients is not None and entry_blocks(plan, data_owner):
+        out.append(privacy.gradients.noise_multiplier)
+    return out
 
 
 def sample_rate(plan: Plan, train_tokens: int | None) -> float:
@@ -114,23 +172,25 @@ def sample_rate(plan: Plan, train_tokens: int | None) -> float:
     return 1.0 if not train_tokens else min(1.0, t.batch_size * t.seq_len / train_tokens)
 
 
-def epsilon(plan: Plan, steps: int, train_tokens: int | None) -> float:
+def epsilon(plan: Plan, data_owner: str, steps: int, train_tokens: int | None) -> float:
     """ε at ``privacy.delta`` of ``steps`` steps of a data owner with ``train_tokens`` training
-    tokens (inf without noise; 0 before any step)."""
-    noise = plan.privacy.activations
-    return gaussian_epsilon(noise.noise_multiplier, sample_rate(plan, train_tokens), steps, plan.privacy.delta)
+    tokens, every mechanism of :func:`mechanisms` composed (inf if one adds no noise; 0 before
+    any step)."""
+    return gaussian_epsilon(mechanisms(plan, data_owner), sample_rate(plan, train_tokens), steps, plan.privacy.delta)
 
 
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # opacus's default orders
 
 
-def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """ε at ``delta`` of ``steps`` subsampled Gaussian mechanisms (opacus's RDP analysis)."""
+def gaussian_epsilon(noise_multipliers: float | list[float], sample_rate: float, steps: int, delta: float) -> float:
+    """ε at ``delta`` of ``steps`` steps of subsampled Gaussian mechanisms, one per noise
+    multiplier each step (opacus's RDP analysis; the mechanisms' Rényi divergences add)."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    if steps == 0:
+    multipliers = [noise_multipliers] if isinstance(noise_multipliers, (int, float)) else noise_multipliers
+    if steps == 0 or not multipliers:
         return 0.0
-    if not noise_multiplier:
+    if not all(multipliers):
         return float("inf")
-    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=RDP_ORDERS)
+    rdp = sum(compute_rdp(q=sample_rate, noise_multiplier=s, steps=steps, orders=RDP_ORDERS) for s in multipliers)
     return float(get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)[0])

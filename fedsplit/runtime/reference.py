@@ -60,7 +60,10 @@ class MonolithicTrainer:
             def forward(mb: int, tok: Tensor, lab: Tensor, owner: str = d, index: int = index) -> MicroBatchLoss:
                 seed = CallKey(owner, step, mb).noise_seed(t.seed, index)
                 blocked = self.plan.blocked_experts(owner)
-                release = releaser(self.plan, CallKey(owner, step, mb), self.noise_keys.get(owner))
+                # The gradients an owner returns are noised as its own objective's, not the average's.
+                release = releaser(
+                    self.plan, CallKey(owner, step, mb), self.noise_keys.get(owner), gradient_scale=len(owners)
+                )
                 mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed, blocked, release)
                 loss = (mean_ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
                 if len(owners) > 1:

@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .optim import OptimizerStates, make_optimizer
-from .privacy import cut_blocks, epsilon
+from .privacy import epsilon, mechanisms
 from .protocols import RoundControl, Traffic
 from .threads import align_threads, compute_pool
 from .worker import Worker
@@ -325,9 +325,9 @@ def run_round(
             "step_s": totals["step_s"] / n,
         }
     spent = {}
-    noise = worker.plan.privacy.activations if worker.plan.privacy is not None else None
-    if noise is not None and noise.noise_multiplier and cut_blocks(worker.plan, worker.name):
+    noise = mechanisms(worker.plan, worker.name)
+    if noise and all(noise):
         # TrainingBatches know their text's size; any other source counts every position released
         # at every step (q = 1), the bound that assumes nothing.
-        spent = {"epsilon": epsilon(worker.plan, spec.last_step + 1, getattr(batches, "tokens", None))}
+        spent = {"epsilon": epsilon(worker.plan, worker.name, spec.last_step + 1, getattr(batches, "tokens", None))}
     return {**trained, **per_step, "tokens": totals["tokens"], **evaluated, **spent}

@@ -184,18 +184,23 @@ def test_owned_experts_cross_flower_only_between_their_holder_and_the_coordinato
     assert max_diff(final, monolithic(plan, 4)) <= 1e-5
 
 
-def test_noised_activations_through_flower_equal_the_monolith_and_report_the_privacy_spent(tmp_path):
-    """privacy.activations in a simulated run: the data owner noises what leaves it in its worker,
-    the run equals the monolith noised alike, and each round's metrics carry its ε."""
+def test_noised_activations_and_gradients_through_flower_equal_the_monolith_and_report_the_privacy_spent(tmp_path):
+    """privacy.activations and privacy.gradients in a simulated run: the data owner noises what
+    leaves it in its worker, the run equals the monolith noised alike, and each round's metrics
+    carry its ε of both mechanisms."""
     import dataclasses
 
-    from fedsplit.plan.schema import ActivationNoise, PrivacyConfig
+    from fedsplit.plan.schema import ActivationNoise, GradientNoise, PrivacyConfig
     from fedsplit.report import write_report
     from fedsplit.runtime.batches import batches_for
     from fedsplit.runtime.privacy import KEY_FILE, epsilon, noise_key
 
     plan = small_plan("layers", rounds=2, steps=2)
-    plan = dataclasses.replace(plan, privacy=PrivacyConfig(activations=ActivationNoise(clip=1.0, noise_multiplier=1.0)))
+    privacy = PrivacyConfig(
+        activations=ActivationNoise(clip=1.0, noise_multiplier=1.0),
+        gradients=GradientNoise(clip=5e-3, noise_multiplier=1.0),
+    )
+    plan = dataclasses.replace(plan, privacy=privacy)
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
     key_file = run_dir / "workers" / "state" / "hospital-a" / KEY_FILE  # the data owner's secret, never sent
     assert key_file.stat().st_mode & 0o077 == 0
@@ -206,10 +211,10 @@ def test_noised_activations_through_flower_equal_the_monolith_and_report_the_pri
     spent = [r["privacy"] for r in rounds if r["event"] == "round"]
     tokens = batches_for(plan, "hospital-a").tokens
     assert [s["epsilon"]["hospital-a"] for s in spent] == pytest.approx(
-        [epsilon(plan, 2, tokens), epsilon(plan, 4, tokens)]
+        [epsilon(plan, "hospital-a", 2, tokens), epsilon(plan, "hospital-a", 4, tokens)]
     )
     assert spent[0]["delta"] == 1e-5 and 0 < spent[0]["epsilon"]["hospital-a"] < spent[1]["epsilon"]["hospital-a"]
-    assert "Privacy spent (privacy.activations, ε at δ = 1e-05" in write_report(run_dir).summary.read_text()
+    assert "Privacy spent (privacy's noise, ε at δ = 1e-05" in write_report(run_dir).summary.read_text()
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:

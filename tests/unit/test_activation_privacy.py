@@ -91,10 +91,17 @@ def test_epsilon_is_opacus_rdp_of_the_steps_at_the_batch_share_of_the_owners_tok
     expected, _ = get_privacy_spent(
         orders=orders, rdp=compute_rdp(q=q, noise_multiplier=1.0, steps=30, orders=orders), delta=1e-5
     )
-    assert epsilon(plan, 30, tokens) == pytest.approx(expected)
-    assert epsilon(plan, 0, tokens) == 0.0 < epsilon(plan, 10, tokens) < epsilon(plan, 30, tokens)
-    assert epsilon(noised("layers", noise_multiplier=2.0), 30, tokens) < epsilon(plan, 30, tokens)
-    assert epsilon(noised("layers", noise_multiplier=0.0), 30, tokens) == float("inf")
+    assert epsilon(plan, "hospital-a", 30, tokens) == pytest.approx(expected)
+    assert (
+        epsilon(plan, "hospital-a", 0, tokens)
+        == 0.0
+        < epsilon(plan, "hospital-a", 10, tokens)
+        < epsilon(plan, "hospital-a", 30, tokens)
+    )
+    assert epsilon(noised("layers", noise_multiplier=2.0), "hospital-a", 30, tokens) < epsilon(
+        plan, "hospital-a", 30, tokens
+    )
+    assert epsilon(noised("layers", noise_multiplier=0.0), "hospital-a", 30, tokens) == float("inf")
 
 
 def test_privacy_in_the_plan_round_trips_and_its_bounds_are_checked(write_plan, tmp_path):  # noqa: F811
