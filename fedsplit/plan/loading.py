@@ -511,25 +511,21 @@ def _unnoised(plan: Plan, d: str) -> list[Problem]:
                             )
                         )
     returns = any(o == d for o, _ in plan.path(d)[1:])  # it computes after another organisation
-    if returns and privacy.activations is not None and privacy.gradients is None:
-        out.append(
-            Problem(
-                "privacy.activations noises the hidden states it sends; the gradients it returns are not noised "
-                "(privacy.gradients)",
-                file=org.file,
-                org=d,
-            )
-        )
     leaves = any(o != d for o, _ in plan.path(d))
-    if leaves and privacy.gradients is not None and privacy.activations is None:
-        out.append(
-            Problem(
-                "privacy.gradients noises the gradients it returns; the hidden states it sends are not noised "
-                "(privacy.activations)",
-                file=org.file,
-                org=d,
+    one_sided = {
+        "activations": (returns and privacy.gradients is None, "hidden states it sends", "gradients it returns"),
+        "gradients": (leaves and privacy.activations is None, "gradients it returns", "hidden states it sends"),
+    }
+    for field, (gap, covered, uncovered) in one_sided.items():
+        other = "gradients" if field == "activations" else "activations"
+        if gap and getattr(privacy, field) is not None:
+            out.append(
+                Problem(
+                    f"privacy.{field} noises the {covered}; the {uncovered} are not noised (privacy.{other})",
+                    file=org.file,
+                    org=d,
+                )
             )
-        )
     return out
 
 
