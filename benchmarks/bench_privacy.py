@@ -20,8 +20,18 @@ Split training is exact, so the activations an organisation receives are those o
 model with the same weights; the benchmark computes them there. It does so for the initial
 weights and for weights trained on all three corpora (``--train-steps`` AdamW steps), and
 prints top-1 token recovery on the victim's text next to the baseline of always guessing its most
-frequent token. Deterministic: fixed seeds, CPU. No plan here sends labels or their gradients to
-another organisation (data owners hold the loss), so no label-inference attack is run.
+frequent token. Deterministic: fixed seeds, CPU.
+
+Labels: where a data owner's path comes back to it (in a U-shaped plan, the holder of the last
+middle layer hands the hidden states back to the owner, who holds the loss), that holder receives,
+in the backward, the gradient of the loss at each token's hidden state: it carries the next token.
+The label-inference attack trains the same probes on those gradients (white-box: computed on the
+attacker's public text through the same weights) to predict the label, applies them to the
+victim's returned gradients, and compares with always guessing the most frequent label; then the
+same with ``privacy.gradients`` (each token's gradient clipped to the median norm and noised by
+the owner before it is returned, the attacker training on gradients noised alike) for each
+``--noise`` multiplier. The forward is unchanged by that defence, so the attack runs on the
+trained weights; what the noise costs the model is not measured here.
 
 The defence (``privacy.activations``: each token's hidden state clipped to ``clip``, Gaussian
 noise of ``noise_multiplier x clip`` added by the data owner at the cut) is measured at the
@@ -54,8 +64,8 @@ if str(REPO) not in sys.path:
 
 from fedsplit.model import ModelConfig, MoETransformer  # noqa: E402
 from fedsplit.model.moe import route  # noqa: E402
-from fedsplit.plan.schema import ActivationNoise  # noqa: E402
-from fedsplit.runtime.privacy import gaussian_epsilon, release_noise  # noqa: E402
+from fedsplit.plan.schema import ActivationNoise, GradientNoise  # noqa: E402
+from fedsplit.runtime.privacy import gaussian_epsilon, noised_gradient, release_noise  # noqa: E402
 
 DATA = REPO / "data"
 SEQ = 64
@@ -122,6 +132,31 @@ def after_layer(layer: int, noise: ActivationNoise | None = None, seed: int = 0)
         with torch.no_grad():
             model(tokens, release=keep)
         return seen["h"].reshape(-1, model.cfg.hidden_size), tokens.reshape(-1)
+
+    return observe
+
+
+def returned_gradients(layer: int, noise: GradientNoise | None = None, seed: int = 0) -> Observer:
+    """The gradient of the loss at each token's hidden state after ``layer``: what a data owner
+    returns to the holder of ``layer`` when its path comes back to it there (clipped and noised
+    with ``noise``), and the label (the next token) of each position. Takes SEQ + 1 wide text."""
+
+    def observe(model: MoETransformer, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        seen = {}
+
+        def keep(block, x):
+            if block != layer:
+                return x
+            x = x.detach().requires_grad_(True)
+            seen["h"] = x
+            return noised_gradient(x, noise, seed) if noise is not None else x
+
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        logits, aux = model(inputs, release=keep)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        (loss + model.cfg.aux_loss_coef * aux).backward()
+        model.zero_grad()
+        return seen["h"].grad.reshape(-1, model.cfg.hidden_size), labels.reshape(-1)
 
     return observe
 
@@ -285,6 +320,7 @@ def main() -> None:
     print(f"\nbaseline (always the victim's most frequent token): {100 * baseline:.1f}%")
     if args.noise:
         defence_rows(args, cfg, initial, trained, public, victim)
+    label_rows(args, trained)
     print(f"took {time.monotonic() - started:.0f} s; load after: {loadavg()}")
     print(json.dumps({"rows": rows, "baseline": baseline}))
 
@@ -319,6 +355,45 @@ def defence_rows(
     )
     header = ["noise multiplier", "clip", "recovery, linear", "recovery, MLP", "held-out ppl", "ε"]
     print("\n".join(table(header, rows)))
+
+
+def label_rows(args, trained: MoETransformer) -> None:
+    """Label recovery from the gradients a data owner returns after layer 3 (the last middle layer
+    of a U-shaped plan), without and with privacy.gradients at each ``--noise`` multiplier."""
+    half = args.public_seqs // 2
+    public = torch.cat(
+        [
+            byte_sequences(DATA / "python-stdlib.txt", half, args.seed + 1),
+            byte_sequences(DATA / "arithmetic.txt", args.public_seqs - half, args.seed + 2),
+        ]
+    )
+    victim = byte_sequences(DATA / "tinyshakespeare.txt", args.victim_seqs, args.seed + 3, SECOND_HALF)
+    labels = victim[:, 1:].reshape(-1)
+    baseline = float(torch.bincount(labels, minlength=256).max() / labels.numel())
+    grads, _ = returned_gradients(3)(trained, public)
+    clip = float(grads.norm(dim=-1).median())
+    victim_tokens = len((DATA / "tinyshakespeare.txt").read_bytes()) // 2
+    q, steps, delta = 8 * SEQ / victim_tokens, 4 * 30, 1e-5
+    rows = []
+    for multiplier in [None, *args.noise]:
+        noise = None if multiplier is None else GradientNoise(clip=clip, noise_multiplier=multiplier)
+        pub_grads, pub_labels = returned_gradients(3, noise, args.seed + 21)(trained, public)
+        vic_grads, vic_labels = returned_gradients(3, noise, args.seed + 22)(trained, victim)
+        cells = ["none" if multiplier is None else f"{multiplier:g}", "-" if noise is None else f"{clip:.3g}"]
+        for hidden in (None, 256):
+            probe = train_probe(pub_grads, pub_labels, hidden, args.probe_steps, args.seed)
+            cells.append(f"{100 * recovery(probe, vic_grads, vic_labels):.1f}%")
+        cells.append("inf" if multiplier is None else f"{gaussian_epsilon(multiplier, q, steps, delta):.3g}")
+        rows.append(cells)
+        print(f"  returned gradients, noise multiplier {cells[0]}: {', '.join(cells[2:])}", flush=True)
+    print(
+        f"\n## Label recovery from the gradients a data owner returns after layer 3 (privacy.gradients, clip = "
+        f"median token gradient norm there; trained weights; ε: 4 x 30 steps of 8 x {SEQ} over {victim_tokens:,} "
+        f"training tokens, δ = {delta:g})\n"
+    )
+    header = ["noise multiplier", "clip", "labels recovered, linear", "labels recovered, MLP", "ε"]
+    print("\n".join(table(header, rows)))
+    print(f"\nbaseline (always the victim's most frequent label): {100 * baseline:.1f}%")
 
 
 def recoveries(model: MoETransformer, noise, public: Tensor, victim: Tensor, args) -> list[str]:

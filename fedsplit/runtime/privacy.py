@@ -94,6 +94,12 @@ class _NoisedGradient(torch.autograd.Function):
         return release_noise(ctx.noise, grad * ctx.scale, ctx.seed) / ctx.scale, None, None, None
 
 
+def noised_gradient(x: Tensor, noise: GradientNoise, seed: int, scale: float = 1.0) -> Tensor:
+    """``x`` unchanged in the forward; in the backward, its gradient clipped and noised per token
+    (what privacy.gradients returns for a received hidden state ``x``)."""
+    return _NoisedGradient.apply(x, noise, seed, scale)
+
+
 KEY_FILE = "noise.key"
 
 
@@ -145,7 +151,7 @@ def releaser(
         if block in cuts:
             return release_noise(activations, x, seed(block))
         if block in entries and torch.is_grad_enabled():
-            return _NoisedGradient.apply(x, gradients, seed(block, "gradient:"), gradient_scale)
+            return noised_gradient(x, gradients, seed(block, "gradient:"), gradient_scale)
         return x
 
     return release
