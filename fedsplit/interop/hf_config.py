@@ -260,7 +260,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             moe_intermediate_size=cfg.expert_ffn_size,
             intermediate_size=cfg.shared_ffn_size,
             shared_expert_intermediate_size=cfg.shared_ffn_size,
-            norm_topk_prob=cfg.normalize_top_k,
+            norm_topk_prob=cfg.normalize_top_k or cfg.router.kind == "hard",  # hard: weight one
             qkv_bias=cfg.qkv_bias,
             decoder_sparse_step=1,
             mlp_only_layers=[],

@@ -22,11 +22,13 @@ class RouterConfig(BaseModel):
       noise is seeded like router jitter, and evaluation takes the argmax.
     * ``hierarchical``: the experts in ``groups`` equal groups; a gate over the groups keeps the
       ``group_top_k`` largest, each kept group's own gate (its experts' rows of the router) keeps
-      ``top_k`` of its experts; an expert's weight is its group's weight times its own.
+      ``top_k`` of its experts; an expert's weight is its group's weight times its own (a level
+      keeping one is not renormalised to one, so that its gate learns from the task).
 
     ``capacity_factor`` (topk, hierarchical) caps each expert at ``ceil(capacity_factor x
-    assignments / num_experts)`` (token, slot) assignments per micro-batch; the rest are dropped,
-    first slots before second ones and earlier tokens first, and pass through the residual only.
+    assignments / reachable experts)`` (token, slot) assignments per micro-batch; the rest are
+    dropped, first slots before second ones and earlier tokens first, and pass through the
+    residual only.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

@@ -263,16 +263,18 @@ def hierarchical_routing(
 ) -> Routing:
     """A gate over groups of experts keeps ``group_top_k`` groups; inside each kept group, the
     softmax over its experts' own logits keeps ``top_k`` of them; an expert's weight is its
-    group's weight times its weight inside the group (both renormalised when ``normalize``).
+    group's weight times its weight inside the group. With ``normalize`` a level that keeps more
+    than one renormalises over what it kept; one kept alone keeps its probability, since a weight
+    of exactly one would leave its gate nothing to learn from the task (only from the balancing).
     The loss balances both levels: the groups' (``E_g``) plus the experts' under the joint
     probability ``P(group) * P(expert | group)``; equal to ``group_top_k + slots`` when balanced."""
     tokens, groups = group_logits.shape
     size = logits.shape[-1] // groups
-    group_probs, group_weights, kept = route(group_logits, group_top_k, normalize)
+    group_probs, group_weights, kept = route(group_logits, group_top_k, normalize and group_top_k > 1)
     inner = torch.softmax(logits.float().reshape(tokens, groups, size), dim=-1)
     in_kept = inner.gather(1, kept[..., None].expand(-1, -1, size))
     weights, members = in_kept.topk(top_k, dim=-1)
-    if normalize:
+    if normalize and top_k > 1:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = (group_weights[..., None] * weights).reshape(tokens, -1)
     experts = (kept[..., None] * size + members).reshape(tokens, -1)
@@ -281,12 +283,15 @@ def hierarchical_routing(
     return Routing(weights, experts, aux)
 
 
-def within_capacity(experts: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
+def within_capacity(experts: Tensor, num_experts: int, capacity_factor: float, reachable: int | None = None) -> Tensor:
     """``experts`` with the assignments beyond each expert's capacity set to -1 (dropped).
 
-    Capacity is ``ceil(capacity_factor * assignments / num_experts)``; assignments are served
-    slot by slot (every token's first choice before any second choice), tokens in order (GShard)."""
-    capacity = math.ceil(capacity_factor * experts.numel() / num_experts)
+    Capacity is ``ceil(capacity_factor * assignments / reachable)``, ``reachable`` the experts the
+    batch may be routed to (all by default; fewer when some are blocked). Assignments are served
+    slot by slot (every token's first choice before any second choice), tokens in order (GShard):
+    so whether a token keeps a later choice depends on the other tokens of its micro-batch, later
+    positions of its own sequence included."""
+    capacity = math.ceil(capacity_factor * experts.numel() / (reachable or num_experts))
     order = experts.t().reshape(-1)  # slot-major
     seen = F.one_hot(order, num_experts).cumsum(dim=0)
     position = seen.gather(1, order[:, None]).squeeze(1) - 1
@@ -357,7 +362,8 @@ class MoE(nn.Module):
             probs, weights, chosen = route(logits, self.cfg.top_k, self.cfg.normalize_top_k)
             routing = Routing(weights, chosen, load_balancing_loss(probs, chosen, self.cfg.num_experts))
         if router.capacity_factor is not None:
-            kept = within_capacity(routing.experts, self.cfg.num_experts, router.capacity_factor)
+            reachable = self.cfg.num_experts - len(blocked)
+            kept = within_capacity(routing.experts, self.cfg.num_experts, router.capacity_factor, reachable)
             routing = routing._replace(experts=kept)
         return routing
 

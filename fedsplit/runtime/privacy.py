@@ -159,15 +159,16 @@ def releaser(
 
 def mechanisms(plan: Plan, data_owner: str) -> list[float]:
     """The noise multipliers of the Gaussian mechanisms a data owner's training applies each step:
-    one for its activations if its path leaves it, one for its gradients if it comes back."""
+    one per cut of its path for its activations, one per block where it comes back for its
+    gradients (each releases every position of the batch once more)."""
     privacy = plan.privacy
     if privacy is None:
         return []
     out = []
-    if privacy.activations is not None and cut_blocks(plan, data_owner):
-        out.append(privacy.activations.noise_multiplier)
-    if privacy.gradients is not None and entry_blocks(plan, data_owner):
-        out.append(privacy.gradients.noise_multiplier)
+    if privacy.activations is not None:
+        out += [privacy.activations.noise_multiplier] * len(cut_blocks(plan, data_owner))
+    if privacy.gradients is not None:
+        out += [privacy.gradients.noise_multiplier] * len(entry_blocks(plan, data_owner))
     return out
 
 

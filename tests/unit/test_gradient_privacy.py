@@ -100,3 +100,14 @@ def test_gradient_noise_in_the_plan_round_trips_and_is_warned_about_where_it_doe
     warned = [str(w) for w in plan.warnings]
     assert any("layer 0's experts at b receive the gradients of their outputs without noise" in w for w in warned)
     assert any("the hidden states it sends are not noised (privacy.activations)" in w for w in warned)
+
+
+def test_each_cut_and_each_return_of_a_path_is_a_mechanism_of_its_own(write_plan):  # noqa: F811
+    owner = f"org: a\n{DATA}\nholds: [embed, layers.0, layers.2, final_norm, lm_head]\n"
+    federation = (
+        f"name: test\nmodel: {PLANS.parent / 'models' / 'tiny.yaml'}\norgs: [orgs/*.yaml]\n"
+        "privacy: {activations: {clip: 1.0, noise_multiplier: 1.0}, gradients: {clip: 1.0e-3, noise_multiplier: 2.0}}\n"
+    )
+    plan = load_plan(write_plan({"a": owner, "b": "org: b\nholds: [layers.1, layers.3]\n"}, federation))
+    assert entry_blocks(plan, "a") == {1, 3}
+    assert mechanisms(plan, "a") == [1.0, 1.0, 2.0, 2.0]  # it leaves after layers 0 and 2, comes back after 1 and 3

@@ -295,9 +295,15 @@ def test_export_refuses_what_no_supported_architecture_computes(tmp_path, change
 
 
 @pytest.mark.parametrize(
-    "router", [{"top_k": 8, "router": {"kind": "soft"}}, {"top_k": 1, "router": {"kind": "hard"}}], ids=["soft", "hard"]
+    "router",
+    [
+        {"top_k": 8, "router": {"kind": "soft"}},
+        {"top_k": 1, "router": {"kind": "hard"}},
+        {"top_k": 1, "router": {"kind": "hard"}, "shared_expert_gate": True, "normalize_top_k": False},
+    ],
+    ids=["soft", "hard", "hard-as-qwen2-moe"],
 )
-def test_a_soft_or_hard_router_exports_the_mixtral_that_computes_it_at_inference(tmp_path, router, tokens):
+def test_a_soft_or_hard_router_exports_the_model_that_computes_it_at_inference(tmp_path, router, tokens):
     # Soft is top-k over every expert; hard evaluates with the argmax, i.e. top-1 of weight one.
     tiny = ModelConfig.from_yaml(ROOT / "configs" / "models" / "tiny.yaml")
     cfg = ModelConfig.model_validate({**tiny.model_dump(), **router})

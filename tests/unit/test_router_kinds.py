@@ -105,7 +105,7 @@ def test_a_hard_router_draws_its_noise_from_the_micro_batch_seed_and_takes_the_a
 
 
 def test_a_hierarchical_router_weights_each_expert_by_its_groups_weight_times_its_own():
-    cfg = config(top_k=2, router={"kind": "hierarchical", "groups": 4, "group_top_k": 2})
+    cfg = config(top_k=2, router={"kind": "hierarchical", "groups": 2, "group_top_k": 2})  # 2 of 4 in each group
     moe = moe_of(cfg)
     x = torch.randn(9, 64)
     out, aux = moe(x)
@@ -113,13 +113,24 @@ def test_a_hierarchical_router_weights_each_expert_by_its_groups_weight_times_it
     logits = moe.router(x)
     direct = moe.shared_experts(x).clone()
     for t in range(9):
-        top_groups = group_probs[t].topk(2)
-        for gw, g in zip(top_groups.values / top_groups.values.sum(), top_groups.indices):
-            inner = torch.softmax(logits[t, 2 * g : 2 * g + 2], dim=-1)  # a group of 2 experts, both kept
-            for i in range(2):
-                direct[t] = direct[t] + gw * inner[i] * moe.experts[int(2 * g + i)](x[t])
+        for g in range(2):  # both groups kept: their weights renormalise to the group softmax
+            inner = torch.softmax(logits[t, 4 * g : 4 * g + 4], dim=-1)
+            top = inner.topk(2)
+            for w, i in zip(top.values / top.values.sum(), top.indices):
+                direct[t] = direct[t] + group_probs[t, g] * w * moe.experts[int(4 * g + i)](x[t])
     torch.testing.assert_close(out, direct, atol=1e-6, rtol=1e-5)
     assert float(aux.detach()) > 0
+
+
+def test_a_hierarchical_level_that_keeps_one_keeps_its_probability_so_its_gate_learns_from_the_task():
+    group_logits, logits = torch.randn(16, 4), torch.randn(16, 8)
+    routing = hierarchical_routing(group_logits, logits, group_top_k=1, top_k=1, normalize=True)
+    group_probs = torch.softmax(group_logits, dim=-1)
+    group = group_probs.argmax(dim=-1)
+    inner = torch.softmax(logits.reshape(16, 4, 2), dim=-1)[torch.arange(16), group]
+    expected = group_probs.max(dim=-1).values * inner.max(dim=-1).values
+    torch.testing.assert_close(routing.weights[:, 0], expected)
+    assert (routing.weights < 1).all()
 
 
 def test_the_hierarchical_balancing_loss_is_groups_kept_plus_slots_when_balanced_and_grows_when_collapsed():
@@ -147,6 +158,14 @@ def test_capacity_keeps_first_choices_before_second_ones_and_earlier_tokens_firs
     # takes expert 1. Slot 1: token 0 takes expert 1's second place, token 1's (1) is dropped,
     # token 2 takes expert 2, token 3's second choice (0) is dropped.
     assert kept.tolist() == [[0, 1], [0, -1], [-1, 2], [1, -1]]
+
+
+def test_capacity_is_shared_among_the_experts_a_batch_may_reach():
+    experts = torch.tensor([[0], [0], [1], [1], [2], [2], [3]])  # 7 assignments
+    halved = [[0], [-1], [1], [-1], [2], [-1], [3]]
+    assert within_capacity(experts, num_experts=8, capacity_factor=1.0).tolist() == halved  # ceil(7 / 8) = 1
+    # With 4 of the 8 experts reachable (the others owned by other data owners), ceil(7 / 4) = 2 each.
+    assert within_capacity(experts, num_experts=8, capacity_factor=1.0, reachable=4).tolist() == experts.tolist()
 
 
 def test_a_dropped_token_passes_through_with_only_the_shared_experts():
@@ -217,9 +236,11 @@ def test_router_noise_and_capacity_are_the_same_when_checkpointing_recomputes_th
     assert min(result.clip_mono) < 1.0  # the clipping clipped
 
 
-def test_the_split_run_counts_what_capacity_dropped_as_the_monolith_drops_it(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "checkpointed"])
+def test_the_split_run_counts_what_capacity_dropped_as_the_monolith_drops_it(tmp_path, recompute):
     plan = plan_with(tmp_path, "three-orgs", router={"kind": "topk", "capacity_factor": 0.75})
     weights = initial_weights(plan)
+    steps = 1 if recompute else 3  # the first step's routing is the initial weights', either way
     mono = MonolithicTrainer(plan, weights)
     routed: dict[int, int] = {}
     for layer in mono.model.layers:  # the rows each expert computes in the monolith: what was kept
@@ -228,8 +249,9 @@ def test_the_split_run_counts_what_capacity_dropped_as_the_monolith_drops_it(tmp
             routed[layer] = routed.get(layer, 0) + sum(rows.shape[0] for rows in args[0].values())
 
         layer.moe.experts.register_forward_pre_hook(count)
-    split = InProcessFederation(plan, weights)
-    for step in range(3):
+    # Recomputed forwards (activation checkpointing) route again: they must not be counted twice.
+    split = InProcessFederation(plan.with_training(activation_checkpointing=recompute), weights)
+    for step in range(steps):
         batches = synthetic_batches(plan, step)
         mono.train_step(step, batches)
         split.train_step(step, batches)
@@ -242,7 +264,7 @@ def test_the_split_run_counts_what_capacity_dropped_as_the_monolith_drops_it(tmp
     }
     dropped = capacity_dropped(metrics)
     t = plan.training
-    assignments = 3 * len(plan.data_owners) * t.batch_size * t.seq_len * plan.model.routed_slots
+    assignments = steps * len(plan.data_owners) * t.batch_size * t.seq_len * plan.model.routed_slots
     assert set(dropped) == {str(layer) for layer in range(plan.model.num_layers)}
     for layer, fraction in dropped.items():
         assert 0 < fraction < 1
