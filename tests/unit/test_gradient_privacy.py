@@ -54,8 +54,11 @@ def test_the_returned_gradient_is_clipped_per_token_and_noised_from_the_owners_s
 def test_noised_returned_gradients_train_exactly_like_the_monolith_noised_at_the_same_block(name):
     # Returned gradients are 0.005-0.015 per token at the start (micro-batches of 4 x 64): a clip that clips.
     plan = with_privacy(name, GradientNoise(clip=5e-3, noise_multiplier=1.0))
-    if name == "u-shape-3":  # two data owners sharing replicas: kept in step, so that AdamW stays exact
+    if name == "u-shape-3":
+        # Two data owners sharing replicas, kept in step so that AdamW stays exact; at the plan's lr
+        # 1e-3 their reordered gradient sums alone come within 1e-5 (docs/training.md), so 3e-4.
         plan = plan.with_settings(aggregation=AggregationConfig(replica_sync="step"))
+        plan = plan.with_training(optimizer={**plan.training.optimizer.model_dump(), "lr": 3e-4})
     result = verify(plan, steps=10)
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
     if name == "layers":
