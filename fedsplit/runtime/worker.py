@@ -118,9 +118,8 @@ class Worker:
             block.moe.experts.register_forward_pre_hook(self._count_routed(int(layer)))
 
     def _first_count(self, layer: int, what: str) -> bool:
-        """Whether this training call's ``what`` in ``layer`` is not counted yet (under the lock)."""
-        if not torch.is_grad_enabled():  # evaluation is not load
-            return False
+        """Whether this call's ``what`` in ``layer`` is not counted yet (under the lock): a forward
+        recomputed by activation checkpointing routes again, and is not load again."""
         key = (current_call(), layer, what)
         if key in self._counted:
             return False
@@ -129,6 +128,8 @@ class Worker:
 
     def _count_assigned(self, layer: int):
         def hook(module, args) -> None:
+            if not torch.is_grad_enabled():  # evaluation is not load
+                return
             with self._load_lock:
                 if self._first_count(layer, "assigned"):
                     tokens = args[0].numel() // self.cfg.hidden_size
@@ -138,11 +139,13 @@ class Worker:
 
     def _count_routed(self, layer: int):
         def hook(module, args) -> None:
-            counts = torch.zeros(self.cfg.num_experts)
-            for e, rows in args[0].items():
-                counts[e] = rows.shape[0]
+            if not torch.is_grad_enabled():
+                return
             with self._load_lock:
                 if self._first_count(layer, "routed"):
+                    counts = torch.zeros(self.cfg.num_experts)
+                    for e, rows in args[0].items():
+                        counts[e] = rows.shape[0]
                     self.expert_load[layer] = self.expert_load.get(layer, torch.zeros(self.cfg.num_experts)) + counts
 
         return hook
