@@ -1,7 +1,8 @@
 """The MoE transformer: configuration and maths, with no knowledge of plans or networks."""
 
-from .config import LoraConfig, LoraTarget, ModelConfig, RouterConfig, RouterKind
+from .config import LoraConfig, LoraTarget, ModelConfig, RouterConfig, RouterKind, TaskHeadConfig
 from .moe import (
+    TASK_HEADS,
     Attention,
     Block,
     BlockedExperts,
@@ -14,9 +15,12 @@ from .moe import (
     SharedExperts,
     SwiGLU,
     chunked_cross_entropy,
+    correct_labels,
     cross_entropy,
     expert,
+    in_base,
     is_adapter,
+    is_task_head,
     lora_code,
     lora_update,
     parameter_count,
@@ -27,6 +31,7 @@ from .moe import (
 )
 
 __all__ = [
+    "TASK_HEADS",
     "Attention",
     "Block",
     "BlockedExperts",
@@ -43,10 +48,14 @@ __all__ = [
     "RouterKind",
     "SharedExperts",
     "SwiGLU",
+    "TaskHeadConfig",
     "chunked_cross_entropy",
+    "correct_labels",
     "cross_entropy",
     "expert",
+    "in_base",
     "is_adapter",
+    "is_task_head",
     "lora_code",
     "lora_update",
     "parameter_count",

@@ -76,6 +76,17 @@ class LoraConfig(BaseModel):
         return self.alpha / self.rank
 
 
+class TaskHeadConfig(BaseModel):
+    """A sequence-classification head on the trunk (``task_heads.NAME.weight``, ``len(labels)`` x
+    hidden, no bias, as Hugging Face's ``*ForSequenceClassification`` ``score``): it reads the
+    final-normed hidden state of each sequence's last token. A plan's ``tasks`` section sets them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+    labels: tuple[str, ...] = Field(min_length=2, max_length=1 << 16)
+
+
 class ModelConfig(BaseModel):
     """A Mixtral-family decoder-only MoE transformer.
 
@@ -120,14 +131,20 @@ class ModelConfig(BaseModel):
     lora: LoraConfig | None = Field(
         default=None, description="low-rank adapters; a plan's finetune section sets them on its base model"
     )
+    tasks: tuple[TaskHeadConfig, ...] = Field(
+        default=(), description="classification heads beside the LM head; a plan's tasks section sets them"
+    )
 
     @model_serializer(mode="wrap")
-    def _without_default_router(self, dump):
-        """A top-k router is written as before routers had kinds: files, hashes and manifests of
-        earlier runs stay the same."""
+    def _without_defaults_added_later(self, dump):
+        """A top-k router, and no task heads, are written as before either existed: files, hashes
+        and manifests of earlier runs stay the same."""
         out = dump(self)
-        if self.router == RouterConfig() and isinstance(out, dict):
-            out.pop("router", None)
+        if isinstance(out, dict):
+            if self.router == RouterConfig():
+                out.pop("router", None)
+            if not self.tasks:
+                out.pop("tasks", None)
         return out
 
     @model_validator(mode="after")
@@ -146,6 +163,9 @@ class ModelConfig(BaseModel):
             raise ValueError("shared_expert_gate needs shared experts (num_shared_experts is 0)")
         if self.lora is not None:
             self._check_lora(self.lora)
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task heads must have distinct names, got {', '.join(names)}")
         return self
 
     def _check_router(self, router: RouterConfig) -> None:
@@ -203,8 +223,17 @@ class ModelConfig(BaseModel):
 
     @property
     def base(self) -> ModelConfig:
-        """This model without its adapters."""
-        return self if self.lora is None else self.model_copy(update={"lora": None})
+        """This model without its adapters and task heads: what a base checkpoint holds."""
+        if self.lora is None and not self.tasks:
+            return self
+        return self.model_copy(update={"lora": None, "tasks": ()})
+
+    def task(self, name: str) -> TaskHeadConfig:
+        """The task head named ``name`` (KeyError if there is none)."""
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
 
     @property
     def heads_per_kv_head(self) -> int:

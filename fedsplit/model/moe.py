@@ -110,6 +110,20 @@ def is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+TASK_HEADS = "task_heads"  # the prefix of the task heads' parameters: task_heads.NAME.weight
+
+
+def is_task_head(name: str) -> bool:
+    """Whether a parameter name is a task head's (no base checkpoint has them)."""
+    return name.startswith(TASK_HEADS + ".")
+
+
+def in_base(name: str) -> bool:
+    """Whether a base checkpoint holds the parameter: neither an adapter nor a task head, which
+    a run adds to its base and draws from its seed."""
+    return not (is_adapter(name) or is_task_head(name))
+
+
 def linear(in_features: int, out_features: int, bias: bool = False, lora: LoraConfig | None = None) -> nn.Linear:
     """A linear map, with adapters when ``lora`` is given."""
     if lora is None:
@@ -456,6 +470,10 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tasks:  # registered last, so the trunk's seeded initialisation is the same without them
+            self.task_heads = nn.ModuleDict(
+                {t.name: nn.Linear(cfg.hidden_size, len(t.labels), bias=False) for t in cfg.tasks}
+            )
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -508,18 +526,27 @@ class MoETransformer(nn.Module):
         noise_seed: int | None = None,
         blocked: BlockedExperts | None = None,
         release: Release | None = None,
+        task: str | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(mean cross-entropy, summed aux loss) of a batch; with activation checkpointing the loss
-        goes through :func:`chunked_cross_entropy` and the logits are never kept."""
+        goes through :func:`chunked_cross_entropy` and the logits are never kept. With ``task``,
+        the cross-entropy is that task head's, on the positions whose label is not -100 (each
+        sequence's last token, see :func:`fedsplit.data.classification_batch`)."""
         h, aux = self.hidden(tokens, noise_seed, blocked, release)
+        head = self.logits if task is None else self.task_heads[task]
         if self.activation_checkpointing:
-            return chunked_cross_entropy(h, self.logits, labels), aux
-        return cross_entropy(self.logits(h), labels), aux
+            return chunked_cross_entropy(h, head, labels), aux
+        return cross_entropy(head(h), labels), aux
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean next-token cross-entropy; ``labels`` are already shifted, -100 is ignored."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def correct_labels(logits: Tensor, labels: Tensor) -> Tensor:
+    """How many labelled positions (labels not -100) the logits' argmax gets right."""
+    return ((logits.argmax(-1) == labels) & (labels != -100)).sum()
 
 
 def training_loss(cfg: ModelConfig, logits: Tensor, labels: Tensor, aux: Tensor) -> Tensor:

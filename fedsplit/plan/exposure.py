@@ -93,6 +93,8 @@ def exposures(plan: Plan) -> list[Exposure]:
                 out.append(Exposure(org, d, d, first))
                 if "lm_head" in run:
                     out.append(Exposure(org, d, d, "labels (the next token of every position)"))
+                elif "task_head" in run:
+                    out.append(Exposure(org, d, d, f"labels (the class of every example, task {plan.orgs[d].task})"))
                 else:
                     out.append(Exposure(org, d, d, "the gradients of the hidden states it returns"))
             before = run[-1]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..model import ModelConfig, is_adapter, parameter_shapes
+from ..model import ModelConfig, is_adapter, is_task_head, parameter_shapes
 from .errors import Problem
 from .schema import FinetuneConfig
 from .slicing import unit_slices
@@ -69,7 +69,8 @@ def frozen_parameters(
     problems: list[Problem],
 ) -> frozenset[str]:
     """The parameters of ``model`` (already adapted) that do not train. With LoRA: all but the
-    adapters and what ``finetune.train`` names; without: what ``freeze`` names."""
+    adapters, the task heads (new, so never frozen by default) and what ``finetune.train``
+    names; without: what ``freeze`` names."""
     everything = set(parameter_shapes(model))
     frozen = _selected(freeze, "freeze", model, file, lines, problems)
     if finetune is None:
@@ -90,4 +91,5 @@ def frozen_parameters(
                     field=field,
                 )
             )
-    return frozenset(everything - adapters - trained)
+    heads = {n for n in everything if is_task_head(n)}
+    return frozenset(everything - adapters - heads - trained)

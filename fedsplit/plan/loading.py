@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
 from ..interop import CheckpointError, ModelCheckpoint, is_model_directory, open_checkpoint
-from ..model import ModelConfig
+from ..model import ModelConfig, TaskHeadConfig
 from .errors import PlanError, Problem
 from .finetune import adapted_model, frozen_parameters
 from .plan import Entry, Org, Partition, Plan
-from .schema import MAX_ORGS, FederationFile, FinetuneConfig, OrgFile
+from .schema import MAX_ORGS, FederationFile, FinetuneConfig, OrgFile, TaskConfig
 from .units import SelectorError, Unit, all_units, describe, parse_selector
 from .yaml_io import Lines, load_yaml, not_a_regular_file
 
@@ -48,6 +49,7 @@ def load_plan(path: str | Path) -> Plan:
     except ValueError as e:
         problems.append(Problem(str(e), file=path, line=lines.of("finetune"), field="finetune"))
         raise PlanError(problems) from None
+    model = with_tasks(model, fed.tasks)
     _check_base_dtype(path, fed, lines, problems)
     frozen = frozen_parameters(model, fed.finetune, fed.freeze, path, lines, problems)
 
@@ -66,6 +68,7 @@ def load_plan(path: str | Path) -> Plan:
 
     partitions = _partitions(model, path, orgs, problems)
     _check_data_owners(path, orgs, problems)
+    _check_tasks_trained(path, fed, lines, orgs, problems)
     if not problems:
         _check_owned_experts(model, orgs, partitions, problems)
     tokenizer = _checked_tokenizer(path, fed, lines, model, problems)
@@ -87,8 +90,33 @@ def load_plan(path: str | Path) -> Plan:
         freeze=tuple(fed.freeze),
         frozen=frozen,
         privacy=fed.privacy,
+        tasks=dict(fed.tasks),
     )
     return dataclasses.replace(plan, warnings=tuple(_privacy_warnings(plan)))
+
+
+def with_tasks(model: ModelConfig, tasks: Mapping[str, TaskConfig]) -> ModelConfig:
+    """``model`` with a classification head for each of ``tasks`` (in their order)."""
+    heads = tuple(TaskHeadConfig(name=name, labels=tuple(t.labels)) for name, t in tasks.items())
+    return model.model_copy(update={"tasks": heads})
+
+
+def _check_tasks_trained(
+    fed_file: Path, fed: FederationFile, lines: Lines, orgs: dict[str, Org], problems: list[Problem]
+) -> None:
+    """Every declared task is some data owner's."""
+    trained = {o.task for o in orgs.values()}
+    for name in fed.tasks:
+        if name not in trained:
+            problems.append(
+                Problem(
+                    f"no organisation trains task {name!r}: set 'task: {name}' in the file of the data owner whose "
+                    "labelled data it is, or remove the task",
+                    file=fed_file,
+                    line=lines.of("tasks", name),
+                    field=f"tasks.{name}",
+                )
+            )
 
 
 def _check_base_dtype(path: Path, fed: FederationFile, lines: Lines, problems: list[Problem]) -> None:
@@ -201,6 +229,7 @@ def _org(spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, problems: 
             )
         )
     owns = _owned(spec, file, lines, model, bool(train), problems)
+    _check_task(spec, file, lines, model, bool(train), problems)
     local = tuple(s.strip() for s in spec.local)
     return Org(
         spec.org,
@@ -215,7 +244,34 @@ def _org(spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, problems: 
         lines.of("device"),
         owns,
         spec.withdraw_experts,
+        spec.task,
     )
+
+
+def _check_task(
+    spec: OrgFile, file: Path, lines: Lines, model: ModelConfig, holds_data: bool, problems: list[Problem]
+) -> None:
+    """An organisation's ``task``: one the federation declares, trained on its own data."""
+    if spec.task is None:
+        return
+    where = {"file": file, "line": lines.of("task"), "org": spec.org, "field": "task"}
+    declared = [t.name for t in model.tasks]
+    if spec.task not in declared:
+        problems.append(
+            Problem(
+                f"task {spec.task!r} is not declared: the federation file's 'tasks' section declares "
+                f"{', '.join(declared) or 'none'}",
+                **where,
+            )
+        )
+    elif not holds_data:
+        problems.append(
+            Problem(
+                f"task {spec.task!r} trains on this organisation's labelled data, and it has none: give it "
+                "'data: {train: FILE.jsonl}' (lines with 'text' and 'label')",
+                **where,
+            )
+        )
 
 
 def _owned(
@@ -467,11 +523,12 @@ def _privacy_warnings(plan: Plan) -> list[Problem]:
                     org=d,
                 )
             )
-        if route[Unit("lm_head")] != d:
+        head = plan.loss_unit(d)
+        if route[head] != d:
+            what = "next-token labels" if head.kind == "lm_head" else "class labels"
             warnings.append(
                 Problem(
-                    "labels leave the organisation: it does not hold 'lm_head', so its next-token labels go "
-                    f"to '{route[Unit('lm_head')]}'",
+                    f"labels leave the organisation: it does not hold '{head}', so its {what} go to '{route[head]}'",
                     file=org.file,
                     org=d,
                 )
@@ -547,6 +604,8 @@ def resolved(plan: Plan) -> dict:
             org["owns"] = [e.selector for e in o.owns]
         if o.withdraw_experts:
             org["withdraw_experts"] = True
+        if o.task is not None:
+            org["task"] = o.task
         orgs.append(org)
     document = {
         "name": plan.name,
@@ -564,6 +623,8 @@ def resolved(plan: Plan) -> dict:
         document["tokenizer"] = str(plan.tokenizer)
     if plan.privacy is not None:
         document["privacy"] = plan.privacy.model_dump(mode="json")
+    if plan.tasks:
+        document["tasks"] = {name: t.model_dump(mode="json") for name, t in plan.tasks.items()}
     return document
 
 
@@ -598,4 +659,6 @@ def resolved_model(path: Path) -> ModelConfig:
     model = document["model"]
     base = ModelConfig.model_validate(model) if isinstance(model, dict) else open_checkpoint(Path(model)).config
     finetune = document.get("finetune")
-    return adapted_model(base, None if finetune is None else FinetuneConfig.model_validate(finetune))
+    adapted = adapted_model(base, None if finetune is None else FinetuneConfig.model_validate(finetune))
+    tasks = {name: TaskConfig.model_validate(t) for name, t in document.get("tasks", {}).items()}
+    return with_tasks(adapted, tasks)

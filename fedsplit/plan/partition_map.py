@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .plan import Plan
-from .units import Unit
+from .units import Unit, task_units
 
 
 @dataclass(frozen=True)
 class MapRow:
     label: str
-    units: list[Unit]  # one per column; one alone: the row is one unit (embed, final_norm, lm_head)
+    units: list[Unit]  # one per column; one alone: the row is one unit (embed, final_norm, lm_head, a task head)
     cells: list[tuple[str, ...]]  # the holders of each unit
 
     def pieces(self) -> list[tuple[tuple[str, ...], list[Unit]]]:
@@ -60,6 +60,7 @@ def partition_map(plan: Plan) -> tuple[list[str], list[MapRow]]:
             )
         )
     rows += [row("final_norm", [Unit("final_norm")]), row("lm_head", [Unit("lm_head")])]
+    rows += [row(str(u), [u]) for u in task_units(cfg)]
     return columns, rows
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from torch import Tensor
 
 from ..interop import ModelCheckpoint
-from ..model import ModelConfig, is_adapter
+from ..model import ModelConfig, in_base
 from .errors import Problem
-from .schema import AggregationConfig, FinetuneConfig, PrivacyConfig, TrainingConfig, TransportConfig
+from .schema import AggregationConfig, FinetuneConfig, PrivacyConfig, TaskConfig, TrainingConfig, TransportConfig
 from .slicing import TensorSlice, unit_parameter_count, unit_slices
 from .units import Unit
 
@@ -54,6 +54,7 @@ class Org:
     device_line: int | None = None  # where its file names its device, for errors about the device
     owns: tuple[Entry, ...] = ()  # routed experts trained on its batches only (see Plan.blocked_experts)
     withdraw_experts: bool = False  # its owned experts are left out of exported models
+    task: str | None = None  # the task its data trains (a task head's loss), None: next-token prediction
 
     @property
     def owned_experts(self) -> frozenset[Unit]:
@@ -94,6 +95,7 @@ class Plan:
     freeze: tuple[str, ...] = ()  # the federation file's freeze selectors
     frozen: frozenset[str] = frozenset()  # parameter names that get no gradient (see .finetune)
     privacy: PrivacyConfig | None = None  # noise on what data owners send (see fedsplit.runtime.privacy)
+    tasks: Mapping[str, TaskConfig] = field(default_factory=dict)  # classification tasks (the model's task heads)
     _partition_of: dict[Unit, Partition] = field(init=False, repr=False, compare=False)
     _routes: dict[str, dict[Unit, str]] = field(init=False, repr=False, compare=False)
     _blocked: dict[str, dict[int, tuple[int, ...]]] = field(init=False, repr=False, compare=False)
@@ -168,13 +170,26 @@ class Plan:
             self._blocked[data_owner] = {layer: tuple(experts) for layer, experts in blocked.items()}
         return self._blocked[data_owner]
 
+    def loss_unit(self, data_owner: str) -> Unit:
+        """The head whose loss ``data_owner``'s batches train: ``lm_head``, or its task's head."""
+        task = self.orgs[data_owner].task
+        return Unit("lm_head") if task is None else Unit("task", name=task)
+
+    def objective_weight(self, data_owner: str) -> float:
+        """The weight of ``data_owner``'s loss in a step's objective: 1 for next-token prediction,
+        its task's ``weight`` for a task."""
+        task = self.orgs[data_owner].task
+        return 1.0 if task is None else self.tasks[task].weight
+
     def path(self, data_owner: str) -> list[tuple[str, tuple[str | int, ...]]]:
         """The data owner's path: (organisation, blocks) for each run of consecutive blocks
-        (``embed``, layer indices, ``final_norm``, ``lm_head``) that one organisation computes."""
-        route = self.route(data_owner)
+        (``embed``, layer indices, ``final_norm``, then ``lm_head``, or ``task_head`` for a
+        data owner that trains a task) that one organisation computes."""
+        route, head = self.route(data_owner), self.loss_unit(data_owner)
         blocks: list[tuple[str | int, str]] = [("embed", route[Unit("embed")])]
         blocks += [(i, route[Unit("router", i)]) for i in range(self.model.num_layers)]
-        blocks += [("final_norm", route[Unit("final_norm")]), ("lm_head", route[Unit("lm_head")])]
+        blocks += [("final_norm", route[Unit("final_norm")])]
+        blocks += [("lm_head" if head.kind == "lm_head" else "task_head", route[head])]
         path: list[tuple[str, list[str | int]]] = []
         for block, org in blocks:
             if path and path[-1][0] == org:
@@ -216,7 +231,7 @@ class Plan:
         tensors, and for head groups only the rows and columns, that it holds are read from disk."""
         if self.checkpoint is None:
             raise ValueError(f"plan '{self.name}' starts from a seeded initialisation, not a checkpoint")
-        slices = [s for s in self.slices_of(org) if not is_adapter(s.name)]  # adapters: see initial_weights
+        slices = [s for s in self.slices_of(org) if in_base(s.name)]  # the others: see initial_weights
         return dict(
             zip((s.key for s in slices), self.checkpoint.reader.read((s.name, s.dim, s.start, s.stop) for s in slices))
         )

@@ -237,6 +237,13 @@ class OrgFile(_Strict):
         default=False,
         description="leave this organisation's owned experts out of every exported model (as export --without)",
     )
+    task: str | None = Field(
+        default=None,
+        description=(
+            "a task of the federation's 'tasks' that this data owner's data trains (its .jsonl lines carry "
+            "'text' and 'label'), instead of next-token prediction"
+        ),
+    )
     address: str | None = Field(default=None, description="data-plane HOST:PORT, for deployment")
     activation_checkpointing: bool | None = Field(
         default=None, description="this organisation's own choice (default: the federation's training setting)"
@@ -248,6 +255,28 @@ class OrgFile(_Strict):
         if value is not None:
             host_port(value)
         return value
+
+
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")]
+LabelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class TaskConfig(_Strict):
+    """A sequence-classification task on the shared trunk: the head ``tasks.NAME`` (a unit a plan
+    places like any other) scores each sequence's last token over ``labels``; the data owners whose
+    file names the task train it. A step's objective is the mean over data owners of each one's
+    loss times its weight: 1 for next-token prediction, ``weight`` for this task."""
+
+    labels: list[LabelName] = Field(min_length=2, max_length=1 << 16)
+    weight: float = Field(default=1.0, gt=0, le=1e3)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str]) -> list[str]:
+        repeated = sorted({x for x in labels if labels.count(x) > 1})
+        if repeated:
+            raise ValueError(f"labels must be distinct: {', '.join(repeated)} repeated")
+        return labels
 
 
 class FinetuneConfig(_Strict):
@@ -334,3 +363,6 @@ class FederationFile(_Strict):
     finetune: FinetuneConfig | None = Field(default=None, description="LoRA over a frozen base (default: train all)")
     freeze: Selectors = Field(default=[], description="selectors whose pieces do not train (no gradient, no state)")
     privacy: PrivacyConfig | None = Field(default=None, description="noise on what data owners send (default: none)")
+    tasks: dict[TaskName, TaskConfig] = Field(
+        default={}, max_length=256, description="classification heads on the trunk, by name (default: none)"
+    )

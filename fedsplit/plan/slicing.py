@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..model import ModelConfig, parameter_shapes
+from ..model import TASK_HEADS, ModelConfig, parameter_shapes
 from .units import Unit
 
 _KEY = re.compile(r"^(?P<name>[^\[]+)\[(?P<cols>:, )?(?P<start>\d+):(?P<stop>\d+)\]$")
@@ -113,6 +113,8 @@ def unit_slices(cfg: ModelConfig, units: Iterable[Unit]) -> list[TensorSlice]:
         elif u.kind == "lm_head":
             if not cfg.tie_embeddings:
                 out.append(TensorSlice("lm_head.weight"))
+        elif u.kind == "task":
+            out.append(TensorSlice(f"{TASK_HEADS}.{u.name}.weight"))
         elif u.kind == "router":
             p = f"layers.{u.layer}"
             out += [

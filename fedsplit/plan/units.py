@@ -8,11 +8,12 @@ A *unit* is one of
 * ``layers.N.attention.kv.G``: KV head ``G`` with every query head that reads it (grouped-query
   attention never splits a KV head);
 * ``layers.N.experts.E``: routed expert ``E``;
-* ``layers.N.shared_experts``: the always-active shared experts.
+* ``layers.N.shared_experts``: the always-active shared experts;
+* ``tasks.NAME``: a task's classification head (the plan's ``tasks`` section).
 
 Selectors name sets of units:
 
-    embed | final_norm | lm_head
+    embed | final_norm | lm_head | tasks.NAME
     layers.A[-B]                              every unit of layers A..B (inclusive)
     layers.A[-B].router
     layers.A[-B].attention                    all heads
@@ -31,21 +32,24 @@ from ..model import ModelConfig
 
 
 class Unit(NamedTuple):
-    kind: str  # embed | final_norm | lm_head | router | kv | expert | shared_experts
+    kind: str  # embed | final_norm | lm_head | task | router | kv | expert | shared_experts
     layer: int = -1
     index: int = -1
+    name: str = ""  # a task head's
 
     @property
-    def position(self) -> tuple[int, int, int]:
+    def position(self) -> tuple[int, int, int, str]:
         """Sort key in model order: embed, then each layer (router, heads, experts, shared), then
-        final_norm and lm_head."""
-        ends = {"embed": -1, "final_norm": 1 << 30, "lm_head": 1 << 30}
+        final_norm, lm_head and the task heads by name."""
+        ends = {"embed": (-1, 0), "final_norm": (1 << 30, 0), "lm_head": (1 << 30, 1), "task": (1 << 30, 2)}
         if self.kind in ends:
-            return (ends[self.kind], int(self.kind == "lm_head"), 0)
+            return (*ends[self.kind], 0, self.name)
         rank = ("router", "kv", "expert", "shared_experts").index(self.kind)
-        return (self.layer, rank, self.index)
+        return (self.layer, rank, self.index, "")
 
     def __str__(self) -> str:
+        if self.kind == "task":
+            return f"tasks.{self.name}"
         if self.layer < 0:
             return self.kind
         if self.kind == "router":
@@ -62,7 +66,7 @@ class SelectorError(ValueError):
 
 
 GRAMMAR = (
-    "expected embed, final_norm, lm_head, or layers.A-B optionally followed by .router, "
+    "expected embed, final_norm, lm_head, tasks.NAME, or layers.A-B optionally followed by .router, "
     ".attention, .attention.heads.H-K, .experts, .experts.E-F, .experts.group.G-H (a hierarchical router's "
     "groups) or .shared_experts"
 )
@@ -85,10 +89,15 @@ def _range(lo: str, hi: str | None, what: str, count: int) -> range:
 
 
 def all_units(cfg: ModelConfig) -> frozenset[Unit]:
-    units = {Unit("embed"), Unit("final_norm"), Unit("lm_head")}
+    units = {Unit("embed"), Unit("final_norm"), Unit("lm_head")} | set(task_units(cfg))
     for i in range(cfg.num_layers):
         units |= layer_units(cfg, i)
     return frozenset(units)
+
+
+def task_units(cfg: ModelConfig) -> list[Unit]:
+    """The model's task heads, one unit each."""
+    return [Unit("task", name=t.name) for t in cfg.tasks]
 
 
 def layer_units(cfg: ModelConfig, layer: int) -> set[Unit]:
@@ -105,6 +114,12 @@ def parse_selector(selector: str, cfg: ModelConfig) -> frozenset[Unit]:
     text = selector.strip()
     if text in ("embed", "final_norm", "lm_head"):
         return frozenset({Unit(text)})
+    if text.startswith("tasks."):
+        name = text.removeprefix("tasks.")
+        if Unit("task", name=name) not in task_units(cfg):
+            declared = ", ".join(t.name for t in cfg.tasks) or "none"
+            raise SelectorError(f"no task named {name!r} (the federation file's 'tasks' declares {declared})")
+        return frozenset({Unit("task", name=name)})
     m = _SELECTOR.match(text)
     if not m:
         raise SelectorError(f"cannot parse selector: {GRAMMAR}")
@@ -161,11 +176,12 @@ def describe(units: frozenset[Unit] | set[Unit], cfg: ModelConfig) -> str:
     ``layers.A-B``, consecutive experts into ``layers.N.experts.E-F`` and KV heads into the query
     heads that read them, ``layers.N.attention.heads.H-K`` (plans select query heads)."""
     whole = [i for i in range(cfg.num_layers) if layer_units(cfg, i) <= set(units)]
-    rest = [u for u in units if u.layer not in whole]
+    rest = [u for u in units if u.layer not in whole and u.kind != "task"]
     groups: dict[tuple[str, int], list[int]] = {}
     for u in sorted(rest, key=lambda u: u.position):
         groups.setdefault((u.kind, u.layer), []).append(u.index)
-    parts: list[tuple[tuple, str]] = [((a, -1, 0), f"layers.{_span(a, b)}") for a, b in _runs(whole)]
+    parts: list[tuple[tuple, str]] = [((a, -1, 0, ""), f"layers.{_span(a, b)}") for a, b in _runs(whole)]
+    parts += [(u.position, str(u)) for u in units if u.kind == "task"]
     per = cfg.heads_per_kv_head
     for (kind, layer), idx in groups.items():
         if layer < 0 or kind in ("router", "shared_experts"):
