@@ -4,6 +4,7 @@ Nothing here knows a plan: :mod:`fedsplit.runtime.batches` reads a plan's data o
 """
 
 from .corpus import HELDOUT_FRACTION, Batch, TextCorpus, read_corpus
+from .labelled import PAD_ID, LabelledExamples, classification_batch, read_labelled
 from .sources import DataError, read_documents
 from .tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
@@ -13,12 +14,16 @@ __all__ = [
     "ByteTokenizer",
     "DataError",
     "HELDOUT_FRACTION",
+    "LabelledExamples",
+    "PAD_ID",
     "TOKENIZER_FILE",
     "TextCorpus",
     "Tokenizer",
     "TokenizerError",
+    "classification_batch",
     "load_tokenizer",
     "read_corpus",
     "read_documents",
+    "read_labelled",
     "train_bpe",
 ]

@@ -23,20 +23,25 @@ def read_documents(paths: Sequence[Path], *, org: str | None = None, role: str =
     per non-blank line. ``role`` (train, eval) only words the errors."""
     documents: list[str] = []
     for path in map(Path, paths):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{_owner(org)}{role} data {path} is not UTF-8 text ({e}); convert it to UTF-8") from None
-        except OSError as e:
-            raise DataError(
-                f"{_owner(org)}cannot read {role} data {path}: {e.strerror or e}; "
-                f"check that the path exists and is a readable file"
-            ) from None
+        text = read_text(path, org, role)
         found = _jsonl_documents(text, path, org, role) if path.suffix == ".jsonl" else [text] if text.strip() else []
         if not found:
             raise DataError(f"{_owner(org)}{role} data {path} holds no text; fill it or remove it from data.{role}")
         documents += found
     return documents
+
+
+def read_text(path: Path, org: str | None = None, role: str = "train") -> str:
+    """A data file's text, or a :class:`DataError` saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{_owner(org)}{role} data {path} is not UTF-8 text ({e}); convert it to UTF-8") from None
+    except OSError as e:
+        raise DataError(
+            f"{_owner(org)}cannot read {role} data {path}: {e.strerror or e}; "
+            f"check that the path exists and is a readable file"
+        ) from None
 
 
 def _jsonl_documents(text: str, path: Path, org: str | None, role: str) -> list[str]:

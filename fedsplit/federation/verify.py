@@ -100,8 +100,9 @@ def _train_and_compare(plan: Plan, steps: int, mono: MonolithicTrainer, split, r
 
 
 def _mean_objective(plan: Plan, metrics: dict[str, dict[str, float]]) -> float:
+    """The step's objective as the reference reports it: each data owner's weighted loss, averaged."""
     coef = plan.model.aux_loss_coef
-    return sum(m["loss"] + coef * m["aux_loss"] for m in metrics.values()) / len(metrics)
+    return sum(plan.objective_weight(d) * (m["loss"] + coef * m["aux_loss"]) for d, m in metrics.items()) / len(metrics)
 
 
 def _compare(split: dict[str, torch.Tensor], mono: dict[str, torch.Tensor], result: VerifyResult) -> None:

@@ -8,6 +8,8 @@ from ..runtime.ops import ExpertsOp, HeadsOp, Op, SegmentOp, SharedOp
 from ..runtime.rounds import RoundSpec
 from ..transport.proto import dataplane_pb2 as pb
 
+MAX_TASK_NAME = 64  # as a plan's task names
+
 
 class MessageError(ValueError):
     """A message that does not describe a valid operation or control call."""
@@ -21,6 +23,7 @@ def op_to_proto(op: Op) -> pb.Operation:
                 layers=list(op.layers),
                 final_norm="final_norm" in op.blocks,
                 lm_head="lm_head" in op.blocks,
+                task=op.task or "",
             )
         )
     if isinstance(op, HeadsOp):
@@ -42,10 +45,14 @@ def op_from_proto(msg: pb.Operation) -> Op:
         if any(a < 0 for a in layers) or any(b != a + 1 for a, b in zip(layers, layers[1:])):
             raise MessageError(f"a segment's layers must be ascending and consecutive, got {_cut(layers)}")
         blocks = (("embed",) if s.embed else ()) + layers + (("final_norm",) if s.final_norm else ())
-        blocks += ("lm_head",) if s.lm_head else ()
+        if s.lm_head and s.task:
+            raise MessageError("a segment ends with the LM head or a task head, not both")
+        if len(s.task) > MAX_TASK_NAME:
+            raise MessageError(f"a task name has at most {MAX_TASK_NAME} characters, got {len(s.task)}")
+        blocks += ("lm_head",) if s.lm_head else ("task_head",) if s.task else ()
         if not blocks:
             raise MessageError("a segment must name at least one block")
-        return SegmentOp(blocks)
+        return SegmentOp(blocks, s.task or None)
     if kind == "heads":
         h = msg.heads
         if h.layer < 0 or not 0 <= h.kv_start < h.kv_stop:

@@ -4,17 +4,25 @@ organisations on its path and backward in reverse."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..plan import Plan
 from .calls import CallKey, calling, remote_call
-from .microbatches import MicroBatchLoss, run_micro_batches
+from .microbatches import MicroBatchLoss, owner_objective, run_micro_batches
 from .path import segments
 from .policy import EVAL_STEP
 from .privacy import releaser
 from .protocols import Peer
+
+
+class HeldOut(NamedTuple):
+    """A held-out batch's mean cross-entropy, and for a task, the examples classified right."""
+
+    loss: float
+    correct: int | None = None
 
 
 class DataOwner:
@@ -32,9 +40,8 @@ class DataOwner:
         t = self.plan.training
 
         def forward(mb: int, tok: Tensor, lab: Tensor) -> MicroBatchLoss:
-            ce, aux = self._through_path(CallKey(self.name, step, mb), tok, lab)
-            objective = (ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
-            return MicroBatchLoss(objective, ce.item(), aux.item())
+            ce, aux, _ = self._through_path(CallKey(self.name, step, mb), tok, lab)
+            return MicroBatchLoss(owner_objective(self.plan, self.name, ce, aux), ce.item(), aux.item())
 
         def backward(mb: int, objective: Tensor) -> None:
             with calling(CallKey(self.name, step, mb)):
@@ -52,30 +59,38 @@ class DataOwner:
         del metrics["objective"]
         return metrics
 
-    def evaluate_batch(self, tokens: Tensor, labels: Tensor, round: int = 0) -> float:
-        """Mean cross-entropy of a held-out batch through the split model, with the weights as
-        they are (no graph, no gradients, no router noise; with privacy.activations, noised where
-        it leaves this organisation, fresh noise each ``round``). Micro-batches are shaped as in
-        training, so every organisation checks them as it checks training calls."""
+    def evaluate_batch(self, tokens: Tensor, labels: Tensor, round: int = 0) -> HeldOut:
+        """Mean cross-entropy of a held-out batch through the split model (and for a task, how
+        many examples its head classifies right), with the weights as they are (no graph, no
+        gradients, no router noise; with privacy.activations, noised where it leaves this
+        organisation, fresh noise each ``round``). Micro-batches are shaped as in training, so
+        every organisation checks them as it checks training calls."""
         micro = self.plan.training.micro_batches
         with torch.no_grad():
-            losses = [
-                self._through_path(CallKey(self.name, EVAL_STEP, mb), tok, lab, round)[0]
+            results = [
+                self._through_path(CallKey(self.name, EVAL_STEP, mb), tok, lab, round)
                 for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro)))
             ]
-        return sum(float(ce) for ce in losses) / micro
+        loss = sum(float(ce) for ce, _, _ in results) / micro
+        correct = None if self.plan.orgs[self.name].task is None else sum(int(c) for _, _, c in results)
+        return HeldOut(loss, correct)
 
-    def _through_path(self, key: CallKey, tokens: Tensor, labels: Tensor, salt: int = 0) -> tuple[Tensor, Tensor]:
-        """(cross-entropy, summed aux loss) of one micro-batch: each segment of the path in turn."""
+    def _through_path(
+        self, key: CallKey, tokens: Tensor, labels: Tensor, salt: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(cross-entropy, summed aux loss, and held out with a task head: the examples it
+        classifies right) of one micro-batch: each segment of the path in turn."""
         # Noise on the hidden states that leave it and on the gradients it returns (privacy).
         release = releaser(self.plan, key, self.noise_key, salt)
+        correct = None
         with calling(key):
             x = tokens.to(self.device)
             aux = torch.zeros((), device=self.device)
             for org, segment in self.path:
                 inputs = [x, labels.to(self.device)] if segment.takes_labels else [x]
-                x, segment_aux = remote_call(self.peer(org), key, segment, inputs)
+                x, segment_aux, *rest = remote_call(self.peer(org), key, segment, inputs)
                 if release is not None:
                     x = release(segment.blocks[-1], x)
                 aux = aux + segment_aux
-        return x, aux
+                correct = rest[0] if rest else None
+        return x, aux, correct

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..plan import Plan
 from .threads import compute_pool
 
 
@@ -24,6 +25,15 @@ class MicroBatchLoss:
     objective: Tensor  # what backward differentiates: this micro-batch's share of the step's objective
     ce: float  # its mean cross-entropy
     aux: float  # its load-balancing loss
+
+
+def owner_objective(plan: Plan, data_owner: str, ce: Tensor, aux: Tensor) -> Tensor:
+    """A data owner's micro-batch share of its objective: ``(ce + aux_loss_coef * aux)`` times its
+    weight (:meth:`~fedsplit.plan.Plan.objective_weight`, not multiplied when 1, so that plans
+    without tasks compute the same bits), over the micro-batches."""
+    weight = plan.objective_weight(data_owner)
+    objective = ce + plan.model.aux_loss_coef * aux
+    return (objective if weight == 1.0 else objective * weight) / plan.training.micro_batches
 
 
 Forward = Callable[[int, Tensor, Tensor], MicroBatchLoss]  # (micro-batch, tokens, labels)

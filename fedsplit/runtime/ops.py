@@ -15,7 +15,7 @@ import torch
 
 from ..model import ModelConfig
 
-End = Literal["embed", "final_norm", "lm_head"]
+End = Literal["embed", "final_norm", "lm_head", "task_head"]
 Block = int | End  # a layer index, or one of the model's ends
 
 
@@ -63,11 +63,17 @@ def _hidden(shape: Shape) -> TensorSpec:
 
 @dataclass(frozen=True)
 class SegmentOp:
-    """Consecutive blocks of a data owner's path (``embed``, layers, ``final_norm``, ``lm_head``)
-    that one organisation computes: returns the hidden state after them (or the loss, with
-    ``lm_head``) and their summed load-balancing loss."""
+    """Consecutive blocks of a data owner's path (``embed``, layers, ``final_norm``, then
+    ``lm_head`` or ``task_head``) that one organisation computes: returns the hidden state after
+    them (or the loss, with a head) and their summed load-balancing loss. ``task`` names the
+    task head of ``task_head``."""
 
     blocks: tuple[Block, ...]
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if ("task_head" in self.blocks) != (self.task is not None):
+            raise ValueError("a segment names its task exactly when it ends with the task head")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -75,7 +81,7 @@ class SegmentOp:
 
     @property
     def takes_labels(self) -> bool:
-        return "lm_head" in self.blocks
+        return "lm_head" in self.blocks or "task_head" in self.blocks
 
     def inputs(self, shape: Shape) -> list[TensorSpec]:
         if self.blocks[0] == "embed":
@@ -86,7 +92,8 @@ class SegmentOp:
         return [first, *labels]
 
     def __str__(self) -> str:
-        return "segment/" + ",".join(str(b) for b in self.blocks)
+        blocks = (f"tasks.{self.task}" if b == "task_head" else str(b) for b in self.blocks)
+        return "segment/" + ",".join(blocks)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model import (
+    TASK_HEADS,
     Attention,
     Block,
     ModelConfig,
@@ -28,6 +29,7 @@ from ..model import (
     SharedExperts,
     SwiGLU,
     chunked_cross_entropy,
+    correct_labels,
     cross_entropy,
     expert,
     lora_code,
@@ -221,6 +223,13 @@ class PartialModel(nn.Module):
                 if Unit("lm_head") in units and not cfg.tie_embeddings
                 else None
             )
+            self.task_heads = nn.ModuleDict(
+                {
+                    u.name: nn.Linear(cfg.hidden_size, len(cfg.task(u.name).labels), bias=False)
+                    for u in sorted(units)
+                    if u.kind == "task"
+                }
+            )
             self.heads = nn.ModuleDict()
             self.experts = nn.ModuleDict()
             self.shared = nn.ModuleDict()
@@ -281,6 +290,8 @@ class PartialModel(nn.Module):
                 self.bindings["final_norm.weight"] = self.final_norm.weight
             elif u.kind == "lm_head" and not self.cfg.tie_embeddings:
                 self.bindings["lm_head.weight"] = self.lm_head.weight
+            elif u.kind == "task":
+                self.bindings[f"{TASK_HEADS}.{u.name}.weight"] = self.task_heads[u.name].weight
             elif u.kind == "router":
                 block = self.blocks[str(u.layer)]
                 p = f"layers.{u.layer}"
@@ -350,10 +361,10 @@ class PartialModel(nn.Module):
         if "final_norm" in op.blocks:
             h = self.final_norm(h)
         if op.takes_labels:
-            loss = (
-                chunked_cross_entropy(h, self.lm_head, x[-1])
-                if self.recompute
-                else cross_entropy(self.lm_head(h), x[-1])
-            )
+            head = self.lm_head if op.task is None else self.task_heads[op.task]
+            if op.task is not None and not torch.is_grad_enabled():  # held out: also how many it gets right
+                logits = head(h)
+                return cross_entropy(logits, x[-1]), aux, correct_labels(logits, x[-1])
+            loss = chunked_cross_entropy(h, head, x[-1]) if self.recompute else cross_entropy(head(h), x[-1])
             return loss, aux
         return h, aux

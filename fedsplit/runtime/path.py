@@ -8,4 +8,5 @@ from .ops import SegmentOp
 
 def segments(plan: Plan, data_owner: str) -> list[tuple[str, SegmentOp]]:
     """The data owner's path (:meth:`.Plan.path`) as the operation each organisation on it runs."""
-    return [(org, SegmentOp(blocks)) for org, blocks in plan.path(data_owner)]
+    task = plan.orgs[data_owner].task
+    return [(org, SegmentOp(blocks, task if "task_head" in blocks else None)) for org, blocks in plan.path(data_owner)]

@@ -30,7 +30,7 @@ class CallPolicy:
         t = plan.training
         self.shape = shape or Shape(plan.model, t.batch_size // t.micro_batches, t.seq_len)
         self._owners = frozenset(plan.data_owners)
-        self._segments = {d: {seg.blocks for o, seg in segments(plan, d) if o == org} for d in plan.data_owners}
+        self._segments = {d: {seg for o, seg in segments(plan, d) if o == org} for d in plan.data_owners}
 
     # -- data-plane calls ----------------------------------------------------------------------
 
@@ -43,8 +43,8 @@ class CallPolicy:
         if not 0 <= key.micro_batch < plan.training.micro_batches:
             raise ValueError(f"micro-batch {key.micro_batch} outside 0-{plan.training.micro_batches - 1}")
         if isinstance(op, SegmentOp):
-            if op.blocks not in self._segments[key.data_owner]:
-                blocks = ",".join(map(str, op.blocks))
+            if op not in self._segments[key.data_owner]:
+                blocks = str(op).removeprefix("segment/")
                 raise PermissionError(f"{self.org} computes no segment {blocks!r} for {key.data_owner}'s batches")
             expected, units = key.data_owner, []
         else:
@@ -114,8 +114,9 @@ class CallPolicy:
                 raise ValueError(
                     f"labels must be shaped like the tokens {tuple(inputs[0].shape[:2])}, got {tuple(labels.shape)}"
                 )
-            if bool(((labels != -100) & ((labels < 0) | (labels >= vocab))).any()):
-                raise ValueError(f"labels must be -100 or lie in 0-{vocab - 1}")
+            classes = vocab if op.task is None else len(self.plan.model.task(op.task).labels)
+            if bool(((labels != -100) & ((labels < 0) | (labels >= classes))).any()):
+                raise ValueError(f"labels must be -100 or lie in 0-{classes - 1}")
 
     # -- control calls -------------------------------------------------------------------------
 

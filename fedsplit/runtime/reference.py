@@ -1,8 +1,9 @@
 """The monolithic reference: the whole model in one place, trained on the same batches with the
 same step as the split runtime.
 
-A step's objective is the mean over data owners of each owner's loss, and an owner's loss is the
-mean over its micro-batches of ``cross-entropy + aux_loss_coef * aux`` (the load-balancing
+A step's objective is the mean over data owners of each owner's weighted loss (weight 1, or its
+task's weight), and an owner's loss is the mean over its micro-batches of ``cross-entropy +
+aux_loss_coef * aux`` (the cross-entropy of the LM head, or of its task's head; the load-balancing
 statistic is per micro-batch, as in Megatron-Core), so the reference accumulates gradients over
 the same micro-batches, in the same precision (bf16-mixed: bf16 compute copies, fp32 master
 gradients accumulated per micro-batch), then clips the global norm and steps at the scheduled
@@ -16,10 +17,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..model import MoETransformer
+from ..model import MoETransformer, correct_labels, cross_entropy
 from ..plan import Plan
 from .calls import CallKey
-from .microbatches import MicroBatchLoss, run_micro_batches
+from .driver import HeldOut
+from .microbatches import MicroBatchLoss, owner_objective, run_micro_batches
 from .optim import clip_factor, learning_rate, make_optimizer, scale_grads, set_learning_rate, squared_norm
 from .policy import EVAL_STEP
 from .precision import MasterWeights
@@ -64,8 +66,9 @@ class MonolithicTrainer:
                 release = releaser(
                     self.plan, CallKey(owner, step, mb), self.noise_keys.get(owner), gradient_scale=len(owners)
                 )
-                mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed, blocked, release)
-                loss = (mean_ce + self.plan.model.aux_loss_coef * aux) / t.micro_batches
+                task = self.plan.orgs[owner].task
+                mean_ce, aux = self.model.losses(tok.to(self.device), lab.to(self.device), seed, blocked, release, task)
+                loss = owner_objective(self.plan, owner, mean_ce, aux)
                 if len(owners) > 1:
                     loss = loss / len(owners)
                 return MicroBatchLoss(loss, mean_ce.item(), aux.item())
@@ -91,34 +94,34 @@ class MonolithicTrainer:
         stats = {"grad_norm": squared**0.5, "clip_factor": factor, "lr": lr}
         return {"loss": total, **{f"ce/{d}": v for d, v in ce.items()}, **stats}
 
-    def evaluate(self, tokens: Tensor, labels: Tensor, data_owner: str | None = None, round: int = 0) -> float:
-        """Mean cross-entropy of a held-out batch, micro-batch by micro-batch as the split
-        model evaluates it (no gradients, no router noise); routed as ``data_owner``'s batches
-        are (none of the other owners' experts) and noised where its hidden states leave it, or
-        to every expert and without noise when it is None."""
+    def evaluate(self, tokens: Tensor, labels: Tensor, data_owner: str | None = None, round: int = 0) -> HeldOut:
+        """Mean cross-entropy of a held-out batch (and for a task's data owner, the examples its
+        head classifies right), micro-batch by micro-batch as the split model evaluates it (no
+        gradients, no router noise); routed as ``data_owner``'s batches are (none of the other
+        owners' experts) and noised where its hidden states leave it, or to every expert and
+        without noise when it is None."""
         micro = self.plan.training.micro_batches
         blocked = self.plan.blocked_experts(data_owner) if data_owner is not None else None
+        task = None if data_owner is None else self.plan.orgs[data_owner].task
+        losses, correct = [], 0
         self.model.eval()
         try:
             with torch.no_grad():
-                return (
-                    sum(
-                        self.model.losses(
-                            tok.to(self.device),
-                            lab.to(self.device),
-                            blocked=blocked,
-                            release=None
-                            if data_owner is None
-                            else releaser(
-                                self.plan, CallKey(data_owner, EVAL_STEP, mb), self.noise_keys.get(data_owner), round
-                            ),
-                        )[0].item()
-                        for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro)))
-                    )
-                    / micro
-                )
+                for mb, (tok, lab) in enumerate(zip(tokens.chunk(micro), labels.chunk(micro))):
+                    release = None
+                    if data_owner is not None:
+                        key = CallKey(data_owner, EVAL_STEP, mb)
+                        release = releaser(self.plan, key, self.noise_keys.get(data_owner), round)
+                    tok, lab = tok.to(self.device), lab.to(self.device)
+                    if task is None:
+                        losses.append(self.model.losses(tok, lab, blocked=blocked, release=release)[0].item())
+                        continue
+                    logits = self.model.task_heads[task](self.model.hidden(tok, blocked=blocked, release=release)[0])
+                    losses.append(cross_entropy(logits, lab).item())
+                    correct += int(correct_labels(logits, lab))
         finally:
             self.model.train()
+        return HeldOut(sum(losses) / micro, None if task is None else correct)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The model's (master) weights, by name, tied ones under each of their names; frozen

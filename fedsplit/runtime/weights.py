@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..interop import CheckpointError, ModelCheckpoint, open_checkpoint
-from ..model import ModelConfig, MoETransformer, is_adapter, parameter_shapes
+from ..model import ModelConfig, MoETransformer, in_base, is_task_head, parameter_shapes
 from ..plan import Plan, TensorSlice, select
 
 SEEDED = "seeded"  # a base drawn from the plan's seed, not read from a model directory
@@ -19,9 +19,10 @@ SEEDED = "seeded"  # a base drawn from the plan's seed, not read from a model di
 
 def initial_weights(plan: Plan) -> dict[str, torch.Tensor]:
     """The weights of the plan's model directory when it names one, else a seeded initialisation;
-    with LoRA, plus the adapters' (the base is the same as without them)."""
+    plus what the run adds to its base (the base is the same without them): LoRA's adapters and
+    the task heads."""
     base = plan.checkpoint.reader.read_all() if plan.checkpoint is not None else seeded(plan.model, plan.training.seed)
-    return {**base, **adapter_weights(plan)}
+    return {**base, **added_weights(plan)}
 
 
 def seeded(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -35,9 +36,9 @@ def trained_weights(plan: Plan) -> dict[str, torch.Tensor]:
     checkpoints. Over a frozen base read from a model directory, only those tensors are read."""
     if plan.checkpoint is None or not plan.frozen:
         return {k: v for k, v in initial_weights(plan).items() if k not in plan.frozen}
-    names = [n for n in parameter_shapes(plan.model) if n not in plan.frozen and not is_adapter(n)]
+    names = [n for n in parameter_shapes(plan.model) if n not in plan.frozen and in_base(n)]
     read = plan.checkpoint.reader.read((n, None, 0, 0) for n in names)
-    return {**dict(zip(names, read)), **adapter_weights(plan)}
+    return {**dict(zip(names, read)), **added_weights(plan)}
 
 
 def base_identity(plan: Plan) -> dict:
@@ -107,8 +108,8 @@ def initial_weights_of(plan: Plan, org: str) -> Mapping[str, torch.Tensor]:
     at a time as they are loaded."""
     if plan.checkpoint is None:
         return select(initial_weights(plan), plan.slices_of(org))
-    adapters = select(adapter_weights(plan), [s for s in plan.slices_of(org) if is_adapter(s.name)])
-    base = {s.key: s for s in plan.slices_of(org) if not is_adapter(s.name)}
+    adapters = select(added_weights(plan), [s for s in plan.slices_of(org) if not in_base(s.name)])
+    base = {s.key: s for s in plan.slices_of(org) if in_base(s.name)}
 
     def read(key: str) -> torch.Tensor:
         if key in adapters:
@@ -119,10 +120,11 @@ def initial_weights_of(plan: Plan, org: str) -> Mapping[str, torch.Tensor]:
     return LazyWeights([*base, *adapters], read)
 
 
-def adapter_weights(plan: Plan) -> dict[str, torch.Tensor]:
-    """LoRA's initial factors, PEFT's way: ``A`` Kaiming-uniform (bound 1/sqrt(fan in)), ``B``
-    zero, so that the adapted model starts as its base; drawn from the plan's seed in parameter
-    order, so that every organisation and the reference draw the same."""
+def added_weights(plan: Plan) -> dict[str, torch.Tensor]:
+    """What a run adds to its base, drawn from the plan's seed in parameter order so that every
+    organisation and the reference draw the same: LoRA's initial factors, PEFT's way (``A``
+    Kaiming-uniform with bound 1/sqrt(fan in), ``B`` zero, so that the adapted model starts as
+    its base), and each task head, normal with the model's ``init_std`` (as the trunk's linears)."""
     generator = torch.Generator().manual_seed(plan.training.seed)
     out = {}
     for name, shape in parameter_shapes(plan.model).items():
@@ -131,4 +133,6 @@ def adapter_weights(plan: Plan) -> dict[str, torch.Tensor]:
             out[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
         elif ".lora_B." in name:
             out[name] = torch.zeros(shape)
+        elif is_task_head(name):
+            out[name] = torch.randn(shape, generator=generator) * plan.model.init_std
     return out

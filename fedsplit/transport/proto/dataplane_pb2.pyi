@@ -74,16 +74,18 @@ class Operation(_message.Message):
     def __init__(self, segment: _Optional[_Union[Segment, _Mapping]] = ..., heads: _Optional[_Union[HeadGroup, _Mapping]] = ..., experts: _Optional[_Union[ExpertRows, _Mapping]] = ..., shared: _Optional[_Union[SharedExperts, _Mapping]] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("embed", "layers", "final_norm", "lm_head")
+    __slots__ = ("embed", "layers", "final_norm", "lm_head", "task")
     EMBED_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     FINAL_NORM_FIELD_NUMBER: _ClassVar[int]
     LM_HEAD_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     embed: bool
     layers: _containers.RepeatedScalarFieldContainer[int]
     final_norm: bool
     lm_head: bool
-    def __init__(self, embed: _Optional[bool] = ..., layers: _Optional[_Iterable[int]] = ..., final_norm: _Optional[bool] = ..., lm_head: _Optional[bool] = ...) -> None: ...
+    task: str
+    def __init__(self, embed: _Optional[bool] = ..., layers: _Optional[_Iterable[int]] = ..., final_norm: _Optional[bool] = ..., lm_head: _Optional[bool] = ..., task: _Optional[str] = ...) -> None: ...
 
 class HeadGroup(_message.Message):
     __slots__ = ("layer", "kv_start", "kv_stop")
