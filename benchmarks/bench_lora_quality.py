@@ -69,7 +69,7 @@ def perplexity(plan, weights, corpus_plan) -> float:
     trainer = MonolithicTrainer(plan, weights)
     batches = eval_batches_for(corpus_plan, corpus_plan.data_owners[0])
     tokens = [float(t.numel()) for t, _ in batches]
-    loss = sum(trainer.evaluate(t, y) * n for (t, y), n in zip(batches, tokens)) / sum(tokens)
+    loss = sum(trainer.evaluate(t, y).loss * n for (t, y), n in zip(batches, tokens)) / sum(tokens)
     return math.exp(loss)
 
 

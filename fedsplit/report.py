@@ -136,7 +136,7 @@ def _eval(record: dict, org: str | None = None, key: str = "ppl") -> float:
         ev = (ev.get("orgs") or {}).get(org) or {}
     if key in ev:
         return float(ev[key])
-    if key == "ppl" and "loss" in ev:
+    if key == "ppl" and "loss" in ev and "task" not in ev:  # a task's loss is no perplexity
         return math.exp(float(ev["loss"]))
     return math.nan
 
@@ -429,6 +429,18 @@ def _summary(run_dir: Path, rounds: list[dict], base: list[dict], baseline: str 
             lines.append(
                 f"| {org} | {_num(_eval(rounds[-1], org), '.2f')} | {'–' if tokens is None else f'{int(tokens):,}'} |"
             )
+    tasks = ((rounds[-1].get("eval") or {}).get("tasks")) or {}
+    if tasks:
+        lines += [
+            "",
+            f"Held-out tasks, round {rounds[-1]['round']}:",
+            "",
+            "| task | accuracy | loss | examples |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {t['accuracy']:.1%} | {t['loss']:.4f} | {int(t['examples']):,} |" for name, t in tasks.items()
+        ]
     spent = next((r["privacy"] for r in reversed(rounds) if r.get("privacy")), None)
     if spent and spent.get("epsilon"):
         lines += [

@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="leave out the experts ORG owns (its plan's 'owns'), the router renormalised over the rest; repeatable",
     )
+    export.add_argument(
+        "--task",
+        metavar="NAME",
+        help="with --format hf: the trunk with task NAME's head, as AutoModelForSequenceClassification loads it "
+        "(default: the causal LM, with every task head beside it in task_heads.safetensors)",
+    )
     export.set_defaults(func=export_model)
 
     imp = sub.add_parser(
@@ -117,7 +123,17 @@ def export_model(args: argparse.Namespace) -> None:
 
     try:
         model = Path(args.model) if args.model else None
-        say(export(Path(args.checkpoint), Path(args.out), args.format, model, merge=args.merge, without=args.without))
+        say(
+            export(
+                Path(args.checkpoint),
+                Path(args.out),
+                args.format,
+                model,
+                merge=args.merge,
+                without=args.without,
+                task=args.task,
+            )
+        )
     except (CheckpointError, ValueError, OSError) as e:
         raise CliError(f"cannot export: {e}", USAGE) from None
 

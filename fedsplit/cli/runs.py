@@ -328,16 +328,19 @@ def print_rounds(run_dir: Path) -> None:
     table = Table(title=f"rounds of {run_dir.name}")
     for col in ("round", "train loss", "held-out loss", "perplexity", "tokens", "seconds", "organisations"):
         table.add_column(col, justify="right")
+
+    def held_out(ev: dict) -> tuple[str, str]:
+        return (f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}") if "ppl" in ev else ("", "")
+
     if 0 in evals:
-        table.add_row("0", "", f"{evals[0]['loss']:.4f}", f"{evals[0]['ppl']:.2f}", "", "", "")
+        table.add_row("0", "", *held_out(evals[0]), "", "", "")
     for r in records:
         if r["event"] == "round":
             ev = evals.get(r["round"], {})
-            held_out = (f"{ev['loss']:.4f}", f"{ev['ppl']:.2f}") if ev else ("", "")
             table.add_row(
                 str(r["round"]),
                 f"{r['loss']:.4f}",
-                *held_out,
+                *held_out(ev),
                 f"{int(r['tokens']):,}",
                 f"{r['seconds']:.1f}",
                 str(len(r["alive"])),

@@ -15,7 +15,7 @@ from ..plan import Plan
 from ..runtime import MonolithicTrainer, initial_weights
 from ..runtime.batches import batches_for, eval_batches_for
 from .checkpoint import CHECKPOINTS, plan_hash, write_checkpoint
-from .rundir import MetricsLog, evaluation_record, new_run_dir
+from .rundir import MetricsLog, TaskHeldOut, evaluation_record, new_run_dir
 
 Progress = Callable[[int, int, dict], None]  # (step done, total steps, step metrics)
 
@@ -26,8 +26,28 @@ def held_out_loss(
     """(token-weighted mean cross-entropy, tokens) of ``data_owner``'s held-out batches, routed
     and noised as the split model evaluates them at the start of ``round``."""
     tokens = [float(tok.numel()) for tok, _ in batches]
-    losses = [trainer.evaluate(tok, lab, data_owner, round) for tok, lab in batches]
+    losses = [trainer.evaluate(tok, lab, data_owner, round).loss for tok, lab in batches]
     return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), sum(tokens)
+
+
+def held_out_task(
+    trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor]], data_owner: str, round: int = 0
+) -> TaskHeldOut:
+    """A task's data owner's held-out loss and accuracy (over its examples), as the split model
+    evaluates them at the start of ``round``."""
+    examples = [float((lab != -100).sum()) for _, lab in batches]
+    results = [trainer.evaluate(tok, lab, data_owner, round) for tok, lab in batches]
+    total = sum(examples)
+    loss = sum(r.loss * n for r, n in zip(results, examples)) / total
+    return TaskHeldOut(trainer.plan.orgs[data_owner].task, loss, sum(r.correct for r in results) / total, total)
+
+
+def held_out_record(trainer: MonolithicTrainer, held_out: dict[str, list[tuple[Tensor, Tensor]]], r: int) -> dict:
+    """The ``eval`` record of the model after round ``r``, on each data owner's held-out batches."""
+    plan = trainer.plan
+    lm = {d: held_out_loss(trainer, b, d, r + 1) for d, b in held_out.items() if plan.orgs[d].task is None}
+    tasks = {d: held_out_task(trainer, b, d, r + 1) for d, b in held_out.items() if plan.orgs[d].task is not None}
+    return evaluation_record(r, lm, tasks)
 
 
 def run_baseline(
@@ -43,9 +63,7 @@ def run_baseline(
 
     def evaluate(r: int) -> None:
         if held_out:
-            metrics.write(
-                evaluation_record(r, {d: held_out_loss(trainer, batches, d, r + 1) for d, batches in held_out.items()})
-            )
+            metrics.write(held_out_record(trainer, held_out, r))
 
     evaluate(0)
     total = t.rounds * t.steps_per_round

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..interop import CheckpointError, is_model_directory, open_checkpoint, save_hf
+from ..interop import (
+    TASK_HEADS_FILE,
+    CheckpointError,
+    is_model_directory,
+    open_checkpoint,
+    save_hf,
+    save_hf_classifier,
+)
 from ..interop.adapters import merge_adapters
 from ..interop.peft_format import save_peft
 from ..interop.withdraw import without_experts
@@ -62,14 +69,21 @@ def export(
     model: Path | None = None,
     merge: bool = False,
     without: Sequence[str] = (),
+    task: str | None = None,
 ) -> str:
     """Write the model at ``source`` to ``out``; what was written, for the user. ``format``:
     ``safetensors`` (fedsplit's names), ``hf`` (a transformers directory) or ``peft`` (a LoRA
     fine-tune's adapters as PEFT saves them). ``merge``: fold a fine-tuned model's LoRA adapters
     into its base weights first. ``without``: organisations whose owned experts are left out (the
-    router renormalised over the rest), besides those whose plan withdraws them. Raises
+    router renormalised over the rest), besides those whose plan withdraws them. ``task``: with
+    ``hf``, the trunk with that task's head as a sequence classifier instead of the causal LM
+    (which has every task head beside it, in ``task_heads.safetensors``). Raises
     :class:`CheckpointError` when ``source`` holds no complete checkpoint or cannot be exported so."""
     source, out = Path(source), Path(out)
+    if task is not None and format != "hf":
+        raise CheckpointError(
+            f"--task writes a Hugging Face sequence classifier: use it with --format hf, not {format}"
+        )
     if format == "hf" and is_model_directory(source):
         if merge or without:
             raise CheckpointError(
@@ -101,10 +115,17 @@ def export(
     if removed:
         cfg, weights = without_experts(cfg, weights, removed)
         left_out = f" without the experts of {', '.join(orgs)} ({cfg.num_experts} experts per layer left)"
+    if format == "hf" and task is not None:
+        written = save_hf_classifier(cfg, weights, task, out)
+        return (
+            f"wrote task {task}'s classifier{left_out} to {written}: "
+            f"AutoModelForSequenceClassification.from_pretrained({str(written)!r})"
+        )
     if format == "hf":
         written = save_hf(cfg, weights, out)
+        heads = f", its task heads in {written / TASK_HEADS_FILE}" if cfg.tasks else ""
         return (
-            f"wrote a Hugging Face checkpoint{left_out} to {written}: "
+            f"wrote a Hugging Face checkpoint{left_out} to {written}{heads}: "
             f"AutoModelForCausalLM.from_pretrained({str(written)!r})"
         )
     out.parent.mkdir(parents=True, exist_ok=True)

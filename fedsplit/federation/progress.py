@@ -48,7 +48,10 @@ def status_of(records: list[dict]) -> tuple[int, str]:
         if last.get("grad_norm"):
             parts.append(f"grad norm {last['grad_norm'][-1]:.3f}")
     if evals:  # the model after round r is evaluated after the round's record: say which it is
-        parts.append(f"held-out ppl {evals[-1]['ppl']:.2f} (model of round {evals[-1]['round']})")
+        last = evals[-1]
+        held_out = [f"held-out ppl {last['ppl']:.2f}"] if "ppl" in last else []
+        held_out += [f"{name} accuracy {t['accuracy']:.1%}" for name, t in last.get("tasks", {}).items()]
+        parts.append(f"{', '.join(held_out)} (model of round {last['round']})")
     return len({r["round"] for r in rounds}), "  ".join(parts)
 
 

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..data import TOKENIZER_FILE
 from ..plan import Plan, write_resolved
@@ -99,20 +100,42 @@ class MetricsLog:
             self.write(record)
 
 
-def evaluation_record(round: int, losses: dict[str, tuple[float, float]]) -> dict:
-    """The ``eval`` line of ``metrics.jsonl``: held-out loss and perplexity of the model after
-    ``round`` (0: the initial model) per data owner, from ``{owner: (mean loss, tokens)}``, and
-    overall (token-weighted)."""
+def evaluation_record(
+    round: int, losses: dict[str, tuple[float, float]], tasks: dict[str, TaskHeldOut] | None = None
+) -> dict:
+    """The ``eval`` line of ``metrics.jsonl``: the held-out metrics of the model after ``round``
+    (0: the initial model) per data owner. Next-token prediction from ``losses``, ``{owner: (mean
+    loss, tokens)}``: loss and perplexity, and overall (token-weighted; absent when every owner
+    trains a task). Tasks from ``tasks``, ``{owner: TaskHeldOut}``: loss and accuracy per owner,
+    and per task under ``tasks`` (example-weighted)."""
+    record: dict = {"round": round, "event": "eval"}
     tokens = sum(n for _, n in losses.values())
-    loss = sum(value * n for value, n in losses.values()) / tokens
-    return {
-        "round": round,
-        "event": "eval",
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "tokens": tokens,
-        "orgs": {d: {"loss": value, "ppl": math.exp(value), "tokens": n} for d, (value, n) in losses.items()},
-    }
+    if tokens:
+        loss = sum(value * n for value, n in losses.values()) / tokens
+        record.update(loss=loss, ppl=math.exp(loss), tokens=tokens)
+    record["orgs"] = {d: {"loss": value, "ppl": math.exp(value), "tokens": n} for d, (value, n) in losses.items()}
+    tasks = tasks or {}
+    record["orgs"].update({d: t._asdict() for d, t in tasks.items()})
+    if tasks:
+        record["tasks"] = {}
+        for name in dict.fromkeys(t.task for t in tasks.values()):
+            mine = [t for t in tasks.values() if t.task == name]
+            examples = sum(t.examples for t in mine)
+            record["tasks"][name] = {
+                "loss": sum(t.loss * t.examples for t in mine) / examples,
+                "accuracy": sum(t.accuracy * t.examples for t in mine) / examples,
+                "examples": examples,
+            }
+    return record
+
+
+class TaskHeldOut(NamedTuple):
+    """A task's data owner's held-out metrics: its task, mean loss and accuracy over its examples."""
+
+    task: str
+    loss: float
+    accuracy: float
+    examples: float
 
 
 def skipped_checkpoint_record(skipped: SkippedCheckpoint, resumed_from: int) -> dict:

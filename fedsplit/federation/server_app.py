@@ -35,7 +35,7 @@ from .aggregate import aggregate_round, make_aggregator
 from .checkpoint import CHECKPOINTS, check_base, latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .exchange import FederationError, Outcome, exchange, register
 from .records import RoundConfig
-from .rundir import MetricsLog, evaluation_record, skipped_checkpoint_record
+from .rundir import MetricsLog, TaskHeldOut, evaluation_record, skipped_checkpoint_record
 from .settings import CoordinatorSettings
 
 app = ServerApp()
@@ -294,25 +294,31 @@ class Coordinator:
         self._log_evaluation(last, spec, metrics)
 
     def _log_evaluation(self, r: int, spec: RoundSpec, metrics: dict[str, dict[str, float]]) -> None:
-        """Held-out loss and perplexity of the model after round ``r`` (0: the initial model), per
-        data owner and overall (token-weighted), as the data owners measured it through the split model."""
-        losses = {
-            d: (metrics[d]["eval_loss"], metrics[d]["eval_tokens"])
-            for d in spec.data_owners
-            if "eval_loss" in metrics.get(d, {})
-        }
-        if not losses:
+        """Held-out metrics of the model after round ``r`` (0: the initial model), per data owner
+        and overall (perplexity, token-weighted; a task's accuracy, example-weighted), as the data
+        owners measured them through the split model."""
+        measured = {d: metrics[d] for d in spec.data_owners if "eval_loss" in metrics.get(d, {})}
+        if not measured:
             return
-        record = evaluation_record(r, losses)
+        lm = {d: (m["eval_loss"], m["eval_tokens"]) for d, m in measured.items() if "eval_tokens" in m}
+        tasks = {
+            d: TaskHeldOut(self.plan.orgs[d].task, m["eval_loss"], m["eval_accuracy"], m["eval_examples"])
+            for d, m in measured.items()
+            if "eval_examples" in m
+        }
+        record = evaluation_record(r, lm, tasks)
         self.metrics.write(record)
-        log(
-            INFO,
-            "fedsplit: held-out after round %d: loss %.4f, perplexity %.2f (%d tokens)",
-            r,
-            record["loss"],
-            record["ppl"],
-            record["tokens"],
-        )
+        if "ppl" in record:
+            log(
+                INFO,
+                "fedsplit: held-out after round %d: loss %.4f, perplexity %.2f (%d tokens)",
+                r,
+                record["loss"],
+                record["ppl"],
+                record["tokens"],
+            )
+        for name, t in record.get("tasks", {}).items():
+            log(INFO, "fedsplit: held-out after round %d: task %s accuracy %.1f%%", r, name, 100 * t["accuracy"])
 
     def _run_round(self, make_spec) -> tuple[RoundSpec, Outcome]:
         """Begin and collect a round; rerun it (a new attempt) without organisations that are gone,

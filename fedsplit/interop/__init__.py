@@ -4,7 +4,15 @@ reading only the slices an organisation holds, and dense-to-MoE upcycling.
 Depends on the model alone (no plans, no networks) and never imports ``transformers``.
 """
 
-from .directory import ModelCheckpoint, is_model_directory, open_checkpoint, save_fedsplit, save_hf
+from .directory import (
+    TASK_HEADS_FILE,
+    ModelCheckpoint,
+    is_model_directory,
+    open_checkpoint,
+    save_fedsplit,
+    save_hf,
+    save_hf_classifier,
+)
 from .errors import CheckpointError
 from .hf_config import ARCHITECTURES
 
@@ -16,4 +24,6 @@ __all__ = [
     "open_checkpoint",
     "save_fedsplit",
     "save_hf",
+    "save_hf_classifier",
+    "TASK_HEADS_FILE",
 ]

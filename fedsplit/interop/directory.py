@@ -22,13 +22,16 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..model import ModelConfig, parameter_shapes
+from ..data.labelled import PAD_ID
+from ..model import TASK_HEADS, ModelConfig, parameter_shapes
 from .errors import CheckpointError
-from .hf_config import config_from_hf, config_to_hf, hf_architecture
+from .hf_config import MIXTRAL, QWEN2_MOE, config_from_hf, config_to_hf, hf_architecture
 from .hf_weights import Stored, locate, to_hf
 from .reader import INDEX_FILE, SINGLE_FILE, CheckpointReader, SafetensorsFiles
 
 HF_CONFIG = "config.json"
+SEQUENCE_CLASSIFIERS = {MIXTRAL, QWEN2_MOE}  # the architectures with a *ForSequenceClassification
+TASK_HEADS_FILE = "task_heads.safetensors"  # beside a HF export: each task's score weight, its labels in the metadata
 FEDSPLIT_CONFIG = "model.yaml"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what save_pretrained uses
 
@@ -107,18 +110,72 @@ def save_hf(
     cfg: ModelConfig, state: Mapping[str, Tensor], out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write a HF directory that ``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``
-    and the weights in one file, or in shards of at most ``max_shard_bytes`` with an index."""
+    and the weights in one file, or in shards of at most ``max_shard_bytes`` with an index. Task
+    heads (the model's ``tasks``) go beside it, in :data:`TASK_HEADS_FILE`."""
+    _refuse_adapters(cfg)
+    arch = hf_architecture(cfg.base)
+    _write_hf(out, config_to_hf(cfg.base), to_hf(cfg.base, arch, state), max_shard_bytes)
+    if cfg.tasks:
+        labels = {t.name: list(t.labels) for t in cfg.tasks}
+        heads = {f"{t.name}.score.weight": state[f"{TASK_HEADS}.{t.name}.weight"] for t in cfg.tasks}
+        save_file(_contiguous(heads), Path(out) / TASK_HEADS_FILE, metadata={"labels": json.dumps(labels)})
+    return Path(out)
+
+
+def save_hf_classifier(
+    cfg: ModelConfig,
+    state: Mapping[str, Tensor],
+    task: str,
+    out: str | Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write the trunk with task ``task``'s head as a HF directory that
+    ``AutoModelForSequenceClassification.from_pretrained`` loads (the architecture's
+    ``*ForSequenceClassification``: its ``score`` is the head, pooling the last token that is not
+    :data:`~fedsplit.data.PAD_ID`, which is where fedsplit's examples carry their label)."""
+    _refuse_adapters(cfg)
+    try:
+        labels = cfg.task(task).labels
+    except KeyError:
+        declared = ", ".join(t.name for t in cfg.tasks) or "none"
+        raise CheckpointError(f"the model has no task head {task!r} (its tasks: {declared})", field="tasks") from None
+    arch = hf_architecture(cfg.base)
+    if arch not in SEQUENCE_CLASSIFIERS:
+        raise CheckpointError(
+            f"transformers has no sequence classifier for {arch} (what the model's shared experts need): export "
+            f"the causal LM, which keeps every task head beside it in {TASK_HEADS_FILE} (leave out --task)",
+            field="tasks",
+        )
+    tensors = {k: v for k, v in to_hf(cfg.base, arch, state).items() if k != "lm_head.weight"}
+    tensors["score.weight"] = state[f"{TASK_HEADS}.{task}.weight"]
+    config = config_to_hf(cfg.base) | {
+        "architectures": [arch.removesuffix("ForCausalLM") + "ForSequenceClassification"],
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "pad_token_id": PAD_ID,
+    }
+    return _write_hf(out, config, tensors, max_shard_bytes)
+
+
+def _refuse_adapters(cfg: ModelConfig) -> None:
     if cfg.lora is not None:
         raise CheckpointError(
             "the model has LoRA adapters, which a Hugging Face model has no place for: merge them first "
             "(fedsplit export --format hf --merge)",
             field="lora",
         )
-    arch = hf_architecture(cfg)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in to_hf(cfg, arch, state).items()}
+
+
+def _contiguous(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _write_hf(out: str | Path, config: dict, state: Mapping[str, Tensor], max_shard_bytes: int) -> Path:
+    """``config.json`` and the tensors, in one file or in shards of at most ``max_shard_bytes``."""
+    tensors = _contiguous(state)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / HF_CONFIG).write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True))
+    (out / HF_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
