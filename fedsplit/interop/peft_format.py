@@ -84,6 +84,9 @@ def peft_adapter(cfg: ModelConfig, state: Mapping[str, Tensor]) -> tuple[dict, d
         "task_type": "CAUSAL_LM",
         "r": lora.rank,
         "lora_alpha": lora.alpha,
+        # The adapter is written for inference (inference_mode), where dropout does nothing; PEFT
+        # also refuses any on the fused experts' target_parameters ("lora.ParamWrapper does not
+        # work with lora_dropout != 0"), so a fine-tune's training dropout is not carried over.
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

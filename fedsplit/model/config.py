@@ -63,13 +63,24 @@ class LoraConfig(BaseModel):
     """Low-rank adapters (LoRA, Hu et al. 2021) on some of the model's linear maps: a target
     ``W x`` becomes ``W x + (alpha / rank) * B (A x)`` with ``A`` (rank x in) and ``B`` (out x rank).
     ``B`` starts at zero, so the adapted model starts as its base. ``experts`` and
-    ``shared_experts`` adapt all three projections (w1, w2, w3) of every routed or shared expert."""
+    ``shared_experts`` adapt all three projections (w1, w2, w3) of every routed or shared expert.
+    ``dropout`` drops each adapter's input in training, ``B A dropout(x)`` (PEFT's
+    ``lora_dropout``), with masks seeded per micro-batch (:class:`~fedsplit.model.moe.LoraDropout`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rank: int = Field(gt=0, le=1 << 16)
     alpha: float = Field(gt=0, le=1 << 16)
     targets: tuple[LoraTarget, ...] = Field(min_length=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="of each adapter's input in training (PEFT's)")
+
+    @model_serializer(mode="wrap")
+    def _without_zero_dropout(self, dump):
+        """No dropout is written as before it existed: manifests and hashes of earlier runs stay."""
+        out = dump(self)
+        if isinstance(out, dict) and not self.dropout:
+            out.pop("dropout", None)
+        return out
 
     @property
     def scaling(self) -> float:

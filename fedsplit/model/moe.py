@@ -75,8 +75,10 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.adapter_out(self.adapter_in(x), x.dtype)
+    def forward(self, x: Tensor, dropout: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """``dropout``: what the adapter reads instead of ``x`` (LoRA dropout, PEFT's order:
+        ``B A dropout(x)``); the base reads ``x``."""
+        return self.base(x) + self.adapter_out(self.adapter_in(x if dropout is None else dropout(x)), x.dtype)
 
     def base(self, x: Tensor) -> Tensor:
         """``W x + b``, without the adapter."""
@@ -92,6 +94,55 @@ class LoRALinear(nn.Linear):
     def merged_weight(self) -> Tensor:
         """``W + scaling * B A``: the plain weight that computes what this layer computes."""
         return self.weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight).to(self.weight.dtype)
+
+
+LORA_DROPOUT_STREAM = 0x2545F4914F6CDD1D  # LoRA dropout's masks: a seed stream apart from the routers'
+_TARGET_IDS = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "w1": 5, "w2": 6, "w3": 7}
+SHARED_EXPERTS = -2  # the expert index of a layer's shared experts in a LoraDropout (-1: attention)
+
+
+class LoraDropout(NamedTuple):
+    """LoRA dropout of one micro-batch's layer: the mask of an adapter's input is a function of
+    (micro-batch seed, layer, target, expert) and its shape alone, so that the split model's pieces,
+    the monolith, and a forward recomputed by activation checkpointing drop the same inputs. A head
+    group draws the mask of all of o_proj's input and keeps its own columns."""
+
+    p: float
+    seed: int
+    layer: int
+    expert: int = -1  # a routed expert's index, SHARED_EXPERTS, or -1 (attention)
+
+    def at(self, expert: int) -> LoraDropout:
+        return self._replace(expert=expert)
+
+    def mask(self, target: str, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Kept entries ``1 / (1 - p)``, dropped ones zero (inverted dropout, as ``nn.Dropout``)."""
+        seed = ((self.seed * 100_003 + self.layer) * 1_000_033 + _TARGET_IDS[target] * 10_007 + self.expert + 2) ^ (
+            LORA_DROPOUT_STREAM
+        )
+        generator = torch.Generator(device=device).manual_seed(seed % (1 << 63))
+        kept = torch.rand(tuple(shape), generator=generator, device=device) >= self.p
+        return kept.to(dtype) / (1.0 - self.p)
+
+    def of(self, target: str) -> Callable[[Tensor], Tensor]:
+        """The dropout of ``target``'s adapter input."""
+        return lambda x: x * self.mask(target, x.shape, x.device, x.dtype)
+
+
+def lora_dropout(cfg: ModelConfig, noise_seed: int | None, layer: int, training: bool) -> LoraDropout | None:
+    """Layer ``layer``'s LoRA dropout for the micro-batch of ``noise_seed``: only in training (with
+    gradients), and only with adapters whose ``dropout`` is above zero."""
+    lora = cfg.lora
+    if lora is None or not lora.dropout or noise_seed is None or not (training and torch.is_grad_enabled()):
+        return None
+    return LoraDropout(lora.dropout, noise_seed, layer)
+
+
+def project(linear: nn.Linear, x: Tensor, dropout: LoraDropout | None, target: str) -> Tensor:
+    """``linear(x)``, with LoRA dropout on its adapter's input when it has one and ``dropout`` is given."""
+    if dropout is None or not isinstance(linear, LoRALinear):
+        return linear(x)
+    return linear(x, dropout.of(target))
 
 
 def lora_code(lora_A: nn.Linear, x: Tensor) -> Tensor:
@@ -152,8 +203,9 @@ class Attention(nn.Module):
         self.v_proj = linear(d, self.num_kv_heads * hd, cfg.qkv_bias, cfg.adapts("v_proj"))
         self.o_proj = linear(self.num_heads * hd, d, False, cfg.adapts("o_proj"))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        return self.o_proj(self.mix(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], dropout: LoraDropout | None = None) -> Tensor:
+        q, k, v = (project(getattr(self, p), x, dropout, p) for p in ("q_proj", "k_proj", "v_proj"))
+        return project(self.o_proj, self.mix(q, k, v, rope), dropout, "o_proj")
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         """Causal attention of projected queries, keys and values, ``(B, T, heads * head_dim)``
@@ -184,8 +236,9 @@ class SwiGLU(nn.Module):
         self.w2 = linear(ffn, dim, lora=lora)
         self.w3 = linear(dim, ffn, lora=lora)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: Tensor, dropout: LoraDropout | None = None) -> Tensor:
+        h = F.silu(project(self.w1, x, dropout, "w1")) * project(self.w3, x, dropout, "w3")
+        return project(self.w2, h, dropout, "w2")
 
 
 class SharedExperts(SwiGLU):
@@ -199,8 +252,8 @@ class SharedExperts(SwiGLU):
         super().__init__(cfg.hidden_size, cfg.shared_ffn_size, cfg.adapts("shared_experts"))
         self.gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
+    def forward(self, x: Tensor, dropout: LoraDropout | None = None) -> Tensor:
+        y = super().forward(x, None if dropout is None else dropout.at(SHARED_EXPERTS))
         return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
 
 
@@ -211,8 +264,8 @@ class Experts(nn.ModuleList):
     partitioned layer swaps this container for one that computes some experts elsewhere.
     """
 
-    def forward(self, rows: dict[int, Tensor]) -> dict[int, Tensor]:
-        return {e: self[e](x) for e, x in rows.items()}
+    def forward(self, rows: dict[int, Tensor], dropout: LoraDropout | None = None) -> dict[int, Tensor]:
+        return {e: self[e](x, None if dropout is None else dropout.at(e)) for e, x in rows.items()}
 
 
 def expert(cfg: ModelConfig) -> SwiGLU:
@@ -395,13 +448,14 @@ class MoE(nn.Module):
             token, slot = torch.where(chosen == e)
             if token.numel():
                 slots[e] = (token, slot)
-        outputs = self.experts({e: x[token] for e, (token, _) in slots.items()})
+        dropout = lora_dropout(self.cfg, noise_seed, self.layer_idx, self.training)
+        outputs = self.experts({e: x[token] for e, (token, _) in slots.items()}, dropout)
 
         out = torch.zeros_like(x)
         for e, (token, slot) in slots.items():
             out = out.index_add(0, token, outputs[e] * weights[token, slot, None].to(x.dtype))
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, dropout)
         return out.reshape(shape), aux
 
 
@@ -416,7 +470,8 @@ class Block(nn.Module):
     def forward(
         self, h: Tensor, rope: tuple[Tensor, Tensor], noise_seed: int | None = None, blocked: Sequence[int] = ()
     ) -> tuple[Tensor, Tensor]:
-        h = h + self.attention(self.attn_norm(h), rope)
+        dropout = lora_dropout(self.moe.cfg, noise_seed, self.moe.layer_idx, self.training)
+        h = h + self.attention(self.attn_norm(h), rope, dropout)
         moe_out, aux = self.moe(self.ffn_norm(h), noise_seed, blocked)
         return h + moe_out, aux
 

@@ -27,7 +27,12 @@ def adapted_model(model: ModelConfig, finetune: FinetuneConfig | None) -> ModelC
     """``model`` with the adapters ``finetune`` asks for (a ``ValueError`` saying why not)."""
     if finetune is None:
         return model.base
-    lora = {"rank": finetune.rank, "alpha": finetune.alpha, "targets": tuple(dict.fromkeys(finetune.targets))}
+    lora = {
+        "rank": finetune.rank,
+        "alpha": finetune.alpha,
+        "targets": tuple(dict.fromkeys(finetune.targets)),
+        "dropout": finetune.dropout,
+    }
     try:
         return ModelConfig.model_validate({**model.base.model_dump(), "lora": lora})
     except ValidationError as e:

@@ -286,7 +286,12 @@ class FinetuneConfig(_Strict):
     method: Literal["lora"] = "lora"
     rank: int = Field(default=8, gt=0, le=1 << 16)
     alpha: float = Field(default=16.0, gt=0, le=1 << 16)
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="only 0.0 for now")
+    dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="of each adapter's input in training (PEFT's lora_dropout), masks seeded per micro-batch",
+    )
     targets: list[LoraTarget] = Field(
         default=["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
         min_length=1,
@@ -296,16 +301,6 @@ class FinetuneConfig(_Strict):
     base_dtype: Literal["fp32", "bf16"] | None = Field(
         default=None, description="the frozen base's storage: the run's compute precision (bf16 with bf16-mixed)"
     )
-
-    @field_validator("dropout")
-    @classmethod
-    def _no_dropout(cls, value: float) -> float:
-        if value:
-            raise ValueError(
-                "LoRA dropout is not supported yet: its masks would have to be drawn alike in the split and "
-                "the monolithic runs; use 0.0"
-            )
-        return value
 
 
 class ActivationNoise(_Strict):

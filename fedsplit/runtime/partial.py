@@ -24,6 +24,7 @@ from ..model import (
     TASK_HEADS,
     Attention,
     Block,
+    LoraDropout,
     ModelConfig,
     RMSNorm,
     SharedExperts,
@@ -33,6 +34,7 @@ from ..model import (
     cross_entropy,
     expert,
     lora_code,
+    lora_dropout,
     lora_update,
     rope_tables,
     run_block,
@@ -60,9 +62,15 @@ class HeadGroup(nn.Module):
     ``W_o y + s B_o A_o y = sum_g W_o[:, g] y_g + s B_o (sum_g A_o[:, g] y_g)``, and with one
     group it is :class:`~fedsplit.model.LoRALinear`'s own arithmetic, in its order."""
 
-    def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int):
+    def __init__(self, cfg: ModelConfig, num_heads: int, num_kv_heads: int, first_head: int = 0):
         super().__init__()
         self.attention = Attention(cfg.base, num_heads, num_kv_heads)
+        # Its columns of o_proj's input, of all the layer's heads': where it reads LoRA dropout's mask.
+        self.columns = (
+            first_head * cfg.head_dim,
+            (first_head + num_heads) * cfg.head_dim,
+            cfg.num_heads * cfg.head_dim,
+        )
         lora = cfg.lora
         self.adapted = cfg.adapted_qkv
         self.scaling = lora.scaling if lora is not None else 1.0
@@ -79,10 +87,17 @@ class HeadGroup(nn.Module):
             return self.lora_B[name.split(".")[0]].weight
         return self.attention.get_parameter(name)
 
-    def forward(self, x: Tensor, code: Callable[[str], Tensor], rope: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
-        """``code(p)``: the code ``A_p x`` of adapted projection ``p``, asked for in the order the
-        monolith computes it (so that a group in the block's own process adds up gradients in
-        the monolith's order)."""
+    def forward(
+        self,
+        x: Tensor,
+        code: Callable[[str], Tensor],
+        rope: tuple[Tensor, Tensor],
+        dropout: LoraDropout | None = None,
+    ) -> tuple[Tensor, ...]:
+        """``code(p)``: the code ``A_p x`` of adapted projection ``p`` (LoRA dropout applied by the
+        block), asked for in the order the monolith computes it (so that a group in the block's
+        own process adds up gradients in the monolith's order). ``dropout``: o_proj's, on this
+        group's columns of the mask of the whole layer's heads' output."""
         a = self.attention
         q, k, v = (
             getattr(a, p)(x) + lora_update(self.lora_B[p], code(p), x.dtype, self.scaling)
@@ -93,7 +108,11 @@ class HeadGroup(nn.Module):
         y = a.mix(q, k, v, rope)
         if self.o_lora_A is None:
             return (a.o_proj(y),)
-        return a.o_proj(y), lora_code(self.o_lora_A, y)
+        read = y
+        if dropout is not None:
+            start, stop, width = self.columns
+            read = y * dropout.mask("o_proj", (*y.shape[:-1], width), y.device, y.dtype)[..., start:stop]
+        return a.o_proj(y), lora_code(self.o_lora_A, read)
 
 
 def received_codes(adapted: tuple[str, ...], codes: Tensor | None) -> Callable[[str], Tensor]:
@@ -129,18 +148,20 @@ class HeadGroups(nn.Module):
         """The factor of ``target``'s adapter held here (q/k/v: ``A``; o_proj: ``B``)."""
         return self.o_lora_B.weight if target == "o_proj" else self.lora_A[target].weight
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], dropout: LoraDropout | None = None) -> Tensor:
         peers = [(run, self.resolve(partition)) for run, partition in self.runs]
         key = current_call()
         remote = [(run, peer) for run, peer in peers if peer is not None]
+
+        def code(p: str) -> Tensor:
+            return lora_code(self.lora_A[p], x if dropout is None else dropout.of(p)(x))
+
         inputs = [x]
         if remote and len(self.lora_A):
-            inputs.append(torch.cat([lora_code(a, x) for a in self.lora_A.values()], dim=-1))
+            inputs.append(torch.cat([code(p) for p in self.lora_A], dim=-1))
         results = remote_calls([(peer, key, HeadsOp(self.layer, run), inputs) for run, peer in remote])
         partial = {
-            run: self.local[f"{run[0]}-{run[1]}"](x, lambda p: lora_code(self.lora_A[p], x), rope)
-            for run, peer in peers
-            if peer is None
+            run: self.local[f"{run[0]}-{run[1]}"](x, code, rope, dropout) for run, peer in peers if peer is None
         }  # while the remote ones work
         partial.update((run, out) for (run, _), out in zip(remote, results()))
         total = z = None
@@ -165,7 +186,8 @@ class SplitExperts(nn.Module):
         self.local = nn.ModuleDict({str(e): m for e, m in local.items()})
         self.resolve = resolve
 
-    def forward(self, rows: dict[int, Tensor]) -> dict[int, Tensor]:
+    def forward(self, rows: dict[int, Tensor], dropout: LoraDropout | None = None) -> dict[int, Tensor]:
+        """``dropout``: the local experts' (a remote one draws its own, from the call)."""
         local: list[int] = []
         remote: dict[str, tuple[Peer, list[int]]] = {}
         for e in rows:
@@ -182,7 +204,7 @@ class SplitExperts(nn.Module):
                 for (peer, _), c in zip(remote.values(), counts)
             ]
         )
-        out = {e: self.local[str(e)](rows[e]) for e in local}  # while the remote experts work
+        out = {e: self.local[str(e)](rows[e], None if dropout is None else dropout.at(e)) for e in local}
         for c, (y,) in zip(counts, results()):
             out.update(zip(c, y.split(list(c.values()))))
         return out
@@ -195,7 +217,8 @@ class RemoteShared(nn.Module):
         super().__init__()
         self.layer, self.partition, self.resolve = layer, partition, resolve
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dropout: LoraDropout | None = None) -> Tensor:
+        """``dropout`` is the holder's to draw, from the call."""
         (y,) = remote_call(self.resolve(self.partition), current_call(), SharedOp(self.layer), [x])
         return y
 
@@ -257,7 +280,7 @@ class PartialModel(nn.Module):
         for layer, groups in kv.items():
             for g0, g1 in kv_runs(groups):
                 per = cfg.heads_per_kv_head
-                self.heads[f"{layer}_{g0}-{g1}"] = HeadGroup(cfg, (g1 - g0) * per, g1 - g0)
+                self.heads[f"{layer}_{g0}-{g1}"] = HeadGroup(cfg, (g1 - g0) * per, g1 - g0, g0 * per)
 
     def _build_block(self, cfg: ModelConfig, plan: Plan, i: int, resolve: Resolver) -> Block:
         """The model's Block for layer ``i`` with its carved-out parts replaced."""
@@ -329,23 +352,33 @@ class PartialModel(nn.Module):
         """What ``op`` computes on its (checked) inputs ``x`` for ``key``'s micro-batch."""
         if isinstance(op, SegmentOp):
             return self._segment(key, op, x)
-        piece = self._piece(op)
+        piece = self._piece(key, op)
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(piece, *x, use_reentrant=False)
         return piece(*x)
 
-    def _piece(self, op: HeadsOp | ExpertsOp | SharedOp) -> Callable[..., tuple[Tensor, ...]]:
-        """The function of its inputs that a served piece computes."""
+    def _piece(self, key: CallKey, op: HeadsOp | ExpertsOp | SharedOp) -> Callable[..., tuple[Tensor, ...]]:
+        """The function of its inputs that a served piece computes (with LoRA dropout drawn for
+        ``key``'s micro-batch as the layer's runner and the monolith draw it)."""
+        seed = key.noise_seed(self.seed, self.owner_index[key.data_owner])
+        dropout = lora_dropout(self.cfg, seed, op.layer, self.training)
         if isinstance(op, HeadsOp):
             group = self.heads[f"{op.layer}_{op.kv_heads[0]}-{op.kv_heads[1]}"]
             return lambda x, codes=None: group(
-                x, received_codes(group.adapted, codes), rope_tables(self.cfg, x.shape[1], x.device)
+                x, received_codes(group.adapted, codes), rope_tables(self.cfg, x.shape[1], x.device), dropout
             )
         if isinstance(op, ExpertsOp):
-            experts = [self.experts[f"{op.layer}_{e}"] for e in op.experts]
-            return lambda x: (torch.cat([f(r) for f, r in zip(experts, x.split([n for _, n in op.rows]))]),)
+            experts = [(e, self.experts[f"{op.layer}_{e}"]) for e in op.experts]
+            return lambda x: (
+                torch.cat(
+                    [
+                        f(r, None if dropout is None else dropout.at(e))
+                        for (e, f), r in zip(experts, x.split([n for _, n in op.rows]))
+                    ]
+                ),
+            )
         shared = self.shared[str(op.layer)]
-        return lambda x: (shared(x),)
+        return lambda x: (shared(x, dropout),)
 
     def _segment(self, key: CallKey, op: SegmentOp, x: list[Tensor]) -> tuple[Tensor, Tensor]:
         h = self.embed(x[0]) if op.blocks[0] == "embed" else x[0]

@@ -13,10 +13,12 @@ import torch
 from fedsplit.cli import main
 from fedsplit.federation.checkpoint import latest_checkpoint, model_weights
 from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
+from fedsplit.federation.verify import verify
 from fedsplit.model import ModelConfig, is_adapter
 from fedsplit.plan import load_plan
 
 from ..interop_helpers import fedsplit_logits, write_plan, write_random_base
+from ..recipes import ALL, finetuned
 from ..reference_training import max_diff, monolithic
 
 transformers = pytest.importorskip("transformers")
@@ -48,19 +50,21 @@ ORGS = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts"]
 
 
-def lora_plan(tmp_path, gated: bool):
+def lora_plan(tmp_path, gated: bool, dropout: float = 0.0):
     write_random_base(tmp_path / "base", ModelConfig(**BASE, shared_expert_gate=gated))
     path = write_plan(tmp_path, "base", ORGS)
     document = json.loads(path.read_text())
     document["training"]["rounds"] = 2
-    document["finetune"] = {"rank": 2, "alpha": 4.0, "targets": TARGETS}
+    document["finetune"] = {"rank": 2, "alpha": 4.0, "targets": TARGETS, "dropout": dropout}
     path.write_text(json.dumps(document))
     return load_plan(path)
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["granite-shared", "qwen2-moe"])
-def test_a_federated_lora_fine_tune_exports_adapters_that_peft_loads(tmp_path, gated):
-    plan = lora_plan(tmp_path, gated)
+@pytest.mark.parametrize(
+    "gated, dropout", [(False, 0.0), (True, 0.1)], ids=["granite-shared", "qwen2-moe-with-dropout"]
+)
+def test_a_federated_lora_fine_tune_exports_adapters_that_peft_loads(tmp_path, gated, dropout):
+    plan = lora_plan(tmp_path, gated, dropout)
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path / "runs", insecure=True))
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt.round == 2
@@ -81,6 +85,7 @@ def test_a_federated_lora_fine_tune_exports_adapters_that_peft_loads(tmp_path, g
     assert main(["export", str(run_dir), str(tmp_path / "adapter"), "--format", "peft"]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    assert config["lora_dropout"] == 0.0  # for inference; PEFT refuses dropout on the fused experts
     tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         peft_diff = float((tuned(tokens).logits - ours).abs().max())
@@ -90,6 +95,12 @@ def test_a_federated_lora_fine_tune_exports_adapters_that_peft_loads(tmp_path, g
         merged_diff = float((merged(tokens).logits - ours).abs().max())
     print(f"{type(base).__name__}: |peft - fedsplit| = {peft_diff:.2e}, |merged - fedsplit| = {merged_diff:.2e}")
     assert peft_diff <= 1e-5 and merged_diff <= 1e-5
+
+
+def test_lora_dropout_over_grpc_draws_the_masks_the_monolith_draws(tmp_path):
+    plan = finetuned("three-orgs", tmp_path, rank=4, alpha=8.0, targets=ALL, dropout=0.3)
+    result = verify(plan, steps=10, transport="grpc")
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
 
 
 def test_resuming_or_exporting_a_fine_tune_over_another_base_is_refused(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedsplit.federation.verify import verify
-from fedsplit.model import ModelConfig, is_adapter
+from fedsplit.model import LoraDropout, ModelConfig, is_adapter
 from fedsplit.plan import PlanError
 from fedsplit.runtime import InProcessFederation, MonolithicTrainer, initial_weights, synthetic_batches
 
@@ -36,6 +36,45 @@ def test_split_lora_finetuning_equals_monolithic_lora_finetuning(name, targets, 
     result = verify(plan, steps=10)
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
     assert result.loss_split[-1] < result.loss_split[0]
+
+
+@pytest.mark.parametrize("name", ["layers", "experts", "heads", "three-orgs", "mixed-top1", CARVED])
+def test_lora_dropout_draws_the_same_masks_split_and_monolithic(name, tmp_path):
+    """Every adapter's input is dropped by a mask of (micro-batch, layer, target, expert): the
+    block's for q/k/v, each head group's columns of o_proj's, each expert holder's for its rows."""
+    plan = lora_plan(name, tmp_path, dropout=0.3)
+    result = verify(plan, steps=10)
+    assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+    if name in ("layers", "experts"):  # nothing reassociated: the same bits
+        assert result.max_abs_diff == 0.0
+
+
+def test_lora_dropout_changes_training_but_not_evaluation_and_recomputes_its_masks(tmp_path):
+    for p in (0.0, 0.3):
+        (tmp_path / str(p)).mkdir()
+    plans = {p: lora_plan("three-orgs", tmp_path / str(p), dropout=p) for p in (0.0, 0.3)}
+    batches = synthetic_batches(plans[0.0], 0)
+    trainers = {p: MonolithicTrainer(plan, initial_weights(plan)) for p, plan in plans.items()}
+    for t in trainers.values():
+        t.train_step(0, batches)
+    steps = {p: t.train_step(1, synthetic_batches(plans[0.0], 1))["loss"] for p, t in trainers.items()}
+    assert steps[0.0] != steps[0.3]  # B moved along other inputs of A: the adapters' inputs were dropped
+    weights = trainers[0.3].state_dict()
+    held_out = {p: MonolithicTrainer(plan, weights).evaluate(*batches["hospital-a"]).loss for p, plan in plans.items()}
+    assert held_out[0.0] == held_out[0.3]  # no dropout while evaluating
+    recomputed = plans[0.3].with_training(activation_checkpointing=True)
+    assert verify(recomputed, steps=5).max_abs_diff <= 1e-5
+
+
+def test_a_lora_dropout_mask_is_a_seeded_inverted_dropout():
+    drop = LoraDropout(0.25, seed=7, layer=2)
+    mask = drop.at(3).mask("w1", (64, 256), torch.device("cpu"), torch.float32)
+    assert torch.equal(mask, drop.at(3).mask("w1", (64, 256), torch.device("cpu"), torch.float32))
+    assert set(mask.unique().tolist()) == {0.0, torch.tensor(1 / 0.75).item()}
+    assert abs(float((mask == 0).float().mean()) - 0.25) < 0.02
+    others = [drop.at(4), drop.at(3)._replace(layer=1), drop.at(3)._replace(seed=8)]
+    assert all(not torch.equal(mask, d.mask("w1", (64, 256), torch.device("cpu"), torch.float32)) for d in others)
+    assert not torch.equal(mask, drop.at(3).mask("w3", (64, 256), torch.device("cpu"), torch.float32))
 
 
 def test_the_frozen_base_is_bitwise_unchanged_and_only_adapters_train(tmp_path):
@@ -101,7 +140,7 @@ def test_lora_through_the_whole_recipe_equals_the_monolith(tmp_path):
     [
         ("layers", {"targets": ["gate_proj"]}, "finetune.targets", "gate_proj"),
         ("layers", {"rank": 4096}, "finetune", "rank 4096 is larger than"),
-        ("layers", {"dropout": 0.1}, "finetune.dropout", "dropout is not supported"),
+        ("layers", {"dropout": 1.0}, "finetune.dropout", "less than 1"),
         ("layers", {"base_dtype": "bf16"}, "finetune.base_dtype", "bf16-mixed"),
         ("layers", {"train": ["layers.9"]}, "finetune.train", "layer"),
         ("layers", {"train": ["layers.0.attention.heads.0-1"]}, "finetune.train", "attention trains or stays frozen"),
