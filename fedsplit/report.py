@@ -85,7 +85,12 @@ def write_report(run_dir: str | Path, baseline: str | Path | None = None, out: s
     directory.mkdir(parents=True, exist_ok=True)
     report = Report(directory, directory / "summary.md")
     title = figure_title(run_dir)
-    for plot in (_plot_loss, _plot_baseline, _plot_wire, _plot_expert_load, _plot_expert_load_rounds):
+    groups = expert_groups(run_dir)
+
+    def expert_load(rounds: list[dict], base: list[dict], directory: Path, title: str):
+        return _plot_expert_load(rounds, base, directory, title, groups)
+
+    for plot in (_plot_loss, _plot_baseline, _plot_wire, expert_load, _plot_expert_load_rounds):
         path, note = plot(rounds, base, directory, title)
         if path is not None:
             report.plots.append(path)
@@ -96,6 +101,17 @@ def write_report(run_dir: str | Path, baseline: str | Path | None = None, out: s
 
 
 DEAD_SHARE = 0.1  # an expert with less than this fraction of a uniform share of the tokens is dead
+
+
+def expert_groups(run_dir: Path) -> int | None:
+    """The number of expert groups of the run's hierarchical router (None for another router, or
+    when the run's plan.json does not say), read from the plan without loading it."""
+    try:
+        model = json.loads((Path(run_dir) / "plan.json").read_text(encoding="utf-8"))["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    router = model.get("router") or {} if isinstance(model, dict) else {}
+    return router.get("groups") if router.get("kind") == "hierarchical" else None
 
 
 def figure_title(run_dir: Path) -> str:
@@ -299,8 +315,10 @@ def _plot_wire(rounds: list[dict], base: list[dict], directory: Path, title: str
 
 
 def _plot_expert_load(
-    rounds: list[dict], base: list[dict], directory: Path, title: str
+    rounds: list[dict], base: list[dict], directory: Path, title: str, groups: int | None = None
 ) -> tuple[Path | None, str | None]:
+    """The last round's expert load, layers by experts; a hierarchical router's groups are
+    separated by white lines and labelled with their share of the layer's tokens."""
     last = next((r for r in reversed(rounds) if r.get("expert_load")), None)
     if last is None:
         return None, "no expert_load in the metrics: expert load not plotted"
@@ -331,6 +349,18 @@ def _plot_expert_load(
     ax.set_xticks(range(experts), [str(e) for e in range(experts)])
     ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
     ax.set_xlabel("expert")
+    if groups and experts % groups == 0:
+        size = experts // groups
+        for g in range(1, groups):
+            ax.axvline(g * size - 0.5, color="white", linewidth=3)
+        per_expert = _column_sums(grid)
+        share = [sum(per_expert[g * size : (g + 1) * size]) / len(grid) for g in range(groups)]
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(
+            [g * size + (size - 1) / 2 for g in range(groups)],
+            [f"group {g}: {s:.2f}" for g, s in enumerate(share)],
+            fontsize=7,
+        )
     note = f"; red: dead (< {DEAD_SHARE:g} of uniform)" if dead else ""
     ax.set_title(
         f"fraction of routed tokens per expert, round {last['round']} (uniform = {1 / experts:.3g}){note}", fontsize=10
@@ -338,6 +368,10 @@ def _plot_expert_load(
     fig.colorbar(image, ax=ax)
     _save(fig, directory / "expert_load.png", title)
     return directory / "expert_load.png", None
+
+
+def _column_sums(grid: list[list[float]]) -> list[float]:
+    return [sum(row[e] for row in grid if not math.isnan(row[e])) for e in range(len(grid[0]))]
 
 
 def _plot_expert_load_rounds(

@@ -10,7 +10,7 @@ import pytest
 
 from fedsplit.cli import main
 from fedsplit.federation.rundir import evaluation_record
-from fedsplit.report import ReportError, dead_experts, figure_title, read_rounds, write_report
+from fedsplit.report import ReportError, dead_experts, expert_groups, figure_title, read_rounds, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -125,3 +125,16 @@ def test_a_resumed_run_repairs_a_metrics_log_that_a_crash_cut_short(tmp_path):
     log.resume_after(3, round_3)  # twice (a second crash before round 4): still one line for round 3
     assert [r["round"] for r in log.read() if r["event"] == "round"] == [1, 2, 3]
     assert [r["round"] for r in read_rounds(run)] == [1, 2, 3]
+
+
+def test_the_expert_load_of_a_hierarchical_router_is_drawn_by_group(tmp_path):
+    run = _run(tmp_path / "run", [5.0, 4.2])
+    assert expert_groups(run) is None  # no plan.json
+    model = {"num_experts": 8, "router": {"kind": "hierarchical", "groups": 4}}
+    (run / "plan.json").write_text(json.dumps({"model": model}))
+    assert expert_groups(run) == 4
+    (run / "plan.json").write_text(json.dumps({"model": {"num_experts": 8}}))
+    assert expert_groups(run) is None  # a top-k router
+    (run / "plan.json").write_text(json.dumps({"model": model}))
+    plots = {p.name: p for p in write_report(run).plots}
+    assert plots["expert_load.png"].read_bytes()[:8] == PNG
