@@ -90,10 +90,19 @@ def noised_at(layer: int, noise: ActivationNoise | None, seed: int):
     return lambda block, x: release_noise(noise, x, seed) if block == layer else x
 
 
-def train_monolith(model: MoETransformer, steps: int, seed: int, noise: ActivationNoise | None = None) -> None:
+def returned_noised_at(layer: int, noise: GradientNoise, seed: int):
+    """The ``release`` of a data owner whose path comes back to it after ``layer``: the gradient
+    it returns there clipped and noised (privacy.gradients), the forward unchanged."""
+    return lambda block, x: noised_gradient(x, noise, seed) if block == layer else x
+
+
+Defence = Callable[[int], Callable | None]  # a training step's seed -> its release (None: no defence)
+
+
+def train_monolith(model: MoETransformer, steps: int, seed: int, defence: Defence | None = None) -> None:
     """AdamW on batches from all three shipped corpora in turn (Shakespeare's first half only:
-    the victim's observed text comes from its second half); with ``noise``, clipped and noised
-    after layer 0 as a data owner with that defence sends it."""
+    the victim's observed text comes from its second half); with ``defence``, through the release
+    it gives for each step (noise at a cut, as a data owner with that defence sends or returns it)."""
     corpora = [
         (DATA / "tinyshakespeare.txt", FIRST_HALF),
         (DATA / "python-stdlib.txt", (0.0, 1.0)),
@@ -104,7 +113,8 @@ def train_monolith(model: MoETransformer, steps: int, seed: int, noise: Activati
     for step in range(steps):
         path, part = corpora[step % len(corpora)]
         batch = byte_sequences(path, 8, seed * 100_000 + step, part)
-        logits, aux = model(batch[:, :-1], release=noised_at(0, noise, seed * 100_000 + step))
+        release = defence(seed * 100_000 + step) if defence is not None else None
+        logits, aux = model(batch[:, :-1], release=release)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss = ce + model.cfg.aux_loss_coef * aux  # fedsplit's objective
         optimizer.zero_grad()
@@ -320,7 +330,7 @@ def main() -> None:
     print(f"\nbaseline (always the victim's most frequent token): {100 * baseline:.1f}%")
     if args.noise:
         defence_rows(args, cfg, initial, trained, public, victim)
-    label_rows(args, trained)
+    label_rows(args, cfg, initial, trained)
     print(f"took {time.monotonic() - started:.0f} s; load after: {loadavg()}")
     print(json.dumps({"rows": rows, "baseline": baseline}))
 
@@ -342,7 +352,7 @@ def defence_rows(
         noise = ActivationNoise(clip=clip, noise_multiplier=multiplier)
         model = MoETransformer(cfg)
         model.load_state_dict(initial.state_dict())
-        train_monolith(model, args.train_steps, args.seed, noise)
+        train_monolith(model, args.train_steps, args.seed, lambda step, noise=noise: noised_at(0, noise, step))
         cells = [f"{multiplier:g}", f"{clip:.3g}", *recoveries(model, noise, public, victim, args)]
         cells.append(f"{perplexity(model, held_out, noise, args.seed + 5):.2f}")
         cells.append(f"{gaussian_epsilon(multiplier, q, steps, delta):.3g}")
@@ -357,9 +367,10 @@ def defence_rows(
     print("\n".join(table(header, rows)))
 
 
-def label_rows(args, trained: MoETransformer) -> None:
+def label_rows(args, cfg: ModelConfig, initial: MoETransformer, trained: MoETransformer) -> None:
     """Label recovery from the gradients a data owner returns after layer 3 (the last middle layer
-    of a U-shaped plan), without and with privacy.gradients at each ``--noise`` multiplier."""
+    of a U-shaped plan), without and with privacy.gradients at each ``--noise`` multiplier, and
+    the defence's cost: held-out perplexity of a model trained with those gradients noised."""
     half = args.public_seqs // 2
     public = torch.cat(
         [
@@ -374,24 +385,32 @@ def label_rows(args, trained: MoETransformer) -> None:
     clip = float(grads.norm(dim=-1).median())
     victim_tokens = len((DATA / "tinyshakespeare.txt").read_bytes()) // 2
     q, steps, delta = 8 * SEQ / victim_tokens, 4 * 30, 1e-5
+    held_out = byte_sequences(DATA / "tinyshakespeare.txt", args.victim_seqs, args.seed + 4, SECOND_HALF)
     rows = []
     for multiplier in [None, *args.noise]:
         noise = None if multiplier is None else GradientNoise(clip=clip, noise_multiplier=multiplier)
+        model = trained
+        if noise is not None:
+            model = MoETransformer(cfg)
+            model.load_state_dict(initial.state_dict())
+            train_monolith(model, args.train_steps, args.seed, lambda step, n=noise: returned_noised_at(3, n, step))
         pub_grads, pub_labels = returned_gradients(3, noise, args.seed + 21)(trained, public)
         vic_grads, vic_labels = returned_gradients(3, noise, args.seed + 22)(trained, victim)
         cells = ["none" if multiplier is None else f"{multiplier:g}", "-" if noise is None else f"{clip:.3g}"]
         for hidden in (None, 256):
             probe = train_probe(pub_grads, pub_labels, hidden, args.probe_steps, args.seed)
             cells.append(f"{100 * recovery(probe, vic_grads, vic_labels):.1f}%")
+        cells.append(f"{perplexity(model, held_out, None, 0):.2f}")
         cells.append("inf" if multiplier is None else f"{gaussian_epsilon(multiplier, q, steps, delta):.3g}")
         rows.append(cells)
         print(f"  returned gradients, noise multiplier {cells[0]}: {', '.join(cells[2:])}", flush=True)
     print(
         f"\n## Label recovery from the gradients a data owner returns after layer 3 (privacy.gradients, clip = "
-        f"median token gradient norm there; trained weights; ε: 4 x 30 steps of 8 x {SEQ} over {victim_tokens:,} "
-        f"training tokens, δ = {delta:g})\n"
+        f"median token gradient norm there; attacked on the trained weights; held-out ppl: a model trained "
+        f"{args.train_steps} AdamW steps with those gradients noised; ε: 4 x 30 steps of 8 x {SEQ} over "
+        f"{victim_tokens:,} training tokens, δ = {delta:g})\n"
     )
-    header = ["noise multiplier", "clip", "labels recovered, linear", "labels recovered, MLP", "ε"]
+    header = ["noise multiplier", "clip", "labels recovered, linear", "labels recovered, MLP", "held-out ppl", "ε"]
     print("\n".join(table(header, rows)))
     print(f"\nbaseline (always the victim's most frequent label): {100 * baseline:.1f}%")
 
