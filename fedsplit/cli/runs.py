@@ -140,6 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def verify_plan(args: argparse.Namespace) -> int:
     from ..federation.verify import VerifyError, verify
+    from ..hosting.processes import HostStartError
     from ..plan.schema import OptimizerConfig
 
     plan = load(args.federation)
@@ -156,6 +157,8 @@ def verify_plan(args: argparse.Namespace) -> int:
         )
     except VerifyError as e:
         raise CliError(f"cannot verify: {e}", USAGE) from None
+    except HostStartError as e:
+        raise CliError(f"cannot verify: {e}") from None
     ok = result.max_abs_diff <= args.tolerance
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -224,6 +227,7 @@ def coordinator(args: argparse.Namespace) -> None:
 
 
 def client_(args: argparse.Namespace) -> int:
+    from ..data import DataError
     from ..federation.deploy import ClientOptions, DeploymentError, run_client
 
     given = [f for f in (args.federation, args.plan_option) if f]
@@ -252,13 +256,14 @@ def client_(args: argparse.Namespace) -> int:
     )
     try:
         end = run_client(plan, options)
-    except DeploymentError as e:
+    except (DeploymentError, DataError) as e:
         raise CliError(f"client failed: {e}") from None
     say(f"{args.org}: {end.why}; client stopped")
     return end.code
 
 
 def baseline(args: argparse.Namespace) -> None:
+    from ..data import DataError
     from ..federation.baseline import run_baseline
     from ..federation.progress import progress_bar
 
@@ -266,12 +271,15 @@ def baseline(args: argparse.Namespace) -> None:
     t = plan.training
     with progress_bar(console, "centralised baseline") as bar:
         task = bar.add_task("steps", total=t.rounds * t.steps_per_round, status="")
-        run_dir = run_baseline(
-            plan,
-            Path(args.runs_dir),
-            args.device or "cpu",
-            on_step=lambda done, total, m: bar.update(task, completed=done, status=f"loss {m['loss']:.4f}"),
-        )
+        try:
+            run_dir = run_baseline(
+                plan,
+                Path(args.runs_dir),
+                args.device or "cpu",
+                on_step=lambda done, total, m: bar.update(task, completed=done, status=f"loss {m['loss']:.4f}"),
+            )
+        except DataError as e:
+            raise CliError(f"baseline failed: {e}") from None
     finish_run(run_dir, None)
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..hosting.processes import HostProcesses
+from ..hosting.processes import HostProcesses, HostStartError
 from ..plan import Plan
 from .rundir import RunPlace
 from .server_app import RESULT_FILE
@@ -134,16 +134,19 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     groups = [[org] for org in plan.orgs] if options.process_per_org else [list(plan.orgs)]
     plan_file = options.resolved_plan(plan)
-    hosts = HostProcesses(
-        plan,
-        groups,
-        run_dir / "workers",
-        plan_file=plan_file,
-        run=run_dir.name,
-        device=options.device,
-        insecure=options.insecure,
-        state_dir=run_dir / "workers" / "state",
-    )
+    try:
+        hosts = HostProcesses(
+            plan,
+            groups,
+            run_dir / "workers",
+            plan_file=plan_file,
+            run=run_dir.name,
+            device=options.device,
+            insecure=options.insecure,
+            state_dir=run_dir / "workers" / "state",
+        )
+    except HostStartError as e:
+        raise SimulationFailed(str(e)) from None
     try:
         registry = run_dir / "simulation.json"
         registry.write_text(

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from ..data import DataError
 from ..plan import Plan, load_plan
 from ..runtime.batches import batches_for, eval_batches_for
 from ..runtime.privacy import noise_key
@@ -127,6 +128,9 @@ def load_tensor(path: str, name: str) -> Tensor:
         return f.get_tensor(name)
 
 
+REFUSED, REFUSED_EXIT = "fedsplit: cannot start: ", 3  # how a host says it refuses to start, and why
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedsplit.hosting.host", description=__doc__)
     parser.add_argument(
@@ -160,17 +164,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         with safe_open(args.weights, "pt") as f:
             names = list(f.keys())
         weights = LazyWeights(names, lambda name: load_tensor(args.weights, name))
-    host = WorkerHost(
-        plan,
-        args.orgs,
-        run=args.run,
-        credentials=args.credentials,
-        weights=weights,
-        host=args.host,
-        ports={args.orgs[0]: args.port},
-        device=args.device,
-        state_dir=args.state_dir,
-    )
+    try:
+        host = WorkerHost(
+            plan,
+            args.orgs,
+            run=args.run,
+            credentials=args.credentials,
+            weights=weights,
+            host=args.host,
+            ports={args.orgs[0]: args.port},
+            device=args.device,
+            state_dir=args.state_dir,
+        )
+    except DataError as e:  # the user's to fix, not a crash: one line that says what and where
+        print(f"{REFUSED}{e}", file=sys.stderr, flush=True)
+        sys.exit(REFUSED_EXIT)
     signal.signal(signal.SIGTERM, lambda signum, frame: host.stop())
     if args.exit_with_parent:  # the parent holds our stdin: its end (even a SIGKILL) ends us too
         threading.Thread(target=lambda: (sys.stdin.read(), os.kill(os.getpid(), signal.SIGTERM)), daemon=True).start()

@@ -25,7 +25,11 @@ from ..runtime.protocols import Batches
 from ..transport.security import TLSConfig, generate_credentials, load_token
 from ..transport.shm import remove_segments_of
 from .control import COORDINATOR, WorkerControl
-from .host import WORKER_THREADS
+from .host import REFUSED, REFUSED_EXIT, WORKER_THREADS
+
+
+class HostStartError(RuntimeError):
+    """A worker host did not start: why (its own one-line reason when it refused, e.g. bad data)."""
 
 
 def _worker_env() -> dict[str, str]:
@@ -129,7 +133,10 @@ class HostProcesses:
                 if proc.poll() is not None:
                     log = self.log(i).read_text(errors="replace")[-2000:]
                     self.close()
-                    raise RuntimeError(f"worker host {i} exited with code {proc.returncode} while starting:\n{log}")
+                    refused = [line for line in log.splitlines() if line.startswith(REFUSED)]
+                    if proc.returncode == REFUSED_EXIT and refused:
+                        raise HostStartError(refused[-1].removeprefix(REFUSED))
+                    raise HostStartError(f"worker host {i} exited with code {proc.returncode} while starting:\n{log}")
                 if self._ready(i).exists():
                     addresses.update(json.loads(self._ready(i).read_text()))
             if time.monotonic() > deadline:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from fedsplit.cli import main
 from fedsplit.federation.baseline import held_out_task, run_baseline
 from fedsplit.federation.checkpoint import latest_checkpoint
 from fedsplit.federation.simulate import SimulationOptions, simulate
@@ -46,3 +47,16 @@ def test_flower_rounds_with_a_task_head_equal_centralised_training_and_report_it
     baseline = run_baseline(plan, tmp_path / "baseline")
     centralised = [json.loads(line) for line in (baseline / "metrics.jsonl").read_text().splitlines()][-1]
     assert centralised["tasks"]["domain"]["accuracy"] == expected.accuracy
+
+
+def test_a_bad_label_stops_a_simulation_at_start_with_its_file_and_line_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "to be", "label": "verse"}\n{"text": "x = 1", "label": "prose"}\n')
+    orgs = {**MIXED, "classifier": {**MIXED["classifier"], "data": {"train": str(bad)}}}
+    plan = write_task_plan(tmp_path / "plan", orgs)
+    for command in (["simulate", "--insecure"], ["baseline"], ["verify", "--transport", "grpc", "--insecure"]):
+        where = ["--runs-dir", str(tmp_path / "runs")] if command[0] != "verify" else []
+        assert main([command[0], str(plan), *command[1:], *where]) != 0, command
+        err = capsys.readouterr().err
+        assert f'{bad}:2: label "prose" is not one of the task\'s labels' in err, (command, err)
+        assert "Traceback" not in err, command
