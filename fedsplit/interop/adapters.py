@@ -10,8 +10,9 @@ from ..model import ModelConfig, is_adapter
 
 
 def merge_adapters(cfg: ModelConfig, state: Mapping[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """The base model and its weights with every adapter folded in, ``W + (alpha / rank) B A``
-    (what :class:`~fedsplit.model.LoRALinear` computes), in fp32 and cast back to ``W``'s dtype."""
+    """The model without adapters (its task heads kept) and its weights with every adapter folded
+    in, ``W + (alpha / rank) B A`` (what :class:`~fedsplit.model.LoRALinear` computes), in fp32 and
+    cast back to ``W``'s dtype."""
     if cfg.lora is None:
         return cfg, dict(state)
     merged = {k: v for k, v in state.items() if not is_adapter(k)}
@@ -20,4 +21,4 @@ def merge_adapters(cfg: ModelConfig, state: Mapping[str, Tensor]) -> tuple[Model
             prefix = name.removesuffix(".lora_A.weight")
             a, b, w = state[name].float(), state[f"{prefix}.lora_B.weight"].float(), state[f"{prefix}.weight"]
             merged[f"{prefix}.weight"] = (w.float() + cfg.lora.scaling * (b @ a)).to(w.dtype)
-    return cfg.base, merged
+    return cfg.model_copy(update={"lora": None}), merged

@@ -14,6 +14,7 @@ from fedsplit.data import PAD_ID, DataError, classification_batch, read_labelled
 from fedsplit.federation.verify import verify
 from fedsplit.hosting.messages import op_from_proto, op_to_proto
 from fedsplit.interop import TASK_HEADS_FILE, CheckpointError, open_checkpoint, save_hf, save_hf_classifier
+from fedsplit.interop.adapters import merge_adapters
 from fedsplit.model import ModelConfig, MoETransformer
 from fedsplit.plan import PlanError, load_plan, resolved_model, write_resolved
 from fedsplit.plan.exposure import exposures
@@ -278,3 +279,16 @@ def test_a_run_s_resolved_plan_reads_back_the_tasks_and_the_model_with_their_hea
     assert dict(again.tasks) == dict(plan.tasks) and again.orgs["classifier"].task == "domain"
     assert again.path("classifier") == plan.path("classifier")
     assert "tasks" not in load_plan(PLANS / "three-orgs" / "federation.yaml").model.model_dump()
+
+
+def test_a_lora_fine_tune_with_a_task_head_merges_and_keeps_the_head(tmp_path):
+    document = yaml.safe_load(write_task_plan(tmp_path, U_SHAPE).read_text())
+    document["finetune"] = {"rank": 2, "alpha": 4.0, "targets": ["q_proj", "experts"]}
+    (tmp_path / "federation.yaml").write_text(yaml.safe_dump(document))
+    plan = load_plan(tmp_path / "federation.yaml")
+    assert "task_heads.domain.weight" not in plan.frozen  # new, so it trains over the frozen base
+    cfg, merged = merge_adapters(plan.model, initial_weights(plan))
+    assert cfg.lora is None and [t.name for t in cfg.tasks] == ["domain"]
+    written = save_hf(cfg, merged, tmp_path / "merged")
+    with safe_open(str(written / TASK_HEADS_FILE), "pt") as f:
+        assert torch.equal(f.get_tensor("domain.score.weight"), merged["task_heads.domain.weight"])
