@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .corpus import Batch
-from .sources import DataError, read_text
+from .sources import DataError, json_lines, read_text
 from .tokenizer import ByteTokenizer, Tokenizer
 
 PAD_ID = 0  # what fills a batch's shorter examples after their last token (never attended to by it)
@@ -108,12 +108,11 @@ def read_labelled(
                 f'like {{"text": "...", "label": "{labels[0]}"}}'
             )
         found = 0
-        for number, line in enumerate(read_text(path, org, role).splitlines(), start=1):
-            if not line.strip():
-                continue
+        example = f'{{"text": "...", "label": "{labels[0]}"}}'
+        for number, record in json_lines(read_text(path, org, role), path, org, role, example):
             where = f"organisation '{org}': {role} data {path}:{number}"
-            text, label = _example(line, where, labels)
-            ids = tokenizer.encode(text)
+            label = _label(record, where, labels)
+            ids = tokenizer.encode(record["text"])
             if not ids:
                 raise DataError(f"{where}: 'text' is empty; every example needs text to classify")
             sequences.append(torch.tensor(ids, dtype=torch.int64))
@@ -124,15 +123,8 @@ def read_labelled(
     return LabelledExamples(org, sequences, torch.tensor(classes, dtype=torch.int64), f"{role} data")
 
 
-def _example(line: str, where: str, labels: Sequence[str]) -> tuple[str, str | int]:
-    """(text, label) of one line, the label checked against the task's."""
-    shape = f'each line must be an object like {{"text": "...", "label": "{labels[0]}"}}'
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg}); {shape}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise DataError(f"{where}: no string field 'text'; {shape}")
+def _label(record: dict, where: str, labels: Sequence[str]) -> str | int:
+    """A line's label, checked against the task's."""
     label = record.get("label")
     valid = label in labels if isinstance(label, str) else (type(label) is int and 0 <= label < len(labels))
     if not valid:
@@ -141,4 +133,4 @@ def _example(line: str, where: str, labels: Sequence[str]) -> tuple[str, str | i
             f"{where}: label {shown} is not one of the task's labels ({', '.join(labels)}) or their index "
             f"(0-{len(labels) - 1})"
         )
-    return record["text"], label
+    return label

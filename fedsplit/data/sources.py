@@ -6,7 +6,7 @@ file (and the line) and what to do."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -44,23 +44,26 @@ def read_text(path: Path, org: str | None = None, role: str = "train") -> str:
         ) from None
 
 
-def _jsonl_documents(text: str, path: Path, org: str | None, role: str) -> list[str]:
-    documents = []
+def json_lines(text: str, path: Path, org: str | None, role: str, example: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a ``.jsonl`` file's ``text``: an object with
+    a string ``text``, else a :class:`DataError` naming the file and line; ``example``: a line that
+    would do, for the message."""
+    shape = f"each line of a .jsonl file must be an object like {example}"
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(
-                f"{_owner(org)}{role} data {path}:{number}: not valid JSON ({e.msg}); "
-                f'each line of a .jsonl file must be an object like {{"text": "..."}}'
-            ) from None
+            raise DataError(f"{_owner(org)}{role} data {path}:{number}: not valid JSON ({e.msg}); {shape}") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(
-                f"{_owner(org)}{role} data {path}:{number}: no string field 'text'; "
-                f'each line of a .jsonl file must be an object like {{"text": "..."}}'
-            )
+            raise DataError(f"{_owner(org)}{role} data {path}:{number}: no string field 'text'; {shape}")
+        yield number, record
+
+
+def _jsonl_documents(text: str, path: Path, org: str | None, role: str) -> list[str]:
+    documents = []
+    for _, record in json_lines(text, path, org, role, '{"text": "..."}'):
         if record["text"]:
             documents.append(record["text"] if record["text"].endswith("\n") else record["text"] + "\n")
     return documents

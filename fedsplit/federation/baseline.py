@@ -14,10 +14,15 @@ from torch import Tensor
 from ..plan import Plan
 from ..runtime import MonolithicTrainer, initial_weights
 from ..runtime.batches import batches_for, eval_batches_for
+from ..runtime.driver import held_out_metrics
 from .checkpoint import CHECKPOINTS, plan_hash, write_checkpoint
 from .rundir import MetricsLog, TaskHeldOut, evaluation_record, new_run_dir
 
 Progress = Callable[[int, int, dict], None]  # (step done, total steps, step metrics)
+
+
+def _held_out(trainer: MonolithicTrainer, batches: list[tuple[Tensor, Tensor]], data_owner: str, round: int):
+    return held_out_metrics([trainer.evaluate(tok, lab, data_owner, round) for tok, lab in batches], batches)
 
 
 def held_out_loss(
@@ -25,9 +30,8 @@ def held_out_loss(
 ) -> tuple[float, float]:
     """(token-weighted mean cross-entropy, tokens) of ``data_owner``'s held-out batches, routed
     and noised as the split model evaluates them at the start of ``round``."""
-    tokens = [float(tok.numel()) for tok, _ in batches]
-    losses = [trainer.evaluate(tok, lab, data_owner, round).loss for tok, lab in batches]
-    return sum(loss * n for loss, n in zip(losses, tokens)) / sum(tokens), sum(tokens)
+    m = _held_out(trainer, batches, data_owner, round)
+    return m["eval_loss"], m["eval_tokens"]
 
 
 def held_out_task(
@@ -35,11 +39,8 @@ def held_out_task(
 ) -> TaskHeldOut:
     """A task's data owner's held-out loss and accuracy (over its examples), as the split model
     evaluates them at the start of ``round``."""
-    examples = [float((lab != -100).sum()) for _, lab in batches]
-    results = [trainer.evaluate(tok, lab, data_owner, round) for tok, lab in batches]
-    total = sum(examples)
-    loss = sum(r.loss * n for r, n in zip(results, examples)) / total
-    return TaskHeldOut(trainer.plan.orgs[data_owner].task, loss, sum(r.correct for r in results) / total, total)
+    m = _held_out(trainer, batches, data_owner, round)
+    return TaskHeldOut(trainer.plan.orgs[data_owner].task, m["eval_loss"], m["eval_accuracy"], m["eval_examples"])
 
 
 def held_out_record(trainer: MonolithicTrainer, held_out: dict[str, list[tuple[Tensor, Tensor]]], r: int) -> dict:

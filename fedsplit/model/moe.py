@@ -543,6 +543,10 @@ class MoETransformer(nn.Module):
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight)
 
+    def loss_head(self, task: str | None = None) -> Callable[[Tensor], Tensor]:
+        """What maps final hidden states to logits: the LM head, or task ``task``'s head."""
+        return self.logits if task is None else self.task_heads[task]
+
     def hidden(
         self,
         tokens: Tensor,
@@ -588,7 +592,7 @@ class MoETransformer(nn.Module):
         the cross-entropy is that task head's, on the positions whose label is not -100 (each
         sequence's last token, see :func:`fedsplit.data.classification_batch`)."""
         h, aux = self.hidden(tokens, noise_seed, blocked, release)
-        head = self.logits if task is None else self.task_heads[task]
+        head = self.loss_head(task)
         if self.activation_checkpointing:
             return chunked_cross_entropy(h, head, labels), aux
         return cross_entropy(head(h), labels), aux

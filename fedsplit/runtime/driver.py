@@ -3,7 +3,7 @@ organisations on its path and backward in reverse."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -23,6 +23,21 @@ class HeldOut(NamedTuple):
 
     loss: float
     correct: int | None = None
+
+
+def held_out_metrics(results: Sequence[HeldOut], batches: Sequence[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """A data owner's held-out metrics from its batches' results (the split model's or the
+    monolith's): ``eval_loss`` and ``eval_tokens`` (the mean over tokens), or for a task
+    ``eval_loss``, ``eval_accuracy`` and ``eval_examples`` (means over examples)."""
+    if results[0].correct is None:
+        tokens = [float(tok.numel()) for tok, _ in batches]
+        return {"eval_loss": sum(r.loss * n for r, n in zip(results, tokens)) / sum(tokens), "eval_tokens": sum(tokens)}
+    examples = [float((lab != -100).sum()) for _, lab in batches]
+    return {
+        "eval_loss": sum(r.loss * n for r, n in zip(results, examples)) / sum(examples),
+        "eval_accuracy": sum(r.correct for r in results) / sum(examples),
+        "eval_examples": sum(examples),
+    }
 
 
 class DataOwner:

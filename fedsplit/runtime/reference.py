@@ -116,7 +116,7 @@ class MonolithicTrainer:
                     if task is None:
                         losses.append(self.model.losses(tok, lab, blocked=blocked, release=release)[0].item())
                         continue
-                    logits = self.model.task_heads[task](self.model.hidden(tok, blocked=blocked, release=release)[0])
+                    logits = self.model.loss_head(task)(self.model.hidden(tok, blocked=blocked, release=release)[0])
                     losses.append(cross_entropy(logits, lab).item())
                     correct += int(correct_labels(logits, lab))
         finally:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .driver import DataOwner
+from .driver import held_out_metrics
 from .optim import OptimizerStates, make_optimizer
 from .privacy import epsilon, mechanisms
 from .protocols import RoundControl, Traffic
@@ -284,21 +284,6 @@ class Rounds:
         self.last_finished = round
 
 
-def held_out(owner: DataOwner, batches: Sequence[tuple[Tensor, Tensor]], round: int) -> dict[str, float]:
-    """A data owner's held-out metrics: ``eval_loss`` and ``eval_tokens`` (the mean over tokens),
-    or for a task ``eval_loss``, ``eval_accuracy`` and ``eval_examples`` (means over examples)."""
-    results = [owner.evaluate_batch(tok, lab, round) for tok, lab in batches]
-    if results[0].correct is None:
-        tokens = [float(tok.numel()) for tok, _ in batches]
-        return {"eval_loss": sum(r.loss * n for r, n in zip(results, tokens)) / sum(tokens), "eval_tokens": sum(tokens)}
-    examples = [float((lab != -100).sum()) for _, lab in batches]
-    return {
-        "eval_loss": sum(r.loss * n for r, n in zip(results, examples)) / sum(examples),
-        "eval_accuracy": sum(r.correct for r in results) / sum(examples),
-        "eval_examples": sum(examples),
-    }
-
-
 def run_round(
     worker: Worker,
     spec: RoundSpec,
@@ -314,7 +299,10 @@ def run_round(
     per_step: dict[str, float] = {}  # "lr/<step>", "grad_norm/<step>", "clip_factor/<step>"
     for c in controls.values():
         c.await_round(spec.round, spec.attempt)
-    evaluated = held_out(owner, eval_batches, spec.round) if spec.evaluate and eval_batches else {}
+    evaluated = {}
+    if spec.evaluate and eval_batches:
+        results = [owner.evaluate_batch(tok, lab, spec.round) for tok, lab in eval_batches]
+        evaluated = held_out_metrics(results, eval_batches)
     with compute_pool(len(controls), "fedsplit-finish") as pool:
         for step in range(spec.first_step, spec.last_step + 1):
             start = time.perf_counter()
