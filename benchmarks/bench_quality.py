@@ -161,6 +161,11 @@ def plans_to_train(args: argparse.Namespace, work: Path) -> Iterator[tuple[str, 
     generated plan per split (and its owned-experts variant, with ``--modes owned``)."""
     if args.plan:
         plan = load_plan(args.plan)
+        if all(plan.orgs[d].task is not None for d in plan.data_owners):
+            raise SystemExit(
+                f"bench_quality: plan {plan.name!r} has no data owner that trains next-token prediction, "
+                "so there is no perplexity to compare; give it a plan with at least one text data owner"
+            )
         yield f"plan {plan.name}", plan, None
         return
     for by in args.splits:

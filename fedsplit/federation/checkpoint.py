@@ -58,6 +58,9 @@ def _digest(plan: Plan, training: dict) -> str:
         spec["owned"] = sorted((str(u), owner) for u, owner in plan.owner_of.items())
     if plan.privacy is not None:
         spec["privacy"] = plan.privacy.model_dump(mode="json")
+    if plan.tasks:  # the heads are in the model; which data trains each, and its weight, are not
+        spec["tasks"] = {name: task.model_dump(mode="json") for name, task in sorted(plan.tasks.items())}
+        spec["task_of"] = {org: o.task for org, o in sorted(plan.orgs.items()) if o.task is not None}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

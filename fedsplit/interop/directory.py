@@ -17,16 +17,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..data.labelled import PAD_ID
 from ..model import TASK_HEADS, ModelConfig, parameter_shapes
 from .errors import CheckpointError
 from .hf_config import MIXTRAL, QWEN2_MOE, config_from_hf, config_to_hf, hf_architecture
-from .hf_weights import Stored, locate, to_hf
+from .hf_weights import Stored, hf_names, locate, to_hf
 from .reader import INDEX_FILE, SINGLE_FILE, CheckpointReader, SafetensorsFiles
 
 HF_CONFIG = "config.json"
@@ -131,8 +131,13 @@ def save_hf_classifier(
 ) -> Path:
     """Write the trunk with task ``task``'s head as a HF directory that
     ``AutoModelForSequenceClassification.from_pretrained`` loads (the architecture's
-    ``*ForSequenceClassification``: its ``score`` is the head, pooling the last token that is not
-    :data:`~fedsplit.data.PAD_ID`, which is where fedsplit's examples carry their label)."""
+    ``*ForSequenceClassification``: its ``score`` is the head, on the last token that is not
+    ``pad_token_id``, which is where fedsplit's examples carry their label).
+
+    transformers finds that token by comparing ids with ``pad_token_id``, so the pad must be an id
+    that no text encodes to (fedsplit's own :data:`~fedsplit.data.PAD_ID` is a real token of a
+    BPE vocabulary: an example ending in it would be pooled one token early). The export adds one:
+    ``vocab_size``, a zero embedding row that a causal model's real tokens never read."""
     _refuse_adapters(cfg)
     try:
         labels = cfg.task(task).labels
@@ -147,12 +152,15 @@ def save_hf_classifier(
             field="tasks",
         )
     tensors = {k: v for k, v in to_hf(cfg.base, arch, state).items() if k != "lm_head.weight"}
+    embed = hf_names(cfg.base, arch)["embed.weight"].key
+    tensors[embed] = torch.cat([tensors[embed], tensors[embed].new_zeros(1, cfg.hidden_size)])
     tensors["score.weight"] = state[f"{TASK_HEADS}.{task}.weight"]
     config = config_to_hf(cfg.base) | {
         "architectures": [arch.removesuffix("ForCausalLM") + "ForSequenceClassification"],
         "id2label": dict(enumerate(labels)),
         "label2id": {name: i for i, name in enumerate(labels)},
-        "pad_token_id": PAD_ID,
+        "vocab_size": cfg.vocab_size + 1,
+        "pad_token_id": cfg.vocab_size,
     }
     return _write_hf(out, config, tensors, max_shard_bytes)
 

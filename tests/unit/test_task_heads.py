@@ -1,6 +1,7 @@
 """Splitting by function: a data owner trains a classification head of its own on the shared trunk,
 beside the others' next-token objective, exactly as the monolith trains both."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from safetensors import safe_open
 
 from fedsplit.data import PAD_ID, DataError, classification_batch, read_labelled
+from fedsplit.federation.checkpoint import layout_hash, plan_hash
 from fedsplit.federation.verify import verify
 from fedsplit.hosting.messages import op_from_proto, op_to_proto
 from fedsplit.interop import TASK_HEADS_FILE, CheckpointError, open_checkpoint, save_hf, save_hf_classifier
@@ -253,13 +255,16 @@ def test_export_keeps_the_task_heads_beside_the_model_and_as_a_transformers_clas
         save_hf_classifier(plan.model, weights, "domain", tmp_path / "classifier")
     ).eval()
     assert type(hf).__name__ == "MixtralForSequenceClassification" and hf.config.id2label == dict(enumerate(LABELS))
-    sequences = [torch.tensor([70, 71, 72, 73, 74]), torch.tensor([80, 81, 82])]
-    tokens, labels = classification_batch(sequences, torch.tensor([0, 1]), seq_len=16)
+    # The second example ends in token 0, fedsplit's own padding id: transformers must still pool it.
+    sequences = [torch.tensor([70, 71, 72, 73, 74]), torch.tensor([80, 81, PAD_ID]), torch.tensor([90, 91])]
+    tokens, labels = classification_batch(sequences, torch.tensor([0, 1, 2]), seq_len=16)
+    assert hf.config.pad_token_id == plan.model.vocab_size
+    padded = torch.where(torch.arange(tokens.shape[1]) < torch.tensor([[5], [3], [2]]), tokens, hf.config.pad_token_id)
     model = MoETransformer(plan.model)
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():
         ours = model.eval().task_heads["domain"](model.hidden(tokens)[0])[labels != -100]
-        theirs = hf(tokens).logits
+        theirs = hf(padded).logits
     assert (ours - theirs).abs().max() <= 1e-5
 
 
@@ -292,3 +297,17 @@ def test_a_lora_fine_tune_with_a_task_head_merges_and_keeps_the_head(tmp_path):
     written = save_hf(cfg, merged, tmp_path / "merged")
     with safe_open(str(written / TASK_HEADS_FILE), "pt") as f:
         assert torch.equal(f.get_tensor("domain.score.weight"), merged["task_heads.domain.weight"])
+
+
+def test_resume_notices_a_changed_task_weight_or_a_data_owner_that_trains_another_objective(tmp_path):
+    plan = load_plan(write_task_plan(tmp_path / "a", U_SHAPE, weight=0.5))
+    reweighted = load_plan(write_task_plan(tmp_path / "b", U_SHAPE, weight=2.0))
+    orgs = dict(plan.orgs)
+    orgs["library"], orgs["classifier"] = (
+        dataclasses.replace(orgs["library"], task="domain"),
+        dataclasses.replace(orgs["classifier"], task=None),
+    )
+    retasked = dataclasses.replace(plan, orgs=orgs)  # the same partitions, each training the other's objective
+    for digest in (plan_hash, layout_hash):
+        assert len({digest(plan), digest(reweighted), digest(retasked)}) == 3
+        assert digest(plan) == digest(load_plan(write_task_plan(tmp_path / "a2", U_SHAPE, weight=0.5)))
