@@ -12,7 +12,7 @@ from ..hosting.processes import ProcessFederation
 from ..plan import Plan
 from ..plan.schema import OptimizerConfig
 from ..runtime import InProcessFederation, MonolithicTrainer, initial_weights, synthetic_batches
-from ..runtime.privacy import fresh_noise_keys
+from ..runtime.privacy import seeded_noise_keys
 from .aggregate import average_replicas
 
 
@@ -64,7 +64,7 @@ def verify(
             f"or keep the replicas in step (aggregation: {{replica_sync: step}})"
         )
     weights = initial_weights(plan)
-    keys = fresh_noise_keys(plan)  # both sides draw privacy.activations' noise from the same secrets
+    keys = seeded_noise_keys(plan)  # both sides draw the privacy noise from the same keys, run after run
     mono = MonolithicTrainer(plan, weights, device, keys)
     if transport == "grpc":
         # Worker processes compute with one intra-op thread (WORKER_THREADS); the reference

@@ -125,6 +125,16 @@ def fresh_noise_keys(plan: Plan) -> dict[str, int]:
     return {d: noise_key(None) for d in plan.data_owners}
 
 
+def seeded_noise_keys(plan: Plan) -> dict[str, int]:
+    """Every data owner's noise key drawn from the plan's seed: for ``verify``, whose model is
+    thrown away and whose result should repeat (a non-bitwise plan's drift depends on the noise:
+    a near-tied top-k choice it pushes over flips), never for a run that trains."""
+    return {
+        d: int.from_bytes(hashlib.sha256(f"verify:{plan.training.seed}:{d}".encode()).digest()[:8], "big") >> 2
+        for d in plan.data_owners
+    }
+
+
 def releaser(
     plan: Plan, key: CallKey, secret: int | None, salt: int = 0, gradient_scale: float = 1.0
 ) -> Release | None:

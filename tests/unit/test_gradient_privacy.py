@@ -58,9 +58,13 @@ def test_noised_returned_gradients_train_exactly_like_the_monolith_noised_at_the
         # Two data owners sharing replicas, kept in step so that AdamW stays exact; at the plan's lr
         # 1e-3 their reordered gradient sums alone come within 1e-5 (docs/training.md), so 3e-4.
         plan = plan.with_settings(aggregation=AggregationConfig(replica_sync="step"))
-        plan = plan.with_training(optimizer={**plan.training.optimizer.model_dump(), "lr": 3e-4})
+        plan = plan.with_training(optimizer={**plan.training.optimizer.model_dump(), "lr": 3e-4}, deterministic=True)
     result = verify(plan, steps=10)
     assert result.max_abs_diff <= 1e-5, (result.max_abs_diff, result.worst_parameter)
+    if name == "u-shape-3":
+        # verify draws the noise from the plan's seed, so a plan exact to rounding repeats its drift
+        # (with fresh noise one draw in eight flipped a near-tied top-k choice: 4.6e-4).
+        assert verify(plan, steps=10).max_abs_diff == result.max_abs_diff
     if name == "layers":
         assert result.max_abs_diff == 0.0  # a layer plan with one data owner stays bitwise
     clean = verify(dataclasses.replace(plan, privacy=None), steps=10)
