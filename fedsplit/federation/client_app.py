@@ -46,9 +46,20 @@ def _failure(msg: Message, site: ClientSite, e: PeerError) -> Message:
     return _reply(msg, WORKER_DOWN if own_worker_gone else ROUND_FAILED, str(e))
 
 
+# What a virtual client keeps in its node's Context from registering on: the simulation's registry.
+SITE_STATE = "fedsplit-site"
+
+
+def _site(context: Context) -> ClientSite:
+    registry = context.state[SITE_STATE]["registry"] if SITE_STATE in context.state else None
+    return ClientSite.of(context.node_config, str(registry) if registry is not None else None)
+
+
 @app.query("register")
 def register(msg: Message, context: Context) -> Message:
-    site = ClientSite.of(context.node_config)
+    if "simulation" in msg.content:
+        context.state[SITE_STATE] = ConfigRecord({"registry": str(msg.content["simulation"]["registry"])})
+    site = _site(context)
     return _reply(
         msg,
         OK,
@@ -78,7 +89,7 @@ def _trained(control: WorkerControl, msg: Message, arrived: float) -> Message:
 def _drive(msg: Message, context: Context, act: Callable[[WorkerControl], Message]) -> Message:
     """``act`` on this organisation's worker for ``msg``'s run; a data-plane failure becomes the
     reply that says whose it was."""
-    site = ClientSite.of(context.node_config)
+    site = _site(context)
     control = _control(site, str(msg.content["config"]["run"]))
     try:
         return act(control)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..plan import Plan
@@ -78,10 +78,12 @@ def register(
     message_timeout: float,
     check_identity: Callable[[str, object], None],
     joined: Callable[[int], None] = lambda count: None,
+    simulation: str | None = None,
 ) -> tuple[dict[str, int], dict[str, str]]:
     """Wait for a node per organisation (``joined(count)`` each time the count of connected
     nodes changes) and ask each which organisation it is (checked by ``check_identity``) and
-    where its data plane listens: (node of each org, its address)."""
+    where its data plane listens: (node of each org, its address). In a simulation each virtual
+    node is told the registry of workers (``simulation``) that says which it is."""
     expected = len(plan.orgs)
     deadline = time.monotonic() + node_timeout
     seen = -1
@@ -93,7 +95,11 @@ def register(
             raise FederationError(f"{len(nodes)} of {expected} organisations connected within {node_timeout:.0f} s")
         time.sleep(0.5)
     joined(len(nodes))
-    msgs = {str(nid): Message(RecordDict(), dst_node_id=nid, message_type="query.register") for nid in nodes}
+
+    def content() -> RecordDict:
+        return RecordDict({"simulation": ConfigRecord({"registry": simulation})} if simulation else {})
+
+    msgs = {str(nid): Message(content(), dst_node_id=nid, message_type="query.register") for nid in nodes}
     outcome = exchange(grid, msgs, message_timeout)
     if outcome.failed:
         raise FederationError(

@@ -20,7 +20,8 @@ import itertools
 import json
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from contextlib import ExitStack
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -46,6 +47,22 @@ RELEASE_TIMEOUT_S = 60.0  # how long the end of a run waits for the clients to h
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = CoordinatorSettings.find(context.run_config)
+    if settings is not None:  # fedsplit simulate or fedsplit coordinator started the workers
+        coordinate(grid, settings)
+        return
+    from .app_run import STARTUP_ERRORS, app_simulation  # a bare `flwr run .`: this app starts them
+
+    with ExitStack() as stack:
+        try:
+            settings = stack.enter_context(app_simulation(context.run_config, len(list(grid.get_node_ids()))))
+        except STARTUP_ERRORS as e:  # a bad plan or run config: one line that says what to change
+            log(ERROR, "fedsplit: cannot start: %s", e)
+            return
+        coordinate(grid, settings)
+
+
+def coordinate(grid: Grid, settings: CoordinatorSettings) -> None:
+    """Run every round, and say in the run's ``result.json`` how the run ended."""
     result = Path(settings.run_dir) / RESULT_FILE
     try:
         Coordinator(grid, settings).run()
@@ -190,6 +207,7 @@ class Coordinator:
             self.settings.message_timeout_s,
             self._check_identity,
             joined,
+            self.settings.simulation,
         )
         self.alive = set(self.plan.orgs)
         log(INFO, "fedsplit: %d organisations registered: %s", len(self.alive), ", ".join(sorted(self.alive)))

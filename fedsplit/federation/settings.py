@@ -19,7 +19,6 @@ from ..plan import Plan, load_plan
 from ..transport.security import TLSConfig, load_token
 
 COORDINATOR_ENV = "FEDSPLIT_COORDINATOR_SETTINGS"
-SIMULATION_ENV = "FEDSPLIT_SIMULATION"
 
 
 class CoordinatorSettings(BaseModel):
@@ -43,6 +42,13 @@ class CoordinatorSettings(BaseModel):
     release_clients: bool = Field(
         default=False, description="after a successful run, tell every client the run is over (deployed clients exit)"
     )
+    simulation: str | None = Field(
+        default=None,
+        description=(
+            "a simulation's registry of workers (fedsplit simulate, flwr run .): sent to every virtual client when "
+            "it registers, since Flower starts their actors before the run's workers exist"
+        ),
+    )
 
     def load_plan(self) -> Plan:
         return load_plan(self.plan)
@@ -52,13 +58,11 @@ class CoordinatorSettings(BaseModel):
         return Path(path)
 
     @classmethod
-    def find(cls, run_config: Mapping) -> CoordinatorSettings:
+    def find(cls, run_config: Mapping) -> CoordinatorSettings | None:
+        """The settings ``fedsplit simulate`` or ``fedsplit coordinator`` wrote for this run; None
+        under a bare ``flwr run .``, where the app makes its own (:mod:`.app_run`)."""
         path = run_config.get("fedsplit-settings") or os.environ.get(COORDINATOR_ENV)
-        if not path:
-            raise RuntimeError(
-                f"no coordinator settings: pass -c \"fedsplit-settings='PATH'\" to flwr run or set {COORDINATOR_ENV}"
-            )
-        return cls.model_validate_json(Path(str(path)).read_text())
+        return cls.model_validate_json(Path(str(path)).read_text()) if path else None
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,10 @@ class ClientSite:
         return load_token(self.credentials, self.org) if self.credentials else None
 
     @classmethod
-    def of(cls, node_config: Mapping) -> ClientSite:
+    def of(cls, node_config: Mapping, registry: str | None = None) -> ClientSite:
         """From the SuperNode's node config (deployment: ``org``, ``worker``, ``address``,
-        ``credentials`` or ``insecure``, and ``layout``), or in simulation from the registry that ``fedsplit
-        simulate`` wrote, by partition id."""
+        ``credentials`` or ``insecure``, and ``layout``), or in simulation from the ``registry`` of
+        workers that the simulation wrote, by partition id."""
         if "org" in node_config:
             if not node_config.get("credentials") and not node_config.get("insecure"):
                 raise RuntimeError("the node config needs credentials=DIR, or insecure=true explicitly")
@@ -98,7 +102,11 @@ class ClientSite:
                 Path(str(creds)) if creds else None,
                 str(node_config.get("layout", "")),
             )
-        registry = json.loads(Path(os.environ[SIMULATION_ENV]).read_text())
-        org = registry["orgs"][int(node_config["partition-id"])]
-        creds = registry.get("credentials")
-        return cls(org, registry["workers"][org], registry["workers"][org], Path(creds) if creds else None)
+        if registry is None:
+            raise RuntimeError(
+                "this node has neither an organisation in its node config (org=NAME) nor a simulation's registry"
+            )
+        workers = json.loads(Path(registry).read_text())
+        org = workers["orgs"][int(node_config["partition-id"])]
+        creds = workers.get("credentials")
+        return cls(org, workers["workers"][org], workers["workers"][org], Path(creds) if creds else None)

@@ -21,7 +21,7 @@ from ..hosting.processes import HostProcesses, HostStartError
 from ..plan import Plan
 from .rundir import RunPlace
 from .server_app import RESULT_FILE
-from .settings import COORDINATOR_ENV, SIMULATION_ENV, CoordinatorSettings
+from .settings import COORDINATOR_ENV, CoordinatorSettings
 
 # Nothing leaves the host and nothing is installed at run time: Flower checks for updates, sends
 # telemetry and installs an app's dependencies per run unless told not to.
@@ -120,16 +120,11 @@ class SimulationOptions(RunPlace):
     actors: int = 2
 
 
-def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_started=None) -> Path:
-    """Run every round of ``plan``; returns the run directory. ``on_started(hosts, run_dir)`` is
-    called once the workers serve (tests use it to kill one)."""
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    from flwr.simulation import run_simulation  # after the environment above is set
-
-    from .client_app import app as client_app
-    from .server_app import app as server_app
-
+@contextmanager
+def simulation_workers(plan: Plan, options: SimulationOptions) -> Iterator[tuple[HostProcesses, CoordinatorSettings]]:
+    """The run's worker hosts, serving, and the coordinator's settings for them (written into the
+    run directory, with the registry that tells each virtual client which organisation it is);
+    the hosts are stopped on the way out."""
     run_dir = options.directory(plan)
     (run_dir / RESULT_FILE).unlink(missing_ok=True)
     groups = [[org] for org in plan.orgs] if options.process_per_org else [list(plan.orgs)]
@@ -149,23 +144,51 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
         raise SimulationFailed(str(e)) from None
     try:
         registry = run_dir / "simulation.json"
+        credentials = str(hosts.credentials) if hosts.credentials else None
         registry.write_text(
-            json.dumps(
-                {
-                    "orgs": list(plan.orgs),
-                    "workers": hosts.addresses,
-                    "credentials": str(hosts.credentials) if hosts.credentials else None,
-                }
-            )
+            json.dumps({"orgs": list(plan.orgs), "workers": hosts.addresses, "credentials": credentials})
         )
         settings = CoordinatorSettings(
             plan=str(plan_file),
-            run_dir=str(run_dir),
+            run_dir=str(run_dir.resolve()),
             resume=options.resume is not None,
-            credentials=str(hosts.credentials) if hosts.credentials else None,
+            credentials=credentials,
+            simulation=str(registry.resolve()),
         )
-        os.environ[SIMULATION_ENV] = str(registry)
-        os.environ[COORDINATOR_ENV] = str(settings.write(run_dir / "coordinator.json"))
+        settings.write(run_dir / "coordinator.json")
+        yield hosts, settings
+    finally:
+        hosts.close()
+
+
+def outcome(run_dir: Path, crash: BaseException | None) -> Path:
+    """``run_dir`` if its coordinator finished; else :class:`SimulationFailed` saying why."""
+    result = run_dir / RESULT_FILE
+    if not result.exists():
+        raise SimulationFailed(
+            f"the coordinator did not finish ({crash!r}); see {run_dir / 'logs' / FLOWER_LOG} and the "
+            f"workers' logs in {run_dir / 'workers'}"
+        )
+    status = json.loads(result.read_text())
+    if status["status"] != "finished":
+        raise SimulationFailed(status.get("error", "the coordinator failed"))
+    return run_dir
+
+
+def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_started=None) -> Path:
+    """Run every round of ``plan``; returns the run directory. ``on_started(hosts, run_dir)`` is
+    called once the workers serve (tests use it to kill one)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    from flwr.simulation import run_simulation  # after the environment above is set
+
+    from .client_app import app as client_app
+    from .server_app import app as server_app
+
+    run_dir = options.directory(plan)
+    crash = None
+    with simulation_workers(plan, options) as (hosts, settings):
+        os.environ[COORDINATOR_ENV] = str(run_dir / "coordinator.json")
         if on_started:
             on_started(hosts, run_dir)
         # The client apps' own output (Flower's "Manually terminating ClientAppActor" at every
@@ -184,19 +207,6 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
                 )
         except Exception as e:  # the ServerApp's own exception, re-raised by Flower; result.json says why
             crash = e
-        else:
-            crash = None
         finally:
             stop_ray()
-    finally:
-        hosts.close()
-    result = run_dir / RESULT_FILE
-    if not result.exists():
-        raise SimulationFailed(
-            f"the coordinator did not finish ({crash!r}); see {run_dir / 'logs' / FLOWER_LOG} and the "
-            f"workers' logs in {run_dir / 'workers'}"
-        )
-    outcome = json.loads(result.read_text())
-    if outcome["status"] != "finished":
-        raise SimulationFailed(outcome.get("error", "the coordinator failed"))
-    return run_dir
+    return outcome(run_dir, crash)
