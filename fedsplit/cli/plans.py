@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan_sub = plan.add_subparsers(dest="plan_command", required=True)
     check = plan_sub.add_parser("check", help="validate a plan and print what goes where")
     check.add_argument("federation", help="the federation YAML file")
+    check.add_argument(
+        "--data",
+        action="store_true",
+        help="also read every data owner's training and held-out files as a run will (tokenizing them: "
+        "seconds to minutes for large corpora), so that a bad file is found now, by file and line",
+    )
     check.set_defaults(func=check_plan)
     show = plan_sub.add_parser(
         "show", help="the partition map: layers x (head groups, experts, other pieces) by organisation"
@@ -118,7 +124,27 @@ def check_plan(args: argparse.Namespace) -> None:
     )
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
-    console.print("[green]plan is valid[/]")
+    if args.data:
+        check_data_files(plan)
+    console.print("[green]plan is valid[/]" + (" and its data can be read" if args.data else ""))
+
+
+def check_data_files(plan: Plan) -> None:
+    """A table of what each data owner trains on; a :class:`CliError` naming the first file that
+    a run could not read."""
+    from ..data import DataError
+    from ..runtime.batches import check_data
+
+    table = Table(title="data, read as a run reads it")
+    for col in ("data owner", "objective", "training", "held-out batches"):
+        table.add_column(col, justify="right" if col in ("training", "held-out batches") else "left")
+    for d in plan.data_owners:
+        try:
+            summary = check_data(plan, d)
+        except DataError as e:
+            raise CliError(f"a run could not start: {e}") from None
+        table.add_row(d, summary.objective, f"{summary.train:,} {summary.unit}", str(summary.held_out_batches))
+    console.print(table)
 
 
 def show_plan(args: argparse.Namespace) -> None:

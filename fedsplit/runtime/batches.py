@@ -12,6 +12,8 @@ batches never reach.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -108,3 +110,29 @@ def eval_batches_for(plan: Plan, org: str) -> list[Batch]:
     batch) from the start of its held-out text, which training never sees."""
     t = plan.training
     return heldout_corpus(plan, org).eval_batches(t.batch_size, t.seq_len, t.eval_tokens)
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a data owner trains and is evaluated on, as a run will read it."""
+
+    org: str
+    objective: str  # "next-token" or the task's name
+    train: int  # tokens of training text, or training examples
+    unit: str  # "tokens" or "examples"
+    held_out_batches: int  # 0 when evaluation is off
+
+
+def check_data(plan: Plan, org: str) -> DataSummary:
+    """Read ``org``'s training and held-out data exactly as its worker will at the start of a run
+    (a :class:`~fedsplit.data.DataError` naming the file, and line where there is one, if it
+    cannot), and draw one batch of each."""
+    train = training_corpus(plan, org)
+    t = plan.training
+    gen = torch.Generator().manual_seed(t.seed)
+    train.batch(gen, t.batch_size, t.seq_len)
+    held_out = eval_batches_for(plan, org) if t.eval_tokens else []
+    task = plan.orgs[org].task
+    if isinstance(train, TextCorpus):
+        return DataSummary(org, "next-token", len(train.ids), "tokens", len(held_out))
+    return DataSummary(org, task, len(train), "examples", len(held_out))

@@ -60,3 +60,21 @@ def test_a_bad_label_stops_a_simulation_at_start_with_its_file_and_line_not_a_tr
         err = capsys.readouterr().err
         assert f'{bad}:2: label "prose" is not one of the task\'s labels' in err, (command, err)
         assert "Traceback" not in err, command
+
+
+def test_plan_check_with_data_reads_each_owners_files_and_names_a_bad_line_before_any_run(tmp_path, capsys):
+    plan = write_task_plan(tmp_path / "good", MIXED)
+    assert main(["plan", "check", str(plan), "--data"]) == 0
+    out = capsys.readouterr().out
+    assert "plan is valid and its data can be read" in out
+    assert "classifier" in out and "domain" in out and "examples" in out and "next-token" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "to be", "label": "verse"}\n{"text": "x = 1", "label": "prose"}\n')
+    orgs = {**MIXED, "classifier": {**MIXED["classifier"], "data": {"train": str(bad)}}}
+    plan = write_task_plan(tmp_path / "bad", orgs)
+    assert main(["plan", "check", str(plan)]) == 0  # the plan itself is valid: only reading the data finds it
+    capsys.readouterr()
+    assert main(["plan", "check", str(plan), "--data"]) == 1
+    captured = capsys.readouterr()
+    assert f'{bad}:2: label "prose" is not one of the task\'s labels' in captured.err
+    assert "Traceback" not in captured.err and "plan is valid" not in captured.out
