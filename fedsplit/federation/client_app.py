@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from ..hosting.control import WorkerControl
-from ..transport.service import PeerError
+from ..transport.protocol import PeerError
 from .records import RoundConfig
 from .settings import ClientSite
 

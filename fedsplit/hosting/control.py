@@ -11,8 +11,8 @@ from ..runtime.policy import COORDINATOR
 from ..runtime.rounds import RoundSpec
 from ..transport.channel import DataPlaneChannel
 from ..transport.proto import dataplane_pb2 as pb
+from ..transport.protocol import Named
 from ..transport.security import TLSConfig
-from ..transport.service import Named
 from .messages import spec_to_proto
 
 __all__ = ["COORDINATOR", "WorkerControl"]

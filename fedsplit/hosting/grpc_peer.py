@@ -14,7 +14,7 @@ from ..runtime.ops import Op
 from ..runtime.protocols import Traffic
 from ..transport.channel import DataPlaneChannel
 from ..transport.proto import dataplane_pb2 as pb
-from ..transport.service import Named
+from ..transport.protocol import Named
 from .messages import op_to_proto
 
 ABORT_TIMEOUT_S = 10.0  # an abort is best effort: the organisation told may be the one that is gone

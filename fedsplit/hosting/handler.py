@@ -19,10 +19,11 @@ from ..runtime.local import LocalPeer
 from ..runtime.rounds import RoundFailed, Rounds
 from ..runtime.worker import Worker
 from ..transport.channel import DataPlaneChannel
+from ..transport.framing import Limits
 from ..transport.proto import dataplane_pb2 as pb
+from ..transport.protocol import Named
 from ..transport.security import TLSConfig
-from ..transport.service import CallRejected, Named, Reply
-from ..transport.wire import Limits
+from ..transport.service import CallRejected, Reply
 from .grpc_peer import GrpcPeer, is_local, positional
 from .messages import op_from_proto, spec_from_proto
 

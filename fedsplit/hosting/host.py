@@ -29,9 +29,9 @@ from ..runtime.privacy import noise_key
 from ..runtime.rounds import Rounds
 from ..runtime.weights import LazyWeights, initial_weights_of, selection
 from ..runtime.worker import Worker
+from ..transport.framing import Limits
 from ..transport.security import TLSConfig, load_token, load_verifiers
 from ..transport.service import Credentials, DataPlaneServer
-from ..transport.wire import Limits
 from .handler import WorkerHandler
 
 # Intra-op threads of a worker process: several workers share a small host, and one thread per

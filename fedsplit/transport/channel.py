@@ -10,28 +10,26 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from torch import Tensor
 
-from .proto import dataplane_pb2 as pb
-from .security import TLSConfig
-from .service import _MESSAGE_BYTES, METHOD, METHOD_ONCE, ONE_MESSAGE_BYTES, Named, PeerError, call_kind
-from .shm import Segment, SegmentPool
-from .wire import (
+from .framing import (
     Encoded,
     Limits,
+    Payload,
     WireError,
     call_frame,
-    decode_tensors,
     frame_pieces,
     one_message,
     parse_frame,
     payload_size,
-    prepare,
     segment_bytes,
     to_frames,
     to_segment,
     unpack_message,
 )
+from .proto import dataplane_pb2 as pb
+from .protocol import MESSAGE_BYTES, METHOD, METHOD_ONCE, ONE_MESSAGE_BYTES, Named, PeerError, call_kind
+from .security import TLSConfig
+from .shm import Segment, SegmentPool
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +49,15 @@ class DataPlaneChannel:
         timeout: float = 60.0,
         retries: int = 0,
         shared_memory: bool = False,
+        payload: Payload | None = None,
     ):
         """``tls=None`` connects in plaintext: callers must ask for it explicitly.
-        ``shared_memory``: the callee is on this host; tensors go through /dev/shm segments."""
+        ``shared_memory``: the callee is on this host; tensors go through /dev/shm segments.
+        ``payload``: what calls carry, torch tensors unless given (imported only then, so that a
+        process relaying bytes never imports torch)."""
+        if payload is None:
+            from .wire import TENSORS as payload
+        self._payload = payload
         self._pool = SegmentPool(caller) if shared_memory else None
         self._shm_failed = False
         self._reply_bytes: dict[str, int] = {}
@@ -67,7 +71,7 @@ class DataPlaneChannel:
         )
         # A CallOnce reply holds whole tensors: accept one as large as the largest tensor allowed.
         options = [
-            ("grpc.max_receive_message_length", max(_MESSAGE_BYTES, limits.max_tensor_bytes + (1 << 20))),
+            ("grpc.max_receive_message_length", max(MESSAGE_BYTES, limits.max_tensor_bytes + (1 << 20))),
             ("grpc.max_send_message_length", -1),
         ]
         if tls:
@@ -94,8 +98,8 @@ class DataPlaneChannel:
             self.received_bytes += len(f)
             yield f
 
-    def _count_tensors(self, tensors: Sequence[tuple[str, Tensor | None]]) -> int:
-        n = sum(t.numel() * t.element_size() for _, t in tensors if t is not None)
+    def _count_tensors(self, tensors: Named) -> int:
+        n = sum(self._payload.nbytes(t) for _, t in tensors if t is not None)
         self.tensor_bytes += n
         return n
 
@@ -125,7 +129,7 @@ class DataPlaneChannel:
     def call(
         self,
         header: pb.CallHeader,
-        tensors: Sequence[tuple[str, Tensor | None]],
+        tensors: Named,
         timeout: float | None = None,
         codec: str = "none",
     ) -> Named:
@@ -135,7 +139,7 @@ class DataPlaneChannel:
     def exchange(
         self,
         header: pb.CallHeader,
-        tensors: Sequence[tuple[str, Tensor | None]],
+        tensors: Named,
         timeout: float | None = None,
         codec: str = "none",
     ) -> tuple[pb.CallHeader, Named]:
@@ -144,7 +148,7 @@ class DataPlaneChannel:
         header.caller = self.caller
         header.num_tensors = len(tensors)
         self._count_tensors(tensors)
-        encoded = prepare(tensors, codec)
+        encoded = self._payload.prepare(tensors, codec)
         kind = call_kind(header)
         # The largest reply of this kind so far; before the first, a forward or backward is
         # expected to answer about what it was sent, a control operation anything.
@@ -196,12 +200,12 @@ class DataPlaneChannel:
                     time.sleep(pause)
             if isinstance(first, memoryview) or first.WhichOneof("kind") != "call":
                 raise WireError("a reply must start with a call header frame")
-            out = decode_tensors(
+            out = self._payload.decode(
                 replies, first.call.num_tensors, self.limits, segments[1] if segments else None, view_segment=True
             )
             released = first.call.shm_released
             self._count_tensors(out)
-            size = segment_bytes(t.numel() * t.element_size() for _, t in out if t is not None)
+            size = segment_bytes(self._payload.nbytes(t) for _, t in out if t is not None)
             self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
             done = True
             return first.call, out

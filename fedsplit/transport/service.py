@@ -24,39 +24,29 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
-from torch import Tensor
 
-from .proto import dataplane_pb2 as pb
-from .security import TLSConfig, token_verifier
-from .shm import AttachedSegments, Segment, segment_owner
-from .wire import (
+from .framing import (
     MAX_NAME,
     Encoded,
     Limits,
     WireError,
     call_frame,
     check_call_header,
-    decode_tensors,
     frame_pieces,
     one_message,
     parse_frame,
-    prepare,
     segment_bytes,
     to_frames,
     to_segment,
     unpack_message,
 )
+from .proto import dataplane_pb2 as pb
+from .protocol import MESSAGE_BYTES, METHOD, METHOD_ONCE, Named, PeerError, call_kind
+from .security import TLSConfig, token_verifier
+from .shm import AttachedSegments, Segment, segment_owner
+from .wire import decode_tensors, prepare
 
 log = logging.getLogger(__name__)
-
-METHOD, METHOD_ONCE = "/fedsplit.v1.DataPlane/Call", "/fedsplit.v1.DataPlane/CallOnce"
-# Above this, one message per call costs more (fresh multi-MiB buffers, no overlap of sending and
-# decoding) than a stream's per-message overhead; below it, the stream's overhead dominates.
-ONE_MESSAGE_BYTES = 16 << 20
-_MESSAGE_BYTES = 64 << 20  # what a server accepts in one message: chunks, or a CallOnce request
-
-Named = list[tuple[str, Tensor | None]]
-
 
 class CallRejected(Exception):
     """Raised by a handler to refuse a call with a specific status."""
@@ -64,15 +54,6 @@ class CallRejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
-
-
-class PeerError(RuntimeError):
-    """A call to another organisation failed; the message names it, its address and why."""
-
-    def __init__(self, org: str, address: str, code: grpc.StatusCode | None, details: str):
-        self.org, self.address, self.code, self.details = org, address, code, details
-        status = code.name if code else "ERROR"
-        super().__init__(f"call to organisation '{org}' at {address} failed: {status}: {details}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +183,7 @@ class DataPlaneServer:
         self._idle = _IdleWatch(idle_s)
         # A CallOnce reply may exceed ONE_MESSAGE_BYTES when a caller underestimated it; the
         # caller's own limit (its largest tensor) is the one that matters.
-        options = [("grpc.max_receive_message_length", _MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
+        options = [("grpc.max_receive_message_length", MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=threads), options=options, maximum_concurrent_rpcs=threads
         )
@@ -360,13 +341,6 @@ class DataPlaneServer:
             return iter([one_message([(self._reply_header(header, count, metrics),), *body])])
         except Exception as e:
             self._reply_failed(context, header, e)
-
-
-def call_kind(header: pb.CallHeader) -> str:
-    """What a call is, for logs and for sizing its reply: its phase and its operation's or
-    control's kind (``FORWARD segment``, ``CONTROL read_state``)."""
-    kind = header.operation.WhichOneof("kind") or header.control.WhichOneof("kind") or "call"
-    return f"{pb.Phase.Name(header.phase)} {kind}"
 
 
 class _Admission(grpc.GenericRpcHandler):

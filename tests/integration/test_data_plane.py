@@ -169,8 +169,8 @@ def test_malformed_operations_are_invalid_argument_from_the_parser_or_the_policy
     ],
 )
 def test_bad_shared_memory_references_are_invalid_argument(served, mutate, text):
+    from fedsplit.transport.framing import call_frame
     from fedsplit.transport.shm import Segment
-    from fedsplit.transport.wire import call_frame
 
     _, worker, server = served
     seg = Segment.create(1 << 20, "hospital-a")

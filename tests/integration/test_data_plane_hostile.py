@@ -15,11 +15,12 @@ from fedsplit.runtime import Worker, initial_weights
 from fedsplit.runtime.ops import SegmentOp
 from fedsplit.runtime.rounds import Rounds, RoundSpec
 from fedsplit.transport.channel import DataPlaneChannel
+from fedsplit.transport.framing import Limits, call_frame
 from fedsplit.transport.proto import dataplane_pb2 as pb
 from fedsplit.transport.security import TLSConfig, generate_credentials, load_token, load_verifiers
 from fedsplit.transport.service import Credentials, DataPlaneServer, PeerError
 from fedsplit.transport.shm import Segment
-from fedsplit.transport.wire import Limits, call_frame, prepare
+from fedsplit.transport.wire import prepare
 
 from ..conftest import PLANS
 

@@ -8,18 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedsplit.transport.framing import Limits, WireError, chunk_frame, frame_pieces, one_message, unpack_message
 from fedsplit.transport.proto import dataplane_pb2 as pb
-from fedsplit.transport.wire import (
-    Limits,
-    WireError,
-    chunk_frame,
-    decode_tensors,
-    encode_tensors,
-    frame_pieces,
-    one_message,
-    prepare,
-    unpack_message,
-)
+from fedsplit.transport.wire import decode_tensors, encode_tensors, prepare
 
 from ..conftest import ROOT
 
