@@ -184,7 +184,7 @@ def verify_plan(args: argparse.Namespace) -> int:
 
 
 def make_certs(args: argparse.Namespace) -> None:
-    from ..runtime.policy import COORDINATOR
+    from ..transport.protocol import COORDINATOR
     from ..transport.security import generate_credentials
 
     plan = load(args.federation)

@@ -2,7 +2,8 @@
 
 The worker (``fedsplit.hosting.host``) holds the partitions, optimizer state and data-plane
 server for as long as the organisation takes part; this app only hands it each round's weights
-and settings, and later returns what it trained. Two messages per round in simulation:
+and settings, and later returns what it trained: Flower's NumPy arrays relayed as they are, so
+the app never imports torch (deployed, Flower starts a process for every message). Two messages per round in simulation:
 
 * ``train.begin``: load the round's weights, connect to the other organisations, start
   (a data owner starts training on its own and the message returns at once);
@@ -18,10 +19,11 @@ import time
 from collections.abc import Callable
 
 import grpc
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..hosting.control import WorkerControl
+from ..transport.arrays import ARRAYS
 from ..transport.protocol import PeerError
 from .records import RoundConfig
 from .settings import ClientSite
@@ -34,7 +36,9 @@ OK, ROUND_FAILED, WORKER_DOWN = "ok", "round-failed", "worker-down"
 
 
 def _control(site: ClientSite, run: str) -> WorkerControl:
-    return WorkerControl(site.org, site.worker, caller=site.org, run=run, tls=site.tls, token=site.token)
+    return WorkerControl(
+        site.org, site.worker, caller=site.org, run=run, tls=site.tls, token=site.token, payload=ARRAYS
+    )
 
 
 def _reply(msg: Message, status: str, reason: str = "", **records) -> Message:
@@ -70,7 +74,7 @@ def register(msg: Message, context: Context) -> Message:
 def _begin(control: WorkerControl, msg: Message) -> None:
     config = RoundConfig.of(msg.content["config"])
     control.connect(config.addresses)
-    control.begin(config.spec, msg.content["arrays"].to_torch_state_dict())
+    control.begin(config.spec, {name: array.numpy() for name, array in msg.content["arrays"].items()})
 
 
 def _trained(control: WorkerControl, msg: Message, arrived: float) -> Message:
@@ -81,7 +85,7 @@ def _trained(control: WorkerControl, msg: Message, arrived: float) -> Message:
     return _reply(
         msg,
         OK,
-        arrays=ArrayRecord(torch_state_dict=control.state()),
+        arrays=ArrayRecord(array_dict={name: Array(ndarray=a) for name, a in control.state().items()}),
         metrics=MetricRecord({"num-examples": int(metrics.get("tokens", 0)), **metrics}),
     )
 

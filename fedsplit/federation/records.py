@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from ..runtime.rounds import RoundSpec
+from ..runtime.round_spec import RoundSpec
 
 
 @dataclass(frozen=True)

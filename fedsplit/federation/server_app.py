@@ -29,7 +29,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from ..plan import Plan, select
-from ..runtime.rounds import RoundSpec
+from ..runtime.round_spec import RoundSpec
 from ..runtime.weights import base_identity, trained_weights
 from ..transport.security import load_verifiers, token_verifier
 from .aggregate import aggregate_round, make_aggregator

@@ -12,11 +12,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..plan import Plan, load_plan
 from ..transport.security import TLSConfig, load_token
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 COORDINATOR_ENV = "FEDSPLIT_COORDINATOR_SETTINGS"
 
@@ -51,6 +54,8 @@ class CoordinatorSettings(BaseModel):
     )
 
     def load_plan(self) -> Plan:
+        from ..plan import load_plan  # here: the clients, which import this module, need no plan (nor torch)
+
         return load_plan(self.plan)
 
     def write(self, path: Path) -> Path:

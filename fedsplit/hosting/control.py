@@ -1,19 +1,20 @@
 """Driving one organisation's worker over its control calls: what its Flower client (or the
-coordinator, in ``verify``) does once per round or step, never per micro-batch."""
+coordinator, in ``verify``) does once per round or step, never per micro-batch. Weights travel
+as torch tensors, or as NumPy arrays (``payload=ARRAYS``: a ClientApp relaying Flower's arrays,
+which then never imports torch)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from torch import Tensor
-
-from ..runtime.policy import COORDINATOR
-from ..runtime.rounds import RoundSpec
+from ..runtime.round_spec import RoundSpec
 from ..transport.channel import DataPlaneChannel
+from ..transport.framing import Payload
 from ..transport.proto import dataplane_pb2 as pb
-from ..transport.protocol import Named
+from ..transport.protocol import COORDINATOR, Named
 from ..transport.security import TLSConfig
-from .messages import spec_to_proto
+from .round_messages import spec_to_proto
 
 __all__ = ["COORDINATOR", "WorkerControl"]
 
@@ -29,9 +30,12 @@ class WorkerControl:
         tls: TLSConfig | None,
         token: str | None,
         timeout: float = 60.0,
+        payload: Payload | None = None,
     ):
         self.org, self.run = org, run
-        self.channel = DataPlaneChannel(org, address, caller=caller, tls=tls, token=token, timeout=timeout)
+        self.channel = DataPlaneChannel(
+            org, address, caller=caller, tls=tls, token=token, timeout=timeout, payload=payload
+        )
 
     def call(
         self, control: pb.Control, tensors: Named = (), timeout: float | None = None
@@ -44,14 +48,14 @@ class WorkerControl:
     def connect(self, addresses: Mapping[str, str]) -> None:
         self.call(pb.Control(connect=pb.Connect(addresses=dict(addresses))))
 
-    def begin(self, spec: RoundSpec, weights: Mapping[str, Tensor]) -> None:
+    def begin(self, spec: RoundSpec, weights: Mapping[str, Any]) -> None:
         self.call(pb.Control(begin=spec_to_proto(spec)), list(weights.items()))
 
     def wait(self, timeout: float) -> dict[str, float]:
         """Block until the organisation's part of the round is done; the round's metrics."""
         return self.call(pb.Control(wait=pb.Wait(timeout_s=timeout)), timeout=timeout + self.channel.timeout)[0]
 
-    def train_batch(self, step: int, tokens: Tensor, labels: Tensor) -> dict[str, float]:
+    def train_batch(self, step: int, tokens: Any, labels: Any) -> dict[str, float]:
         """A data owner's batch of ``step`` forward and backward (``verify``); its metrics."""
         control = pb.Control(train_batch=pb.TrainBatch(step=step))
         return self.call(control, [("tokens", tokens), ("labels", labels)])[0]
@@ -60,10 +64,11 @@ class WorkerControl:
         """Apply a step's update; its learning rate (and with clipping, gradient norm and factor)."""
         return self.call(pb.Control(apply_step=pb.ApplyStep(step=step)), timeout=timeout)[0]
 
-    def state(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self.call(pb.Control(read_state=pb.ReadState()))[1]}
+    def state(self) -> dict[str, Any]:
+        """The worker's trained weights, in the channel's payload (tensors, or arrays)."""
+        return {k: self.channel.payload.own(v) for k, v in self.call(pb.Control(read_state=pb.ReadState()))[1]}
 
-    def load_state(self, state: Mapping[str, Tensor]) -> None:
+    def load_state(self, state: Mapping[str, Any]) -> None:
         self.call(pb.Control(load_state=pb.LoadState()), list(state.items()))
 
     def traffic(self) -> dict[str, float]:

@@ -25,7 +25,8 @@ from ..transport.protocol import Named
 from ..transport.security import TLSConfig
 from ..transport.service import CallRejected, Reply
 from .grpc_peer import GrpcPeer, is_local, positional
-from .messages import op_from_proto, spec_from_proto
+from .messages import op_from_proto
+from .round_messages import spec_from_proto
 
 # Control calls that may reach a worker before its own organisation connected it to the run: a
 # data owner asking whether the round began, a co-holder's gradients.

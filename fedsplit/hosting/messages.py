@@ -1,18 +1,14 @@
 """Typed values to data-plane messages and back: the one encoder and the one parser of operations
-and round specs. A malformed message is a :class:`MessageError` (``INVALID_ARGUMENT`` for the
-caller), raised here, before a worker sees the call."""
+(round specs: :mod:`.round_messages`). A malformed message is a :class:`MessageError`
+(``INVALID_ARGUMENT`` for the caller), raised here, before a worker sees the call."""
 
 from __future__ import annotations
 
 from ..runtime.ops import ExpertsOp, HeadsOp, Op, SegmentOp, SharedOp
-from ..runtime.rounds import RoundSpec
 from ..transport.proto import dataplane_pb2 as pb
+from .round_messages import MessageError
 
 MAX_TASK_NAME = 64  # as a plan's task names
-
-
-class MessageError(ValueError):
-    """A message that does not describe a valid operation or control call."""
 
 
 def op_to_proto(op: Op) -> pb.Operation:
@@ -75,29 +71,6 @@ def op_from_proto(msg: pb.Operation) -> Op:
             raise MessageError(f"layer {msg.shared.layer} is negative")
         return SharedOp(msg.shared.layer)
     raise MessageError("the call names no operation")
-
-
-def spec_to_proto(spec: RoundSpec) -> pb.Begin:
-    return pb.Begin(
-        round=spec.round,
-        first_step=spec.first_step,
-        steps=spec.steps,
-        data_owners=list(spec.data_owners),
-        restore_round=spec.restore_round,
-        evaluate=spec.evaluate,
-        attempt=spec.attempt,
-    )
-
-
-def spec_from_proto(msg: pb.Begin) -> RoundSpec:
-    if msg.round < 1 or msg.first_step < 0 or msg.steps < 0 or not 0 <= msg.restore_round < msg.round:
-        raise MessageError(
-            f"round {msg.round} (steps {msg.first_step}+{msg.steps}, restoring round {msg.restore_round}) is "
-            "not a valid round"
-        )
-    return RoundSpec(
-        msg.round, msg.first_step, msg.steps, tuple(msg.data_owners), msg.restore_round, msg.evaluate, msg.attempt
-    )
 
 
 def _cut(values: tuple) -> str:

@@ -14,11 +14,11 @@ from torch import Tensor
 
 from ..plan import Plan, Unit
 from ..plan.units import describe
+from ..transport.protocol import COORDINATOR
 from .calls import CallKey
 from .ops import ExpertsOp, HeadsOp, Op, SegmentOp, Shape, SharedOp
 from .path import segments
 
-COORDINATOR = "coordinator"  # the caller name of the coordinator (and of verify) on the data plane
 EVAL_STEP = -1  # the step of held-out evaluation calls (training steps count from 0)
 
 

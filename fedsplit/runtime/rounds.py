@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
@@ -27,6 +26,7 @@ from .driver import held_out_metrics
 from .optim import OptimizerStates, make_optimizer
 from .privacy import epsilon, mechanisms
 from .protocols import RoundControl, Traffic
+from .round_spec import RoundSpec
 from .threads import align_threads, compute_pool
 from .worker import Worker
 
@@ -38,25 +38,6 @@ PROBE_TIMEOUT_S = 5.0
 PROBES_BEFORE_GIVING_UP = 3
 MAX_REASON = 1024  # characters of an abort's reason that are kept
 MAX_EARLY_ABORTS = 16  # aborts of rounds not yet begun that are kept (the oldest go first)
-
-
-@dataclass(frozen=True)
-class RoundSpec:
-    round: int
-    first_step: int
-    steps: int
-    data_owners: tuple[str, ...]  # those training this round (live ones)
-    restore_round: int  # last complete round: the optimizer state every worker must start from
-    evaluate: bool = False  # data owners evaluate the received weights on held-out data first
-    attempt: int = 0  # a round rerun without the organisations that are gone is a new attempt of it
-
-    @property
-    def id(self) -> tuple[int, int]:
-        return (self.round, self.attempt)
-
-    @property
-    def last_step(self) -> int:
-        return self.first_step + self.steps - 1
 
 
 class RoundFailed(RuntimeError):

@@ -57,7 +57,7 @@ class DataPlaneChannel:
         process relaying bytes never imports torch)."""
         if payload is None:
             from .wire import TENSORS as payload
-        self._payload = payload
+        self.payload = payload
         self._pool = SegmentPool(caller) if shared_memory else None
         self._shm_failed = False
         self._reply_bytes: dict[str, int] = {}
@@ -99,7 +99,7 @@ class DataPlaneChannel:
             yield f
 
     def _count_tensors(self, tensors: Named) -> int:
-        n = sum(self._payload.nbytes(t) for _, t in tensors if t is not None)
+        n = sum(self.payload.nbytes(t) for _, t in tensors if t is not None)
         self.tensor_bytes += n
         return n
 
@@ -148,7 +148,7 @@ class DataPlaneChannel:
         header.caller = self.caller
         header.num_tensors = len(tensors)
         self._count_tensors(tensors)
-        encoded = self._payload.prepare(tensors, codec)
+        encoded = self.payload.prepare(tensors, codec)
         kind = call_kind(header)
         # The largest reply of this kind so far; before the first, a forward or backward is
         # expected to answer about what it was sent, a control operation anything.
@@ -200,12 +200,12 @@ class DataPlaneChannel:
                     time.sleep(pause)
             if isinstance(first, memoryview) or first.WhichOneof("kind") != "call":
                 raise WireError("a reply must start with a call header frame")
-            out = self._payload.decode(
+            out = self.payload.decode(
                 replies, first.call.num_tensors, self.limits, segments[1] if segments else None, view_segment=True
             )
             released = first.call.shm_released
             self._count_tensors(out)
-            size = segment_bytes(self._payload.nbytes(t) for _, t in out if t is not None)
+            size = segment_bytes(self.payload.nbytes(t) for _, t in out if t is not None)
             self._reply_bytes[kind] = max(self._reply_bytes.get(kind, 0), size)
             done = True
             return first.call, out

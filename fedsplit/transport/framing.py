@@ -10,6 +10,7 @@ process that only relays bytes (a deployed ClientApp) starts without it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -142,6 +143,10 @@ class Payload(Protocol):
 
     def nbytes(self, item: Any) -> int: ...
 
+    def own(self, item: Any) -> Any:
+        """``item`` in memory of its own, not the call's receive buffers (which it would keep)."""
+        ...
+
 
 def payload_size(encoded: Sequence[Encoded]) -> int:
     return sum(e.header.nbytes for e in encoded)
@@ -185,8 +190,6 @@ def to_segment(encoded: Sequence[Encoded], segment) -> Iterator[bytes]:
         yield pb.Frame(tensor=header).SerializeToString()
 
 
-
-
 def read_header(frame: bytes | memoryview | None, index: int, count: int) -> pb.TensorHeader:
     """Payload item ``index`` of ``count``'s header frame, its names' lengths checked."""
     if frame is None:
@@ -198,6 +201,21 @@ def read_header(frame: bytes | memoryview | None, index: int, count: int) -> pb.
     if len(header.name) > MAX_NAME or len(header.dtype) > MAX_NAME or len(header.codec) > MAX_NAME:
         raise WireError(f"a tensor header's name, dtype or codec is longer than {MAX_NAME} characters")
     return header
+
+
+def check_shape(name: str, header: pb.TensorHeader, itemsize: int, limits: Limits) -> None:
+    """A :class:`WireError` for a shape that no valid call has: too many dimensions, a negative
+    one, or more elements of ``itemsize`` bytes than ``limits`` allow (with a zero dimension too:
+    no library could lay out even an empty tensor of that shape)."""
+    if len(header.shape) > MAX_DIMS:
+        raise WireError(f"tensor {name!r}: {len(header.shape)} dimensions; at most {MAX_DIMS} are accepted")
+    if any(d < 0 for d in header.shape):
+        raise WireError(f"tensor {name!r}: negative dimension in shape {list(header.shape)}")
+    if math.prod(max(d, 1) for d in header.shape) * itemsize > limits.max_tensor_bytes:
+        raise WireError(
+            f"tensor {name!r}: shape {list(header.shape)} of {header.dtype} exceeds the limit of "
+            f"{limits.max_tensor_bytes} bytes"
+        )
 
 
 def read_chunks(name: str, frames: Iterator[bytes | memoryview], view: memoryview) -> None:

@@ -12,6 +12,7 @@ from .proto import dataplane_pb2 as pb
 if TYPE_CHECKING:
     from torch import Tensor
 
+COORDINATOR = "coordinator"  # the caller name of the coordinator (and of verify) on the data plane
 METHOD, METHOD_ONCE = "/fedsplit.v1.DataPlane/Call", "/fedsplit.v1.DataPlane/CallOnce"
 # Above this, one message per call costs more (fresh multi-MiB buffers, no overlap of sending and
 # decoding) than a stream's per-message overhead; below it, the stream's overhead dominates.
@@ -28,7 +29,6 @@ class PeerError(RuntimeError):
         self.org, self.address, self.code, self.details = org, address, code, details
         status = code.name if code else "ERROR"
         super().__init__(f"call to organisation '{org}' at {address} failed: {status}: {details}")
-
 
 
 def call_kind(header: pb.CallHeader) -> str:

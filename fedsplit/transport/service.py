@@ -48,6 +48,7 @@ from .wire import decode_tensors, prepare
 
 log = logging.getLogger(__name__)
 
+
 class CallRejected(Exception):
     """Raised by a handler to refuse a call with a specific status."""
 

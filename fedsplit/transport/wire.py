@@ -20,11 +20,11 @@ from torch import Tensor
 
 from .framing import (
     CHUNK_BYTES,
-    MAX_DIMS,
     TENSOR_ALIGN,
     Encoded,
     Limits,
     WireError,
+    check_shape,
     read_chunks,
     read_header,
     to_frames,
@@ -196,19 +196,10 @@ def _read_tensor(
     header: pb.TensorHeader, frames: Iterator[bytes | memoryview], limits: Limits, segment, view_segment: bool
 ) -> Tensor:
     name = header.name or "<unnamed>"
-    if len(header.shape) > MAX_DIMS:
-        raise WireError(f"tensor {name!r}: {len(header.shape)} dimensions; at most {MAX_DIMS} are accepted")
     dtype = DTYPES.get(header.dtype)
     if dtype is None:
         raise WireError(f"tensor {name!r}: dtype {header.dtype!r} is not allowed (allowed: {', '.join(DTYPES)})")
-    if any(d < 0 for d in header.shape):
-        raise WireError(f"tensor {name!r}: negative dimension in shape {list(header.shape)}")
-    if math.prod(max(d, 1) for d in header.shape) * dtype.itemsize > limits.max_tensor_bytes:
-        # with a zero dimension too: torch could not even lay out an empty tensor of that shape
-        raise WireError(
-            f"tensor {name!r}: shape {list(header.shape)} of {header.dtype} exceeds the limit of "
-            f"{limits.max_tensor_bytes} bytes"
-        )
+    check_shape(name, header, dtype.itemsize, limits)
     if header.codec not in ("", *CODECS[1:]) or (header.codec and dtype != torch.float32):
         raise WireError(f"tensor {name!r}: codec {header.codec!r} is not allowed for {header.dtype}")
     if header.codec == "int8" and (not header.shape or header.shape[-1] == 0):
@@ -266,6 +257,10 @@ class _Tensors:
     @staticmethod
     def nbytes(t: Tensor) -> int:
         return t.numel() * t.element_size()
+
+    @staticmethod
+    def own(t: Tensor) -> Tensor:
+        return t.clone()
 
 
 TENSORS = _Tensors()

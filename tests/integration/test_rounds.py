@@ -12,7 +12,7 @@ from fedsplit.plan import load_plan, reassemble, select, unit_slices
 from fedsplit.plan.schema import OptimizerConfig
 from fedsplit.runtime import initial_weights
 from fedsplit.runtime.optim import learning_rate
-from fedsplit.runtime.rounds import RoundSpec
+from fedsplit.runtime.round_spec import RoundSpec
 
 from ..reference_training import max_diff, monolithic
 

@@ -85,6 +85,13 @@ def test_the_command_and_its_help_import_no_torch():
     assert "plan" in out.stdout and "simulate" in out.stdout and "examples:" in out.stdout
 
 
+def test_the_client_app_relays_without_importing_torch():
+    """Deployed, Flower starts a process per message for the ClientApp: importing torch there
+    cost 3-7 s of every round (docs/performance.md)."""
+    probe = "import sys, fedsplit.federation.client_app; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
 def test_the_end_of_a_run_points_to_the_logs_where_they_are(tmp_path):
     from fedsplit.cli.runs import run_contents
 

@@ -120,3 +120,30 @@ def test_generated_protobuf_code_matches_the_proto(tmp_path):
         assert (tmp_path / name).read_text() == (ROOT / "fedsplit" / "transport" / "proto" / name).read_text(), (
             f"{name} is stale: run scripts/gen_protos.sh"
         )
+
+
+def test_numpy_arrays_cross_the_same_wire_as_tensors_and_are_checked_as_strictly():
+    """What a ClientApp relays: Flower's NumPy arrays, encoded without torch, decoded by a worker
+    as the tensors they are, and the worker's tensors decoded back as arrays."""
+    import numpy as np
+
+    from fedsplit.transport.arrays import ARRAYS
+
+    weights = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.array([7, 8], dtype=np.int64)}
+    frames = list(frame_pieces(ARRAYS.prepare(list(weights.items()))))
+    tensors = decode_tensors((b"".join(f) for f in frames), 2, Limits())
+    assert [(k, v.dtype, tuple(v.shape)) for k, v in tensors] == [
+        ("w", torch.float32, (3, 4)),
+        ("n", torch.int64, (2,)),
+    ]
+    assert torch.equal(tensors[0][1], torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    back = ARRAYS.decode(encode_tensors(tensors), 2, Limits())
+    assert all(np.array_equal(a, weights[k]) and a.dtype == weights[k].dtype for k, a in back)
+    with pytest.raises(WireError, match="dtype 'bfloat16' is not allowed"):
+        ARRAYS.decode(encode_tensors([("b", torch.ones(2, dtype=torch.bfloat16))]), 1, Limits())
+    with pytest.raises(WireError, match="NaN or infinite"):
+        ARRAYS.decode(encode_tensors([("x", torch.tensor([1.0, float("nan")]))]), 1, Limits())
+    with pytest.raises(WireError, match="exceeds the limit"):
+        ARRAYS.decode(encode_tensors([("x", torch.ones(64))]), 1, Limits(max_tensor_bytes=128))
+    with pytest.raises(WireError, match="uncompressed"):
+        ARRAYS.decode(encode_tensors([("x", torch.ones(2, 8))], codec="bf16"), 1, Limits())
