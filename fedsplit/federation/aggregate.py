@@ -242,6 +242,17 @@ def make_aggregator(plan: Plan) -> FedAvgAggregator:
     return FedAvgAggregator()
 
 
+def unchanged_after_rounds(plan: Plan) -> bool:
+    """Whether aggregating a round leaves the trained weights as the organisations hold them: no
+    server optimizer (FedAdam steps every partition; DiLoCo only replicated ones) and no replicas
+    averaged after the round (none, or kept in step). Then the weights after a round's last step
+    are the model the coordinator reassembles, and the data owners can evaluate the run's final
+    model inside its last round instead of in a round of its own."""
+    if plan.aggregation.strategy == "fedadam":
+        return False
+    return plan.aggregation.replica_sync == "step" or not any(p.replicated for p in plan.partitions)
+
+
 def aggregate_round(
     plan: Plan,
     model: Mapping[str, Tensor],

@@ -29,6 +29,7 @@ class RoundConfig:
                 "restore-round": s.restore_round,
                 "evaluate": s.evaluate,
                 "attempt": s.attempt,
+                "evaluate-after": s.evaluate_after,
                 "wait-s": float(self.wait_s),
                 "orgs": list(self.addresses),
                 "addresses": list(self.addresses.values()),
@@ -45,6 +46,7 @@ class RoundConfig:
             int(record["restore-round"]),
             bool(record["evaluate"]),
             int(record["attempt"]),
+            bool(record["evaluate-after"]),
         )
         addresses = dict(zip(map(str, record["orgs"]), map(str, record["addresses"])))
         return cls(str(record["run"]), spec, float(record["wait-s"]), addresses)

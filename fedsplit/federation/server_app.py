@@ -30,9 +30,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..plan import Plan, select
 from ..runtime.round_spec import RoundSpec
+from ..runtime.rounds import AFTER
 from ..runtime.weights import base_identity, trained_weights
 from ..transport.security import load_verifiers, token_verifier
-from .aggregate import aggregate_round, make_aggregator
+from .aggregate import aggregate_round, make_aggregator, unchanged_after_rounds
 from .checkpoint import CHECKPOINTS, check_base, latest_checkpoint, layout_hash, plan_hash, write_checkpoint
 from .exchange import FederationError, Outcome, exchange, register
 from .records import RoundConfig
@@ -137,6 +138,10 @@ class Coordinator:
         self.verifiers = load_verifiers(settings.credentials) if settings.credentials else None
         self.weights, self.local, self.first_round = self._starting_point(settings.resume)
         self.evaluates = self.plan.training.eval_tokens > 0
+        # The final model is evaluated inside the last round when the round's aggregation leaves it
+        # as trained; else in a round of zero steps after it (one more message per organisation).
+        self.evaluates_after = self.evaluates and unchanged_after_rounds(self.plan)
+        self.final_evaluated = False
         self.node_of: dict[str, int] = {}
         self.addresses: dict[str, str] = {}
         self.alive: set[str] = set()
@@ -180,7 +185,7 @@ class Coordinator:
         self.register()
         for r in range(self.first_round, self.plan.training.rounds + 1):
             self.train_round(r)
-        if self.evaluates:
+        if self.evaluates and not self.final_evaluated:
             self.evaluate_final()
         if self.settings.release_clients:
             self.release_clients()
@@ -246,7 +251,7 @@ class Coordinator:
         started = time.monotonic()
         spec, outcome = self._run_round(lambda: self._round_spec(r, t.steps_per_round))
         metrics = outcome.metrics()
-        per_step = ("expert_load/", "assignments/", *(f"{name}/" for name in STEP_SERIES))
+        per_step = ("expert_load/", "assignments/", AFTER, *(f"{name}/" for name in STEP_SERIES))
         org_metrics = {org: {k: v for k, v in m.items() if not k.startswith(per_step)} for org, m in metrics.items()}
         self._log_evaluation(r - 1, spec, org_metrics)
         trained = {org: reply.content["arrays"].to_torch_state_dict() for org, reply in outcome.replies.items()}
@@ -303,6 +308,13 @@ class Coordinator:
             seconds,
             path,
         )
+        if spec.evaluate_after:
+            after = {
+                org: {k.removeprefix(AFTER): v for k, v in m.items() if k.startswith(AFTER)}
+                for org, m in metrics.items()
+            }
+            self._log_evaluation(r, spec, after)
+            self.final_evaluated = True
 
     def evaluate_final(self) -> None:
         """The last round's model on held-out data: a round of zero steps that only evaluates."""
@@ -383,7 +395,10 @@ class Coordinator:
         if not owners:
             raise FederationError(f"no data owner left whose whole path of organisations is alive{why}")
         first = (r - 1) * plan.training.steps_per_round
-        return RoundSpec(r, first, steps, owners, r - 1, evaluate=self.evaluates)
+        last = r == plan.training.rounds and steps > 0
+        return RoundSpec(
+            r, first, steps, owners, r - 1, evaluate=self.evaluates, evaluate_after=last and self.evaluates_after
+        )
 
     def _weights_of(self, org: str) -> dict:
         """Its partitions' current weights that train (it loads a frozen base itself, once): its own

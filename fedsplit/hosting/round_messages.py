@@ -20,6 +20,7 @@ def spec_to_proto(spec: RoundSpec) -> pb.Begin:
         restore_round=spec.restore_round,
         evaluate=spec.evaluate,
         attempt=spec.attempt,
+        evaluate_after=spec.evaluate_after,
     )
 
 
@@ -30,5 +31,12 @@ def spec_from_proto(msg: pb.Begin) -> RoundSpec:
             "not a valid round"
         )
     return RoundSpec(
-        msg.round, msg.first_step, msg.steps, tuple(msg.data_owners), msg.restore_round, msg.evaluate, msg.attempt
+        msg.round,
+        msg.first_step,
+        msg.steps,
+        tuple(msg.data_owners),
+        msg.restore_round,
+        msg.evaluate,
+        msg.attempt,
+        msg.evaluate_after,
     )

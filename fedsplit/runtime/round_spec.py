@@ -15,6 +15,9 @@ class RoundSpec:
     restore_round: int  # last complete round: the optimizer state every worker must start from
     evaluate: bool = False  # data owners evaluate the received weights on held-out data first
     attempt: int = 0  # a round rerun without the organisations that are gone is a new attempt of it
+    # Data owners also evaluate the weights after the last step: the run's final model when
+    # nothing changes them after the round (see federation.aggregate.unchanged_after_rounds).
+    evaluate_after: bool = False
 
     @property
     def id(self) -> tuple[int, int]:

@@ -40,6 +40,9 @@ MAX_REASON = 1024  # characters of an abort's reason that are kept
 MAX_EARLY_ABORTS = 16  # aborts of rounds not yet begun that are kept (the oldest go first)
 
 
+AFTER = "after/"  # the prefix of metrics of the weights after a round's last step (evaluate_after)
+
+
 class RoundFailed(RuntimeError):
     pass
 
@@ -296,6 +299,11 @@ def run_round(
             for k in ("loss", "aux_loss", "tokens"):
                 totals[k] += m[k]
             totals["last_loss"] = m["loss"]
+    if spec.evaluate_after and eval_batches:
+        # Every organisation on the path has applied the last step (finish_step returned), so this
+        # is the model after the round, with the noise the next round's evaluation would draw.
+        results = [owner.evaluate_batch(tok, lab, spec.round + 1) for tok, lab in eval_batches]
+        evaluated |= {f"{AFTER}{k}": v for k, v in held_out_metrics(results, eval_batches).items()}
     n = max(spec.steps, 1)
     trained = {}
     if spec.steps:

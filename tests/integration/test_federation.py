@@ -60,12 +60,23 @@ def test_simulated_rounds_without_replicas_equal_monolithic_training(tmp_path):
         assert len(load) == plan.model.num_experts and abs(sum(load) - 1) < 1e-6, layer
 
 
-def test_held_out_evaluation_through_the_split_model_equals_the_reassembled_models(tmp_path):
+@pytest.mark.parametrize("name", ["three-orgs", "u-shape-3"])
+def test_held_out_evaluation_through_the_split_model_equals_the_reassembled_models(tmp_path, monkeypatch, name):
     """Each round the data owners evaluate the weights they received (the previous round's
-    reassembled model) on held-out batches through the split model; a final zero-step round
-    evaluates the last model. Each equals the monolithic model's evaluation of the checkpoint."""
-    plan = small_plan("three-orgs", rounds=2, steps=2, eval_tokens=512)
+    reassembled model) on held-out batches through the split model; the last model is evaluated
+    after the last step where nothing changes it after the round (three-orgs: no replicas), else
+    in a final zero-step round (u-shape-3 averages its replicas). Each equals the monolithic
+    model's evaluation of the checkpoint."""
+    from fedsplit.federation import server_app
+
+    plan = small_plan(name, rounds=2, steps=2, eval_tokens=512)
+    extra_rounds = []
+    evaluate_final = server_app.Coordinator.evaluate_final
+    monkeypatch.setattr(
+        server_app.Coordinator, "evaluate_final", lambda self: (extra_rounds.append(1), evaluate_final(self))
+    )
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path, insecure=True))
+    assert len(extra_rounds) == (0 if name == "three-orgs" else 1)
     evals = {
         r["round"]: r
         for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())

@@ -15,6 +15,7 @@ from fedsplit.federation.aggregate import (
     average_replicas,
     make_aggregator,
     replica_groups,
+    unchanged_after_rounds,
 )
 from fedsplit.federation.checkpoint import latest_checkpoint, write_checkpoint
 from fedsplit.plan import load_plan
@@ -168,3 +169,12 @@ def test_an_outer_optimizer_on_replicas_kept_in_step_is_refused():
     for strategy in ("diloco", "fedadam"):
         with pytest.raises(ValueError, match="replica_sync: step keeps replicas identical"):
             AggregationConfig(strategy=strategy, replica_sync="step")
+
+
+def test_the_final_model_is_evaluated_in_the_last_round_only_where_aggregation_leaves_it_as_trained():
+    three_orgs, u_shape = (load_plan(PLANS / n / "federation.yaml") for n in ("three-orgs", "u-shape-3"))
+    assert unchanged_after_rounds(three_orgs)  # no replicas: FedAvg of one replica is that replica
+    assert not unchanged_after_rounds(u_shape)  # its replicas are averaged after each round
+    assert unchanged_after_rounds(u_shape.with_settings(aggregation=AggregationConfig(replica_sync="step")))
+    assert not unchanged_after_rounds(three_orgs.with_settings(aggregation=AggregationConfig(strategy="fedadam")))
+    assert unchanged_after_rounds(three_orgs.with_settings(aggregation=AggregationConfig(strategy="diloco")))

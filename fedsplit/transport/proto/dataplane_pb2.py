@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64split/v1/dataplane.proto\x12\x0b\x66\x65\x64split.v1\"\xc3\x03\n\nCallHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x12\n\ndata_owner\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\x05\x12!\n\x05phase\x18\x07 \x01(\x0e\x32\x12.fedsplit.v1.Phase\x12\x13\n\x0bnum_tensors\x18\x08 \x01(\x05\x12\x13\n\x0bshm_request\x18\t \x01(\t\x12\x11\n\tshm_reply\x18\n \x01(\t\x12\x1a\n\x12shm_reply_capacity\x18\x0b \x01(\x03\x12\x10\n\x08shm_pool\x18\x0c \x01(\t\x12\x14\n\x0cshm_released\x18\r \x03(\t\x12)\n\toperation\x18\x0e \x01(\x0b\x32\x16.fedsplit.v1.Operation\x12%\n\x07\x63ontrol\x18\x0f \x01(\x0b\x32\x14.fedsplit.v1.Control\x12\x35\n\x07metrics\x18\x10 \x03(\x0b\x32$.fedsplit.v1.CallHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x06\x10\x07\"\xbf\x01\n\tOperation\x12\'\n\x07segment\x18\x01 \x01(\x0b\x32\x14.fedsplit.v1.SegmentH\x00\x12\'\n\x05heads\x18\x02 \x01(\x0b\x32\x16.fedsplit.v1.HeadGroupH\x00\x12*\n\x07\x65xperts\x18\x03 \x01(\x0b\x32\x17.fedsplit.v1.ExpertRowsH\x00\x12,\n\x06shared\x18\x04 \x01(\x0b\x32\x1a.fedsplit.v1.SharedExpertsH\x00\x42\x06\n\x04kind\"[\n\x07Segment\x12\r\n\x05\x65mbed\x18\x01 \x01(\x08\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x12\n\nfinal_norm\x18\x03 \x01(\x08\x12\x0f\n\x07lm_head\x18\x04 \x01(\x08\x12\x0c\n\x04task\x18\x05 \x01(\t\"=\n\tHeadGroup\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x10\n\x08kv_start\x18\x02 \x01(\x05\x12\x0f\n\x07kv_stop\x18\x03 \x01(\x05\":\n\nExpertRows\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\x12\x0c\n\x04rows\x18\x03 \x03(\x03\"\x1e\n\rSharedExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\"\xc2\x05\n\x07\x43ontrol\x12\'\n\x07\x63onnect\x18\x01 \x01(\x0b\x32\x14.fedsplit.v1.ConnectH\x00\x12#\n\x05\x62\x65gin\x18\x02 \x01(\x0b\x32\x12.fedsplit.v1.BeginH\x00\x12!\n\x04wait\x18\x03 \x01(\x0b\x32\x11.fedsplit.v1.WaitH\x00\x12.\n\x0btrain_batch\x18\x04 \x01(\x0b\x32\x17.fedsplit.v1.TrainBatchH\x00\x12,\n\napply_step\x18\x05 \x01(\x0b\x32\x16.fedsplit.v1.ApplyStepH\x00\x12,\n\nread_state\x18\x06 \x01(\x0b\x32\x16.fedsplit.v1.ReadStateH\x00\x12,\n\nload_state\x18\x07 \x01(\x0b\x32\x16.fedsplit.v1.LoadStateH\x00\x12\x30\n\x0cread_traffic\x18\x08 \x01(\x0b\x32\x18.fedsplit.v1.ReadTrafficH\x00\x12.\n\x0b\x61wait_round\x18\t \x01(\x0b\x32\x17.fedsplit.v1.AwaitRoundH\x00\x12.\n\x0b\x66inish_step\x18\n \x01(\x0b\x32\x17.fedsplit.v1.FinishStepH\x00\x12.\n\x0b\x61\x62ort_round\x18\x0b \x01(\x0b\x32\x17.fedsplit.v1.AbortRoundH\x00\x12:\n\x11replica_gradients\x18\x0c \x01(\x0b\x32\x1d.fedsplit.v1.ReplicaGradientsH\x00\x12.\n\x0breduce_norm\x18\r \x01(\x0b\x32\x17.fedsplit.v1.ReduceNormH\x00\x12.\n\x0bread_memory\x18\x0e \x01(\x0b\x32\x17.fedsplit.v1.ReadMemoryH\x00\x12&\n\x07\x65nd_run\x18\x0f \x01(\x0b\x32\x13.fedsplit.v1.EndRunH\x00\x42\x06\n\x04kind\"s\n\x07\x43onnect\x12\x36\n\taddresses\x18\x01 \x03(\x0b\x32#.fedsplit.v1.Connect.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\x05\x42\x65gin\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x12\n\nfirst_step\x18\x02 \x01(\x03\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x61ta_owners\x18\x04 \x03(\t\x12\x15\n\rrestore_round\x18\x05 \x01(\x03\x12\x10\n\x08\x65valuate\x18\x06 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x03\"\x19\n\x04Wait\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"\x1a\n\nTrainBatch\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x19\n\tApplyStep\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x0b\n\tReadState\"\x0b\n\tLoadState\"\r\n\x0bReadTraffic\"\x0c\n\nReadMemory\"\x08\n\x06\x45ndRun\",\n\nAwaitRound\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x03\"\x1a\n\nFinishStep\x12\x0c\n\x04step\x18\x01 \x01(\x03\"<\n\nAbortRound\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x03\"+\n\nReduceNorm\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07squared\x18\x02 \x01(\x01\" \n\x10ReplicaGradients\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x8d\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x61\x62sent\x18\x05 \x01(\x08\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x0e\n\x06in_shm\x18\x07 \x01(\x08\x12\x12\n\nshm_offset\x18\x08 \x01(\x03\"v\n\x05\x46rame\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x17.fedsplit.v1.CallHeaderH\x00\x12+\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.fedsplit.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\",\n\x06\x46rames\x12\"\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x12.fedsplit.v1.Frame*T\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORWARD\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x0b\n\x07\x43ONTROL\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\x32u\n\tDataPlane\x12\x32\n\x04\x43\x61ll\x12\x12.fedsplit.v1.Frame\x1a\x12.fedsplit.v1.Frame(\x01\x30\x01\x12\x34\n\x08\x43\x61llOnce\x12\x13.fedsplit.v1.Frames\x1a\x13.fedsplit.v1.Framesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64split/v1/dataplane.proto\x12\x0b\x66\x65\x64split.v1\"\xc3\x03\n\nCallHeader\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x02 \x01(\t\x12\x12\n\ndata_owner\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x05 \x01(\x05\x12!\n\x05phase\x18\x07 \x01(\x0e\x32\x12.fedsplit.v1.Phase\x12\x13\n\x0bnum_tensors\x18\x08 \x01(\x05\x12\x13\n\x0bshm_request\x18\t \x01(\t\x12\x11\n\tshm_reply\x18\n \x01(\t\x12\x1a\n\x12shm_reply_capacity\x18\x0b \x01(\x03\x12\x10\n\x08shm_pool\x18\x0c \x01(\t\x12\x14\n\x0cshm_released\x18\r \x03(\t\x12)\n\toperation\x18\x0e \x01(\x0b\x32\x16.fedsplit.v1.Operation\x12%\n\x07\x63ontrol\x18\x0f \x01(\x0b\x32\x14.fedsplit.v1.Control\x12\x35\n\x07metrics\x18\x10 \x03(\x0b\x32$.fedsplit.v1.CallHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x06\x10\x07\"\xbf\x01\n\tOperation\x12\'\n\x07segment\x18\x01 \x01(\x0b\x32\x14.fedsplit.v1.SegmentH\x00\x12\'\n\x05heads\x18\x02 \x01(\x0b\x32\x16.fedsplit.v1.HeadGroupH\x00\x12*\n\x07\x65xperts\x18\x03 \x01(\x0b\x32\x17.fedsplit.v1.ExpertRowsH\x00\x12,\n\x06shared\x18\x04 \x01(\x0b\x32\x1a.fedsplit.v1.SharedExpertsH\x00\x42\x06\n\x04kind\"[\n\x07Segment\x12\r\n\x05\x65mbed\x18\x01 \x01(\x08\x12\x0e\n\x06layers\x18\x02 \x03(\x05\x12\x12\n\nfinal_norm\x18\x03 \x01(\x08\x12\x0f\n\x07lm_head\x18\x04 \x01(\x08\x12\x0c\n\x04task\x18\x05 \x01(\t\"=\n\tHeadGroup\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x10\n\x08kv_start\x18\x02 \x01(\x05\x12\x0f\n\x07kv_stop\x18\x03 \x01(\x05\":\n\nExpertRows\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\x12\x0c\n\x04rows\x18\x03 \x03(\x03\"\x1e\n\rSharedExperts\x12\r\n\x05layer\x18\x01 \x01(\x05\"\xc2\x05\n\x07\x43ontrol\x12\'\n\x07\x63onnect\x18\x01 \x01(\x0b\x32\x14.fedsplit.v1.ConnectH\x00\x12#\n\x05\x62\x65gin\x18\x02 \x01(\x0b\x32\x12.fedsplit.v1.BeginH\x00\x12!\n\x04wait\x18\x03 \x01(\x0b\x32\x11.fedsplit.v1.WaitH\x00\x12.\n\x0btrain_batch\x18\x04 \x01(\x0b\x32\x17.fedsplit.v1.TrainBatchH\x00\x12,\n\napply_step\x18\x05 \x01(\x0b\x32\x16.fedsplit.v1.ApplyStepH\x00\x12,\n\nread_state\x18\x06 \x01(\x0b\x32\x16.fedsplit.v1.ReadStateH\x00\x12,\n\nload_state\x18\x07 \x01(\x0b\x32\x16.fedsplit.v1.LoadStateH\x00\x12\x30\n\x0cread_traffic\x18\x08 \x01(\x0b\x32\x18.fedsplit.v1.ReadTrafficH\x00\x12.\n\x0b\x61wait_round\x18\t \x01(\x0b\x32\x17.fedsplit.v1.AwaitRoundH\x00\x12.\n\x0b\x66inish_step\x18\n \x01(\x0b\x32\x17.fedsplit.v1.FinishStepH\x00\x12.\n\x0b\x61\x62ort_round\x18\x0b \x01(\x0b\x32\x17.fedsplit.v1.AbortRoundH\x00\x12:\n\x11replica_gradients\x18\x0c \x01(\x0b\x32\x1d.fedsplit.v1.ReplicaGradientsH\x00\x12.\n\x0breduce_norm\x18\r \x01(\x0b\x32\x17.fedsplit.v1.ReduceNormH\x00\x12.\n\x0bread_memory\x18\x0e \x01(\x0b\x32\x17.fedsplit.v1.ReadMemoryH\x00\x12&\n\x07\x65nd_run\x18\x0f \x01(\x0b\x32\x13.fedsplit.v1.EndRunH\x00\x42\x06\n\x04kind\"s\n\x07\x43onnect\x12\x36\n\taddresses\x18\x01 \x03(\x0b\x32#.fedsplit.v1.Connect.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa0\x01\n\x05\x42\x65gin\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x12\n\nfirst_step\x18\x02 \x01(\x03\x12\r\n\x05steps\x18\x03 \x01(\x03\x12\x13\n\x0b\x64\x61ta_owners\x18\x04 \x03(\t\x12\x15\n\rrestore_round\x18\x05 \x01(\x03\x12\x10\n\x08\x65valuate\x18\x06 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x03\x12\x16\n\x0e\x65valuate_after\x18\x08 \x01(\x08\"\x19\n\x04Wait\x12\x11\n\ttimeout_s\x18\x01 \x01(\x01\"\x1a\n\nTrainBatch\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x19\n\tApplyStep\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x0b\n\tReadState\"\x0b\n\tLoadState\"\r\n\x0bReadTraffic\"\x0c\n\nReadMemory\"\x08\n\x06\x45ndRun\",\n\nAwaitRound\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x03\"\x1a\n\nFinishStep\x12\x0c\n\x04step\x18\x01 \x01(\x03\"<\n\nAbortRound\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x03\"+\n\nReduceNorm\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07squared\x18\x02 \x01(\x01\" \n\x10ReplicaGradients\x12\x0c\n\x04step\x18\x01 \x01(\x03\"\x8d\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x61\x62sent\x18\x05 \x01(\x08\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x0e\n\x06in_shm\x18\x07 \x01(\x08\x12\x12\n\nshm_offset\x18\x08 \x01(\x03\"v\n\x05\x46rame\x12\'\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x17.fedsplit.v1.CallHeaderH\x00\x12+\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.fedsplit.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04kind\",\n\x06\x46rames\x12\"\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x12.fedsplit.v1.Frame*T\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46ORWARD\x10\x01\x12\x0c\n\x08\x42\x41\x43KWARD\x10\x02\x12\x0b\n\x07\x43ONTROL\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\x32u\n\tDataPlane\x12\x32\n\x04\x43\x61ll\x12\x12.fedsplit.v1.Frame\x1a\x12.fedsplit.v1.Frame(\x01\x30\x01\x12\x34\n\x08\x43\x61llOnce\x12\x13.fedsplit.v1.Frames\x1a\x13.fedsplit.v1.Framesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_CONNECT_ADDRESSESENTRY']._loaded_options = None
   _globals['_CONNECT_ADDRESSESENTRY']._serialized_options = b'8\001'
-  _globals['_PHASE']._serialized_start=2577
-  _globals['_PHASE']._serialized_end=2661
+  _globals['_PHASE']._serialized_start=2601
+  _globals['_PHASE']._serialized_end=2685
   _globals['_CALLHEADER']._serialized_start=45
   _globals['_CALLHEADER']._serialized_end=496
   _globals['_CALLHEADER_METRICSENTRY']._serialized_start=444
@@ -58,39 +58,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECT_ADDRESSESENTRY']._serialized_start=1716
   _globals['_CONNECT_ADDRESSESENTRY']._serialized_end=1764
   _globals['_BEGIN']._serialized_start=1767
-  _globals['_BEGIN']._serialized_end=1903
-  _globals['_WAIT']._serialized_start=1905
-  _globals['_WAIT']._serialized_end=1930
-  _globals['_TRAINBATCH']._serialized_start=1932
-  _globals['_TRAINBATCH']._serialized_end=1958
-  _globals['_APPLYSTEP']._serialized_start=1960
-  _globals['_APPLYSTEP']._serialized_end=1985
-  _globals['_READSTATE']._serialized_start=1987
-  _globals['_READSTATE']._serialized_end=1998
-  _globals['_LOADSTATE']._serialized_start=2000
-  _globals['_LOADSTATE']._serialized_end=2011
-  _globals['_READTRAFFIC']._serialized_start=2013
-  _globals['_READTRAFFIC']._serialized_end=2026
-  _globals['_READMEMORY']._serialized_start=2028
-  _globals['_READMEMORY']._serialized_end=2040
-  _globals['_ENDRUN']._serialized_start=2042
-  _globals['_ENDRUN']._serialized_end=2050
-  _globals['_AWAITROUND']._serialized_start=2052
-  _globals['_AWAITROUND']._serialized_end=2096
-  _globals['_FINISHSTEP']._serialized_start=2098
-  _globals['_FINISHSTEP']._serialized_end=2124
-  _globals['_ABORTROUND']._serialized_start=2126
-  _globals['_ABORTROUND']._serialized_end=2186
-  _globals['_REDUCENORM']._serialized_start=2188
-  _globals['_REDUCENORM']._serialized_end=2231
-  _globals['_REPLICAGRADIENTS']._serialized_start=2233
-  _globals['_REPLICAGRADIENTS']._serialized_end=2265
-  _globals['_TENSORHEADER']._serialized_start=2268
-  _globals['_TENSORHEADER']._serialized_end=2409
-  _globals['_FRAME']._serialized_start=2411
-  _globals['_FRAME']._serialized_end=2529
-  _globals['_FRAMES']._serialized_start=2531
-  _globals['_FRAMES']._serialized_end=2575
-  _globals['_DATAPLANE']._serialized_start=2663
-  _globals['_DATAPLANE']._serialized_end=2780
+  _globals['_BEGIN']._serialized_end=1927
+  _globals['_WAIT']._serialized_start=1929
+  _globals['_WAIT']._serialized_end=1954
+  _globals['_TRAINBATCH']._serialized_start=1956
+  _globals['_TRAINBATCH']._serialized_end=1982
+  _globals['_APPLYSTEP']._serialized_start=1984
+  _globals['_APPLYSTEP']._serialized_end=2009
+  _globals['_READSTATE']._serialized_start=2011
+  _globals['_READSTATE']._serialized_end=2022
+  _globals['_LOADSTATE']._serialized_start=2024
+  _globals['_LOADSTATE']._serialized_end=2035
+  _globals['_READTRAFFIC']._serialized_start=2037
+  _globals['_READTRAFFIC']._serialized_end=2050
+  _globals['_READMEMORY']._serialized_start=2052
+  _globals['_READMEMORY']._serialized_end=2064
+  _globals['_ENDRUN']._serialized_start=2066
+  _globals['_ENDRUN']._serialized_end=2074
+  _globals['_AWAITROUND']._serialized_start=2076
+  _globals['_AWAITROUND']._serialized_end=2120
+  _globals['_FINISHSTEP']._serialized_start=2122
+  _globals['_FINISHSTEP']._serialized_end=2148
+  _globals['_ABORTROUND']._serialized_start=2150
+  _globals['_ABORTROUND']._serialized_end=2210
+  _globals['_REDUCENORM']._serialized_start=2212
+  _globals['_REDUCENORM']._serialized_end=2255
+  _globals['_REPLICAGRADIENTS']._serialized_start=2257
+  _globals['_REPLICAGRADIENTS']._serialized_end=2289
+  _globals['_TENSORHEADER']._serialized_start=2292
+  _globals['_TENSORHEADER']._serialized_end=2433
+  _globals['_FRAME']._serialized_start=2435
+  _globals['_FRAME']._serialized_end=2553
+  _globals['_FRAMES']._serialized_start=2555
+  _globals['_FRAMES']._serialized_end=2599
+  _globals['_DATAPLANE']._serialized_start=2687
+  _globals['_DATAPLANE']._serialized_end=2804
 # @@protoc_insertion_point(module_scope)

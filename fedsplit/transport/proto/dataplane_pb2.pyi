@@ -161,7 +161,7 @@ class Connect(_message.Message):
     def __init__(self, addresses: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Begin(_message.Message):
-    __slots__ = ("round", "first_step", "steps", "data_owners", "restore_round", "evaluate", "attempt")
+    __slots__ = ("round", "first_step", "steps", "data_owners", "restore_round", "evaluate", "attempt", "evaluate_after")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class Begin(_message.Message):
     RESTORE_ROUND_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_AFTER_FIELD_NUMBER: _ClassVar[int]
     round: int
     first_step: int
     steps: int
@@ -176,7 +177,8 @@ class Begin(_message.Message):
     restore_round: int
     evaluate: bool
     attempt: int
-    def __init__(self, round: _Optional[int] = ..., first_step: _Optional[int] = ..., steps: _Optional[int] = ..., data_owners: _Optional[_Iterable[str]] = ..., restore_round: _Optional[int] = ..., evaluate: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
+    evaluate_after: bool
+    def __init__(self, round: _Optional[int] = ..., first_step: _Optional[int] = ..., steps: _Optional[int] = ..., data_owners: _Optional[_Iterable[str]] = ..., restore_round: _Optional[int] = ..., evaluate: _Optional[bool] = ..., attempt: _Optional[int] = ..., evaluate_after: _Optional[bool] = ...) -> None: ...
 
 class Wait(_message.Message):
     __slots__ = ("timeout_s",)
