@@ -35,6 +35,7 @@ QUIET_ENV = {
 }
 
 
+SETTINGS_FILE = "coordinator.json"  # the coordinator's settings, in the run directory
 FLOWER_LOG = "flower.log"  # under the run's logs/: Flower's and the coordinator's log lines
 
 
@@ -155,10 +156,24 @@ def simulation_workers(plan: Plan, options: SimulationOptions) -> Iterator[tuple
             credentials=credentials,
             simulation=str(registry.resolve()),
         )
-        settings.write(run_dir / "coordinator.json")
+        settings.write(run_dir / SETTINGS_FILE)
         yield hosts, settings
     finally:
         hosts.close()
+
+
+@contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name]`` set to ``value`` inside, and as it was after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def outcome(run_dir: Path, crash: BaseException | None) -> Path:
@@ -187,8 +202,12 @@ def simulate(plan: Plan, options: SimulationOptions = SimulationOptions(), on_st
 
     run_dir = options.directory(plan)
     crash = None
-    with simulation_workers(plan, options) as (hosts, settings):
-        os.environ[COORDINATOR_ENV] = str(run_dir / "coordinator.json")
+    # The in-process ServerApp has no run config to read its settings from: it finds them through
+    # the environment, for this run only (a later `flwr run` from this process must not).
+    with (
+        simulation_workers(plan, options) as (hosts, settings),
+        environment(COORDINATOR_ENV, str(run_dir / SETTINGS_FILE)),
+    ):
         if on_started:
             on_started(hosts, run_dir)
         # The client apps' own output (Flower's "Manually terminating ClientAppActor" at every

@@ -17,6 +17,7 @@ import torch
 
 from fedsplit.federation.baseline import held_out_loss
 from fedsplit.federation.checkpoint import latest_checkpoint, load_checkpoint
+from fedsplit.federation.settings import COORDINATOR_ENV
 from fedsplit.federation.simulate import SimulationFailed, SimulationOptions, simulate
 from fedsplit.model import MoETransformer
 from fedsplit.plan import load_plan
@@ -42,6 +43,9 @@ def small_plan(name: str, rounds: int, steps: int, **training):
 def test_simulated_rounds_without_replicas_equal_monolithic_training(tmp_path):
     plan = small_plan("three-orgs", rounds=2, steps=3)
     run_dir = simulate(plan, SimulationOptions(runs_root=tmp_path))
+    # The in-process ServerApp's settings are found through the environment for that run only: a
+    # later `flwr run` from this process (tests/integration/test_flower_app.py) ran an old run's.
+    assert COORDINATOR_ENV not in os.environ
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt.round == 2
     assert max_diff(ckpt.weights, monolithic(plan, 6)) <= 1e-5
