@@ -31,7 +31,7 @@ from ..plan import Plan
 from ..plan.schema import host_port
 from .checkpoint import layout_hash
 from .rundir import RunPlace
-from .server_app import RELEASE_TIMEOUT_S, RESULT_FILE
+from .server_app import RELEASE_TIMEOUT_S, RESULT_FILE, run_result
 from .settings import COORDINATOR_ENV, CoordinatorSettings
 from .simulate import QUIET_ENV
 
@@ -266,13 +266,12 @@ def run_coordinator(plan: Plan, options: CoordinatorOptions) -> Path:
     finally:
         if superlink is not None:
             stop(superlink)
-    result = run_dir / RESULT_FILE
-    if not result.exists():  # `flwr run` exits 0 even when the ServerApp failed: the result file decides
+    outcome = run_result(run_dir)
+    if outcome is None:  # `flwr run` exits 0 even when the ServerApp failed: the result file decides
         raise DeploymentError(
             f"the coordinator did not finish (flwr run exited {flwr.returncode}); "
             f"the end of {flwr_log}:\n{tail(flwr_log)}"
         )
-    outcome = json.loads(result.read_text())
     if outcome["status"] != "finished":
         raise DeploymentError(outcome.get("error", "the coordinator failed"))
     return run_dir

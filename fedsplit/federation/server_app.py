@@ -45,6 +45,12 @@ RESULT_FILE = "result.json"
 RELEASE_TIMEOUT_S = 60.0  # how long the end of a run waits for the clients to hear it
 
 
+def run_result(run_dir: Path) -> dict | None:
+    """How the run's coordinator said it ended (``result.json``); None if it never said."""
+    result = Path(run_dir) / RESULT_FILE
+    return json.loads(result.read_text()) if result.exists() else None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = CoordinatorSettings.find(context.run_config)

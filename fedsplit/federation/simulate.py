@@ -20,7 +20,7 @@ from pathlib import Path
 from ..hosting.processes import HostProcesses, HostStartError
 from ..plan import Plan
 from .rundir import RunPlace
-from .server_app import RESULT_FILE
+from .server_app import RESULT_FILE, run_result
 from .settings import COORDINATOR_ENV, CoordinatorSettings
 
 # Nothing leaves the host and nothing is installed at run time: Flower checks for updates, sends
@@ -178,13 +178,12 @@ def environment(name: str, value: str) -> Iterator[None]:
 
 def outcome(run_dir: Path, crash: BaseException | None) -> Path:
     """``run_dir`` if its coordinator finished; else :class:`SimulationFailed` saying why."""
-    result = run_dir / RESULT_FILE
-    if not result.exists():
+    status = run_result(run_dir)
+    if status is None:
         raise SimulationFailed(
             f"the coordinator did not finish ({crash!r}); see {run_dir / 'logs' / FLOWER_LOG} and the "
             f"workers' logs in {run_dir / 'workers'}"
         )
-    status = json.loads(result.read_text())
     if status["status"] != "finished":
         raise SimulationFailed(status.get("error", "the coordinator failed"))
     return run_dir
